@@ -1,0 +1,917 @@
+//! One replica: the Raft node, its stores, its peer listener, and the operations the API
+//! layer needs (write, read barrier, cluster changes, status, leadership).
+//!
+//! Write path (numbered as in the README):
+//! 1. [`Replica::write`] on any replica finds the leader from Raft's metrics; a follower
+//!    forwards the command over the peer transport ([`ForwardRequest::Write`]);
+//! 2. the leader checks it still hears from a quorum, validates the command and checks the
+//!    quota, then proposes it with `client_write`;
+//! 3. openraft appends it (synced), replicates it, and on commit every replica applies it
+//!    through [`crate::StateMachine`];
+//! 4. the leader answers with the apply result (the new revision).
+//!
+//! Retries: a request is retried (within its deadline) only when it was certainly not applied
+//! (not leader, leader unreachable at connect). A request whose fate is unknown returns
+//! [`Error::Timeout`], never a silent retry that could apply it twice.
+//!
+//! Read barrier: on the leader, openraft's ReadIndex (`get_read_log_id`, which confirms
+//! leadership with a quorum) then a wait for local apply; on a follower, the read index comes
+//! from the leader over the peer transport and the wait is local.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_store::{KvStore, Limits, LogStore, StoreOptions};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, StartError};
+use crate::log_store::RaftLog;
+use crate::network::{CallError, Network, PeerClient, PeerObserver};
+use crate::service;
+use crate::state_machine::{SnapshotObserver, StateMachine};
+use crate::types::{Command, CommandResult, Node, NodeId, Op, Raft};
+
+/// Everything a replica needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This replica's id (non-zero, unique in the cluster).
+    pub id: NodeId,
+    /// Data directory: `raft/` (log), `sm/` (state machine), `snapshots/`.
+    pub data_dir: PathBuf,
+    /// Address the peer listener binds.
+    pub listen_peer: SocketAddr,
+    /// Peer address other replicas dial (normally the same as `listen_peer`).
+    pub advertise_peer: String,
+    /// Client API address announced in the membership.
+    pub advertise_api: String,
+    /// The initial members, id → peer address. Used only to bootstrap a pristine replica.
+    pub initial_cluster: BTreeMap<NodeId, String>,
+    /// Never bootstrap: wait to be added to an existing cluster.
+    pub join: bool,
+    /// Leader heartbeat period.
+    pub heartbeat_ms: u64,
+    /// Minimum election timeout (the maximum is twice this).
+    pub election_timeout_ms: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_logs: u64,
+    /// Entries kept in the log behind a snapshot, for followers that lag slightly.
+    pub keep_logs: u64,
+    /// Deadline of a write or read barrier.
+    pub request_timeout: Duration,
+    /// Store tunables.
+    pub store: StoreOptions,
+}
+
+impl Config {
+    /// Defaults for everything but identity and addresses.
+    pub fn new(id: NodeId, data_dir: PathBuf, listen_peer: SocketAddr) -> Config {
+        Config {
+            id,
+            data_dir,
+            listen_peer,
+            advertise_peer: listen_peer.to_string(),
+            advertise_api: String::new(),
+            initial_cluster: BTreeMap::new(),
+            join: false,
+            heartbeat_ms: 50,
+            election_timeout_ms: 100,
+            snapshot_logs: 10_000,
+            keep_logs: 1_000,
+            request_timeout: Duration::from_secs(5),
+            store: StoreOptions::default(),
+        }
+    }
+
+    fn election_max(&self) -> Duration {
+        Duration::from_millis(self.election_timeout_ms * 2)
+    }
+
+    /// A leader that has not heard from a quorum for this long answers "no quorum".
+    fn quorum_timeout(&self) -> Duration {
+        self.election_max() * 2
+    }
+}
+
+/// Who leads, as this replica sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Leadership {
+    /// The current term.
+    pub term: u64,
+    /// The leader of the term, if known.
+    pub leader: Option<NodeId>,
+    /// True if this replica is the leader.
+    pub is_leader: bool,
+}
+
+/// A member as listed by [`Replica::status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its id.
+    pub id: NodeId,
+    /// Its addresses.
+    pub node: Node,
+    /// True for a voter, false for a learner.
+    pub voter: bool,
+}
+
+/// A replica's view of itself and the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// This replica.
+    pub id: NodeId,
+    /// "leader", "follower", "candidate", "learner" or "shutdown".
+    pub state: String,
+    /// Current term.
+    pub term: u64,
+    /// Known leader.
+    pub leader: Option<NodeId>,
+    /// Index of the last log entry.
+    pub last_log_index: u64,
+    /// Highest index known committed.
+    pub commit_index: u64,
+    /// Highest index applied to the state machine.
+    pub applied_index: u64,
+    /// Index covered by the newest snapshot.
+    pub snapshot_index: u64,
+    /// Highest purged index.
+    pub purged_index: u64,
+    /// The store's revision.
+    pub revision: i64,
+    /// The store's compaction point.
+    pub compact_revision: i64,
+    /// Live keys.
+    pub keys: i64,
+    /// Bytes of key-value data.
+    pub db_size: u64,
+    /// The quota in bytes.
+    pub quota_bytes: u64,
+    /// Open watchers.
+    pub watchers: usize,
+    /// On the leader: milliseconds since a quorum acknowledged it.
+    pub millis_since_quorum_ack: Option<u64>,
+    /// On the leader: each member's replicated index.
+    pub replication: BTreeMap<NodeId, u64>,
+    /// The membership.
+    pub members: Vec<Member>,
+}
+
+/// Requests a follower sends to the leader (or to a transfer target).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum ForwardRequest {
+    /// Propose a command.
+    Write(Command),
+    /// Confirm leadership and return the read index.
+    ReadIndex,
+    /// Add a learner, optionally promoting it to voter once caught up.
+    AddMember { id: NodeId, node: Node, voter: bool },
+    /// Promote a learner.
+    Promote { id: NodeId },
+    /// Remove a member.
+    RemoveMember { id: NodeId },
+    /// Update a member's addresses (same peer address; the API address changes).
+    SetNode { id: NodeId, node: Node },
+    /// Move leadership to `to`.
+    TransferLeader { to: NodeId },
+    /// (to the transfer target) start an election now.
+    Elect,
+}
+
+/// Answers to [`ForwardRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum ForwardResponse {
+    Write(CommandResult),
+    ReadIndex(u64),
+    Done,
+}
+
+pub(crate) struct Inner {
+    pub(crate) cfg: Config,
+    pub(crate) raft: Raft,
+    pub(crate) kv: KvStore,
+    peers: PeerClient,
+    committed: Arc<AtomicU64>,
+    leadership: watch::Receiver<Leadership>,
+    shutdown: CancellationToken,
+}
+
+/// A running replica. Cheap to clone.
+#[derive(Clone)]
+pub struct Replica {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Hooks for metrics; every method has an empty default.
+pub trait Observer: PeerObserver + SnapshotObserver {}
+impl<T: PeerObserver + SnapshotObserver> Observer for T {}
+
+/// Logs a peer becoming unreachable or reachable once, not on every heartbeat.
+struct LoggingObserver<O> {
+    down: std::sync::Mutex<BTreeSet<NodeId>>,
+    next: Arc<O>,
+}
+
+impl<O: Observer> PeerObserver for LoggingObserver<O> {
+    fn ok(&self, target: NodeId) {
+        if self.down.lock().expect("not poisoned").remove(&target) {
+            tracing::info!(peer = target, "peer is reachable again");
+        }
+        self.next.ok(target);
+    }
+    fn failed(&self, target: NodeId, rpc: &'static str, error: &CallError) {
+        if self.down.lock().expect("not poisoned").insert(target) {
+            tracing::warn!(peer = target, rpc, %error, "peer is unreachable");
+        }
+        self.next.failed(target, rpc, error);
+    }
+}
+
+impl Replica {
+    /// Opens the stores, starts Raft and the peer listener, and bootstraps the cluster if this
+    /// replica is pristine and part of `initial_cluster` (idempotent: a replica that has any
+    /// Raft state never bootstraps again).
+    pub async fn start<O: Observer>(cfg: Config, observer: Arc<O>) -> Result<Replica, StartError> {
+        let kv = KvStore::open(cfg.data_dir.join("sm"), cfg.store.clone())
+            .map_err(|e| StartError(format!("opening the state machine: {e}")))?;
+        let log = LogStore::open(cfg.data_dir.join("raft"))
+            .map_err(|e| StartError(format!("opening the raft log: {e}")))?;
+        let log = RaftLog::new(log, kv.clone());
+        let committed = log.committed_index();
+        let sm = StateMachine::open(kv.clone(), cfg.data_dir.join("snapshots"), observer.clone())
+            .map_err(|e| StartError(format!("opening the snapshot directory: {e}")))?;
+
+        let raft_cfg = openraft::Config {
+            cluster_name: "flotilla".into(),
+            heartbeat_interval: cfg.heartbeat_ms,
+            election_timeout_min: cfg.election_timeout_ms,
+            election_timeout_max: cfg.election_timeout_ms * 2,
+            install_snapshot_timeout: 60_000,
+            max_payload_entries: 512,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
+            max_in_snapshot_log_to_keep: cfg.keep_logs,
+            snapshot_max_chunk_size: 2 << 20,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError(format!("raft configuration: {e}")))?;
+
+        let local_ip = Some(cfg.listen_peer.ip());
+        let peers = PeerClient::new(local_ip);
+        let net_observer: Arc<dyn PeerObserver> = Arc::new(LoggingObserver {
+            down: Default::default(),
+            next: observer,
+        });
+        let network = Network::new(cfg.id, peers.clone(), net_observer);
+        let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm)
+            .await
+            .map_err(|e| StartError(format!("starting raft: {e}")))?;
+
+        let (tx, rx) = watch::channel(Leadership::default());
+        let shutdown = CancellationToken::new();
+        let inner = Arc::new(Inner {
+            cfg: cfg.clone(),
+            raft: raft.clone(),
+            kv,
+            peers,
+            committed,
+            leadership: rx,
+            shutdown: shutdown.clone(),
+        });
+        let replica = Replica { inner };
+
+        // Leadership signal, derived from Raft's metrics.
+        let mut metrics = raft.metrics();
+        let token = shutdown.clone();
+        let id = cfg.id;
+        tokio::spawn(async move {
+            loop {
+                let l = {
+                    let m = metrics.borrow_and_update();
+                    Leadership {
+                        term: m.current_term,
+                        leader: m.current_leader,
+                        is_leader: m.current_leader == Some(id) && m.state == ServerState::Leader,
+                    }
+                };
+                tx.send_if_modified(|cur| {
+                    if *cur != l {
+                        if cur.leader != l.leader {
+                            tracing::info!(term = l.term, leader = ?l.leader, "leader changed");
+                        }
+                        *cur = l;
+                        true
+                    } else {
+                        false
+                    }
+                });
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = metrics.changed() => if r.is_err() { return },
+                }
+            }
+        });
+
+        let listener = tokio::net::TcpListener::bind(cfg.listen_peer)
+            .await
+            .map_err(|e| {
+                StartError(format!("binding the peer address {}: {e}", cfg.listen_peer))
+            })?;
+        tokio::spawn(service::serve(listener, replica.clone(), shutdown.clone()));
+
+        if !cfg.join && !cfg.initial_cluster.is_empty() {
+            let initialized = raft
+                .is_initialized()
+                .await
+                .map_err(|e| StartError(format!("raft stopped: {e}")))?;
+            if !initialized {
+                if !cfg.initial_cluster.contains_key(&cfg.id) {
+                    return Err(StartError(format!(
+                        "--initial-cluster does not name this replica (id {})",
+                        cfg.id
+                    )));
+                }
+                // Every member bootstraps with the same membership (API addresses are filled
+                // in later by each member), so the first entry is identical everywhere.
+                let nodes: BTreeMap<NodeId, Node> = cfg
+                    .initial_cluster
+                    .iter()
+                    .map(|(id, peer)| {
+                        (
+                            *id,
+                            Node {
+                                peer_addr: peer.clone(),
+                                api_addr: String::new(),
+                            },
+                        )
+                    })
+                    .collect();
+                match raft.initialize(nodes).await {
+                    Ok(()) => tracing::info!(
+                        members = cfg.initial_cluster.len(),
+                        "bootstrapped a new cluster"
+                    ),
+                    Err(RaftError::APIError(e)) => {
+                        tracing::info!(%e, "cluster already initialized")
+                    }
+                    Err(e) => return Err(StartError(format!("bootstrapping: {e}"))),
+                }
+            }
+        }
+
+        tokio::spawn(announce_api_addr(replica.clone()));
+        Ok(replica)
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.cfg.id
+    }
+
+    /// The state machine (for reads and watches).
+    pub fn kv(&self) -> &KvStore {
+        &self.inner.kv
+    }
+
+    /// Subscribes to leadership changes.
+    pub fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.inner.leadership.clone()
+    }
+
+    /// The raw openraft handle (metrics, waiting in tests).
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The configured request deadline.
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.cfg.request_timeout
+    }
+
+    /// Stops Raft, the peer listener and the store.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(%e, "raft shutdown");
+        }
+        let _ = self.inner.kv.sync();
+        self.inner.kv.close();
+    }
+
+    /// Waits (up to a few election timeouts, within `deadline`) for a known leader.
+    async fn leader(&self, deadline: Instant) -> Result<NodeId, Error> {
+        let mut rx = self.inner.leadership.clone();
+        let give_up = (Instant::now() + self.inner.cfg.election_max() * 3).min(deadline);
+        loop {
+            let l = *rx.borrow_and_update();
+            if let Some(leader) = l.leader {
+                return Ok(leader);
+            }
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::NoLeader { term: l.term });
+            }
+            if tokio::time::timeout(left, rx.changed())
+                .await
+                .is_ok_and(|r| r.is_err())
+            {
+                return Err(Error::Stopped("leadership signal closed".into()));
+            }
+        }
+    }
+
+    /// Fails fast if this replica is not a leader that hears from a quorum.
+    fn check_leading(&self) -> Result<(), Error> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return Err(Error::NotLeader {
+                leader: m.current_leader,
+            });
+        }
+        let limit = self.inner.cfg.quorum_timeout().as_millis() as u64;
+        match m.millis_since_quorum_ack {
+            Some(ms) if ms > limit => Err(Error::NoQuorum { millis: ms }),
+            None => Err(Error::NoQuorum { millis: u64::MAX }),
+            _ => Ok(()),
+        }
+    }
+
+    fn peer_addr(&self, id: NodeId) -> Option<String> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&id).map(|n| n.peer_addr.clone())
+    }
+
+    /// Sends `req` to `to`; maps transport failures to errors that say whether it was sent.
+    async fn forward(
+        &self,
+        to: NodeId,
+        req: &ForwardRequest,
+        deadline: Instant,
+    ) -> Result<ForwardResponse, Error> {
+        let term = self.inner.leadership.borrow().term;
+        let addr = self.peer_addr(to).ok_or(Error::NoLeader { term })?;
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match self
+            .inner
+            .peers
+            .rpc::<_, Result<ForwardResponse, Error>>(&addr, "/raft/forward", req, timeout)
+            .await
+        {
+            Ok(r) => r,
+            Err(CallError::Connect(reason)) => Err(Error::Unreachable { leader: to, reason }),
+            Err(CallError::Timeout(d)) => Err(Error::Timeout {
+                millis: d.as_millis() as u64,
+            }),
+            Err(CallError::Other(reason)) => Err(Error::Timeout {
+                millis: {
+                    tracing::debug!(%reason, "forwarded request failed after sending");
+                    timeout.as_millis() as u64
+                },
+            }),
+        }
+    }
+
+    /// Runs `req` on the leader, forwarding if needed, retrying while it certainly was not
+    /// applied.
+    async fn on_leader(&self, req: ForwardRequest) -> Result<ForwardResponse, Error> {
+        let deadline = Instant::now() + self.inner.cfg.request_timeout;
+        let mut attempt = 0u32;
+        loop {
+            let leader = self.leader(deadline).await?;
+            let result = if leader == self.id() {
+                self.handle_local(req.clone(), deadline).await
+            } else {
+                self.forward(leader, &req, deadline).await
+            };
+            match result {
+                Err(e @ (Error::NotLeader { .. } | Error::Unreachable { .. })) => {
+                    attempt += 1;
+                    let pause = Duration::from_millis(10 * u64::from(attempt.min(20)));
+                    if Instant::now() + pause >= deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(%e, attempt, "retrying on the leader");
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Proposes a command through the leader and returns its apply result.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, Error> {
+        match self.on_leader(ForwardRequest::Write(cmd)).await? {
+            ForwardResponse::Write(r) => Ok(r),
+            other => Err(Error::Internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Returns once this replica's state machine reflects every write acknowledged before the
+    /// call (a linearizable read may follow).
+    pub async fn read_barrier(&self) -> Result<(), Error> {
+        let index = match self.on_leader(ForwardRequest::ReadIndex).await? {
+            ForwardResponse::ReadIndex(i) => i,
+            other => return Err(Error::Internal(format!("unexpected answer {other:?}"))),
+        };
+        self.wait_applied(index, self.inner.cfg.request_timeout)
+            .await
+    }
+
+    /// Waits until the local state machine has applied `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), Error> {
+        let applied = self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
+        if applied >= index {
+            return Ok(());
+        }
+        self.inner
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                openraft::metrics::WaitError::Timeout(..) => Error::Timeout {
+                    millis: timeout.as_millis() as u64,
+                },
+                openraft::metrics::WaitError::ShuttingDown => {
+                    Error::Stopped("shutting down".into())
+                }
+            })
+    }
+
+    /// Adds a member as a learner, then (with `voter`) promotes it once it has caught up.
+    pub async fn add_member(&self, id: NodeId, node: Node, voter: bool) -> Result<(), Error> {
+        self.on_leader(ForwardRequest::AddMember { id, node, voter })
+            .await
+            .map(|_| ())
+    }
+
+    /// Promotes a learner to voter.
+    pub async fn promote(&self, id: NodeId) -> Result<(), Error> {
+        self.on_leader(ForwardRequest::Promote { id })
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes a member (voter or learner).
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), Error> {
+        self.on_leader(ForwardRequest::RemoveMember { id })
+            .await
+            .map(|_| ())
+    }
+
+    /// Moves leadership to `to`.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), Error> {
+        self.on_leader(ForwardRequest::TransferLeader { to })
+            .await
+            .map(|_| ())
+    }
+
+    /// Handles a request on this replica (the leader, except for `Elect`).
+    pub(crate) async fn handle_local(
+        &self,
+        req: ForwardRequest,
+        deadline: Instant,
+    ) -> Result<ForwardResponse, Error> {
+        let raft = &self.inner.raft;
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match req {
+            ForwardRequest::Elect => {
+                raft.trigger()
+                    .elect()
+                    .await
+                    .map_err(|e| Error::Stopped(e.to_string()))?;
+                Ok(ForwardResponse::Done)
+            }
+            ForwardRequest::Write(cmd) => {
+                self.check_leading()?;
+                if let Op::Txn(txn) = &cmd.op {
+                    txn.validate(&Limits::default())
+                        .map_err(|e| Error::Refused(e.to_string()))?;
+                    self.inner
+                        .kv
+                        .check_quota(txn)
+                        .map_err(|e| Error::Refused(e.to_string()))?;
+                }
+                match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
+                    Err(_) => Err(Error::Timeout {
+                        millis: timeout.as_millis() as u64,
+                    }),
+                    Ok(Ok(resp)) => match resp.data {
+                        CommandResult::Rejected(e) => Err(Error::Apply(e)),
+                        other => Ok(ForwardResponse::Write(other)),
+                    },
+                    Ok(Err(e)) => Err(map_write_error(e)),
+                }
+            }
+            ForwardRequest::ReadIndex => {
+                self.check_leading()?;
+                let limit = self.inner.cfg.quorum_timeout().min(timeout);
+                match tokio::time::timeout(limit, raft.get_read_log_id()).await {
+                    Err(_) => Err(Error::NoQuorum {
+                        millis: limit.as_millis() as u64,
+                    }),
+                    Ok(Ok((read, _))) => {
+                        Ok(ForwardResponse::ReadIndex(read.map_or(0, |l| l.index)))
+                    }
+                    Ok(Err(RaftError::APIError(e))) => Err(match e {
+                        openraft::error::CheckIsLeaderError::ForwardToLeader(f) => {
+                            Error::NotLeader {
+                                leader: f.leader_id,
+                            }
+                        }
+                        openraft::error::CheckIsLeaderError::QuorumNotEnough(q) => {
+                            Error::NoQuorum {
+                                millis: {
+                                    tracing::debug!(%q, "read index: quorum not enough");
+                                    0
+                                },
+                            }
+                        }
+                    }),
+                    Ok(Err(RaftError::Fatal(f))) => Err(Error::Stopped(f.to_string())),
+                }
+            }
+            ForwardRequest::AddMember { id, node, voter } => {
+                self.check_leading()?;
+                if id == 0 {
+                    return Err(Error::InvalidCluster("member id must be non-zero".into()));
+                }
+                let m = raft.metrics().borrow().membership_config.clone();
+                if m.membership().get_node(&id).is_some() {
+                    return Err(Error::InvalidCluster(format!("member {id} already exists")));
+                }
+                raft.add_learner(id, node, false)
+                    .await
+                    .map_err(map_write_error)?;
+                if voter {
+                    self.wait_caught_up(id, deadline).await?;
+                    raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(map_write_error)?;
+                }
+                Ok(ForwardResponse::Done)
+            }
+            ForwardRequest::Promote { id } => {
+                self.check_leading()?;
+                self.require_member(id)?;
+                self.wait_caught_up(id, deadline).await?;
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(map_write_error)?;
+                Ok(ForwardResponse::Done)
+            }
+            ForwardRequest::RemoveMember { id } => {
+                self.check_leading()?;
+                self.require_member(id)?;
+                let m = raft.metrics().borrow().membership_config.clone();
+                let voters: BTreeSet<NodeId> = m.voter_ids().collect();
+                if voters.contains(&id) {
+                    if voters.len() == 1 {
+                        return Err(Error::InvalidCluster("cannot remove the last voter".into()));
+                    }
+                    raft.change_membership(
+                        ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+                        false,
+                    )
+                    .await
+                    .map_err(map_write_error)?;
+                } else {
+                    raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(map_write_error)?;
+                }
+                Ok(ForwardResponse::Done)
+            }
+            ForwardRequest::SetNode { id, node } => {
+                self.check_leading()?;
+                let m = raft.metrics().borrow().membership_config.clone();
+                match m.membership().get_node(&id) {
+                    Some(cur) if cur.peer_addr == node.peer_addr => {}
+                    Some(_) => {
+                        return Err(Error::InvalidCluster(
+                            "a member's peer address cannot change; remove and re-add it".into(),
+                        ))
+                    }
+                    None => return Err(Error::InvalidCluster(format!("unknown member {id}"))),
+                }
+                raft.change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), true)
+                    .await
+                    .map_err(map_write_error)?;
+                Ok(ForwardResponse::Done)
+            }
+            ForwardRequest::TransferLeader { to } => {
+                self.check_leading()?;
+                if to == self.id() {
+                    return Ok(ForwardResponse::Done);
+                }
+                let m = raft.metrics().borrow().membership_config.clone();
+                if !m.voter_ids().any(|v| v == to) {
+                    return Err(Error::InvalidCluster(format!("member {to} is not a voter")));
+                }
+                self.transfer_to(to, deadline).await?;
+                Ok(ForwardResponse::Done)
+            }
+        }
+    }
+
+    fn require_member(&self, id: NodeId) -> Result<(), Error> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        if m.membership().get_node(&id).is_none() {
+            return Err(Error::InvalidCluster(format!("unknown member {id}")));
+        }
+        Ok(())
+    }
+
+    /// Waits until `id` has replicated the leader's last log entry.
+    async fn wait_caught_up(&self, id: NodeId, deadline: Instant) -> Result<(), Error> {
+        let mut rx = self.inner.raft.metrics();
+        loop {
+            {
+                let m = rx.borrow_and_update();
+                let last = m.last_log_index.unwrap_or(0);
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .map_or(0, |l| l.index);
+                if matched >= last {
+                    return Ok(());
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
+                return Err(Error::Timeout {
+                    millis: self.inner.cfg.request_timeout.as_millis() as u64,
+                });
+            }
+        }
+    }
+
+    /// Leader transfer: once `to` holds the whole log, it starts an election; this leader
+    /// (whose own lease does not block it) votes for it. Retried until the deadline, because
+    /// a write landing in between makes the candidate's log short.
+    async fn transfer_to(&self, to: NodeId, deadline: Instant) -> Result<(), Error> {
+        let addr = self
+            .peer_addr(to)
+            .ok_or_else(|| Error::InvalidCluster(format!("unknown member {to}")))?;
+        let mut rx = self.inner.leadership.clone();
+        while Instant::now() < deadline {
+            self.wait_caught_up(to, deadline).await?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = self
+                .inner
+                .peers
+                .rpc::<_, Result<ForwardResponse, Error>>(
+                    &addr,
+                    "/raft/forward",
+                    &ForwardRequest::Elect,
+                    left,
+                )
+                .await;
+            let wait_until = (Instant::now() + self.inner.cfg.election_max() * 2).min(deadline);
+            loop {
+                if rx.borrow_and_update().leader == Some(to) {
+                    tracing::info!(to, "leadership transferred");
+                    return Ok(());
+                }
+                let left = wait_until.saturating_duration_since(Instant::now());
+                if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
+                    break;
+                }
+            }
+        }
+        Err(Error::Timeout {
+            millis: self.inner.cfg.request_timeout.as_millis() as u64,
+        })
+    }
+
+    /// A snapshot of this replica's state.
+    pub fn status(&self) -> Status {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let store = self.inner.kv.status();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                node: node.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        Status {
+            id: self.id(),
+            state: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            }
+            .to_string(),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index: self.inner.committed.load(Ordering::Acquire),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            purged_index: m.purged.map_or(0, |l| l.index),
+            revision: store.revision,
+            compact_revision: store.compact_revision,
+            keys: store.keys,
+            db_size: store.db_size,
+            quota_bytes: store.quota_bytes,
+            watchers: store.watchers,
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
+            replication: m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .map(|(id, l)| (*id, l.map_or(0, |l| l.index)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            members,
+        }
+    }
+}
+
+fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Error {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
+            leader: f.leader_id,
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            Error::InvalidCluster(c.to_string())
+        }
+        RaftError::Fatal(f) => Error::Stopped(f.to_string()),
+    }
+}
+
+/// Keeps this replica's API address in the membership up to date (members bootstrap with
+/// empty API addresses; each fills in its own).
+async fn announce_api_addr(replica: Replica) {
+    let cfg = &replica.inner.cfg;
+    if cfg.advertise_api.is_empty() {
+        return;
+    }
+    let mut rx = replica.inner.raft.metrics();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let current = {
+            let m = rx.borrow_and_update();
+            if m.current_leader.is_some() {
+                m.membership_config.membership().get_node(&cfg.id).cloned()
+            } else {
+                None
+            }
+        };
+        if let Some(node) = current {
+            if node.api_addr != cfg.advertise_api {
+                let want = Node {
+                    peer_addr: node.peer_addr.clone(),
+                    api_addr: cfg.advertise_api.clone(),
+                };
+                match replica
+                    .on_leader(ForwardRequest::SetNode {
+                        id: cfg.id,
+                        node: want,
+                    })
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(api = %cfg.advertise_api, "announced API address");
+                        backoff = Duration::from_millis(50);
+                    }
+                    Err(e) => {
+                        tracing::debug!(%e, "announcing API address failed; will retry");
+                        tokio::select! {
+                            _ = replica.inner.shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = replica.inner.shutdown.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}

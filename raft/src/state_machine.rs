@@ -1,0 +1,424 @@
+//! openraft's state machine over [`flotilla_store::KvStore`], and snapshot files.
+//!
+//! A snapshot is a file in `<data-dir>/snapshots/`: the store's streaming export followed by
+//! a trailer holding the Raft snapshot metadata:
+//!
+//! ```text
+//! store export | bincode(SnapshotMeta) | le32(meta length) | "FLORAFT1"
+//! ```
+//!
+//! Files are written under a temporary name, fsynced and renamed, so a crash never leaves a
+//! half snapshot under a final name; only the newest snapshot is kept. Building and
+//! installing stream through the file: the store is never held in memory.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use flotilla_store::{Applied, ApplyEntry, ApplyOp, KvStore};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageError,
+    StorageIOError,
+};
+
+use crate::types::{
+    decode, encode, ApplyError, CommandResult, Entry, LogId, NodeId, Op, SnapshotMeta,
+    StoredMembership, TypeConfig,
+};
+
+const TRAILER_MAGIC: &[u8; 8] = b"FLORAFT1";
+
+/// Observes snapshot activity (for metrics); all methods have empty defaults.
+pub trait SnapshotObserver: Send + Sync + 'static {
+    /// A snapshot was built in `seconds`.
+    fn built(&self, _seconds: f64, _bytes: u64) {}
+    /// A snapshot was installed in `seconds`.
+    fn installed(&self, _seconds: f64) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl SnapshotObserver for NoObserver {}
+
+/// The state machine handed to openraft.
+#[derive(Clone)]
+pub struct StateMachine {
+    kv: KvStore,
+    snapshots: Arc<SnapshotDir>,
+}
+
+struct SnapshotDir {
+    dir: PathBuf,
+    counter: AtomicU64,
+    /// Files being received, by descriptor, so install can give them their final name.
+    receiving: Mutex<HashMap<i32, PathBuf>>,
+    observer: Arc<dyn SnapshotObserver>,
+}
+
+fn sm_err(verb: ErrorVerb, e: impl ToString) -> StorageError<NodeId> {
+    StorageIOError::new(
+        ErrorSubject::StateMachine,
+        verb,
+        AnyError::error(e.to_string()),
+    )
+    .into()
+}
+
+fn snap_err(verb: ErrorVerb, e: impl ToString) -> StorageError<NodeId> {
+    StorageIOError::new(
+        ErrorSubject::Snapshot(None),
+        verb,
+        AnyError::error(e.to_string()),
+    )
+    .into()
+}
+
+impl StateMachine {
+    /// Wraps `kv`, keeping snapshot files in `snapshot_dir` (created if missing; leftovers of
+    /// interrupted builds and transfers are removed).
+    pub fn open(
+        kv: KvStore,
+        snapshot_dir: impl AsRef<Path>,
+        observer: Arc<dyn SnapshotObserver>,
+    ) -> std::io::Result<StateMachine> {
+        let dir = snapshot_dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir)?;
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                fs::remove_file(&path)?;
+            }
+        }
+        Ok(StateMachine {
+            kv,
+            snapshots: Arc::new(SnapshotDir {
+                dir,
+                counter: AtomicU64::new(0),
+                receiving: Mutex::new(HashMap::new()),
+                observer,
+            }),
+        })
+    }
+
+    /// The store underneath.
+    pub fn kv(&self) -> &KvStore {
+        &self.kv
+    }
+}
+
+impl SnapshotDir {
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        self.dir
+            .join(format!("{what}-{}-{n}.tmp", std::process::id()))
+    }
+
+    /// The newest finished snapshot file.
+    fn newest(&self) -> std::io::Result<Option<PathBuf>> {
+        let mut best: Option<(u64, PathBuf)> = None;
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "snap") {
+                continue;
+            }
+            let modified = fs::metadata(&path)?
+                .modified()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            if best.as_ref().is_none_or(|(m, _)| modified >= *m) {
+                best = Some((modified, path));
+            }
+        }
+        Ok(best.map(|(_, p)| p))
+    }
+
+    /// Gives `tmp` its final name, syncs the directory and removes older snapshots.
+    fn publish(&self, tmp: &Path, meta: &SnapshotMeta) -> std::io::Result<PathBuf> {
+        let name = self.dir.join(format!("{}.snap", meta.snapshot_id));
+        fs::rename(tmp, &name)?;
+        fs::File::open(&self.dir)?.sync_all()?;
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if path != name && path.extension().is_some_and(|e| e == "snap") {
+                fs::remove_file(&path)?;
+            }
+        }
+        Ok(name)
+    }
+}
+
+/// Reads the metadata trailer of a snapshot file; returns it and the length of the store part.
+fn read_trailer(file: &mut fs::File) -> Result<(SnapshotMeta, u64), String> {
+    let len = file.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
+    if len < 12 {
+        return Err("snapshot file too short".into());
+    }
+    let mut tail = [0u8; 12];
+    file.seek(SeekFrom::Start(len - 12))
+        .map_err(|e| e.to_string())?;
+    file.read_exact(&mut tail).map_err(|e| e.to_string())?;
+    if &tail[4..] != TRAILER_MAGIC {
+        return Err("snapshot file has no Flotilla trailer".into());
+    }
+    let meta_len = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
+    if meta_len + 12 > len {
+        return Err("snapshot trailer length is out of range".into());
+    }
+    let data_len = len - 12 - meta_len;
+    let mut raw = vec![0u8; meta_len as usize];
+    file.seek(SeekFrom::Start(data_len))
+        .map_err(|e| e.to_string())?;
+    file.read_exact(&mut raw).map_err(|e| e.to_string())?;
+    let meta = decode::<SnapshotMeta>(&raw)?;
+    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    Ok((meta, data_len))
+}
+
+fn decode_applied(
+    applied: Option<Vec<u8>>,
+    membership: Option<Vec<u8>>,
+) -> Result<(Option<LogId>, StoredMembership), String> {
+    let applied = match applied {
+        Some(b) => Some(decode::<LogId>(&b)?),
+        None => None,
+    };
+    let membership = match membership {
+        Some(b) => decode::<StoredMembership>(&b)?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
+/// Builds snapshot files from the store.
+pub struct SnapshotBuilder {
+    sm: StateMachine,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let sm = self.sm.clone();
+        let started = std::time::Instant::now();
+        let (meta, path) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let tmp = sm.snapshots.tmp_path("build");
+            let mut file = fs::File::create(&tmp).map_err(|e| e.to_string())?;
+            let mut w = BufWriter::with_capacity(1 << 20, &mut file);
+            let info = sm.kv.export(&mut w).map_err(|e| e.to_string())?;
+            let (last_log_id, last_membership) = decode_applied(info.applied, info.membership)?;
+            let n = sm.snapshots.counter.fetch_add(1, Ordering::Relaxed);
+            let snapshot_id = match &last_log_id {
+                Some(l) => format!("{}-{}-{n}", l.leader_id.term, l.index),
+                None => format!("0-0-{n}"),
+            };
+            let meta = SnapshotMeta {
+                last_log_id,
+                last_membership,
+                snapshot_id,
+            };
+            let raw = encode(&meta);
+            w.write_all(&raw).map_err(|e| e.to_string())?;
+            w.write_all(&(raw.len() as u32).to_le_bytes())
+                .map_err(|e| e.to_string())?;
+            w.write_all(TRAILER_MAGIC).map_err(|e| e.to_string())?;
+            w.flush().map_err(|e| e.to_string())?;
+            drop(w);
+            file.sync_all().map_err(|e| e.to_string())?;
+            let path = sm
+                .snapshots
+                .publish(&tmp, &meta)
+                .map_err(|e| e.to_string())?;
+            Ok((meta, path))
+        })
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        self.sm
+            .snapshots
+            .observer
+            .built(started.elapsed().as_secs_f64(), bytes);
+        tracing::info!(snapshot_id = %meta.snapshot_id, bytes, "built snapshot");
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+        let (applied, membership) = self
+            .kv
+            .applied_state()
+            .map_err(|e| sm_err(ErrorVerb::Read, e))?;
+        decode_applied(applied, membership).map_err(|e| sm_err(ErrorVerb::Read, e))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let mut batch = Vec::new();
+        let mut fenced: Vec<Option<ApplyError>> = Vec::new();
+        for entry in entries {
+            let applied = encode(&entry.log_id);
+            let (membership, op, fence) = match entry.payload {
+                EntryPayload::Blank => (None, ApplyOp::None, None),
+                EntryPayload::Membership(m) => (
+                    Some(encode(&StoredMembership::new(Some(entry.log_id), m))),
+                    ApplyOp::None,
+                    None,
+                ),
+                EntryPayload::Normal(cmd) => match cmd.fence_term {
+                    Some(t) if t != entry.log_id.leader_id.term => (
+                        None,
+                        ApplyOp::None,
+                        Some(ApplyError::Fenced {
+                            fence_term: t,
+                            entry_term: entry.log_id.leader_id.term,
+                        }),
+                    ),
+                    _ => (
+                        None,
+                        match cmd.op {
+                            Op::Txn(t) => ApplyOp::Txn(t),
+                            Op::Compact { revision } => ApplyOp::Compact(revision),
+                        },
+                        None,
+                    ),
+                },
+            };
+            batch.push(ApplyEntry {
+                applied,
+                membership,
+                op,
+            });
+            fenced.push(fence);
+        }
+        // RocksDB writes without sync are memtable inserts: cheap enough to run inline.
+        let results = self
+            .kv
+            .apply(batch)
+            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        Ok(results
+            .into_iter()
+            .zip(fenced)
+            .map(|(r, fence)| match (fence, r) {
+                (Some(f), _) => CommandResult::Rejected(f),
+                (None, Applied::None) => CommandResult::None,
+                (None, Applied::Txn(t)) => CommandResult::Txn(t),
+                (None, Applied::Compact(revision)) => CommandResult::Compacted { revision },
+                (None, Applied::Rejected(e)) => CommandResult::Rejected(ApplyError::from_store(e)),
+            })
+            .collect())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { sm: self.clone() }
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        let path = self.snapshots.tmp_path("receive");
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        self.snapshots
+            .receiving
+            .lock()
+            .expect("not poisoned")
+            .insert(file.as_raw_fd(), path);
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let fd = snapshot.as_raw_fd();
+        let path = self
+            .snapshots
+            .receiving
+            .lock()
+            .expect("not poisoned")
+            .remove(&fd);
+        let mut file = snapshot.into_std().await;
+        let sm = self.clone();
+        let want = meta.clone();
+        let started = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            file.sync_all().map_err(|e| e.to_string())?;
+            let (found, data_len) = read_trailer(&mut file)?;
+            if found.last_log_id != want.last_log_id {
+                return Err(format!(
+                    "snapshot file is for {:?}, but Raft is installing {:?}",
+                    found.last_log_id, want.last_log_id
+                ));
+            }
+            let mut reader = BufReader::with_capacity(1 << 20, (&mut file).take(data_len));
+            let info = sm.kv.install(&mut reader).map_err(|e| e.to_string())?;
+            let (applied, _) = decode_applied(info.applied, info.membership)?;
+            if applied != want.last_log_id {
+                return Err(format!(
+                    "snapshot data is at {applied:?}, its metadata says {:?}",
+                    want.last_log_id
+                ));
+            }
+            if let Some(path) = path {
+                sm.snapshots
+                    .publish(&path, &want)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        self.snapshots
+            .observer
+            .installed(started.elapsed().as_secs_f64());
+        tracing::info!(snapshot_id = %meta.snapshot_id, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let snapshots = self.snapshots.clone();
+        let found = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let Some(path) = snapshots.newest().map_err(|e| e.to_string())? else {
+                return Ok(None);
+            };
+            let mut file = fs::File::open(&path).map_err(|e| e.to_string())?;
+            let (meta, _) = read_trailer(&mut file)?;
+            Ok(Some((meta, file)))
+        })
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Read, e))?
+        .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        Ok(found.map(|(meta, file)| Snapshot {
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
+        }))
+    }
+}
+
+impl crate::network::PeerObserver for NoObserver {}

@@ -1,0 +1,165 @@
+//! The Raft type configuration and the replicated command set.
+//!
+//! [`Command`] is what a log entry carries. It is versioned by being an enum: new operations
+//! are new variants appended at the end, never reordered (bincode encodes the variant index).
+
+use std::fmt;
+
+use flotilla_store::{TxnRequest, TxnResponse};
+use serde::{Deserialize, Serialize};
+
+/// A replica's identity in the cluster.
+pub type NodeId = u64;
+
+/// Where a replica can be reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// `host:port` of its peer (Raft) listener.
+    pub peer_addr: String,
+    /// `host:port` of its client API listener; empty until the replica announces it.
+    pub api_addr: String,
+}
+
+impl fmt::Display for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "peer={} api={}", self.peer_addr, self.api_addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// Flotilla's Raft types.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = Node,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The Raft handle.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A log id.
+pub type LogId = openraft::LogId<NodeId>;
+/// A membership as recorded in the log.
+pub type StoredMembership = openraft::StoredMembership<NodeId, Node>;
+/// Snapshot metadata.
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Node>;
+
+/// What one log entry asks the state machine to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// When set, the entry applies only if it was proposed in this Raft term. Controllers
+    /// and the scheduler set it to the term they decided in, so a deposed leader's
+    /// decisions never land (a forwarded or late proposal lands in another term).
+    pub fence_term: Option<u64>,
+    /// The operation.
+    pub op: Op,
+}
+
+impl Command {
+    /// An unfenced transaction.
+    pub fn txn(txn: TxnRequest) -> Command {
+        Command {
+            fence_term: None,
+            op: Op::Txn(txn),
+        }
+    }
+}
+
+/// The replicated operations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// A key-value transaction.
+    Txn(TxnRequest),
+    /// Compact history below a revision.
+    Compact {
+        /// The new compaction point.
+        revision: i64,
+    },
+}
+
+/// What applying a [`Command`] produced; identical on every replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub enum CommandResult {
+    /// The entry carried no command (blank or membership entries).
+    #[default]
+    None,
+    /// A transaction ran.
+    Txn(TxnResponse),
+    /// History below this revision is now compacted.
+    Compacted {
+        /// The new compaction point.
+        revision: i64,
+    },
+    /// The command was refused; nothing but the log position changed.
+    Rejected(ApplyError),
+}
+
+/// Why a command was refused at apply time. Deterministic: every replica refuses alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    /// The revision asked for is compacted.
+    #[error(
+        "required revision {requested} has been compacted (compact revision is {compact_revision})"
+    )]
+    Compacted {
+        /// The revision asked for.
+        requested: i64,
+        /// The compaction point.
+        compact_revision: i64,
+    },
+    /// The revision asked for does not exist yet.
+    #[error("required revision {requested} is a future revision (current revision is {current})")]
+    FutureRevision {
+        /// The revision asked for.
+        requested: i64,
+        /// The current revision.
+        current: i64,
+    },
+    /// The command is malformed or over a limit.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The command was decided in another term than the one it was committed in.
+    #[error("fenced: decided in term {fence_term}, but proposed in term {entry_term}")]
+    Fenced {
+        /// The term the proposer decided in.
+        fence_term: u64,
+        /// The term of the log entry.
+        entry_term: u64,
+    },
+}
+
+impl ApplyError {
+    pub(crate) fn from_store(e: flotilla_store::Error) -> ApplyError {
+        match e {
+            flotilla_store::Error::Compacted {
+                requested,
+                compact_revision,
+            } => ApplyError::Compacted {
+                requested,
+                compact_revision,
+            },
+            flotilla_store::Error::FutureRevision { requested, current } => {
+                ApplyError::FutureRevision { requested, current }
+            }
+            other => ApplyError::Invalid(other.to_string()),
+        }
+    }
+}
+
+/// Encodes with the bincode configuration used everywhere in the crate.
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .expect("encoding into a Vec cannot fail")
+}
+
+/// Decodes bytes written by [`encode`].
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| e.to_string())
+}
