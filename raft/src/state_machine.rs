@@ -382,11 +382,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     want.last_log_id
                 ));
             }
-            if let Some(path) = path {
-                sm.snapshots
-                    .publish(&path, &want)
-                    .map_err(|e| e.to_string())?;
-            }
+            // Keep the received file as this replica's current snapshot. A file that did not
+            // come from `begin_receiving_snapshot` is copied into the snapshot directory.
+            let path = match path {
+                Some(p) => p,
+                None => {
+                    let tmp = sm.snapshots.tmp_path("copy");
+                    let mut out = fs::File::create(&tmp).map_err(|e| e.to_string())?;
+                    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+                    std::io::copy(&mut file, &mut out).map_err(|e| e.to_string())?;
+                    out.sync_all().map_err(|e| e.to_string())?;
+                    tmp
+                }
+            };
+            sm.snapshots
+                .publish(&path, &want)
+                .map_err(|e| e.to_string())?;
             Ok(())
         })
         .await

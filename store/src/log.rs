@@ -114,8 +114,9 @@ impl LogStore {
         Ok(())
     }
 
-    /// Entries with index in `[start, end)`, in order, stopping at the first gap or once
-    /// `max_bytes` is exceeded (always at least one entry when one exists).
+    /// Entries with index in `[start, end)`, in order: from the first one present (entries
+    /// before it may be purged), stopping at the next gap or once `max_bytes` is exceeded
+    /// (always at least one entry when one exists).
     pub fn range(&self, start: u64, end: u64, max_bytes: usize) -> Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
         if start >= end {
@@ -125,11 +126,11 @@ impl LogStore {
         ro.set_iterate_upper_bound(end.to_be_bytes().to_vec());
         let mut it = self.db().raw_iterator_cf_opt(self.cf(CF_LOG), ro);
         it.seek(start.to_be_bytes());
-        let mut expect = start;
+        let mut expect = None;
         let mut bytes = 0usize;
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             let index = decode_index(k)?;
-            if index != expect {
+            if expect.is_some_and(|e| e != index) {
                 break;
             }
             if !out.is_empty() && bytes + v.len() > max_bytes {
@@ -137,7 +138,7 @@ impl LogStore {
             }
             bytes += v.len();
             out.push((index, v.to_vec()));
-            expect += 1;
+            expect = Some(index + 1);
             it.next();
         }
         it.status()?;
