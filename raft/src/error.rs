@@ -27,6 +27,13 @@ pub enum Error {
         /// The leader this replica knows of.
         leader: Option<NodeId>,
     },
+    /// The leader lost contact with a quorum while the request was in flight: it may or may
+    /// not be applied later.
+    #[error("lost contact with a quorum for {millis} ms while the request was in flight; it may or may not have been applied")]
+    QuorumLost {
+        /// Time since a majority last answered.
+        millis: u64,
+    },
     /// The request was sent but its outcome is unknown: it may or may not have been applied.
     #[error("request timed out after {millis} ms; it may or may not have been applied")]
     Timeout {
@@ -50,9 +57,12 @@ pub enum Error {
     /// The replica is shutting down or its Raft core stopped.
     #[error("replica is shutting down: {0}")]
     Stopped(String),
-    /// The store refused the request before it was proposed (quota, limits).
+    /// The request is malformed or over a limit; it was not proposed.
     #[error("{0}")]
-    Refused(String),
+    Invalid(String),
+    /// The store is over its size quota; only deletes and compaction are accepted.
+    #[error("{0}")]
+    NoSpace(String),
     /// Unexpected internal failure.
     #[error("internal error: {0}")]
     Internal(String),

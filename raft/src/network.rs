@@ -60,6 +60,8 @@ impl PeerClient {
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
         connector.set_local_address(local_ip.filter(|ip| !ip.is_unspecified()));
         let client = Client::builder(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .http2_only(true)
             .http2_initial_stream_window_size(4 << 20)
             .http2_initial_connection_window_size(8 << 20)

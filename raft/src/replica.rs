@@ -198,6 +198,7 @@ pub(crate) struct Inner {
     pub(crate) kv: KvStore,
     peers: PeerClient,
     committed: Arc<AtomicU64>,
+    acks: Arc<PeerAcks>,
     leadership: watch::Receiver<Leadership>,
     shutdown: CancellationToken,
 }
@@ -212,14 +213,53 @@ pub struct Replica {
 pub trait Observer: PeerObserver + SnapshotObserver {}
 impl<T: PeerObserver + SnapshotObserver> Observer for T {}
 
-/// Logs a peer becoming unreachable or reachable once, not on every heartbeat.
+/// When each peer last answered an RPC: the leader's live view of whether it still reaches
+/// a quorum (openraft's own figure is refreshed only when its metrics change).
+#[derive(Default)]
+struct PeerAcks {
+    last: std::sync::Mutex<BTreeMap<NodeId, Instant>>,
+}
+
+impl PeerAcks {
+    fn ack(&self, peer: NodeId) {
+        self.last
+            .lock()
+            .expect("not poisoned")
+            .insert(peer, Instant::now());
+    }
+
+    /// How long ago a majority of `voters` (counting `me` as always current) last answered.
+    fn quorum_age(&self, me: NodeId, voters: &BTreeSet<NodeId>) -> Duration {
+        let now = Instant::now();
+        let last = self.last.lock().expect("not poisoned");
+        let mut ages: Vec<Duration> = voters
+            .iter()
+            .map(|v| {
+                if *v == me {
+                    Duration::ZERO
+                } else {
+                    last.get(v)
+                        .map_or(Duration::MAX, |t| now.saturating_duration_since(*t))
+                }
+            })
+            .collect();
+        ages.sort();
+        let majority = voters.len() / 2 + 1;
+        ages.get(majority - 1).copied().unwrap_or(Duration::MAX)
+    }
+}
+
+/// Logs a peer becoming unreachable or reachable once, not on every heartbeat, and records
+/// answers in [`PeerAcks`].
 struct LoggingObserver<O> {
     down: std::sync::Mutex<BTreeSet<NodeId>>,
+    acks: Arc<PeerAcks>,
     next: Arc<O>,
 }
 
 impl<O: Observer> PeerObserver for LoggingObserver<O> {
     fn ok(&self, target: NodeId) {
+        self.acks.ack(target);
         if self.down.lock().expect("not poisoned").remove(&target) {
             tracing::info!(peer = target, "peer is reachable again");
         }
@@ -264,8 +304,10 @@ impl Replica {
 
         let local_ip = Some(cfg.listen_peer.ip());
         let peers = PeerClient::new(local_ip);
+        let acks = Arc::new(PeerAcks::default());
         let net_observer: Arc<dyn PeerObserver> = Arc::new(LoggingObserver {
             down: Default::default(),
+            acks: acks.clone(),
             next: observer,
         });
         let network = Network::new(cfg.id, peers.clone(), net_observer);
@@ -281,6 +323,7 @@ impl Replica {
             kv,
             peers,
             committed,
+            acks,
             leadership: rx,
             shutdown: shutdown.clone(),
         });
@@ -434,11 +477,31 @@ impl Replica {
                 leader: m.current_leader,
             });
         }
-        let limit = self.inner.cfg.quorum_timeout().as_millis() as u64;
-        match m.millis_since_quorum_ack {
-            Some(ms) if ms > limit => Err(Error::NoQuorum { millis: ms }),
-            None => Err(Error::NoQuorum { millis: u64::MAX }),
-            _ => Ok(()),
+        let age = self.quorum_age();
+        if age > self.inner.cfg.quorum_timeout() {
+            return Err(Error::NoQuorum {
+                millis: age.as_millis().min(u128::from(u64::MAX)) as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Time since a majority of voters last answered this replica.
+    fn quorum_age(&self) -> Duration {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = m.voter_ids().collect();
+        self.inner.acks.quorum_age(self.id(), &voters)
+    }
+
+    /// Resolves once the quorum has been silent past the limit (checked every heartbeat).
+    async fn quorum_lost(&self) -> Duration {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.inner.cfg.heartbeat_ms));
+        loop {
+            tick.tick().await;
+            let age = self.quorum_age();
+            if age > self.inner.cfg.quorum_timeout() {
+                return age;
+            }
         }
     }
 
@@ -599,13 +662,20 @@ impl Replica {
                 self.check_leading()?;
                 if let Op::Txn(txn) = &cmd.op {
                     txn.validate(&Limits::default())
-                        .map_err(|e| Error::Refused(e.to_string()))?;
+                        .map_err(|e| Error::Invalid(e.to_string()))?;
                     self.inner
                         .kv
                         .check_quota(txn)
-                        .map_err(|e| Error::Refused(e.to_string()))?;
+                        .map_err(|e| Error::NoSpace(e.to_string()))?;
                 }
-                match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
+                // Proposed: from here on a failure leaves the outcome unknown.
+                let result = tokio::select! {
+                    r = tokio::time::timeout(timeout, raft.client_write(cmd)) => r,
+                    age = self.quorum_lost() => return Err(Error::QuorumLost {
+                        millis: age.as_millis().min(u128::from(u64::MAX)) as u64,
+                    }),
+                };
+                match result {
                     Err(_) => Err(Error::Timeout {
                         millis: timeout.as_millis() as u64,
                     }),
@@ -835,7 +905,8 @@ impl Replica {
             db_size: store.db_size,
             quota_bytes: store.quota_bytes,
             watchers: store.watchers,
-            millis_since_quorum_ack: m.millis_since_quorum_ack,
+            millis_since_quorum_ack: (m.state == ServerState::Leader)
+                .then(|| self.quorum_age().as_millis().min(u128::from(u64::MAX)) as u64),
             replication: m
                 .replication
                 .as_ref()

@@ -41,6 +41,7 @@ pub(crate) async fn serve(listener: TcpListener, replica: Replica, shutdown: Can
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
                 .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .initial_stream_window_size(4 << 20)
                 .initial_connection_window_size(8 << 20)
                 .max_concurrent_streams(4096);

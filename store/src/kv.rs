@@ -335,6 +335,20 @@ impl KvStore {
         ))
     }
 
+    /// Forgets the applied log id and membership, keeping the data and revisions: used by
+    /// `snapshot restore`, which seeds a new cluster whose Raft log starts from scratch.
+    pub fn forget_raft_state(&self) -> Result<()> {
+        let _writer = self.shared.writer.lock().expect("not poisoned");
+        let gen = self.generation();
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(gen.cf(CF_META), meta::APPLIED);
+        batch.delete_cf(gen.cf(CF_META), meta::MEMBERSHIP);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        gen.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
     /// Makes everything applied so far durable.
     pub fn sync(&self) -> Result<()> {
         self.generation().db.flush_wal(true)?;

@@ -107,6 +107,31 @@ fn read_exact_or_corrupt(input: &mut dyn Read, buf: &mut [u8], what: &str) -> Re
 }
 
 pub(crate) fn import(gen: &Generation, input: &mut dyn Read) -> Result<ExportInfo> {
+    let mut batch = WriteBatch::default();
+    let mut wo = WriteOptions::default();
+    // The generation is flushed and synced before it becomes current, so the WAL adds nothing.
+    wo.disable_wal(true);
+    let info = read_frames(input, &mut |name, k, v| {
+        batch.put_cf(gen.cf(name), k, v);
+        if batch.size_in_bytes() >= IMPORT_BATCH_BYTES {
+            gen.db.write_opt(std::mem::take(&mut batch), &wo)?;
+        }
+        Ok(())
+    })?;
+    gen.db.write_opt(batch, &wo)?;
+    Ok(info)
+}
+
+/// Checks a snapshot stream (magic, every frame, the checksum) without storing it.
+pub fn verify(input: &mut dyn Read) -> Result<ExportInfo> {
+    read_frames(input, &mut |_, _, _| Ok(()))
+}
+
+/// Receives each row of a snapshot: column family, key, value.
+type RowSink<'a> = dyn FnMut(&'static str, &[u8], &[u8]) -> Result<()> + 'a;
+
+/// Parses a snapshot stream, handing each row to `sink`.
+fn read_frames(input: &mut dyn Read, sink: &mut RowSink<'_>) -> Result<ExportInfo> {
     let mut magic = [0u8; 8];
     read_exact_or_corrupt(input, &mut magic, "the header")?;
     if &magic != MAGIC {
@@ -114,10 +139,6 @@ pub(crate) fn import(gen: &Generation, input: &mut dyn Read) -> Result<ExportInf
     }
     let mut info = ExportInfo::default();
     let mut crc = crc32fast::Hasher::new();
-    let mut batch = WriteBatch::default();
-    let mut wo = WriteOptions::default();
-    // The generation is flushed and synced before it becomes current, so the WAL adds nothing.
-    wo.disable_wal(true);
     let mut buf = Vec::new();
     loop {
         let mut tag = [0u8; 1];
@@ -164,12 +185,8 @@ pub(crate) fn import(gen: &Generation, input: &mut dyn Read) -> Result<ExportInf
                 _ => {}
             }
         }
-        batch.put_cf(gen.cf(name), k, v);
+        sink(name, k, v)?;
         info.rows += 1;
-        if batch.size_in_bytes() >= IMPORT_BATCH_BYTES {
-            gen.db.write_opt(std::mem::take(&mut batch), &wo)?;
-        }
     }
-    gen.db.write_opt(batch, &wo)?;
     Ok(info)
 }

@@ -1,0 +1,529 @@
+//! The key-value API every replica serves for operators, tests and benchmarks, modelled on
+//! etcd's v3 JSON gateway (`POST /v3/kv/range` and friends), plus health, metrics and the
+//! cluster endpoints.
+//!
+//! Reads are linearizable unless the request asks for `serializable`: the handler passes the
+//! replica's read barrier first. Writes go to the leader through [`Replica::write`]. Every
+//! failure is answered with etcd's error shape (`{"error", "code", "message"}`) and an HTTP
+//! status that says what kind of failure it was; see [`ApiError`].
+
+pub mod json;
+mod watch;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use flotilla_raft::{ApplyError, Command, CommandResult, Node, Op, Replica};
+use flotilla_store as store;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
+
+use crate::http::{self as h, Body};
+use crate::metrics::Metrics;
+use json::*;
+
+/// Largest request body: a 1.5 MiB value, base64-encoded, in JSON, with room to spare.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// What the API handlers share.
+pub struct Api {
+    /// The replica.
+    pub replica: Replica,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled on shutdown (ends watch streams).
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// A failed request, by kind.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed or invalid request.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Body too large.
+    #[error("{0}")]
+    TooLarge(String),
+    /// No such endpoint.
+    #[error("no endpoint {0}")]
+    NotFound(String),
+    /// Wrong method.
+    #[error("method {0} is not allowed here; use POST")]
+    Method(String),
+    /// The store refused.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// Replication failed or refused.
+    #[error(transparent)]
+    Raft(#[from] flotilla_raft::Error),
+}
+
+impl ApiError {
+    /// HTTP status and gRPC code (etcd's gateway reports both).
+    fn status(&self) -> (StatusCode, i32) {
+        use flotilla_raft::Error as R;
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, 3),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, 8),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, 12),
+            ApiError::Method(_) => (StatusCode::METHOD_NOT_ALLOWED, 12),
+            ApiError::Store(e) => match e {
+                store::Error::Compacted { .. } => (StatusCode::GONE, 11),
+                store::Error::FutureRevision { .. } => (StatusCode::BAD_REQUEST, 11),
+                store::Error::InvalidRequest(_) => (StatusCode::BAD_REQUEST, 3),
+                store::Error::NoSpace { .. } => (StatusCode::INSUFFICIENT_STORAGE, 8),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, 13),
+            },
+            ApiError::Raft(e) => match e {
+                R::NoLeader { .. }
+                | R::NoQuorum { .. }
+                | R::NotLeader { .. }
+                | R::Unreachable { .. }
+                | R::Stopped(_) => (StatusCode::SERVICE_UNAVAILABLE, 14),
+                R::Timeout { .. } | R::QuorumLost { .. } => (StatusCode::GATEWAY_TIMEOUT, 4),
+                R::Apply(ApplyError::Compacted { .. }) => (StatusCode::GONE, 11),
+                R::Apply(ApplyError::FutureRevision { .. }) => (StatusCode::BAD_REQUEST, 11),
+                R::Apply(ApplyError::Invalid(_)) | R::Invalid(_) => (StatusCode::BAD_REQUEST, 3),
+                R::Apply(ApplyError::Fenced { .. }) => (StatusCode::CONFLICT, 9),
+                R::NoSpace(_) => (StatusCode::INSUFFICIENT_STORAGE, 8),
+                R::InvalidCluster(m) if m.starts_with("unknown member") => {
+                    (StatusCode::NOT_FOUND, 5)
+                }
+                R::InvalidCluster(_) => (StatusCode::BAD_REQUEST, 9),
+                R::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, 13),
+            },
+        }
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let (status, code) = self.status();
+        let msg = self.to_string();
+        h::json(
+            status,
+            &ErrorBody {
+                error: msg.clone(),
+                code,
+                message: msg,
+            },
+        )
+    }
+}
+
+type ApiResult = Result<Response<Body>, ApiError>;
+
+fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("malformed request body: {e}")))
+}
+
+impl Api {
+    /// Routes one request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let path = req.uri().path().to_string();
+        let endpoint = endpoint_label(&path);
+        let resp = match self.route(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(e, ApiError::Store(ref s) if !s.is_request_error()) {
+                    tracing::error!(%e, path, "request failed");
+                }
+                e.into_response()
+            }
+        };
+        self.metrics
+            .observe_request(endpoint, resp.status().as_u16(), started.elapsed());
+        resp
+    }
+
+    fn header(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: 0,
+            member_id: self.replica.id(),
+            revision,
+            raft_term: self.replica.leadership().borrow().term,
+        }
+    }
+
+    async fn route(self: &Arc<Self>, req: Request<Incoming>) -> ApiResult {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/healthz" | "/livez") => return Ok(h::text(StatusCode::OK, "ok")),
+            (&Method::GET, "/readyz") => return Ok(self.readyz(query.contains("verbose"))),
+            (&Method::GET, "/metrics") => return Ok(self.metrics.render(&self.replica)),
+            (&Method::GET, "/version") => {
+                return Ok(h::json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "flotilla": env!("CARGO_PKG_VERSION") }),
+                ))
+            }
+            (&Method::POST, _) => {}
+            (m, p) if p.starts_with("/v3/") => return Err(ApiError::Method(m.to_string())),
+            _ => return Err(ApiError::NotFound(path)),
+        }
+        let body = h::read_body(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|e| match e {
+                h::BodyError::TooLarge(_) => ApiError::TooLarge(e.to_string()),
+                h::BodyError::Read(m) => ApiError::BadRequest(m),
+            })?;
+        match path.as_str() {
+            "/v3/kv/range" => self.range(decode(&body)?).await,
+            "/v3/kv/put" => {
+                let r: PutRequest = decode(&body)?;
+                let txn = r.to_store().map_err(ApiError::BadRequest)?;
+                let resp = self.txn(txn).await?;
+                let prev_kv = match resp.responses.into_iter().next() {
+                    Some(store::ResponseOp::Put(p)) => p.prev_kv.map(Into::into),
+                    _ => None,
+                };
+                Ok(h::json(
+                    StatusCode::OK,
+                    &PutResponse {
+                        header: self.header(resp.revision),
+                        prev_kv,
+                    },
+                ))
+            }
+            "/v3/kv/deleterange" => {
+                let r: DeleteRangeRequest = decode(&body)?;
+                let resp = self.txn(r.to_store()).await?;
+                let (deleted, prev_kvs) = match resp.responses.into_iter().next() {
+                    Some(store::ResponseOp::DeleteRange(d)) => (d.deleted, d.prev_kvs),
+                    _ => (0, Vec::new()),
+                };
+                Ok(h::json(
+                    StatusCode::OK,
+                    &DeleteRangeResponse {
+                        header: self.header(resp.revision),
+                        deleted,
+                        prev_kvs: prev_kvs.into_iter().map(Into::into).collect(),
+                    },
+                ))
+            }
+            "/v3/kv/txn" => {
+                let r: TxnRequest = decode(&body)?;
+                let txn = r.to_store().map_err(ApiError::BadRequest)?;
+                let resp = self.txn(txn).await?;
+                let header = self.header(resp.revision);
+                Ok(h::json(
+                    StatusCode::OK,
+                    &TxnResponse::from_store(header, resp),
+                ))
+            }
+            "/v3/kv/compaction" => {
+                let r: CompactionRequest = decode(&body)?;
+                if r.revision <= 0 {
+                    return Err(ApiError::BadRequest("revision must be positive".into()));
+                }
+                let current = self.replica.kv().revision();
+                if r.revision > current {
+                    // Refuse before proposing; apply would refuse too.
+                    return Err(store::Error::FutureRevision {
+                        requested: r.revision,
+                        current,
+                    }
+                    .into());
+                }
+                let result = self
+                    .replica
+                    .write(Command {
+                        fence_term: None,
+                        op: Op::Compact {
+                            revision: r.revision,
+                        },
+                    })
+                    .await?;
+                if r.physical {
+                    let kv = self.replica.kv().clone();
+                    tokio::task::spawn_blocking(move || kv.wait_compacted())
+                        .await
+                        .map_err(|e| ApiError::BadRequest(e.to_string()))??;
+                }
+                let rev = match result {
+                    CommandResult::Compacted { revision } => revision,
+                    _ => r.revision,
+                };
+                Ok(h::json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "header": self.header(rev) }),
+                ))
+            }
+            "/v3/watch" => watch::open(self.clone(), decode(&body)?).await,
+            "/v3/cluster/member/list" => Ok(self.member_list()),
+            "/v3/cluster/member/add" => {
+                let r: MemberAddRequest = decode(&body)?;
+                let peer = r
+                    .peer_urls
+                    .first()
+                    .map(|u| strip_scheme(u))
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(
+                            "peerURLs must name the new member's peer address".into(),
+                        )
+                    })?;
+                if r.id == 0 {
+                    return Err(ApiError::BadRequest("ID must be a non-zero integer".into()));
+                }
+                self.replica
+                    .add_member(
+                        r.id,
+                        Node {
+                            peer_addr: peer,
+                            api_addr: String::new(),
+                        },
+                        !r.is_learner,
+                    )
+                    .await?;
+                Ok(self.member_list())
+            }
+            "/v3/cluster/member/remove" => {
+                let r: MemberIdRequest = decode(&body)?;
+                self.replica.remove_member(r.id).await?;
+                Ok(self.member_list())
+            }
+            "/v3/cluster/member/promote" => {
+                let r: MemberIdRequest = decode(&body)?;
+                self.replica.promote(r.id).await?;
+                Ok(self.member_list())
+            }
+            "/v3/maintenance/status" => Ok(h::json(StatusCode::OK, &self.status())),
+            "/v3/maintenance/transfer-leadership" => {
+                let r: TransferLeadershipRequest = decode(&body)?;
+                self.replica.transfer_leader(r.target_id).await?;
+                Ok(h::json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "header": self.header(self.replica.kv().revision()) }),
+                ))
+            }
+            "/v3/maintenance/snapshot" => Ok(self.snapshot()),
+            _ => Err(ApiError::NotFound(path)),
+        }
+    }
+
+    async fn txn(&self, txn: store::TxnRequest) -> Result<store::TxnResponse, ApiError> {
+        // Refuse bad input here, with the store's message, before it costs a Raft round.
+        txn.validate(&store::Limits::default())?;
+        match self.replica.write(Command::txn(txn)).await? {
+            CommandResult::Txn(r) => Ok(r),
+            other => Err(ApiError::Raft(flotilla_raft::Error::Internal(format!(
+                "unexpected apply result {other:?}"
+            )))),
+        }
+    }
+
+    async fn range(&self, r: RangeRequest) -> ApiResult {
+        if !r.serializable {
+            self.replica.read_barrier().await?;
+        }
+        let req = r.to_store();
+        let kv = self.replica.kv().clone();
+        let resp = if req.range_end.is_empty() {
+            kv.range(&req)?
+        } else {
+            tokio::task::spawn_blocking(move || kv.range(&req))
+                .await
+                .map_err(|e| ApiError::BadRequest(e.to_string()))??
+        };
+        let header = self.header(resp.revision);
+        Ok(h::json(
+            StatusCode::OK,
+            &RangeResponse::from_store(header, resp),
+        ))
+    }
+
+    fn member_list(&self) -> Response<Body> {
+        let status = self.replica.status();
+        let members = status
+            .members
+            .iter()
+            .map(|m| Member {
+                id: m.id,
+                name: m.id.to_string(),
+                peer_urls: vec![format!("http://{}", m.node.peer_addr)],
+                client_urls: if m.node.api_addr.is_empty() {
+                    vec![]
+                } else {
+                    vec![format!("http://{}", m.node.api_addr)]
+                },
+                is_learner: !m.voter,
+            })
+            .collect();
+        h::json(
+            StatusCode::OK,
+            &MemberListResponse {
+                header: self.header(status.revision),
+                members,
+            },
+        )
+    }
+
+    fn status(&self) -> StatusResponse {
+        let s = self.replica.status();
+        let mut errors = Vec::new();
+        if s.leader.is_none() {
+            errors.push("no leader".to_string());
+        }
+        if s.db_size > s.quota_bytes {
+            errors.push("database space exceeded".to_string());
+        }
+        StatusResponse {
+            header: ResponseHeader {
+                cluster_id: 0,
+                member_id: s.id,
+                revision: s.revision,
+                raft_term: s.term,
+            },
+            version: env!("CARGO_PKG_VERSION").into(),
+            db_size: s.db_size,
+            db_quota: s.quota_bytes,
+            leader: s.leader.unwrap_or(0),
+            raft_index: s.last_log_index,
+            raft_term: s.term,
+            raft_commit_index: s.commit_index,
+            raft_applied_index: s.applied_index,
+            state: s.state.clone(),
+            compact_revision: s.compact_revision,
+            keys: s.keys,
+            watchers: s.watchers as u64,
+            is_learner: s.state == "learner",
+            errors,
+        }
+    }
+
+    /// Ready = this replica sees a leader and has applied everything it knows committed.
+    fn readyz(&self, verbose: bool) -> Response<Body> {
+        let s = self.replica.status();
+        let checks = [
+            ("store", true, String::new()),
+            (
+                "leader",
+                s.leader.is_some(),
+                s.leader
+                    .map_or("no leader".into(), |l| format!("leader is {l}")),
+            ),
+            (
+                "caught-up",
+                s.applied_index >= s.commit_index,
+                format!(
+                    "applied {} of {} committed",
+                    s.applied_index, s.commit_index
+                ),
+            ),
+        ];
+        let ok = checks.iter().all(|c| c.1);
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        if !verbose {
+            return h::text(status, if ok { "ok" } else { "not ready" });
+        }
+        let mut out = String::new();
+        for (name, pass, detail) in checks {
+            out.push_str(&format!(
+                "[{}] {name} {detail}\n",
+                if pass { "+" } else { "-" }
+            ));
+        }
+        out.push_str(if ok {
+            "readyz check passed\n"
+        } else {
+            "readyz check failed\n"
+        });
+        h::text(status, out)
+    }
+
+    /// Streams a consistent export of the store (`flotilla ctl snapshot save`).
+    fn snapshot(&self) -> Response<Body> {
+        let (tx, body) = h::channel_body(16);
+        let kv = self.replica.kv().clone();
+        tokio::task::spawn_blocking(move || {
+            let mut w = ChannelWriter {
+                tx,
+                buf: Vec::with_capacity(1 << 20),
+            };
+            match kv.export(&mut w) {
+                Ok(info) => tracing::info!(
+                    revision = info.revision,
+                    rows = info.rows,
+                    "streamed a snapshot"
+                ),
+                // The client sees a truncated stream, which `snapshot restore` rejects.
+                Err(e) => tracing::warn!(%e, "snapshot stream failed"),
+            }
+        });
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body)
+            .expect("static response parts are valid")
+    }
+}
+
+/// Adapts the blocking export to a streamed body, 1 MiB at a time.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 1 << 20 {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(1 << 20),
+        ));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+fn strip_scheme(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// A bounded label for metrics: known endpoints by name, everything else as "other".
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/v3/kv/range" => "range",
+        "/v3/kv/put" => "put",
+        "/v3/kv/deleterange" => "deleterange",
+        "/v3/kv/txn" => "txn",
+        "/v3/kv/compaction" => "compaction",
+        "/v3/watch" => "watch",
+        "/v3/cluster/member/list" => "member_list",
+        "/v3/cluster/member/add" => "member_add",
+        "/v3/cluster/member/remove" => "member_remove",
+        "/v3/cluster/member/promote" => "member_promote",
+        "/v3/maintenance/status" => "status",
+        "/v3/maintenance/transfer-leadership" => "transfer_leadership",
+        "/v3/maintenance/snapshot" => "snapshot",
+        "/healthz" | "/livez" | "/readyz" => "health",
+        "/metrics" => "metrics",
+        "/version" => "version",
+        _ => "other",
+    }
+}

@@ -1,0 +1,175 @@
+//! `flotilla server`: one control-plane replica.
+//!
+//! Start-up order: bind the API address (so a port clash fails before anything else), open
+//! the stores and start Raft (which binds the peer address and bootstraps a pristine
+//! cluster), then serve the API. SIGTERM or SIGINT stops the API, then Raft, then syncs and
+//! closes the store.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use flotilla_raft::{Config, Replica};
+use flotilla_store::StoreOptions;
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::Api;
+use crate::metrics::Metrics;
+
+/// Flags of `flotilla server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// This replica's id: a positive integer, unique in the cluster.
+    #[arg(long)]
+    pub id: u64,
+    /// Directory for the Raft log, the state machine and snapshots.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Address of the client API (the key-value API, health, metrics). Port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:6441")]
+    pub listen_api: SocketAddr,
+    /// Address of the peer (Raft) listener.
+    #[arg(long, default_value = "127.0.0.1:7441")]
+    pub listen_peer: SocketAddr,
+    /// The initial members as `id=host:port` peer addresses, comma-separated. Used only
+    /// when the data directory is empty; a restarted replica rejoins with its stored state.
+    #[arg(long, value_delimiter = ',')]
+    pub initial_cluster: Vec<String>,
+    /// API address to announce to clients (default: the bound --listen-api address).
+    #[arg(long)]
+    pub advertise_api: Option<String>,
+    /// Peer address to announce (default: --listen-peer).
+    #[arg(long)]
+    pub advertise_peer: Option<String>,
+    /// Join an existing cluster instead of bootstrapping (after `flotilla ctl member add`).
+    #[arg(long)]
+    pub join: bool,
+    /// Leader heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub heartbeat_interval_ms: u64,
+    /// Minimum election timeout in milliseconds (the maximum is twice this).
+    #[arg(long, default_value_t = 100)]
+    pub election_timeout_ms: u64,
+    /// Build a snapshot (and allow log purging) every this many applied entries.
+    #[arg(long, default_value_t = 10_000)]
+    pub snapshot_count: u64,
+    /// Entries kept behind a snapshot so briefly lagging followers catch up from the log.
+    #[arg(long, default_value_t = 1_000)]
+    pub snapshot_catchup_entries: u64,
+    /// Deadline, in milliseconds, of a write or linearizable read.
+    #[arg(long, default_value_t = 5_000)]
+    pub request_timeout_ms: u64,
+    /// Store size above which puts are refused (deletes and compaction still work).
+    #[arg(long, default_value_t = 8 * 1024 * 1024 * 1024)]
+    pub quota_bytes: u64,
+}
+
+/// Parses `1=127.0.0.1:7441,2=...`.
+pub fn parse_initial_cluster(items: &[String]) -> anyhow::Result<BTreeMap<u64, String>> {
+    let mut out = BTreeMap::new();
+    for item in items.iter().filter(|s| !s.is_empty()) {
+        let (id, addr) = item
+            .split_once('=')
+            .with_context(|| format!("--initial-cluster entry {item:?} is not id=host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("--initial-cluster id {id:?} is not a number"))?;
+        if id == 0 {
+            bail!("--initial-cluster ids must be positive");
+        }
+        let addr = addr.trim().trim_start_matches("http://").to_string();
+        if !addr.contains(':') {
+            bail!("--initial-cluster address {addr:?} has no port");
+        }
+        if out.insert(id, addr).is_some() {
+            bail!("--initial-cluster names id {id} twice");
+        }
+    }
+    Ok(out)
+}
+
+/// Runs a replica until SIGTERM or SIGINT.
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    if args.id == 0 {
+        bail!("--id must be positive");
+    }
+    if args.heartbeat_interval_ms == 0 || args.election_timeout_ms <= args.heartbeat_interval_ms {
+        bail!(
+            "--election-timeout-ms must be larger than --heartbeat-interval-ms (and both positive)"
+        );
+    }
+    let initial_cluster = parse_initial_cluster(&args.initial_cluster)?;
+    if !args.join && initial_cluster.is_empty() {
+        tracing::warn!(
+            "no --initial-cluster: this replica starts only if it already has cluster state"
+        );
+    }
+    let api_listener = tokio::net::TcpListener::bind(args.listen_api)
+        .await
+        .with_context(|| format!("binding the API address {}", args.listen_api))?;
+    let api_addr = api_listener.local_addr()?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+
+    let mut cfg = Config::new(args.id, args.data_dir.clone(), args.listen_peer);
+    cfg.advertise_peer = args
+        .advertise_peer
+        .clone()
+        .unwrap_or_else(|| args.listen_peer.to_string());
+    cfg.advertise_api = args
+        .advertise_api
+        .clone()
+        .unwrap_or_else(|| api_addr.to_string());
+    cfg.initial_cluster = initial_cluster;
+    cfg.join = args.join;
+    cfg.heartbeat_ms = args.heartbeat_interval_ms;
+    cfg.election_timeout_ms = args.election_timeout_ms;
+    cfg.snapshot_logs = args.snapshot_count.max(1);
+    cfg.keep_logs = args.snapshot_catchup_entries;
+    cfg.request_timeout = Duration::from_millis(args.request_timeout_ms.max(1));
+    cfg.store = StoreOptions {
+        quota_bytes: args.quota_bytes,
+        ..StoreOptions::default()
+    };
+
+    let metrics = Metrics::new();
+    let replica = Replica::start(cfg, metrics.clone()).await?;
+    tracing::info!(id = args.id, api = %api_addr, peer = %args.listen_peer, "replica started");
+
+    let shutdown = CancellationToken::new();
+    let api = Arc::new(Api {
+        replica: replica.clone(),
+        metrics,
+        shutdown: shutdown.clone(),
+    });
+    let server = tokio::spawn(crate::http::serve(
+        api_listener,
+        move |req| api.clone().handle(req),
+        shutdown.clone(),
+        Duration::from_secs(2),
+    ));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    let _ = server.await;
+    replica.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

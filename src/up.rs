@@ -1,0 +1,229 @@
+//! `flotilla up`: a local cluster for trying Flotilla out. Starts `--replicas` replicas as
+//! child processes on loopback (each with its data under `--data-dir/<id>` and its log in
+//! `--data-dir/<id>/server.log`), waits for a leader, prints the endpoints and a live status
+//! line, and stops every child cleanly on Ctrl-C. A second run reuses the data.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::client::Client;
+use crate::gateway::json::StatusResponse;
+
+/// Flags of `flotilla up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Number of control-plane replicas.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: u64,
+    /// Where the replicas keep their data.
+    #[arg(long, default_value = "./flotilla-data")]
+    pub data_dir: PathBuf,
+    /// Replica N serves its API on port base+N-1 and its peer port on base+1000+N-1.
+    #[arg(long, default_value_t = 6441)]
+    pub base_port: u16,
+    /// Loopback address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+}
+
+struct Replica {
+    id: u64,
+    api: String,
+    child: Option<Child>,
+}
+
+fn spawn(exe: &Path, args: &UpArgs, id: u64, cluster: &str) -> anyhow::Result<Child> {
+    let dir = args.data_dir.join(id.to_string());
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))?;
+    let api_port = args.base_port + (id - 1) as u16;
+    let peer_port = args.base_port + 1000 + (id - 1) as u16;
+    Command::new(exe)
+        .arg("server")
+        .args(["--id", &id.to_string()])
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--listen-api", &format!("{}:{api_port}", args.host)])
+        .args(["--listen-peer", &format!("{}:{peer_port}", args.host)])
+        .args(["--initial-cluster", cluster])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting replica {id}"))
+}
+
+/// Runs the local cluster until Ctrl-C.
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    if args.replicas == 0 || args.replicas > 9 {
+        bail!("--replicas must be between 1 and 9");
+    }
+    let exe = std::env::current_exe()?;
+    let cluster = (1..=args.replicas)
+        .map(|id| {
+            format!(
+                "{id}={}:{}",
+                args.host,
+                args.base_port + 1000 + (id - 1) as u16
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut replicas = Vec::new();
+    for id in 1..=args.replicas {
+        let child = spawn(&exe, &args, id, &cluster)?;
+        replicas.push(Replica {
+            id,
+            api: format!("{}:{}", args.host, args.base_port + (id - 1) as u16),
+            child: Some(child),
+        });
+    }
+    let servers: Vec<String> = replicas.iter().map(|r| r.api.clone()).collect();
+    let client = Client::new(servers.clone(), Duration::from_millis(500));
+
+    let result = supervise(&args, &mut replicas, &client).await;
+    stop(&mut replicas);
+    result
+}
+
+async fn statuses(client: &Client, replicas: &[Replica]) -> Vec<Result<StatusResponse, String>> {
+    let mut out = Vec::new();
+    for r in replicas {
+        out.push(
+            client
+                .post_to::<_, StatusResponse>(
+                    &r.api,
+                    "/v3/maintenance/status",
+                    &serde_json::json!({}),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+        );
+    }
+    out
+}
+
+async fn supervise(args: &UpArgs, replicas: &mut [Replica], client: &Client) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let leader = loop {
+        if let Some(l) = statuses(client, replicas)
+            .await
+            .iter()
+            .flatten()
+            .find_map(|s| (s.leader != 0).then_some(s.leader))
+        {
+            break l;
+        }
+        for r in replicas.iter_mut() {
+            if let Some(Some(status)) = r.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
+                bail!(
+                    "replica {} exited with {status} before the cluster formed; see {}",
+                    r.id,
+                    args.data_dir
+                        .join(r.id.to_string())
+                        .join("server.log")
+                        .display()
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no leader after 60 s; see the server.log files under {}",
+                args.data_dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "Flotilla is up: {} replicas, leader is {leader}.",
+        replicas.len()
+    );
+    for r in replicas.iter() {
+        println!(
+            "  replica {}: api http://{}  data {}",
+            r.id,
+            r.api,
+            args.data_dir.join(r.id.to_string()).display()
+        );
+    }
+    println!(
+        "Try: flotilla ctl --servers {} status",
+        client.servers().join(",")
+    );
+    println!("Press Ctrl-C to stop.");
+
+    let tty = std::io::stdout().is_terminal();
+    let mut last = String::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut signal = Box::pin(crate::server::wait_for_signal());
+    loop {
+        tokio::select! {
+            _ = &mut signal => {
+                if tty { println!(); }
+                println!("stopping...");
+                return Ok(());
+            }
+            _ = tick.tick() => {}
+        }
+        let st = statuses(client, replicas).await;
+        let mut parts = Vec::new();
+        for (r, s) in replicas.iter_mut().zip(&st) {
+            let exited = r.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            parts.push(match (exited, s) {
+                (Some(code), _) => format!("r{}: exited ({code})", r.id),
+                (None, Ok(s)) => format!(
+                    "r{}: {} t{} applied {} rev {}",
+                    r.id, s.state, s.raft_term, s.raft_applied_index, s.header.revision
+                ),
+                (None, Err(_)) => format!("r{}: unreachable", r.id),
+            });
+        }
+        let line = parts.join(" | ");
+        if tty {
+            print!("\r\x1b[2K{line}");
+            std::io::stdout().flush()?;
+        } else if line != last {
+            println!("{line}");
+        }
+        last = line;
+    }
+}
+
+/// SIGTERM every child, wait up to 10 s, then SIGKILL what is left.
+fn stop(replicas: &mut [Replica]) {
+    for r in replicas.iter() {
+        if let Some(c) = &r.child {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for r in replicas.iter_mut() {
+        let Some(mut c) = r.child.take() else {
+            continue;
+        };
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+            }
+        }
+    }
+    println!("stopped {} replicas", replicas.len());
+}
