@@ -218,6 +218,8 @@ impl<T: PeerObserver + SnapshotObserver> Observer for T {}
 #[derive(Default)]
 struct PeerAcks {
     last: std::sync::Mutex<BTreeMap<NodeId, Instant>>,
+    /// When this replica last became leader.
+    leader_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl PeerAcks {
@@ -333,20 +335,31 @@ impl Replica {
         let mut metrics = raft.metrics();
         let token = shutdown.clone();
         let id = cfg.id;
+        let acks = replica.inner.acks.clone();
         tokio::spawn(async move {
             loop {
-                let l = {
+                let (l, voters) = {
                     let m = metrics.borrow_and_update();
-                    Leadership {
+                    let l = Leadership {
                         term: m.current_term,
                         leader: m.current_leader,
                         is_leader: m.current_leader == Some(id) && m.state == ServerState::Leader,
-                    }
+                    };
+                    (l, m.membership_config.voter_ids().collect::<Vec<_>>())
                 };
                 tx.send_if_modified(|cur| {
                     if *cur != l {
                         if cur.leader != l.leader {
                             tracing::info!(term = l.term, leader = ?l.leader, "leader changed");
+                        }
+                        if l.is_leader && !cur.is_leader {
+                            // A new leader (possibly restored from its saved vote after a
+                            // restart, without an election) gets one quorum timeout of grace
+                            // before it counts its followers as silent.
+                            for v in &voters {
+                                acks.ack(*v);
+                            }
+                            *acks.leader_since.lock().expect("not poisoned") = Some(Instant::now());
                         }
                         *cur = l;
                         true
@@ -837,8 +850,26 @@ impl Replica {
         let addr = self
             .peer_addr(to)
             .ok_or_else(|| Error::InvalidCluster(format!("unknown member {to}")))?;
+        // openraft refuses votes while the voter's leader lease (the maximum election timeout)
+        // runs; this leader's lease started when it was elected. Wait it out, or the target's
+        // election fails and only disrupts.
+        let since = *self.inner.acks.leader_since.lock().expect("not poisoned");
+        if let Some(since) = since {
+            let lease = self.inner.cfg.election_max() + Duration::from_millis(20);
+            let wait = lease.saturating_sub(since.elapsed());
+            tokio::time::sleep(wait).await;
+        }
         let mut rx = self.inner.leadership.clone();
         while Instant::now() < deadline {
+            let l = *rx.borrow();
+            if l.leader == Some(to) {
+                return Ok(());
+            }
+            if !l.is_leader {
+                // A failed attempt can cost this replica its leadership; let the caller
+                // retry on whoever leads now.
+                return Err(Error::NotLeader { leader: l.leader });
+            }
             self.wait_caught_up(to, deadline).await?;
             let left = deadline.saturating_duration_since(Instant::now());
             let _ = self
