@@ -26,6 +26,8 @@ impl StoreBuilder<TypeConfig, RaftLog, StateMachine, tempfile::TempDir> for Buil
 }
 
 #[test]
-fn the_rocksdb_stores_pass_openraft_storage_suite() -> Result<(), StorageError<u64>> {
-    Suite::test_all(Builder)
+fn the_rocksdb_stores_pass_openraft_storage_suite() {
+    if let Err(e) = Suite::test_all(Builder) {
+        panic!("storage suite failed: {e}");
+    }
 }
