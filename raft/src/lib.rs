@@ -17,6 +17,7 @@
 mod error;
 pub mod log_store;
 pub mod network;
+mod proposer;
 mod replica;
 mod service;
 pub mod state_machine;

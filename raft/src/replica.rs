@@ -3,7 +3,8 @@
 //!
 //! Write path (numbered as in the README):
 //! 1. [`Replica::write`] on any replica finds the leader from Raft's metrics; a follower
-//!    forwards the command over the peer transport ([`ForwardRequest::Write`]);
+//!    forwards the command over the peer transport, batched with other pending writes
+//!    ([`crate::proposer`]);
 //! 2. the leader checks it still hears from a quorum, validates the command and checks the
 //!    quota, then proposes it with `client_write`;
 //! 3. openraft appends it (synced), replicates it, and on commit every replica applies it
@@ -25,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_store::{KvStore, Limits, LogStore, StoreOptions};
+use flotilla_store::{KvStore, LogStore, StoreOptions};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
@@ -35,9 +36,10 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, StartError};
 use crate::log_store::RaftLog;
 use crate::network::{CallError, Network, PeerClient, PeerObserver};
+use crate::proposer::{Outcome, Proposer};
 use crate::service;
 use crate::state_machine::{SnapshotObserver, StateMachine};
-use crate::types::{Command, CommandResult, Node, NodeId, Op, Raft};
+use crate::types::{Command, CommandResult, Node, NodeId, Raft};
 
 /// Everything a replica needs to start.
 #[derive(Debug, Clone)]
@@ -166,8 +168,8 @@ pub struct Status {
 /// Requests a follower sends to the leader (or to a transfer target).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum ForwardRequest {
-    /// Propose a command.
-    Write(Command),
+    /// Propose commands (a follower's batch of pending writes).
+    WriteBatch(Vec<Command>),
     /// Confirm leadership and return the read index.
     ReadIndex,
     /// Add a learner, optionally promoting it to voter once caught up.
@@ -187,7 +189,7 @@ pub(crate) enum ForwardRequest {
 /// Answers to [`ForwardRequest`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum ForwardResponse {
-    Write(CommandResult),
+    WriteBatch(Vec<Outcome>),
     ReadIndex(u64),
     Done,
 }
@@ -199,6 +201,7 @@ pub(crate) struct Inner {
     peers: PeerClient,
     committed: Arc<AtomicU64>,
     acks: Arc<PeerAcks>,
+    proposer: Proposer,
     leadership: watch::Receiver<Leadership>,
     shutdown: CancellationToken,
 }
@@ -319,13 +322,14 @@ impl Replica {
 
         let (tx, rx) = watch::channel(Leadership::default());
         let shutdown = CancellationToken::new();
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|weak| Inner {
             cfg: cfg.clone(),
             raft: raft.clone(),
             kv,
             peers,
             committed,
             acks,
+            proposer: Proposer::start(weak.clone()),
             leadership: rx,
             shutdown: shutdown.clone(),
         });
@@ -483,7 +487,7 @@ impl Replica {
     }
 
     /// Fails fast if this replica is not a leader that hears from a quorum.
-    fn check_leading(&self) -> Result<(), Error> {
+    pub(crate) fn check_leading(&self) -> Result<(), Error> {
         let m = self.inner.raft.metrics().borrow().clone();
         if m.state != ServerState::Leader {
             return Err(Error::NotLeader {
@@ -580,12 +584,90 @@ impl Replica {
         }
     }
 
-    /// Proposes a command through the leader and returns its apply result.
+    /// Proposes a command through the leader and returns its apply result. Retried (within
+    /// the request deadline) while it was certainly not applied.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, Error> {
-        match self.on_leader(ForwardRequest::Write(cmd)).await? {
-            ForwardResponse::Write(r) => Ok(r),
-            other => Err(Error::Internal(format!("unexpected answer {other:?}"))),
+        let deadline = Instant::now() + self.inner.cfg.request_timeout;
+        let mut attempt = 0u32;
+        loop {
+            self.leader(deadline).await?;
+            let result = self
+                .inner
+                .proposer
+                .submit(vec![cmd.clone()], false)
+                .await
+                .and_then(|mut v| {
+                    v.pop()
+                        .ok_or_else(|| Error::Internal("no outcome".into()))?
+                });
+            match result {
+                Err(
+                    e @ (Error::NotLeader { .. }
+                    | Error::Unreachable { .. }
+                    | Error::NoLeader { .. }),
+                ) => {
+                    attempt += 1;
+                    let pause = Duration::from_millis(10 * u64::from(attempt.min(20)));
+                    if Instant::now() + pause >= deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(%e, attempt, "retrying a write");
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
         }
+    }
+
+    /// Proposes one entry on this replica (the leader) and waits for its apply result. Once
+    /// proposed, a failure leaves the outcome unknown: a timeout or the loss of the quorum
+    /// is reported as such, never retried here.
+    pub(crate) async fn client_write(&self, entry: Command) -> Result<CommandResult, Error> {
+        let timeout = self.inner.cfg.request_timeout;
+        let rx = self
+            .inner
+            .raft
+            .client_write_ff(entry)
+            .await
+            .map_err(|e| Error::Stopped(e.to_string()))?;
+        let result = tokio::select! {
+            r = tokio::time::timeout(timeout, rx) => r,
+            age = self.quorum_lost() => return Err(Error::QuorumLost {
+                millis: age.as_millis().min(u128::from(u64::MAX)) as u64,
+            }),
+        };
+        match result {
+            Err(_) => Err(Error::Timeout {
+                millis: timeout.as_millis() as u64,
+            }),
+            Ok(Err(_)) => Err(Error::Stopped("raft dropped the proposal".into())),
+            Ok(Ok(Ok(resp))) => Ok(resp.data),
+            Ok(Ok(Err(e))) => Err(map_write_error(RaftError::APIError(e))),
+        }
+    }
+
+    /// Sends a follower's batch of writes to `leader`.
+    pub(crate) async fn forward_writes(
+        &self,
+        leader: NodeId,
+        cmds: Vec<Command>,
+    ) -> Result<Vec<Outcome>, Error> {
+        let n = cmds.len();
+        let deadline = Instant::now() + self.inner.cfg.request_timeout;
+        match self
+            .forward(leader, &ForwardRequest::WriteBatch(cmds), deadline)
+            .await?
+        {
+            ForwardResponse::WriteBatch(outcomes) if outcomes.len() == n => Ok(outcomes),
+            other => Err(Error::Internal(format!(
+                "unexpected answer to {n} forwarded writes: {other:?}"
+            ))),
+        }
+    }
+
+    /// The quota error, if the store is over its quota.
+    pub(crate) fn over_quota(&self) -> Option<String> {
+        self.inner.kv.over_quota().map(|e| e.to_string())
     }
 
     /// Returns once this replica's state machine reflects every write acknowledged before the
@@ -671,33 +753,10 @@ impl Replica {
                     .map_err(|e| Error::Stopped(e.to_string()))?;
                 Ok(ForwardResponse::Done)
             }
-            ForwardRequest::Write(cmd) => {
-                self.check_leading()?;
-                if let Op::Txn(txn) = &cmd.op {
-                    txn.validate(&Limits::default())
-                        .map_err(|e| Error::Invalid(e.to_string()))?;
-                    self.inner
-                        .kv
-                        .check_quota(txn)
-                        .map_err(|e| Error::NoSpace(e.to_string()))?;
-                }
-                // Proposed: from here on a failure leaves the outcome unknown.
-                let result = tokio::select! {
-                    r = tokio::time::timeout(timeout, raft.client_write(cmd)) => r,
-                    age = self.quorum_lost() => return Err(Error::QuorumLost {
-                        millis: age.as_millis().min(u128::from(u64::MAX)) as u64,
-                    }),
-                };
-                match result {
-                    Err(_) => Err(Error::Timeout {
-                        millis: timeout.as_millis() as u64,
-                    }),
-                    Ok(Ok(resp)) => match resp.data {
-                        CommandResult::Rejected(e) => Err(Error::Apply(e)),
-                        other => Ok(ForwardResponse::Write(other)),
-                    },
-                    Ok(Err(e)) => Err(map_write_error(e)),
-                }
+            ForwardRequest::WriteBatch(cmds) => {
+                // Merged with this leader's other pending writes; never forwarded again.
+                let outcomes = self.inner.proposer.submit(cmds, true).await?;
+                Ok(ForwardResponse::WriteBatch(outcomes))
             }
             ForwardRequest::ReadIndex => {
                 self.check_leading()?;
@@ -736,14 +795,20 @@ impl Replica {
                 if m.membership().get_node(&id).is_some() {
                     return Err(Error::InvalidCluster(format!("member {id} already exists")));
                 }
-                raft.add_learner(id, node, false)
-                    .await
-                    .map_err(map_write_error)?;
+                self.change_membership(
+                    ChangeMembers::AddNodes(BTreeMap::from([(id, node)])),
+                    true,
+                    deadline,
+                )
+                .await?;
                 if voter {
                     self.wait_caught_up(id, deadline).await?;
-                    raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                        .await
-                        .map_err(map_write_error)?;
+                    self.change_membership(
+                        ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+                        false,
+                        deadline,
+                    )
+                    .await?;
                 }
                 Ok(ForwardResponse::Done)
             }
@@ -751,9 +816,12 @@ impl Replica {
                 self.check_leading()?;
                 self.require_member(id)?;
                 self.wait_caught_up(id, deadline).await?;
-                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                    .await
-                    .map_err(map_write_error)?;
+                self.change_membership(
+                    ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+                    false,
+                    deadline,
+                )
+                .await?;
                 Ok(ForwardResponse::Done)
             }
             ForwardRequest::RemoveMember { id } => {
@@ -765,16 +833,19 @@ impl Replica {
                     if voters.len() == 1 {
                         return Err(Error::InvalidCluster("cannot remove the last voter".into()));
                     }
-                    raft.change_membership(
+                    self.change_membership(
                         ChangeMembers::RemoveVoters(BTreeSet::from([id])),
                         false,
+                        deadline,
                     )
-                    .await
-                    .map_err(map_write_error)?;
+                    .await?;
                 } else {
-                    raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-                        .await
-                        .map_err(map_write_error)?;
+                    self.change_membership(
+                        ChangeMembers::RemoveNodes(BTreeSet::from([id])),
+                        false,
+                        deadline,
+                    )
+                    .await?;
                 }
                 Ok(ForwardResponse::Done)
             }
@@ -790,9 +861,12 @@ impl Replica {
                     }
                     None => return Err(Error::InvalidCluster(format!("unknown member {id}"))),
                 }
-                raft.change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), true)
-                    .await
-                    .map_err(map_write_error)?;
+                self.change_membership(
+                    ChangeMembers::SetNodes(BTreeMap::from([(id, node)])),
+                    true,
+                    deadline,
+                )
+                .await?;
                 Ok(ForwardResponse::Done)
             }
             ForwardRequest::TransferLeader { to } => {
@@ -806,6 +880,35 @@ impl Replica {
                 }
                 self.transfer_to(to, deadline).await?;
                 Ok(ForwardResponse::Done)
+            }
+        }
+    }
+
+    /// A membership change, retried while another change is still in progress (openraft
+    /// allows one at a time; members announcing their API addresses make overlaps common).
+    async fn change_membership(
+        &self,
+        changes: ChangeMembers<NodeId, Node>,
+        retain: bool,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        loop {
+            match self
+                .inner
+                .raft
+                .change_membership(changes.clone(), retain)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(p),
+                ))) => {
+                    if Instant::now() + Duration::from_millis(20) >= deadline {
+                        return Err(Error::InvalidCluster(p.to_string()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(map_write_error(e)),
             }
         }
     }

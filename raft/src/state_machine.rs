@@ -27,7 +27,7 @@ use openraft::{
 };
 
 use crate::types::{
-    decode, encode, ApplyError, CommandResult, Entry, LogId, NodeId, Op, SnapshotMeta,
+    decode, encode, ApplyError, Command, CommandResult, Entry, LogId, NodeId, Op, SnapshotMeta,
     StoredMembership, TypeConfig,
 };
 
@@ -271,41 +271,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: openraft::OptionalSend,
     {
         let mut batch = Vec::new();
-        let mut fenced: Vec<Option<ApplyError>> = Vec::new();
+        let mut fences = Vec::new();
         for entry in entries {
             let applied = encode(&entry.log_id);
-            let (membership, op, fence) = match entry.payload {
-                EntryPayload::Blank => (None, ApplyOp::None, None),
+            let term = entry.log_id.leader_id.term;
+            let (membership, (op, fence)) = match entry.payload {
+                EntryPayload::Blank => (None, (ApplyOp::None, Fence::Open)),
                 EntryPayload::Membership(m) => (
                     Some(encode(&StoredMembership::new(Some(entry.log_id), m))),
-                    ApplyOp::None,
-                    None,
+                    (ApplyOp::None, Fence::Open),
                 ),
-                EntryPayload::Normal(cmd) => match cmd.fence_term {
-                    Some(t) if t != entry.log_id.leader_id.term => (
-                        None,
-                        ApplyOp::None,
-                        Some(ApplyError::Fenced {
-                            fence_term: t,
-                            entry_term: entry.log_id.leader_id.term,
-                        }),
-                    ),
-                    _ => (
-                        None,
-                        match cmd.op {
-                            Op::Txn(t) => ApplyOp::Txn(t),
-                            Op::Compact { revision } => ApplyOp::Compact(revision),
-                        },
-                        None,
-                    ),
-                },
+                EntryPayload::Normal(cmd) => (None, to_apply_op(cmd, term, true)),
             };
+            fences.push(fence);
             batch.push(ApplyEntry {
                 applied,
                 membership,
                 op,
             });
-            fenced.push(fence);
         }
         // RocksDB writes without sync are memtable inserts: cheap enough to run inline.
         let results = self
@@ -314,14 +297,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         Ok(results
             .into_iter()
-            .zip(fenced)
-            .map(|(r, fence)| match (fence, r) {
-                (Some(f), _) => CommandResult::Rejected(f),
-                (None, Applied::None) => CommandResult::None,
-                (None, Applied::Txn(t)) => CommandResult::Txn(t),
-                (None, Applied::Compact(revision)) => CommandResult::Compacted { revision },
-                (None, Applied::Rejected(e)) => CommandResult::Rejected(ApplyError::from_store(e)),
-            })
+            .zip(fences)
+            .map(|(r, f)| to_result(r, f))
             .collect())
     }
 
@@ -433,3 +410,66 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 impl crate::network::PeerObserver for NoObserver {}
+
+/// Which commands of an entry were fenced off (decided in another term than the entry's).
+enum Fence {
+    /// Not fenced.
+    Open,
+    /// Refused: the command becomes a no-op.
+    Fenced(ApplyError),
+    /// Per command of a batch.
+    Batch(Vec<Fence>),
+}
+
+/// The store operation for a command proposed in `term`, and what fencing decided. A command
+/// fenced to another term becomes a no-op, so every replica refuses it alike.
+fn to_apply_op(cmd: Command, term: u64, top: bool) -> (ApplyOp, Fence) {
+    if let Some(t) = cmd.fence_term {
+        if t != term {
+            let e = ApplyError::Fenced {
+                fence_term: t,
+                entry_term: term,
+            };
+            return (ApplyOp::None, Fence::Fenced(e));
+        }
+    }
+    match cmd.op {
+        Op::Txn(t) => (ApplyOp::Txn(t), Fence::Open),
+        Op::Compact { revision } => (ApplyOp::Compact(revision), Fence::Open),
+        Op::Batch(cmds) if top => {
+            let (ops, fences) = cmds
+                .into_iter()
+                .map(|c| to_apply_op(c, term, false))
+                .unzip();
+            (ApplyOp::Batch(ops), Fence::Batch(fences))
+        }
+        Op::Batch(_) => (
+            ApplyOp::None,
+            Fence::Fenced(ApplyError::Invalid("nested batches are not allowed".into())),
+        ),
+    }
+}
+
+/// The command result of an applied operation.
+fn to_result(applied: Applied, fence: Fence) -> CommandResult {
+    match (fence, applied) {
+        (Fence::Fenced(e), _) => CommandResult::Rejected(e),
+        (Fence::Batch(fences), Applied::Batch(results)) => CommandResult::Batch(
+            results
+                .into_iter()
+                .zip(fences)
+                .map(|(r, f)| to_result(r, f))
+                .collect(),
+        ),
+        (_, Applied::None) => CommandResult::None,
+        (_, Applied::Txn(t)) => CommandResult::Txn(t),
+        (_, Applied::Compact(revision)) => CommandResult::Compacted { revision },
+        (_, Applied::Rejected(e)) => CommandResult::Rejected(ApplyError::from_store(e)),
+        (_, Applied::Batch(results)) => CommandResult::Batch(
+            results
+                .into_iter()
+                .map(|r| to_result(r, Fence::Open))
+                .collect(),
+        ),
+    }
+}

@@ -80,6 +80,10 @@ pub enum Op {
         /// The new compaction point.
         revision: i64,
     },
+    /// Several commands proposed together (the proposer batches concurrent writes into one
+    /// entry). Each is fenced and applied on its own, in order, in the entry's one write
+    /// batch; batches do not nest.
+    Batch(Vec<Command>),
 }
 
 /// What applying a [`Command`] produced; identical on every replica.
@@ -97,6 +101,8 @@ pub enum CommandResult {
     },
     /// The command was refused; nothing but the log position changed.
     Rejected(ApplyError),
+    /// The results of an [`Op::Batch`], in order.
+    Batch(Vec<CommandResult>),
 }
 
 /// Why a command was refused at apply time. Deterministic: every replica refuses alike.

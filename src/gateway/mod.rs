@@ -283,17 +283,17 @@ impl Api {
                         !r.is_learner,
                     )
                     .await?;
-                Ok(self.member_list())
+                self.member_list_after_change().await
             }
             "/v3/cluster/member/remove" => {
                 let r: MemberIdRequest = decode(&body)?;
                 self.replica.remove_member(r.id).await?;
-                Ok(self.member_list())
+                self.member_list_after_change().await
             }
             "/v3/cluster/member/promote" => {
                 let r: MemberIdRequest = decode(&body)?;
                 self.replica.promote(r.id).await?;
-                Ok(self.member_list())
+                self.member_list_after_change().await
             }
             "/v3/maintenance/status" => Ok(h::json(StatusCode::OK, &self.status())),
             "/v3/maintenance/transfer-leadership" => {
@@ -338,6 +338,12 @@ impl Api {
             StatusCode::OK,
             &RangeResponse::from_store(header, resp),
         ))
+    }
+
+    /// The member list once this replica has applied a change made through the leader.
+    async fn member_list_after_change(&self) -> ApiResult {
+        self.replica.read_barrier().await?;
+        Ok(self.member_list())
     }
 
     fn member_list(&self) -> Response<Body> {

@@ -76,6 +76,9 @@ pub enum ApplyOp {
     Txn(TxnRequest),
     /// Compact history below a revision.
     Compact(i64),
+    /// Several operations of one entry, applied in order in the entry's one write batch;
+    /// each sees the effects of the ones before it, and each write takes its own revision.
+    Batch(Vec<ApplyOp>),
 }
 
 /// One Raft entry's worth of work for [`KvStore::apply`].
@@ -98,8 +101,10 @@ pub enum Applied {
     Txn(TxnResponse),
     /// Compaction was recorded; the revision is the new compaction point.
     Compact(i64),
-    /// The operation was refused (a request error); only the log id was recorded.
+    /// The operation was refused (a request error); it changed nothing.
     Rejected(Error),
+    /// The outcomes of an [`ApplyOp::Batch`], in order.
+    Batch(Vec<Applied>),
 }
 
 /// The last applied log id and the last membership, as recorded by apply (opaque bytes).
@@ -312,17 +317,19 @@ impl KvStore {
     /// Refuses a transaction that could put while the store is over its quota. Checked by the
     /// leader before proposing (not at apply, where every replica must decide alike).
     pub fn check_quota(&self, txn: &TxnRequest) -> Result<()> {
-        if !txn.has_puts() {
-            return Ok(());
+        match self.over_quota() {
+            Some(e) if txn.has_puts() => Err(e),
+            _ => Ok(()),
         }
+    }
+
+    /// The [`Error::NoSpace`] to answer puts with, if the store is over its quota.
+    pub fn over_quota(&self) -> Option<Error> {
         let used = self.generation().db_size();
-        if used > self.shared.options.quota_bytes {
-            return Err(Error::NoSpace {
-                used,
-                quota: self.shared.options.quota_bytes,
-            });
-        }
-        Ok(())
+        (used > self.shared.options.quota_bytes).then_some(Error::NoSpace {
+            used,
+            quota: self.shared.options.quota_bytes,
+        })
     }
 
     /// The last applied log id and membership recorded by [`KvStore::apply`], opaque bytes.
@@ -426,43 +433,28 @@ impl KvStore {
         let meta_cf = gen.cf(CF_META);
         for entry in entries {
             let mut batch = WriteBatch::default();
-            let outcome = match entry.op {
-                ApplyOp::None => Applied::None,
-                ApplyOp::Txn(txn) => {
-                    let mut txn_events = Vec::new();
-                    match apply_txn(&gen, &txn, &mut batch, &mut txn_events) {
-                        Ok(resp) => {
-                            events.append(&mut txn_events);
-                            Applied::Txn(resp)
-                        }
-                        Err(e) if e.is_request_error() => {
-                            // Nothing of a refused transaction may land.
-                            batch = WriteBatch::default();
-                            Applied::Rejected(e)
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                ApplyOp::Compact(rev) => {
-                    let current = gen.revision.load(Ordering::Acquire);
-                    let compact = gen.compact_revision.load(Ordering::Acquire);
-                    if rev <= compact {
-                        Applied::Rejected(Error::Compacted {
-                            requested: rev,
-                            compact_revision: compact,
-                        })
-                    } else if rev > current {
-                        Applied::Rejected(Error::FutureRevision {
-                            requested: rev,
-                            current,
-                        })
-                    } else {
-                        batch.put_cf(meta_cf, meta::COMPACT_REVISION, rev.to_le_bytes());
-                        compacted = true;
-                        Applied::Compact(rev)
-                    }
-                }
+            let mut state = EntryState {
+                revision: gen.revision.load(Ordering::Acquire),
+                compact_revision: gen.compact_revision.load(Ordering::Acquire),
+                keys: gen.keys.load(Ordering::Acquire),
+                overlay: BTreeMap::new(),
             };
+            let start = state.clone_counters();
+            let outcome = apply_op(&gen, entry.op, &mut state, &mut batch, &mut events)?;
+            if state.revision != start.0 {
+                batch.put_cf(meta_cf, meta::REVISION, state.revision.to_le_bytes());
+            }
+            if state.keys != start.2 {
+                batch.put_cf(meta_cf, meta::KEYS, state.keys.to_le_bytes());
+            }
+            if state.compact_revision != start.1 {
+                batch.put_cf(
+                    meta_cf,
+                    meta::COMPACT_REVISION,
+                    state.compact_revision.to_le_bytes(),
+                );
+                compacted = true;
+            }
             batch.put_cf(meta_cf, meta::APPLIED, &entry.applied);
             if let Some(m) = &entry.membership {
                 batch.put_cf(meta_cf, meta::MEMBERSHIP, m);
@@ -472,12 +464,10 @@ impl KvStore {
             gen.db.write_opt(batch, &wo)?;
             // Publish only after the batch is in RocksDB, so readers never see a revision
             // whose data is missing.
-            if let Applied::Compact(rev) = &outcome {
-                gen.compact_revision.store(*rev, Ordering::Release);
-            }
-            if let Applied::Txn(resp) = &outcome {
-                gen.revision.store(resp.revision, Ordering::Release);
-            }
+            gen.compact_revision
+                .store(state.compact_revision, Ordering::Release);
+            gen.keys.store(state.keys, Ordering::Release);
+            gen.revision.store(state.revision, Ordering::Release);
             out.push(outcome);
         }
         let last_rev = gen.revision.load(Ordering::Acquire);
@@ -735,19 +725,91 @@ fn compare_holds(c: &Compare, kv: Option<&KeyValue>) -> bool {
     }
 }
 
-/// Runs one transaction into `batch`. Returns a request error (and writes nothing but what
-/// the caller put in the batch) if the transaction is invalid.
+/// What one log entry has done so far: the counters it will publish and the keys it has
+/// written (`None`: deleted), so later operations of the same entry read their effects.
+struct EntryState {
+    revision: i64,
+    compact_revision: i64,
+    keys: i64,
+    overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
+}
+
+impl EntryState {
+    fn clone_counters(&self) -> (i64, i64, i64) {
+        (self.revision, self.compact_revision, self.keys)
+    }
+
+    /// The live value of `key` as this entry sees it.
+    fn latest(&self, gen: &Generation, key: &[u8]) -> Result<Option<KeyValue>> {
+        match self.overlay.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => latest(gen, key),
+        }
+    }
+}
+
+/// Applies one operation of an entry into `batch`. A refused operation (a request error)
+/// adds nothing to the batch and changes no state.
+fn apply_op(
+    gen: &Generation,
+    op: ApplyOp,
+    state: &mut EntryState,
+    batch: &mut WriteBatch,
+    events: &mut Vec<Event>,
+) -> Result<Applied> {
+    Ok(match op {
+        ApplyOp::None => Applied::None,
+        ApplyOp::Txn(txn) => match apply_txn(gen, &txn, state, batch, events) {
+            Ok(resp) => Applied::Txn(resp),
+            Err(e) if e.is_request_error() => Applied::Rejected(e),
+            Err(e) => return Err(e),
+        },
+        ApplyOp::Compact(rev) => {
+            if rev <= state.compact_revision {
+                Applied::Rejected(Error::Compacted {
+                    requested: rev,
+                    compact_revision: state.compact_revision,
+                })
+            } else if rev > state.revision {
+                Applied::Rejected(Error::FutureRevision {
+                    requested: rev,
+                    current: state.revision,
+                })
+            } else {
+                state.compact_revision = rev;
+                Applied::Compact(rev)
+            }
+        }
+        ApplyOp::Batch(ops) => {
+            let mut out = Vec::with_capacity(ops.len());
+            for op in ops {
+                if matches!(op, ApplyOp::Batch(_)) {
+                    out.push(Applied::Rejected(Error::InvalidRequest(
+                        "nested batches are not allowed".into(),
+                    )));
+                    continue;
+                }
+                out.push(apply_op(gen, op, state, batch, events)?);
+            }
+            Applied::Batch(out)
+        }
+    })
+}
+
+/// Runs one transaction into `batch`. Validation comes first, so a refused transaction adds
+/// nothing to the batch.
 fn apply_txn(
     gen: &Generation,
     txn: &TxnRequest,
+    state: &mut EntryState,
     batch: &mut WriteBatch,
     events: &mut Vec<Event>,
 ) -> Result<TxnResponse> {
     txn.validate(&Limits::default())?;
-    let current = gen.revision.load(Ordering::Acquire);
+    let current = state.revision;
     let mut succeeded = true;
     for c in &txn.compare {
-        if !compare_holds(c, latest(gen, &c.key)?.as_ref()) {
+        if !compare_holds(c, state.latest(gen, &c.key)?.as_ref()) {
             succeeded = false;
             break;
         }
@@ -758,10 +820,7 @@ fn apply_txn(
         &txn.failure
     };
     let rev = current + 1;
-    // Keys this transaction has written so far: Some(new version) or None (deleted).
-    let mut overlay: BTreeMap<Vec<u8>, Option<KeyValue>> = BTreeMap::new();
     let mut sub = 0u32;
-    let mut keys_delta = 0i64;
     let mut responses = Vec::with_capacity(ops.len());
     let kv_cf = gen.cf(CF_KV);
     let rev_cf = gen.cf(CF_REV);
@@ -769,14 +828,14 @@ fn apply_txn(
         match op {
             RequestOp::Range(r) => {
                 responses.push(ResponseOp::Range(range_with_overlay(
-                    gen, r, current, &overlay,
+                    gen,
+                    r,
+                    current,
+                    &state.overlay,
                 )?));
             }
             RequestOp::Put(p) => {
-                let prev = match overlay.get(&p.key) {
-                    Some(o) => o.clone(),
-                    None => latest(gen, &p.key)?,
-                };
+                let prev = state.latest(gen, &p.key)?;
                 let kv = KeyValue {
                     key: p.key.clone(),
                     create_revision: prev.as_ref().map_or(rev, |k| k.create_revision),
@@ -794,14 +853,14 @@ fn apply_txn(
                 batch.put_cf(rev_cf, keys::rev_key(rev, sub), &p.key);
                 sub += 1;
                 if prev.is_none() {
-                    keys_delta += 1;
+                    state.keys += 1;
                 }
                 events.push(Event {
                     kind: EventKind::Put,
                     kv: kv.clone(),
                     prev_kv: prev.clone(),
                 });
-                overlay.insert(p.key.clone(), Some(kv));
+                state.overlay.insert(p.key.clone(), Some(kv));
                 responses.push(ResponseOp::Put(PutResponse {
                     prev_kv: if p.prev_kv { prev } else { None },
                 }));
@@ -815,7 +874,7 @@ fn apply_txn(
                         ..RangeRequest::default()
                     },
                     current,
-                    &overlay,
+                    &state.overlay,
                 )?;
                 let mut prev_kvs = Vec::new();
                 for prev in live.kvs {
@@ -828,7 +887,7 @@ fn apply_txn(
                     batch.put_cf(kv_cf, keys::version_key(&prev.key, rev), record.encode());
                     batch.put_cf(rev_cf, keys::rev_key(rev, sub), &prev.key);
                     sub += 1;
-                    keys_delta -= 1;
+                    state.keys -= 1;
                     events.push(Event {
                         kind: EventKind::Delete,
                         kv: KeyValue {
@@ -838,7 +897,7 @@ fn apply_txn(
                         },
                         prev_kv: Some(prev.clone()),
                     });
-                    overlay.insert(prev.key.clone(), None);
+                    state.overlay.insert(prev.key.clone(), None);
                     if d.prev_kv {
                         prev_kvs.push(prev);
                     }
@@ -850,23 +909,13 @@ fn apply_txn(
             }
         }
     }
-    let revision = if sub > 0 {
-        let meta_cf = gen.cf(CF_META);
-        batch.put_cf(meta_cf, meta::REVISION, rev.to_le_bytes());
-        if keys_delta != 0 {
-            // Only this (writer-locked) path changes the count; publishing it before the
-            // batch lands is harmless: it is a statistic, not read by apply.
-            let keys = gen.keys.fetch_add(keys_delta, Ordering::AcqRel) + keys_delta;
-            batch.put_cf(meta_cf, meta::KEYS, keys.to_le_bytes());
-        }
-        rev
-    } else {
-        current
-    };
+    if sub > 0 {
+        state.revision = rev;
+    }
     Ok(TxnResponse {
         succeeded,
         responses,
-        revision,
+        revision: state.revision,
     })
 }
 

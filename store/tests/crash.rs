@@ -26,6 +26,19 @@ fn op_for(i: u64, current_rev: i64, compact_rev: i64) -> ApplyOp {
         }
         return ApplyOp::None;
     }
+    if i % 7 == 3 {
+        // Several writes in one entry: all land or none.
+        return ApplyOp::Batch(
+            (0..3u64)
+                .map(|j| {
+                    ApplyOp::Txn(TxnRequest::put(
+                        format!("k{:02}", (i + j) % KEYS),
+                        format!("{i}.{j}"),
+                    ))
+                })
+                .collect(),
+        );
+    }
     ApplyOp::Txn(TxnRequest::put(format!("k{:02}", i % KEYS), i.to_string()))
 }
 
@@ -88,23 +101,31 @@ fn model(applied: u64) -> (i64, i64, BTreeMap<Vec<u8>, KeyValue>) {
     let mut compact = 0i64;
     let mut state: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();
     for i in 1..=applied {
-        match op_for(i, rev, compact) {
-            ApplyOp::Compact(t) => compact = t,
-            ApplyOp::None => {}
-            ApplyOp::Txn(_) => {
-                rev += 1;
-                let key = format!("k{:02}", i % KEYS).into_bytes();
-                let prev = state.get(&key).cloned();
-                state.insert(
-                    key.clone(),
-                    KeyValue {
-                        key,
-                        create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
-                        mod_revision: rev,
-                        version: prev.as_ref().map_or(1, |p| p.version + 1),
-                        value: i.to_string().into_bytes(),
-                    },
-                );
+        let ops = match op_for(i, rev, compact) {
+            ApplyOp::Batch(ops) => ops,
+            op => vec![op],
+        };
+        for op in ops {
+            match op {
+                ApplyOp::Compact(t) => compact = t,
+                ApplyOp::Txn(txn) => {
+                    let RequestOp::Put(p) = &txn.success[0] else {
+                        unreachable!()
+                    };
+                    rev += 1;
+                    let prev = state.get(&p.key).cloned();
+                    state.insert(
+                        p.key.clone(),
+                        KeyValue {
+                            key: p.key.clone(),
+                            create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+                            mod_revision: rev,
+                            version: prev.as_ref().map_or(1, |p| p.version + 1),
+                            value: p.value.clone(),
+                        },
+                    );
+                }
+                _ => {}
             }
         }
     }
