@@ -1,8 +1,9 @@
 //! The store's request and response types: etcd's v3 KV contract, as plain Rust data.
 //!
 //! These travel inside Raft log entries (bincode), so they use plain derives only: no
-//! `untagged`, no `skip_serializing_if`, nothing that needs a self-describing format. The HTTP
-//! layer has its own JSON shapes and converts.
+//! `untagged`, no `skip_serializing_if`, nothing that needs a self-describing format. Byte
+//! fields go through `serde_bytes`, so bincode copies them whole instead of element by
+//! element. The HTTP layer has its own JSON shapes and converts.
 //!
 //! Revisions are `i64`, as in etcd: the first write makes revision 1, and each write
 //! transaction that changes anything takes the next one.
@@ -15,6 +16,7 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct KeyValue {
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Revision of the write that created the key (since its last deletion).
     pub create_revision: i64,
@@ -23,6 +25,7 @@ pub struct KeyValue {
     /// Number of writes since creation: 1 for a new key; 0 in a delete event.
     pub version: i64,
     /// The value (empty when the caller asked for keys only, and in delete events).
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
 }
 
@@ -50,8 +53,10 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RangeRequest {
     /// First key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// End of the range, exclusive. Empty: just `key`. `[0]`: every key from `key` on.
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     /// Maximum number of keys to return; 0 means no limit.
     pub limit: i64,
@@ -80,8 +85,10 @@ pub struct RangeResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PutRequest {
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The new value.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Return the previous version in the response.
     pub prev_kv: bool,
@@ -98,8 +105,10 @@ pub struct PutResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DeleteRangeRequest {
     /// First key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// End of the range, as in [`RangeRequest::range_end`].
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     /// Return the deleted versions in the response.
     pub prev_kv: bool,
@@ -124,7 +133,7 @@ pub enum CompareTarget {
     /// The key's mod revision (0 when absent).
     ModRevision(i64),
     /// The key's value (a compare on an absent key's value is always false).
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// How a [`Compare`] relates the key's field to the operand.
@@ -144,6 +153,7 @@ pub enum CompareResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compare {
     /// The key compared.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The relation that must hold.
     pub result: CompareResult,
