@@ -1,6 +1,11 @@
 //! The `flotilla` command: `server`, `ctl` and `up`.
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc: cheaper than glibc's allocator for the many small, short-lived allocations of
+/// request handling (measured in docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::EnvFilter;
 
 /// Flotilla: a Kubernetes-style orchestrator whose control plane embeds a Raft-replicated store.

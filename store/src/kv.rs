@@ -54,6 +54,9 @@ pub struct StoreOptions {
     pub watch_batch_events: usize,
     /// Most `rev` rows the compactor removes in one write batch.
     pub compaction_batch: usize,
+    /// Bytes of recently written values kept in memory, so apply rarely has to look up a
+    /// key's previous version in RocksDB.
+    pub latest_cache_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -63,6 +66,7 @@ impl Default for StoreOptions {
             watch_buffer: 1024,
             watch_batch_events: 1000,
             compaction_batch: 1000,
+            latest_cache_bytes: 64 << 20,
         }
     }
 }
@@ -138,8 +142,9 @@ pub(crate) struct Shared {
     root: PathBuf,
     /// The live generation. Readers clone the `Arc` and release the lock at once.
     current: RwLock<Arc<Generation>>,
-    /// Serialises everything that writes revisions: apply and install.
-    writer: Mutex<()>,
+    /// Serialises everything that writes revisions (apply and install), and holds what only
+    /// that path uses: the cache of live values.
+    writer: Mutex<LatestCache>,
     pub(crate) hub: Hub,
     options: StoreOptions,
     compactor: Arc<CompactorSignal>,
@@ -264,7 +269,7 @@ impl KvStore {
         let shared = Arc::new(Shared {
             root,
             current: RwLock::new(Arc::new(gen)),
-            writer: Mutex::new(()),
+            writer: Mutex::new(LatestCache::new(options.latest_cache_bytes)),
             hub: Hub::new(revision, options.watch_buffer, options.watch_batch_events),
             options,
             compactor: signal.clone(),
@@ -424,7 +429,7 @@ impl KvStore {
     /// Applies Raft entries in order, one write batch each. The outer error is a storage
     /// failure (fatal for this replica); request errors come back as [`Applied::Rejected`].
     pub fn apply(&self, entries: Vec<ApplyEntry>) -> Result<Vec<Applied>> {
-        let _writer = self.shared.writer.lock().expect("not poisoned");
+        let mut cache = self.shared.writer.lock().expect("not poisoned");
         let gen = self.generation();
         let mut out = Vec::with_capacity(entries.len());
         let mut events = Vec::new();
@@ -438,6 +443,7 @@ impl KvStore {
                 compact_revision: gen.compact_revision.load(Ordering::Acquire),
                 keys: gen.keys.load(Ordering::Acquire),
                 overlay: BTreeMap::new(),
+                cache: &mut cache,
             };
             let start = state.clone_counters();
             let outcome = apply_op(&gen, entry.op, &mut state, &mut batch, &mut events)?;
@@ -468,6 +474,11 @@ impl KvStore {
                 .store(state.compact_revision, Ordering::Release);
             gen.keys.store(state.keys, Ordering::Release);
             gen.revision.store(state.revision, Ordering::Release);
+            // The entry's final values are now in RocksDB; the cache may serve them.
+            let EntryState { overlay, cache, .. } = state;
+            for (key, value) in overlay {
+                cache.insert(key, value);
+            }
             out.push(outcome);
         }
         let last_rev = gen.revision.load(Ordering::Acquire);
@@ -494,7 +505,8 @@ impl KvStore {
     /// generation; those whose position is older than its compaction point are cancelled as
     /// compacted.
     pub fn install(&self, input: &mut dyn Read) -> Result<snapshot::ExportInfo> {
-        let _writer = self.shared.writer.lock().expect("not poisoned");
+        let mut cache = self.shared.writer.lock().expect("not poisoned");
+        cache.clear();
         let old = self.generation();
         let number = old.number + 1;
         let dir = self.shared.root.join(format!("gen-{number}"));
@@ -727,24 +739,92 @@ fn compare_holds(c: &Compare, kv: Option<&KeyValue>) -> bool {
 
 /// What one log entry has done so far: the counters it will publish and the keys it has
 /// written (`None`: deleted), so later operations of the same entry read their effects.
-struct EntryState {
+struct EntryState<'a> {
     revision: i64,
     compact_revision: i64,
     keys: i64,
     overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    cache: &'a mut LatestCache,
 }
 
-impl EntryState {
+impl EntryState<'_> {
     fn clone_counters(&self) -> (i64, i64, i64) {
         (self.revision, self.compact_revision, self.keys)
     }
 
-    /// The live value of `key` as this entry sees it.
-    fn latest(&self, gen: &Generation, key: &[u8]) -> Result<Option<KeyValue>> {
-        match self.overlay.get(key) {
-            Some(v) => Ok(v.clone()),
-            None => latest(gen, key),
+    /// The live value of `key` as this entry sees it: its own writes, then the cache of
+    /// earlier entries' writes, then RocksDB.
+    fn latest(&mut self, gen: &Generation, key: &[u8]) -> Result<Option<KeyValue>> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
         }
+        if let Some(v) = self.cache.get(key) {
+            return Ok(v);
+        }
+        let v = latest(gen, key)?;
+        self.cache.insert(key.to_vec(), v.clone());
+        Ok(v)
+    }
+}
+
+/// Live values (or "absent") of recently written or read keys, bounded in bytes. Only the
+/// writer uses it; it is cleared when a snapshot replaces the state. When full, arbitrary
+/// entries are dropped: any entry is correct, so only the hit rate depends on which.
+pub(crate) struct LatestCache {
+    map: std::collections::HashMap<Vec<u8>, Option<KeyValue>>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl LatestCache {
+    fn new(budget: usize) -> LatestCache {
+        LatestCache {
+            map: std::collections::HashMap::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    fn cost(key: &[u8], value: &Option<KeyValue>) -> usize {
+        2 * key.len() + value.as_ref().map_or(0, |v| v.value.len()) + 64
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Option<KeyValue>> {
+        self.map.get(key).cloned()
+    }
+
+    fn insert(&mut self, key: Vec<u8>, value: Option<KeyValue>) {
+        if self.budget == 0 {
+            return;
+        }
+        let cost = Self::cost(&key, &value);
+        if let Some(old) = self.map.get(&key) {
+            self.bytes -= Self::cost(&key, old);
+        }
+        self.bytes += cost;
+        self.map.insert(key, value);
+        if self.bytes > self.budget {
+            // Drop about a quarter, in the map's (arbitrary) order.
+            let target = self.budget - self.budget / 4;
+            let mut doomed = Vec::new();
+            let mut freed = 0;
+            for (k, v) in &self.map {
+                if self.bytes - freed <= target {
+                    break;
+                }
+                freed += Self::cost(k, v);
+                doomed.push(k.clone());
+            }
+            for k in doomed {
+                self.map.remove(&k);
+            }
+            self.bytes -= freed;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
     }
 }
 
@@ -809,7 +889,8 @@ fn apply_txn(
     let current = state.revision;
     let mut succeeded = true;
     for c in &txn.compare {
-        if !compare_holds(c, state.latest(gen, &c.key)?.as_ref()) {
+        let current = state.latest(gen, &c.key)?;
+        if !compare_holds(c, current.as_ref()) {
             succeeded = false;
             break;
         }

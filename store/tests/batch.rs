@@ -90,3 +90,28 @@ fn operations_of_one_entry_apply_in_order_each_with_its_own_revision() {
     assert_eq!(a_at_2.kvs[0].version, 2);
     assert_eq!(store.applied_state().unwrap().0, Some(b"entry-1".to_vec()));
 }
+
+#[test]
+fn a_guard_sees_the_previous_entry_s_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = KvStore::open(dir.path(), StoreOptions::default()).unwrap();
+    let apply = |i: u64, op: ApplyOp| {
+        store
+            .apply(vec![ApplyEntry {
+                applied: i.to_le_bytes().to_vec(),
+                membership: None,
+                op,
+            }])
+            .unwrap()
+            .remove(0)
+    };
+    apply(1, ApplyOp::Txn(TxnRequest::put("lock", "free")));
+    match apply(2, cas("lock", 1, "mine")) {
+        Applied::Txn(t) => assert!(t.succeeded, "{t:?}"),
+        other => panic!("{other:?}"),
+    }
+    match apply(3, cas("lock", 1, "yours")) {
+        Applied::Txn(t) => assert!(!t.succeeded, "{t:?}"),
+        other => panic!("{other:?}"),
+    }
+}
