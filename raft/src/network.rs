@@ -62,11 +62,8 @@ impl PeerClient {
         let client = Client::builder(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .pool_timer(hyper_util::rt::TokioTimer::new())
-            .http2_only(true)
-            .http2_initial_stream_window_size(4 << 20)
-            .http2_initial_connection_window_size(8 << 20)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .http2_keep_alive_timeout(Duration::from_secs(3))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(16)
             .build(connector);
         PeerClient { client }
     }

@@ -43,6 +43,8 @@ pub(crate) struct Unit {
 /// Handle to a replica's proposer task.
 pub(crate) struct Proposer {
     tx: mpsc::Sender<Unit>,
+    permits: Arc<Semaphore>,
+    inner: Weak<Inner>,
 }
 
 /// Rough byte size of a command's keys and values.
@@ -71,8 +73,9 @@ impl Proposer {
     /// Starts the task; it ends when the replica is dropped.
     pub(crate) fn start(inner: Weak<Inner>) -> Proposer {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(inner, rx));
-        Proposer { tx }
+        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        tokio::spawn(run(inner.clone(), rx, permits.clone()));
+        Proposer { tx, permits, inner }
     }
 
     /// Proposes `cmds` (through the leader) and returns one outcome per command, or an error
@@ -83,6 +86,25 @@ impl Proposer {
         local_only: bool,
     ) -> Result<Vec<Outcome>, Error> {
         let (reply, rx) = oneshot::channel();
+        // Idle (nothing queued, a unit slot free): send it from this task at once, saving
+        // the hand-offs to the proposer task and back.
+        if self.tx.capacity() == self.tx.max_capacity() {
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                let Some(inner) = self.inner.upgrade() else {
+                    return Err(Error::Stopped("replica stopped".into()));
+                };
+                let unit = Unit {
+                    cmds,
+                    local_only,
+                    reply,
+                };
+                dispatch(Replica { inner }, vec![unit]).await;
+                drop(permit);
+                return rx
+                    .await
+                    .map_err(|_| Error::Stopped("proposer dropped the request".into()))?;
+            }
+        }
         self.tx
             .send(Unit {
                 cmds,
@@ -96,8 +118,7 @@ impl Proposer {
     }
 }
 
-async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Unit>) {
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Unit>, permits: Arc<Semaphore>) {
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
