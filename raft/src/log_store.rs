@@ -114,6 +114,10 @@ pub struct RaftLog {
     /// Last committed index as openraft reported it (0 = none), for status endpoints.
     committed: Arc<AtomicU64>,
     cache: Arc<std::sync::Mutex<Cache>>,
+    /// True while this replica leads (set by the replica's leadership task). A leader's
+    /// appends are synced by the flusher thread so openraft can start replicating them at
+    /// once; a follower only waits for the sync before answering, so it syncs inline.
+    leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RaftLog {
@@ -131,7 +135,13 @@ impl RaftLog {
             kv,
             committed: Arc::new(AtomicU64::new(committed)),
             cache: Arc::default(),
+            leading: Arc::default(),
         }
+    }
+
+    /// The flag that selects how appends are synced; see the field's docs.
+    pub fn leading_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.leading.clone()
     }
 
     /// Shared view of the commit index.
@@ -275,12 +285,18 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
                 encoded.push((e.log_id.index, bytes));
             }
         }
-        self.log
-            .append(
-                encoded,
-                Box::new(move |result| callback.log_io_completed(result)),
-            )
-            .map_err(write_err)
+        if self.leading.load(Ordering::Acquire) {
+            self.log
+                .append(
+                    encoded,
+                    Box::new(move |result| callback.log_io_completed(result)),
+                )
+                .map_err(write_err)
+        } else {
+            self.log.append_synced(encoded).map_err(write_err)?;
+            callback.log_io_completed(Ok(()));
+            Ok(())
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {

@@ -289,6 +289,7 @@ impl Replica {
             .map_err(|e| StartError(format!("opening the raft log: {e}")))?;
         let log = RaftLog::new(log, kv.clone());
         let committed = log.committed_index();
+        let leading = log.leading_flag();
         let sm = StateMachine::open(kv.clone(), cfg.data_dir.join("snapshots"), observer.clone())
             .map_err(|e| StartError(format!("opening the snapshot directory: {e}")))?;
 
@@ -349,6 +350,10 @@ impl Replica {
                         leader: m.current_leader,
                         is_leader: m.current_leader == Some(id) && m.state == ServerState::Leader,
                     };
+                    // Candidates append too (their blank entry after winning); treat every
+                    // state but follower and learner as leading for the sync path.
+                    let leads = matches!(m.state, ServerState::Leader | ServerState::Candidate);
+                    leading.store(leads, std::sync::atomic::Ordering::Release);
                     (l, m.membership_config.voter_ids().collect::<Vec<_>>())
                 };
                 tx.send_if_modified(|cur| {
