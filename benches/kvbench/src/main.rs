@@ -102,7 +102,10 @@ struct Cluster {
 
 impl Cluster {
     fn spawn(&mut self, i: usize, log: &Path) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let child = Command::new(&self.bin)
             .args(&self.commands[i])
             .stdin(Stdio::null())
@@ -115,7 +118,11 @@ impl Cluster {
     }
 
     fn pids(&self) -> Vec<i32> {
-        self.children.iter().flatten().map(|c| c.id() as i32).collect()
+        self.children
+            .iter()
+            .flatten()
+            .map(|c| c.id() as i32)
+            .collect()
     }
 
     fn kill(&mut self, i: usize) {
@@ -275,7 +282,11 @@ async fn connections(system: &str, cluster: &Cluster, n: usize) -> anyhow::Resul
     for i in 0..n {
         let ep = &cluster.clients[i % cluster.clients.len()];
         out.push(match system {
-            "etcd" => Putter::Etcd(etcd_client::Client::connect([format!("http://{ep}")], None).await?.kv_client()),
+            "etcd" => Putter::Etcd(
+                etcd_client::Client::connect([format!("http://{ep}")], None)
+                    .await?
+                    .kv_client(),
+            ),
             _ => Putter::Flotilla {
                 http: h2_client(),
                 addr: ep.clone(),
@@ -293,7 +304,12 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[idx] as f64 / 1000.0
 }
 
-async fn load(system: &str, cluster: &Cluster, clients: usize, args: &Args) -> anyhow::Result<LoadResult> {
+async fn load(
+    system: &str,
+    cluster: &Cluster,
+    clients: usize,
+    args: &Args,
+) -> anyhow::Result<LoadResult> {
     let conns = connections(system, cluster, clients.min(args.max_conns)).await?;
     let value: Arc<Vec<u8>> = Arc::new(vec![b'v'; args.value_size]);
     let stop = Arc::new(AtomicBool::new(false));
@@ -303,8 +319,13 @@ async fn load(system: &str, cluster: &Cluster, clients: usize, args: &Args) -> a
     let mut tasks = Vec::new();
     for i in 0..clients {
         let mut p = conns[i % conns.len()].clone();
-        let (stop, measuring, errors, lat, value) =
-            (stop.clone(), measuring.clone(), errors.clone(), lat.clone(), value.clone());
+        let (stop, measuring, errors, lat, value) = (
+            stop.clone(),
+            measuring.clone(),
+            errors.clone(),
+            lat.clone(),
+            value.clone(),
+        );
         let keys = args.keys;
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::with_capacity(100_000);
@@ -350,7 +371,11 @@ async fn load(system: &str, cluster: &Cluster, clients: usize, args: &Args) -> a
         p90_ms: percentile(&l, 0.90),
         p99_ms: percentile(&l, 0.99),
         max_ms: l.last().copied().unwrap_or(0) as f64 / 1000.0,
-        server_cpu_us_per_put: if puts > 0 { cpu * 1e6 / puts as f64 } else { 0.0 },
+        server_cpu_us_per_put: if puts > 0 {
+            cpu * 1e6 / puts as f64
+        } else {
+            0.0
+        },
     })
 }
 
@@ -362,8 +387,14 @@ async fn leader(system: &str, cluster: &Cluster) -> Option<usize> {
                 if cluster.children[i].is_none() {
                     continue;
                 }
-                let Ok(mut c) = etcd_client::Client::connect([format!("http://{ep}")], None).await else { continue };
-                let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), c.status()).await else { continue };
+                let Ok(mut c) = etcd_client::Client::connect([format!("http://{ep}")], None).await
+                else {
+                    continue;
+                };
+                let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), c.status()).await
+                else {
+                    continue;
+                };
                 let me = s.header().map(|h| h.member_id()).unwrap_or(0);
                 if s.leader() != 0 && s.leader() == me {
                     return Some(i);
@@ -372,7 +403,8 @@ async fn leader(system: &str, cluster: &Cluster) -> Option<usize> {
             None
         }
         _ => {
-            let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+            let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
             for (i, ep) in cluster.clients.iter().enumerate() {
                 if cluster.children[i].is_none() {
                     continue;
@@ -380,8 +412,14 @@ async fn leader(system: &str, cluster: &Cluster) -> Option<usize> {
                 let req = http::Request::post(format!("http://{ep}/v3/maintenance/status"))
                     .body(Full::new(Bytes::from_static(b"{}")))
                     .ok()?;
-                let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_millis(500), http.request(req)).await else { continue };
-                let Ok(body) = resp.into_body().collect().await else { continue };
+                let Ok(Ok(resp)) =
+                    tokio::time::timeout(Duration::from_millis(500), http.request(req)).await
+                else {
+                    continue;
+                };
+                let Ok(body) = resp.into_body().collect().await else {
+                    continue;
+                };
                 let v: serde_json::Value = serde_json::from_slice(&body.to_bytes()).ok()?;
                 if v["state"] == "leader" {
                     return Some(i);
@@ -531,12 +569,21 @@ async fn main() -> anyhow::Result<()> {
 
     println!("command: {command}");
     println!();
-    println!("| clients | system | puts/s | p50 ms | p90 ms | p99 ms | server CPU µs/put | errors |");
+    println!(
+        "| clients | system | puts/s | p50 ms | p90 ms | p99 ms | server CPU µs/put | errors |"
+    );
     println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in &results {
         println!(
             "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {} |",
-            r.clients, r.system, r.puts_per_sec, r.p50_ms, r.p90_ms, r.p99_ms, r.server_cpu_us_per_put, r.errors
+            r.clients,
+            r.system,
+            r.puts_per_sec,
+            r.p50_ms,
+            r.p90_ms,
+            r.p99_ms,
+            r.server_cpu_us_per_put,
+            r.errors
         );
     }
     if !failovers.is_empty() {
@@ -545,7 +592,12 @@ async fn main() -> anyhow::Result<()> {
         println!("|---|---:|---|");
         for f in &failovers {
             let t: Vec<String> = f.trials_ms.iter().map(|x| format!("{x:.0}")).collect();
-            println!("| {} | {:.0} ms | {} |", f.system, f.median_ms, t.join(", "));
+            println!(
+                "| {} | {:.0} ms | {} |",
+                f.system,
+                f.median_ms,
+                t.join(", ")
+            );
         }
     }
     if let Some(out) = &args.out {
