@@ -6,7 +6,7 @@
 set -euo pipefail
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-_packages=(libclang-dev)
+_packages=(libclang-dev prometheus)
 _missing=()
 for p in "${_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || _missing+=("$p")

@@ -1,17 +1,23 @@
 //! The `flotilla` command: `server`, `ctl` and `up`.
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 /// mimalloc: cheaper than glibc's allocator for the many small, short-lived allocations of
 /// request handling (measured in docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use tracing_subscriber::EnvFilter;
 
 /// Flotilla: a Kubernetes-style orchestrator whose control plane embeds a Raft-replicated store.
 #[derive(Debug, Parser)]
 #[command(name = "flotilla", version, about)]
 struct Cli {
+    /// Log format: `text` (human-readable) or `json` (one object per line).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Log filter, e.g. `info` or `debug,openraft=info` (overrides FLOTILLA_LOG and RUST_LOG).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -26,13 +32,23 @@ enum Cmd {
     Up(flotilla::up::UpArgs),
 }
 
-fn init_tracing(default: &str) {
-    let filter =
-        EnvFilter::try_from_env("FLOTILLA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+/// Logs go to stderr. The filter comes from `--log-level`, else `FLOTILLA_LOG`, else
+/// `RUST_LOG`, else the command's default.
+fn init_tracing(level: Option<&str>, json: bool, default: &str) {
+    let filter = match level {
+        Some(l) => EnvFilter::new(l),
+        None => EnvFilter::try_from_env("FLOTILLA_LOG")
+            .or_else(|_| EnvFilter::try_from_default_env())
+            .unwrap_or_else(|_| EnvFilter::new(default)),
+    };
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        fmt.json().with_current_span(true).init();
+    } else {
+        fmt.with_target(false).init();
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,7 +59,11 @@ fn main() -> std::process::ExitCode {
         Cmd::Server(_) => ("info,openraft=warn,openraft::replication=off", 0),
         _ => ("warn", 2),
     };
-    init_tracing(default_log);
+    init_tracing(
+        cli.log_level.as_deref(),
+        cli.log_format == "json",
+        default_log,
+    );
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
     if threads > 0 {

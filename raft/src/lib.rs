@@ -25,6 +25,6 @@ mod types;
 
 pub use error::{Error, StartError};
 pub use network::{CallError, PeerObserver};
-pub use replica::{Config, Leadership, Member, Observer, Replica, Status};
+pub use replica::{Config, Leadership, Member, Observer, Replica, ReplicaObserver, Status};
 pub use state_machine::{NoObserver, SnapshotObserver, StateMachine};
 pub use types::{ApplyError, Command, CommandResult, Node, NodeId, Op, TypeConfig};

@@ -250,7 +250,11 @@ impl Replica {
                 }
             };
             let single = positions.len() == 1;
-            let results = match self.client_write(entry).await? {
+            let written = self.client_write(entry).await;
+            self.inner
+                .observer
+                .proposed(positions.len(), written.is_ok());
+            let results = match written? {
                 CommandResult::Batch(rs) if !single => rs,
                 other => vec![other],
             };

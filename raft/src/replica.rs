@@ -202,6 +202,7 @@ pub(crate) struct Inner {
     committed: Arc<AtomicU64>,
     acks: Arc<PeerAcks>,
     proposer: Proposer,
+    pub(crate) observer: Arc<dyn ReplicaObserver>,
     leadership: watch::Receiver<Leadership>,
     shutdown: CancellationToken,
 }
@@ -213,8 +214,30 @@ pub struct Replica {
 }
 
 /// Hooks for metrics; every method has an empty default.
-pub trait Observer: PeerObserver + SnapshotObserver {}
-impl<T: PeerObserver + SnapshotObserver> Observer for T {}
+pub trait Observer:
+    PeerObserver + SnapshotObserver + ReplicaObserver + flotilla_store::LogObserver
+{
+}
+impl<T: PeerObserver + SnapshotObserver + ReplicaObserver + flotilla_store::LogObserver> Observer
+    for T
+{
+}
+
+/// Hooks for metrics of the replica's own work; every method has an empty default.
+pub trait ReplicaObserver: Send + Sync + 'static {
+    /// An entry carrying `commands` commands was proposed; `ok` is false if its outcome was
+    /// an error (timeout, quorum lost, leadership lost).
+    fn proposed(&self, _commands: usize, _ok: bool) {}
+    /// `commands` commands were forwarded to the leader.
+    fn forwarded(&self, _commands: usize) {}
+    /// A read barrier finished after `seconds`.
+    fn read_barrier(&self, _seconds: f64, _ok: bool) {}
+    /// The leader changed, as this replica sees it.
+    fn leader_changed(&self, _term: u64, _leader: Option<NodeId>) {}
+}
+
+impl ReplicaObserver for crate::state_machine::NoObserver {}
+impl flotilla_store::LogObserver for crate::state_machine::NoObserver {}
 
 /// When each peer last answered an RPC: the leader's live view of whether it still reaches
 /// a quorum (openraft's own figure is refreshed only when its metrics change).
@@ -285,7 +308,7 @@ impl Replica {
     pub async fn start<O: Observer>(cfg: Config, observer: Arc<O>) -> Result<Replica, StartError> {
         let kv = KvStore::open(cfg.data_dir.join("sm"), cfg.store.clone())
             .map_err(|e| StartError(format!("opening the state machine: {e}")))?;
-        let log = LogStore::open(cfg.data_dir.join("raft"))
+        let log = LogStore::open_observed(cfg.data_dir.join("raft"), observer.clone())
             .map_err(|e| StartError(format!("opening the raft log: {e}")))?;
         let log = RaftLog::new(log, kv.clone());
         let committed = log.committed_index();
@@ -311,6 +334,7 @@ impl Replica {
         let local_ip = Some(cfg.listen_peer.ip());
         let peers = PeerClient::new(local_ip);
         let acks = Arc::new(PeerAcks::default());
+        let replica_observer: Arc<dyn ReplicaObserver> = observer.clone();
         let net_observer: Arc<dyn PeerObserver> = Arc::new(LoggingObserver {
             down: Default::default(),
             acks: acks.clone(),
@@ -331,6 +355,7 @@ impl Replica {
             committed,
             acks,
             proposer: Proposer::start(weak.clone()),
+            observer: replica_observer,
             leadership: rx,
             shutdown: shutdown.clone(),
         });
@@ -341,6 +366,7 @@ impl Replica {
         let token = shutdown.clone();
         let id = cfg.id;
         let acks = replica.inner.acks.clone();
+        let observer = replica.inner.observer.clone();
         tokio::spawn(async move {
             loop {
                 let (l, voters) = {
@@ -360,6 +386,7 @@ impl Replica {
                     if *cur != l {
                         if cur.leader != l.leader {
                             tracing::info!(term = l.term, leader = ?l.leader, "leader changed");
+                            observer.leader_changed(l.term, l.leader);
                         }
                         if l.is_leader && !cur.is_leader {
                             // A new leader (possibly restored from its saved vote after a
@@ -452,6 +479,11 @@ impl Replica {
     /// The raw openraft handle (metrics, waiting in tests).
     pub fn raft(&self) -> &Raft {
         &self.inner.raft
+    }
+
+    /// A leader that has not heard from a majority for this long answers "no quorum".
+    pub fn quorum_timeout(&self) -> Duration {
+        self.inner.cfg.quorum_timeout()
     }
 
     /// The configured request deadline.
@@ -658,6 +690,7 @@ impl Replica {
         cmds: Vec<Command>,
     ) -> Result<Vec<Outcome>, Error> {
         let n = cmds.len();
+        self.inner.observer.forwarded(n);
         let deadline = Instant::now() + self.inner.cfg.request_timeout;
         match self
             .forward(leader, &ForwardRequest::WriteBatch(cmds), deadline)
@@ -678,12 +711,20 @@ impl Replica {
     /// Returns once this replica's state machine reflects every write acknowledged before the
     /// call (a linearizable read may follow).
     pub async fn read_barrier(&self) -> Result<(), Error> {
-        let index = match self.on_leader(ForwardRequest::ReadIndex).await? {
-            ForwardResponse::ReadIndex(i) => i,
-            other => return Err(Error::Internal(format!("unexpected answer {other:?}"))),
-        };
-        self.wait_applied(index, self.inner.cfg.request_timeout)
-            .await
+        let started = Instant::now();
+        let result = async {
+            let index = match self.on_leader(ForwardRequest::ReadIndex).await? {
+                ForwardResponse::ReadIndex(i) => i,
+                other => return Err(Error::Internal(format!("unexpected answer {other:?}"))),
+            };
+            self.wait_applied(index, self.inner.cfg.request_timeout)
+                .await
+        }
+        .await;
+        self.inner
+            .observer
+            .read_barrier(started.elapsed().as_secs_f64(), result.is_ok());
+        result
     }
 
     /// Waits until the local state machine has applied `index`.

@@ -11,7 +11,6 @@ pub mod json;
 mod watch;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use flotilla_raft::{ApplyError, Command, CommandResult, Node, Op, Replica};
@@ -126,9 +125,9 @@ fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 impl Api {
     /// Routes one request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let started = Instant::now();
+        let timer = self.metrics.start_request();
         let path = req.uri().path().to_string();
-        let endpoint = endpoint_label(&path);
+        let (verb, resource) = labels(&path);
         let resp = match self.route(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -138,8 +137,7 @@ impl Api {
                 e.into_response()
             }
         };
-        self.metrics
-            .observe_request(endpoint, resp.status().as_u16(), started.elapsed());
+        timer.finish(verb, resource, resp.status().as_u16());
         resp
     }
 
@@ -405,17 +403,25 @@ impl Api {
         }
     }
 
-    /// Ready = this replica sees a leader and has applied everything it knows committed.
+    /// Ready = the store is open, a quorum is reachable (this replica follows a known leader,
+    /// or leads and hears from a majority), and it has applied everything it knows committed.
     fn readyz(&self, verbose: bool) -> Response<Body> {
         let s = self.replica.status();
-        let checks = [
-            ("store", true, String::new()),
-            (
-                "leader",
-                s.leader.is_some(),
-                s.leader
-                    .map_or("no leader".into(), |l| format!("leader is {l}")),
+        let quorum_limit = self.replica.quorum_timeout().as_millis() as u64;
+        let quorum = match (s.state.as_str(), s.leader, s.millis_since_quorum_ack) {
+            ("leader", _, Some(ms)) if ms <= quorum_limit => {
+                (true, format!("leading; a majority answered {ms} ms ago"))
+            }
+            ("leader", _, ms) => (
+                false,
+                format!("leading, but no majority has answered for {ms:?} ms"),
             ),
+            (_, Some(l), _) => (true, format!("following leader {l}")),
+            (_, None, _) => (false, "no leader".to_string()),
+        };
+        let checks = [
+            ("store", true, format!("revision {}", s.revision)),
+            ("quorum", quorum.0, quorum.1),
             (
                 "caught-up",
                 s.applied_index >= s.commit_index,
@@ -511,25 +517,26 @@ fn strip_scheme(url: &str) -> String {
         .to_string()
 }
 
-/// A bounded label for metrics: known endpoints by name, everything else as "other".
-fn endpoint_label(path: &str) -> &'static str {
+/// Bounded metric labels (verb, resource) for a path: known endpoints by name, everything
+/// else as "other".
+fn labels(path: &str) -> (&'static str, &'static str) {
     match path {
-        "/v3/kv/range" => "range",
-        "/v3/kv/put" => "put",
-        "/v3/kv/deleterange" => "deleterange",
-        "/v3/kv/txn" => "txn",
-        "/v3/kv/compaction" => "compaction",
-        "/v3/watch" => "watch",
-        "/v3/cluster/member/list" => "member_list",
-        "/v3/cluster/member/add" => "member_add",
-        "/v3/cluster/member/remove" => "member_remove",
-        "/v3/cluster/member/promote" => "member_promote",
-        "/v3/maintenance/status" => "status",
-        "/v3/maintenance/transfer-leadership" => "transfer_leadership",
-        "/v3/maintenance/snapshot" => "snapshot",
-        "/healthz" | "/livez" | "/readyz" => "health",
-        "/metrics" => "metrics",
-        "/version" => "version",
-        _ => "other",
+        "/v3/kv/range" => ("range", "kv"),
+        "/v3/kv/put" => ("put", "kv"),
+        "/v3/kv/deleterange" => ("deleterange", "kv"),
+        "/v3/kv/txn" => ("txn", "kv"),
+        "/v3/kv/compaction" => ("compact", "kv"),
+        "/v3/watch" => ("watch", "kv"),
+        "/v3/cluster/member/list" => ("list", "member"),
+        "/v3/cluster/member/add" => ("add", "member"),
+        "/v3/cluster/member/remove" => ("remove", "member"),
+        "/v3/cluster/member/promote" => ("promote", "member"),
+        "/v3/maintenance/status" => ("status", "maintenance"),
+        "/v3/maintenance/transfer-leadership" => ("transfer_leadership", "maintenance"),
+        "/v3/maintenance/snapshot" => ("snapshot", "maintenance"),
+        "/healthz" | "/livez" | "/readyz" => ("get", "health"),
+        "/metrics" => ("get", "metrics"),
+        "/version" => ("get", "version"),
+        _ => ("other", "other"),
     }
 }

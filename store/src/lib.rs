@@ -33,7 +33,7 @@ mod watch;
 
 pub use error::{Error, Result};
 pub use kv::{Applied, AppliedState, ApplyEntry, ApplyOp, KvStore, StoreOptions, StoreStatus};
-pub use log::{LogStore, OnDurable};
+pub use log::{LogObserver, LogStore, NoLogObserver, OnDurable};
 pub use snapshot::{verify as verify_snapshot, ExportInfo};
 pub use types::*;
 pub use watch::{CancelReason, WatchMessage, WatchRequest, Watcher};

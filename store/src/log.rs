@@ -33,6 +33,21 @@ const CF_META: &str = "meta";
 /// Called once the entries of one append are durable (or the sync failed).
 pub type OnDurable = Box<dyn FnOnce(io::Result<()>) + Send>;
 
+/// Watches the log's I/O (for metrics). The store has no clock: an observer that wants
+/// durations times the closure it is handed.
+pub trait LogObserver: Send + Sync + 'static {
+    /// Runs one sync of the write-ahead log, which makes `appends` appends durable.
+    fn observe_sync(&self, _appends: usize, sync: &mut dyn FnMut()) {
+        sync()
+    }
+    /// `entries` entries of `bytes` bytes in all were written.
+    fn appended(&self, _entries: usize, _bytes: usize) {}
+}
+
+/// An observer that watches nothing.
+pub struct NoLogObserver;
+impl LogObserver for NoLogObserver {}
+
 /// Most appends waiting for one sync; a full queue makes `append` wait (backpressure).
 const MAX_PENDING_SYNCS: usize = 4096;
 
@@ -44,6 +59,7 @@ pub struct LogStore {
 
 struct Inner {
     db: Arc<DB>,
+    observer: Arc<dyn LogObserver>,
     /// `None` only while dropping.
     flusher: Option<mpsc::SyncSender<OnDurable>>,
     thread: Option<thread::JoinHandle<()>>,
@@ -63,6 +79,14 @@ impl Drop for Inner {
 impl LogStore {
     /// Opens (or creates) the log under `dir` and starts its flusher thread.
     pub fn open(dir: impl AsRef<Path>) -> Result<LogStore> {
+        LogStore::open_observed(dir, Arc::new(NoLogObserver))
+    }
+
+    /// [`LogStore::open`], reporting I/O to `observer`.
+    pub fn open_observed(
+        dir: impl AsRef<Path>,
+        observer: Arc<dyn LogObserver>,
+    ) -> Result<LogStore> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -75,12 +99,14 @@ impl LogStore {
         let db = Arc::new(DB::open_cf_descriptors(&opts, dir.as_ref(), cfs)?);
         let (tx, rx) = mpsc::sync_channel::<OnDurable>(MAX_PENDING_SYNCS);
         let flusher_db = db.clone();
+        let flusher_observer = observer.clone();
         let thread = thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || flusher_loop(flusher_db, rx))?;
+            .spawn(move || flusher_loop(flusher_db, rx, flusher_observer))?;
         Ok(LogStore {
             inner: Arc::new(Inner {
                 db,
+                observer,
                 flusher: Some(tx),
                 thread: Some(thread),
             }),
@@ -99,11 +125,7 @@ impl LogStore {
 
     /// Writes `entries` (index, bytes) and calls `on_durable` after they are synced.
     pub fn append(&self, entries: Vec<(u64, Vec<u8>)>, on_durable: OnDurable) -> Result<()> {
-        let mut batch = WriteBatch::default();
-        let cf = self.cf(CF_LOG);
-        for (index, bytes) in &entries {
-            batch.put_cf(cf, index.to_be_bytes(), bytes);
-        }
+        let batch = self.batch(&entries);
         self.db().write(batch)?;
         self.inner
             .flusher
@@ -118,15 +140,31 @@ impl LogStore {
     /// for the sync anyway (a follower answering the leader), this saves the hand-off to the
     /// flusher thread and back.
     pub fn append_synced(&self, entries: Vec<(u64, Vec<u8>)>) -> Result<()> {
-        let mut batch = WriteBatch::default();
-        let cf = self.cf(CF_LOG);
-        for (index, bytes) in &entries {
-            batch.put_cf(cf, index.to_be_bytes(), bytes);
-        }
+        let batch = self.batch(&entries);
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db().write_opt(batch, &wo)?;
+        let mut result = Ok(());
+        let mut batch = Some(batch);
+        self.inner.observer.observe_sync(1, &mut || {
+            if let Some(b) = batch.take() {
+                result = self.db().write_opt(b, &wo);
+            }
+        });
+        result?;
         Ok(())
+    }
+
+    /// One write batch holding `entries`; reports them to the observer.
+    fn batch(&self, entries: &[(u64, Vec<u8>)]) -> WriteBatch {
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_LOG);
+        let mut bytes = 0;
+        for (index, data) in entries {
+            batch.put_cf(cf, index.to_be_bytes(), data);
+            bytes += data.len();
+        }
+        self.inner.observer.appended(entries.len(), bytes);
+        batch
     }
 
     /// Entries with index in `[start, end)`, in order: from the first one present (entries
@@ -219,13 +257,14 @@ fn decode_index(raw: &[u8]) -> Result<u64> {
         .map_err(|_| Error::Corrupt(format!("log key has {} bytes, want 8", raw.len())))
 }
 
-fn flusher_loop(db: Arc<DB>, rx: mpsc::Receiver<OnDurable>) {
+fn flusher_loop(db: Arc<DB>, rx: mpsc::Receiver<OnDurable>, observer: Arc<dyn LogObserver>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         while let Ok(more) = rx.try_recv() {
             waiting.push(more);
         }
-        let result = db.flush_wal(true);
+        let mut result = Ok(());
+        observer.observe_sync(waiting.len(), &mut || result = db.flush_wal(true));
         for cb in waiting {
             cb(match &result {
                 Ok(()) => Ok(()),

@@ -8,8 +8,8 @@
 //! writes the figures as JSON.
 //!
 //! etcd is driven through its native gRPC API (etcd-client), Flotilla through its JSON API
-//! over HTTP/2; both spread clients over all three members and use the same number of
-//! connections.
+//! over HTTP/2; each client sends its requests to the three members in turn, over the same
+//! number of connections for both systems.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -310,7 +310,10 @@ async fn load(
     clients: usize,
     args: &Args,
 ) -> anyhow::Result<LoadResult> {
-    let conns = connections(system, cluster, clients.min(args.max_conns)).await?;
+    // At least one connection per member, and every client cycles through them, so both
+    // systems see the same mix of requests to the leader and to followers at any client
+    // count (a single client pinned to one member would measure leader-or-follower luck).
+    let conns = connections(system, cluster, clients.min(args.max_conns).max(3)).await?;
     let value: Arc<Vec<u8>> = Arc::new(vec![b'v'; args.value_size]);
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
@@ -318,7 +321,9 @@ async fn load(
     let lat: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for i in 0..clients {
-        let mut p = conns[i % conns.len()].clone();
+        let mut mine_conns: Vec<Putter> = (0..conns.len())
+            .map(|k| conns[(i + k) % conns.len()].clone())
+            .collect();
         let (stop, measuring, errors, lat, value) = (
             stop.clone(),
             measuring.clone(),
@@ -330,8 +335,12 @@ async fn load(
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::with_capacity(100_000);
             let mut rng = rand::rngs::StdRng::from_entropy();
+            let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let key = format!("bench/{:08}", rng.gen_range(0..keys));
+                let len = mine_conns.len();
+                let p = &mut mine_conns[n % len];
+                n += 1;
                 let t = Instant::now();
                 let ok = p.put(key, &value).await.is_ok();
                 if measuring.load(Ordering::Relaxed) {

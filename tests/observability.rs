@@ -1,0 +1,317 @@
+//! Metrics and health as operators consume them: `promtool` accepts every exposition and the
+//! shipped rules, and a real Prometheus (Debian's package) scrapes a running cluster with the
+//! shipped configuration and sees exactly one leader, request counters and a leader change.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const REQUIRED: &[&str] = &[
+    "flotilla_build_info",
+    "flotilla_raft_term",
+    "flotilla_raft_is_leader",
+    "flotilla_raft_leader_changes_total",
+    "flotilla_raft_commit_index",
+    "flotilla_raft_applied_index",
+    "flotilla_raft_apply_lag_entries",
+    "flotilla_raft_proposals_total",
+    "flotilla_raft_log_fsync_duration_seconds_bucket",
+    "flotilla_raft_log_fsync_appends_bucket",
+    "flotilla_raft_log_appended_entries_total",
+    "flotilla_raft_snapshots_built_total",
+    "flotilla_store_revision",
+    "flotilla_store_compact_revision",
+    "flotilla_store_db_size_bytes",
+    "flotilla_store_quota_bytes",
+    "flotilla_store_keys",
+    "flotilla_store_watchers",
+    "flotilla_api_requests_total",
+    "flotilla_api_request_duration_seconds_bucket",
+    "flotilla_api_requests_in_flight",
+    "flotilla_api_watches_open",
+    "flotilla_api_read_barrier_duration_seconds_bucket",
+    "process_resident_memory_bytes",
+    "process_open_fds",
+    "process_cpu_seconds_total",
+    "process_threads",
+];
+
+fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package prometheus; .ci/setup.sh installs it)");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_exposes_lint_clean_metrics_and_a_verbose_readyz() {
+    let c = Cluster::start(3, &[]).await;
+    let client = c.client();
+    for i in 0..20 {
+        put(&client, &format!("m{i}"), "v").await;
+    }
+    get(&client, "m1", false).await.unwrap();
+    for id in 1..=3 {
+        let (status, text) = c
+            .client_for(id)
+            .get_text(&c.replica(id).api(), "/metrics")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        for name in REQUIRED {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "replica {id} does not expose {name}"
+            );
+        }
+        let (ok, problems) = promtool(&["check", "metrics"], Some(&text));
+        assert!(
+            ok && problems.trim().is_empty(),
+            "promtool on replica {id}:\n{problems}"
+        );
+        let (status, body) = c
+            .client_for(id)
+            .get_text(&c.replica(id).api(), "/readyz?verbose")
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        for check in [
+            "[+] store",
+            "[+] quorum",
+            "[+] caught-up",
+            "readyz check passed",
+        ] {
+            assert!(
+                body.contains(check),
+                "replica {id} readyz lacks {check:?}:\n{body}"
+            );
+        }
+    }
+    let leader = c.wait_leader().await;
+    assert_eq!(c.metric(leader, "flotilla_raft_is_leader").await, Some(1.0));
+    assert!(
+        c.metric(leader, "flotilla_raft_proposed_commands_total")
+            .await
+            .unwrap_or(0.0)
+            >= 20.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_quorum_reports_not_ready() {
+    let mut c = Cluster::start(3, &[]).await;
+    let leader = c.wait_leader().await;
+    for id in (1..=3).filter(|&id| id != leader).collect::<Vec<_>>() {
+        c.kill(id);
+    }
+    let body = wait_for(
+        Duration::from_secs(10),
+        "readyz to fail on the isolated leader",
+        || async {
+            let (status, body) = c
+                .client_for(leader)
+                .get_text(&c.replica(leader).api(), "/readyz?verbose")
+                .await
+                .ok()?;
+            (status == 503).then_some(body)
+        },
+    )
+    .await;
+    assert!(body.contains("[-] quorum"), "{body}");
+    // Liveness is not readiness: the process is still alive.
+    let (status, _) = c
+        .client_for(leader)
+        .get_text(&c.replica(leader).api(), "/livez")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn the_shipped_prometheus_config_and_rules_pass_promtool() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus");
+    let (ok, out) = promtool(&["check", "rules", &format!("{dir}/rules.yml")], None);
+    assert!(ok, "{out}");
+    let (ok, out) = promtool(&["check", "config", &format!("{dir}/prometheus.yml")], None);
+    assert!(ok, "{out}");
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/flotilla-dashboard.json"
+    ))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    assert!(v["panels"].as_array().is_some_and(|p| p.len() >= 10));
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One number from an instant query, if the result has exactly one sample.
+async fn query(client: &flotilla::client::Client, server: &str, q: &str) -> Option<f64> {
+    let (status, body) = client
+        .get_text(server, &format!("/api/v1/query?query={}", encode(q)))
+        .await
+        .ok()?;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let result = v["data"]["result"].as_array()?;
+    if result.len() != 1 {
+        return None;
+    }
+    result[0]["value"][1].as_str()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_cluster_and_sees_one_leader_and_a_leader_change() {
+    let mut c = Cluster::start(3, &[]).await;
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus");
+    let prom_dir = c.dir.path().join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    // The shipped configuration, pointed at this test's replicas and scraping every second.
+    let mut config = std::fs::read_to_string(format!("{src}/prometheus.yml")).unwrap();
+    for id in 1..=3u64 {
+        config = config.replace(&format!("127.0.0.1:644{id}"), &c.replica(id).api());
+    }
+    config = config.replace("scrape_interval: 5s", "scrape_interval: 1s");
+    config = config.replace("evaluation_interval: 5s", "evaluation_interval: 1s");
+    assert!(
+        config.contains(&c.replica(3).api()),
+        "the shipped config names the three default targets"
+    );
+    std::fs::write(prom_dir.join("prometheus.yml"), config).unwrap();
+    std::fs::copy(format!("{src}/rules.yml"), prom_dir.join("rules.yml")).unwrap();
+    let listen = format!("{}.5:9090", c.prefix);
+    let _prom = Killed(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                prom_dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                prom_dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(prom_dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect(
+                "prometheus is installed (Debian package prometheus; .ci/setup.sh installs it)",
+            ),
+    );
+    let prom = flotilla::client::Client::new(vec![listen.clone()], Duration::from_secs(5));
+
+    wait_for(
+        Duration::from_secs(60),
+        "Prometheus to scrape all three replicas",
+        || async {
+            let (_, body) = prom.get_text(&listen, "/api/v1/targets").await.ok()?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let targets = v["data"]["activeTargets"].as_array()?;
+            (targets.len() == 3 && targets.iter().all(|t| t["health"] == "up")).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "sum(flotilla_raft_is_leader) == 1",
+        || async {
+            (query(&prom, &listen, "sum(flotilla_raft_is_leader)").await? == 1.0).then_some(())
+        },
+    )
+    .await;
+
+    let client = c.client();
+    for i in 0..10 {
+        put(&client, &format!("p{i}"), "v").await;
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "the put counters to reach Prometheus",
+        || async {
+            let n = query(
+                &prom,
+                &listen,
+                r#"sum(flotilla_api_requests_total{verb="put",code="200"})"#,
+            )
+            .await?;
+            (n >= 10.0).then_some(())
+        },
+    )
+    .await;
+
+    let before = query(&prom, &listen, "sum(flotilla_raft_leader_changes_total)")
+        .await
+        .unwrap();
+    let leader = c.wait_leader().await;
+    c.kill(leader);
+    c.wait_leader().await;
+    wait_for(
+        Duration::from_secs(30),
+        "the leader change to show in Prometheus",
+        || async {
+            let after = query(
+                &prom,
+                &listen,
+                r#"sum(flotilla_raft_leader_changes_total{job="flotilla"})"#,
+            )
+            .await?;
+            (after > before).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the killed replica's target to go down",
+        || async {
+            (query(&prom, &listen, r#"sum(up{job="flotilla"})"#).await? == 2.0).then_some(())
+        },
+    )
+    .await;
+    let (_, rules) = prom.get_text(&listen, "/api/v1/rules").await.unwrap();
+    assert!(
+        rules.contains("FlotillaNoLeader") && rules.contains("flotilla-recording"),
+        "{rules}"
+    );
+}
