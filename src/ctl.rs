@@ -200,6 +200,15 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// The range end for `key` alone, or for every key with the prefix `key`.
+fn prefix_range_end(key: &str, prefix: bool) -> Vec<u8> {
+    if prefix {
+        prefix_end(key.as_bytes())
+    } else {
+        Vec::new()
+    }
+}
+
 fn show(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -372,11 +381,7 @@ async fn kv(client: &Client, cmd: KvCommand, as_json: bool) -> anyhow::Result<()
             prefix,
             prev_kv,
         } => {
-            let range_end = if prefix {
-                prefix_end(key.as_bytes())
-            } else {
-                vec![]
-            };
+            let range_end = prefix_range_end(&key, prefix);
             let req = DeleteRangeRequest {
                 key: key.into_bytes(),
                 range_end,
@@ -398,11 +403,7 @@ async fn kv(client: &Client, cmd: KvCommand, as_json: bool) -> anyhow::Result<()
             rev,
             prev_kv,
         } => {
-            let range_end = if prefix {
-                prefix_end(key.as_bytes())
-            } else {
-                vec![]
-            };
+            let range_end = prefix_range_end(&key, prefix);
             let req = WatchRequest {
                 create_request: WatchCreateRequest {
                     key: key.into_bytes(),
