@@ -3,11 +3,13 @@
 //!
 //! The binary (`src/main.rs`) is a thin command-line front end over these modules:
 //! - [`server`]: `flotilla server`, one control-plane replica;
+//! - [`api`]: the Kubernetes API every replica serves;
 //! - [`gateway`]: the key-value API every replica serves (etcd's v3 JSON shapes);
 //! - [`ctl`] and [`client`]: `flotilla ctl`, the operator CLI, and its failover client;
 //! - [`up`]: `flotilla up`, a local cluster as child processes;
 //! - [`metrics`]: Prometheus metrics; [`http`]: HTTP plumbing.
 
+pub mod api;
 pub mod client;
 pub mod ctl;
 pub mod gateway;

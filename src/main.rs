@@ -30,6 +30,12 @@ enum Cmd {
     Ctl(flotilla::ctl::CtlArgs),
     /// Run a local cluster as child processes until Ctrl-C.
     Up(flotilla::up::UpArgs),
+    /// Print a kubeconfig for a cluster.
+    Kubeconfig {
+        /// The API URL of a replica.
+        #[arg(long, default_value = "http://127.0.0.1:6441")]
+        server: String,
+    },
 }
 
 /// Logs go to stderr. The filter comes from `--log-level`, else `FLOTILLA_LOG`, else
@@ -75,6 +81,10 @@ fn main() -> std::process::ExitCode {
             Cmd::Server(a) => flotilla::server::run(a).await,
             Cmd::Ctl(a) => flotilla::ctl::run(a).await,
             Cmd::Up(a) => flotilla::up::run(a).await,
+            Cmd::Kubeconfig { server } => {
+                print!("{}", flotilla::up::kubeconfig(&server));
+                Ok(())
+            }
         }
     });
     match result {

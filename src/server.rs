@@ -142,8 +142,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(id = args.id, api = %api_addr, peer = %args.listen_peer, "replica started");
 
     let shutdown = CancellationToken::new();
+    let kube = Arc::new(crate::api::Kube::new(
+        crate::api::objects::Objects::new(replica.clone()),
+        shutdown.clone(),
+    ));
+    tokio::spawn(bootstrap_on_leadership(
+        replica.clone(),
+        kube.clone(),
+        shutdown.clone(),
+    ));
     let api = Arc::new(Api {
         replica: replica.clone(),
+        kube,
         metrics,
         shutdown: shutdown.clone(),
     });
@@ -161,6 +171,42 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     replica.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Whenever this replica becomes leader, makes sure the system namespaces (and their
+/// `default` ServiceAccounts) exist, retrying until done or leadership is lost.
+async fn bootstrap_on_leadership(
+    replica: Replica,
+    kube: Arc<crate::api::Kube>,
+    shutdown: CancellationToken,
+) {
+    let mut rx = replica.leadership();
+    loop {
+        let leading = rx.borrow_and_update().is_leader;
+        if leading {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match kube.ensure_system_namespaces().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::debug!(%e, "creating the system namespaces; will retry");
+                        if !rx.borrow().is_leader {
+                            break;
+                        }
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

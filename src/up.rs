@@ -63,6 +63,18 @@ fn spawn(exe: &Path, args: &UpArgs, id: u64, cluster: &str) -> anyhow::Result<Ch
         .with_context(|| format!("starting replica {id}"))
 }
 
+/// A kubeconfig for the cluster whose API is at `server` (plain HTTP, no credentials yet).
+pub fn kubeconfig(server: &str) -> String {
+    let server = if server.starts_with("http://") || server.starts_with("https://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: flotilla\n  cluster:\n    server: {server}\ncontexts:\n- name: flotilla\n  context:\n    cluster: flotilla\n    namespace: default\ncurrent-context: flotilla\nusers: []\n"
+    )
+}
+
 /// Runs the local cluster until Ctrl-C.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.replicas == 0 || args.replicas > 9 {
@@ -156,6 +168,14 @@ async fn supervise(args: &UpArgs, replicas: &mut [Replica], client: &Client) -> 
             args.data_dir.join(r.id.to_string()).display()
         );
     }
+    let kubeconfig_path = args.data_dir.join("kubeconfig");
+    std::fs::write(&kubeconfig_path, kubeconfig(&replicas[0].api))?;
+    let kubeconfig_path = std::fs::canonicalize(&kubeconfig_path).unwrap_or(kubeconfig_path);
+    println!("Kubeconfig: {}", kubeconfig_path.display());
+    println!(
+        "  export KUBECONFIG={}; kubectl get namespaces",
+        kubeconfig_path.display()
+    );
     println!(
         "Try: flotilla ctl --servers {} status",
         client.servers().join(",")

@@ -336,7 +336,11 @@ async fn ctl_saves_a_snapshot_that_seeds_a_new_cluster() {
         "snapshot save: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("revision 25"));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains(&format!("revision {}", before.header.revision)),
+        "{said}"
+    );
 
     // A damaged file is refused.
     let mut bad = std::fs::read(&file).unwrap();

@@ -70,6 +70,15 @@ async fn up_starts_a_cluster_stops_it_cleanly_and_reuses_its_data() {
         "{lines:?}"
     );
     assert!(lines.iter().any(|l| l == "stopped 3 replicas"), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("Kubeconfig: ")),
+        "{lines:?}"
+    );
+    let kubeconfig = std::fs::read_to_string(data.join("kubeconfig")).unwrap();
+    assert!(
+        kubeconfig.contains(&format!("server: http://{host}:6441")),
+        "{kubeconfig}"
+    );
     for id in 1..=3 {
         let log = std::fs::read_to_string(data.join(id.to_string()).join("server.log")).unwrap();
         assert!(

@@ -30,6 +30,8 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 pub struct Api {
     /// The replica.
     pub replica: Replica,
+    /// The Kubernetes API, served on the same listener.
+    pub kube: Arc<crate::api::Kube>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Cancelled on shutdown (ends watch streams).
@@ -127,6 +129,12 @@ impl Api {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let timer = self.metrics.start_request();
         let path = req.uri().path().to_string();
+        if crate::api::Kube::serves(&path) {
+            let (verb, resource) = crate::api::Kube::labels(req.method(), &path, req.uri().query());
+            let resp = self.kube.clone().handle(req).await;
+            timer.finish(verb, resource, resp.status().as_u16());
+            return resp;
+        }
         let (verb, resource) = labels(&path);
         let resp = match self.route(req).await {
             Ok(r) => r,
@@ -157,12 +165,6 @@ impl Api {
             (&Method::GET, "/healthz" | "/livez") => return Ok(h::text(StatusCode::OK, "ok")),
             (&Method::GET, "/readyz") => return Ok(self.readyz(query.contains("verbose"))),
             (&Method::GET, "/metrics") => return Ok(self.metrics.render(&self.replica)),
-            (&Method::GET, "/version") => {
-                return Ok(h::json(
-                    StatusCode::OK,
-                    &serde_json::json!({ "flotilla": env!("CARGO_PKG_VERSION") }),
-                ))
-            }
             (&Method::POST, _) => {}
             (m, p) if p.starts_with("/v3/") => return Err(ApiError::Method(m.to_string())),
             _ => return Err(ApiError::NotFound(path)),
@@ -536,7 +538,6 @@ fn labels(path: &str) -> (&'static str, &'static str) {
         "/v3/maintenance/snapshot" => ("snapshot", "maintenance"),
         "/healthz" | "/livez" | "/readyz" => ("get", "health"),
         "/metrics" => ("get", "metrics"),
-        "/version" => ("get", "version"),
         _ => ("other", "other"),
     }
 }

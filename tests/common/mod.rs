@@ -18,6 +18,10 @@ use nix::unistd::Pid;
 use rand::Rng;
 
 pub const API_PORT: u16 = 6441;
+
+/// Tests' own keys start with a letter; the Kubernetes API keeps its objects under
+/// `/registry/`, which sorts before. Reads and watches of "everything" start here.
+pub const USER_KEYS_START: &[u8] = b"A";
 pub const PEER_PORT: u16 = 7441;
 
 /// Waits until `check` returns `Some`, polling every 20 ms, or panics with `what`.
@@ -88,7 +92,30 @@ impl Cluster {
             c.launch(id, &[]);
         }
         c.wait_leader().await;
+        c.wait_bootstrapped().await;
         c
+    }
+
+    /// Waits until the leader has created the system namespaces and their service accounts,
+    /// so tests that count revisions do not race with those writes.
+    pub async fn wait_bootstrapped(&self) {
+        let client = self.client();
+        wait_for(
+            Duration::from_secs(30),
+            "the system namespaces to be created",
+            || async {
+                let server = client.servers().first()?.clone();
+                let (status, _) = client
+                    .get_text(
+                        &server,
+                        "/api/v1/namespaces/kube-node-lease/serviceaccounts/default",
+                    )
+                    .await
+                    .ok()?;
+                (status == 200).then_some(())
+            },
+        )
+        .await
     }
 
     /// Prepares `n` replica slots (addresses, data directories) without starting them.
@@ -353,7 +380,7 @@ pub async fn all(client: &Client, serializable: bool) -> Result<RangeResponse, C
         .post(
             "/v3/kv/range",
             &RangeRequest {
-                key: vec![0],
+                key: USER_KEYS_START.to_vec(),
                 range_end: vec![0],
                 serializable,
                 ..RangeRequest::default()
@@ -372,7 +399,7 @@ impl WatchStream {
     pub async fn open(client: &Client, server: &str, start_revision: i64) -> WatchStream {
         let req = WatchRequest {
             create_request: WatchCreateRequest {
-                key: vec![0],
+                key: USER_KEYS_START.to_vec(),
                 range_end: vec![0],
                 start_revision,
                 progress_notify: false,

@@ -1,0 +1,1548 @@
+//! The Kubernetes API: the REST subset kubectl and the client libraries use, served by every
+//! replica over the replicated store.
+//!
+//! One request, step by step:
+//! 1. [`Kube::handle`] parses the path into a [`Route`] (discovery, `/version`, OpenAPI, or a
+//!    resource with optional namespace, name and subresource) and checks the method. This is
+//!    the one place where authentication and authorization will go.
+//! 2. Reads pass the replica's read barrier (linearizable) unless they ask for
+//!    `resourceVersion=0`, then read the local store. Lists page with `limit`/`continue` at
+//!    one revision and filter by label and field selectors. Watches replay history from the
+//!    store ([`watch`]).
+//! 3. Writes validate and default the object ([`meta`]), then go through Raft as one
+//!    compare-and-swap transaction on the key's revision ([`objects`]): a create needs the key
+//!    absent, an update or delete needs the revision it read. Optimistic concurrency, 409
+//!    `Conflict` and `AlreadyExists` follow from that.
+//! 4. Failures become `Status` objects in exactly one place ([`status`]).
+
+pub mod discovery;
+pub mod meta;
+pub mod objects;
+pub mod patch;
+pub mod resources;
+pub mod selector;
+pub mod status;
+pub mod table;
+mod watch;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
+use base64::Engine;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+
+use crate::http::{full, Body};
+use objects::{Consistency, Objects, Stored};
+use resources::Resource;
+use selector::{FieldSelector, LabelSelector};
+use status::{Cause, KubeError};
+
+/// Largest object body (Kubernetes' limit).
+pub const MAX_BODY_BYTES: usize = 1536 * 1024;
+
+/// Namespaces that always exist and cannot be deleted (`kube-node-lease` can be recreated).
+pub const SYSTEM_NAMESPACES: &[&str] =
+    &["default", "kube-system", "kube-public", "kube-node-lease"];
+
+/// Retries of a read-modify-write that lost a race to another writer.
+const MAX_CAS_RETRIES: usize = 8;
+
+type KubeResult = Result<Response<Body>, KubeError>;
+
+/// What a path names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `/version`.
+    Version,
+    /// `/api` or `/apis`.
+    Root {
+        /// `/api` (core) or `/apis`.
+        core: bool,
+    },
+    /// `/apis/<group>`.
+    Group(String),
+    /// `/api/v1` or `/apis/<group>/<version>`.
+    GroupVersion(String, String),
+    /// `/openapi/v3`.
+    OpenApiIndex,
+    /// `/openapi/v3/<gv path>`.
+    OpenApiDoc(String),
+    /// A resource collection or object.
+    Resource {
+        /// The resource.
+        r: &'static Resource,
+        /// Namespace from the URL.
+        namespace: Option<String>,
+        /// Object name.
+        name: Option<String>,
+        /// Subresource.
+        sub: Option<String>,
+    },
+}
+
+/// Parses a request path.
+pub fn route(path: &str) -> Option<Route> {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match segs.as_slice() {
+        ["version"] => return Some(Route::Version),
+        ["api"] => return Some(Route::Root { core: true }),
+        ["apis"] => return Some(Route::Root { core: false }),
+        ["openapi", "v3"] => return Some(Route::OpenApiIndex),
+        ["openapi", "v3", rest @ ..] => return Some(Route::OpenApiDoc(rest.join("/"))),
+        ["api", v] => return Some(Route::GroupVersion(String::new(), v.to_string())),
+        ["apis", g] => return Some(Route::Group(g.to_string())),
+        ["apis", g, v] => return Some(Route::GroupVersion(g.to_string(), v.to_string())),
+        _ => {}
+    }
+    let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
+        ["api", v, rest @ ..] => ("", v, rest),
+        ["apis", g, v, rest @ ..] => (g, v, rest),
+        _ => return None,
+    };
+    let res = |plural: &str| resources::find(group, version, plural);
+    let owned = |s: &&str| s.to_string();
+    match rest {
+        // namespaces/<ns>/<plural>[/<name>[/<sub>]] when <plural> is a namespaced resource
+        ["namespaces", ns, plural, tail @ ..]
+            if res(plural).is_some_and(|r| r.namespaced) && tail.len() <= 2 =>
+        {
+            Some(Route::Resource {
+                r: res(plural)?,
+                namespace: Some(ns.to_string()),
+                name: tail.first().map(owned),
+                sub: tail.get(1).map(owned),
+            })
+        }
+        [plural, tail @ ..] if tail.len() <= 2 => Some(Route::Resource {
+            r: res(plural)?,
+            namespace: None,
+            name: tail.first().map(owned),
+            sub: tail.get(1).map(owned),
+        }),
+        _ => None,
+    }
+}
+
+/// Decodes `%XX` escapes and `+` in a query component.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(hex, 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Query parameters (the last value of a repeated name wins).
+pub fn query_params(q: Option<&str>) -> HashMap<String, String> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (percent_decode(k), percent_decode(v)),
+            None => (percent_decode(p), String::new()),
+        })
+        .collect()
+}
+
+/// The Kubernetes API of one replica.
+pub struct Kube {
+    pub(crate) objects: Objects,
+    pub(crate) shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// A parsed request: what handlers need besides the body.
+pub(crate) struct Call {
+    pub(crate) r: &'static Resource,
+    pub(crate) namespace: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) params: HashMap<String, String>,
+    pub(crate) accept: String,
+}
+
+impl Call {
+    fn param(&self, k: &str) -> Option<&str> {
+        self.params
+            .get(k)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Reads at `resourceVersion=0` are served locally; all others pass the barrier.
+    fn consistency(&self) -> Consistency {
+        if self.param("resourceVersion") == Some("0") {
+            Consistency::Local
+        } else {
+            Consistency::Linearizable
+        }
+    }
+
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("")
+    }
+
+    fn key(&self) -> String {
+        self.r.key(self.namespace.as_deref(), self.name())
+    }
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(serde_json::to_vec(value).expect("JSON serializes")))
+        .expect("static response parts are valid")
+}
+
+/// Field paths each kind allows in field selectors (besides the metadata ones).
+fn field_labels(r: &Resource) -> &'static [&'static str] {
+    match r.kind {
+        "Namespace" => &["status.phase"],
+        "Secret" => &["type"],
+        _ => &[],
+    }
+}
+
+impl Kube {
+    /// A Kubernetes API over `objects`.
+    pub fn new(objects: Objects, shutdown: tokio_util::sync::CancellationToken) -> Kube {
+        Kube { objects, shutdown }
+    }
+
+    /// Bounded metric labels (verb, resource) for a request.
+    pub fn labels(
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+    ) -> (&'static str, &'static str) {
+        match route(path) {
+            Some(Route::Resource { r, name, sub, .. }) => {
+                let watching = query
+                    .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+                let verb = match (method, name.is_some()) {
+                    (&Method::GET, _) if watching => "watch",
+                    (&Method::GET, true) => "get",
+                    (&Method::GET, false) => "list",
+                    (&Method::POST, _) => "create",
+                    (&Method::PUT, _) => "update",
+                    (&Method::PATCH, _) => "patch",
+                    (&Method::DELETE, true) => "delete",
+                    (&Method::DELETE, false) => "deletecollection",
+                    _ => "other",
+                };
+                (
+                    verb,
+                    if sub.is_some() {
+                        "subresource"
+                    } else {
+                        r.plural
+                    },
+                )
+            }
+            Some(_) => ("get", "discovery"),
+            None => ("other", "other"),
+        }
+    }
+
+    /// True for paths this API serves.
+    pub fn serves(path: &str) -> bool {
+        path == "/version"
+            || path == "/api"
+            || path == "/apis"
+            || path.starts_with("/api/")
+            || path.starts_with("/apis/")
+            || path.starts_with("/openapi/")
+    }
+
+    /// Handles one request; every failure is a `Status`.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        match self.dispatch(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                if e.code >= 500 && e.code != 503 && e.code != 504 {
+                    tracing::warn!(code = e.code, message = %e.message, "kubernetes API request failed");
+                }
+                e.response()
+            }
+        }
+    }
+
+    async fn dispatch(self: &Arc<Self>, req: Request<Incoming>) -> KubeResult {
+        let method = req.method().clone();
+        let accept = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_string();
+        let route = route(req.uri().path()).ok_or_else(KubeError::no_route)?;
+        let params = query_params(req.uri().query());
+        let get_only = |resp: KubeResult| -> KubeResult {
+            if method == Method::GET {
+                resp
+            } else {
+                Err(KubeError::method_not_allowed(method.as_str()))
+            }
+        };
+        match route {
+            Route::Version => get_only(Ok(discovery::version())),
+            Route::Root { core } => get_only(Ok(discovery::root(core, &accept))),
+            Route::Group(g) => get_only(discovery::group(&g)),
+            Route::GroupVersion(g, v) => get_only(discovery::group_version(&g, &v)),
+            Route::OpenApiIndex => get_only(Ok(discovery::openapi_index())),
+            Route::OpenApiDoc(p) => get_only(discovery::openapi_doc(&p)),
+            Route::Resource {
+                r,
+                namespace,
+                name,
+                sub,
+            } => {
+                if sub.is_some() {
+                    // Subresources of these kinds are not served yet.
+                    return Err(KubeError::no_route());
+                }
+                if namespace.is_some() && !r.namespaced {
+                    return Err(KubeError::no_route());
+                }
+                let content_type = req
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let call = Call {
+                    r,
+                    namespace,
+                    name,
+                    params,
+                    accept,
+                };
+                let watching = matches!(call.param("watch"), Some("true" | "1"));
+                match (&method, call.name.is_some()) {
+                    (&Method::GET, true) if watching => Err(KubeError::method_not_allowed("GET")),
+                    (&Method::GET, true) => self.get(&call).await,
+                    (&Method::GET, false) if watching => watch::serve(self.clone(), call).await,
+                    (&Method::GET, false) => self.list(&call).await,
+                    (&Method::POST, false) => {
+                        let body = read_json(req.into_body(), &content_type, &["application/json"])
+                            .await?;
+                        self.create(&call, body).await
+                    }
+                    (&Method::PUT, true) => {
+                        let body = read_json(req.into_body(), &content_type, &["application/json"])
+                            .await?;
+                        self.update(&call, body).await
+                    }
+                    (&Method::PATCH, true) => {
+                        let kind = patch_kind(&content_type)?;
+                        let body = read_json(req.into_body(), "application/json", &[]).await?;
+                        self.patch(&call, kind, body).await
+                    }
+                    (&Method::DELETE, true) => {
+                        let body = read_optional_json(req.into_body()).await?;
+                        self.delete(&call, body).await
+                    }
+                    (&Method::DELETE, false) => self.delete_collection(&call).await,
+                    (m, _) => Err(KubeError::method_not_allowed(m.as_str())),
+                }
+            }
+        }
+    }
+
+    // ---- reads ----
+
+    async fn get(&self, call: &Call) -> KubeResult {
+        let stored = self
+            .objects
+            .get(&call.key(), call.consistency())
+            .await?
+            .ok_or_else(|| KubeError::not_found(call.r, call.name()))?;
+        Ok(self.render_one(call, &stored))
+    }
+
+    fn render_one(&self, call: &Call, stored: &Stored) -> Response<Body> {
+        if table::wants_table(&call.accept) {
+            let include = table::Include::parse(call.param("includeObject"));
+            let rv = stored.revision.to_string();
+            return json_response(
+                StatusCode::OK,
+                &table::table(
+                    call.r,
+                    std::slice::from_ref(&stored.object),
+                    include,
+                    &rv,
+                    None,
+                ),
+            );
+        }
+        json_response(StatusCode::OK, &stored.object)
+    }
+
+    /// The key range of a list: one namespace, or all of them.
+    fn list_range(call: &Call) -> (String, Vec<u8>) {
+        let start = match &call.namespace {
+            Some(ns) => format!("{}{ns}/", call.r.prefix()),
+            None => call.r.prefix(),
+        };
+        let end = objects::prefix_end(start.as_bytes());
+        (start, end)
+    }
+
+    /// Lists matching objects at one revision. Returns them, the revision, and the continue
+    /// token if `limit` cut the list short.
+    pub(crate) async fn list_objects(
+        &self,
+        call: &Call,
+    ) -> Result<(Vec<Value>, i64, Option<String>, Option<i64>), KubeError> {
+        let labels = LabelSelector::parse(call.param("labelSelector").unwrap_or(""))?;
+        let fields = FieldSelector::parse(
+            call.param("fieldSelector").unwrap_or(""),
+            field_labels(call.r),
+        )?;
+        let limit: i64 = match call.param("limit") {
+            Some(l) => l
+                .parse()
+                .ok()
+                .filter(|l: &i64| *l >= 0)
+                .ok_or_else(|| KubeError::bad_request(format!("invalid limit {l:?}")))?,
+            None => 0,
+        };
+        let (mut start, end) = Self::list_range(call);
+        // A field selector that pins the name narrows the range to one key.
+        let mut end = end;
+        if let Some(name) = fields.name() {
+            if call.namespace.is_some() || !call.r.namespaced {
+                start = call.r.key(call.namespace.as_deref(), name);
+                end = Vec::new();
+            }
+        }
+        let mut revision = 0;
+        let mut consistency = call.consistency();
+        if let Some(token) = call.param("continue") {
+            let (rv, from) = decode_continue(token)?;
+            if !from.starts_with(&start) {
+                return Err(KubeError::bad_request(
+                    "continue token does not belong to this list",
+                ));
+            }
+            revision = rv;
+            start = from;
+            consistency = Consistency::Local;
+        }
+        let filtered = !labels.is_empty() || fields != FieldSelector::default();
+        // Unfiltered, one read of `limit` keys is the page; filtered, read in chunks until
+        // `limit` objects match or the range ends.
+        let chunk = if filtered && limit > 0 {
+            limit.max(100)
+        } else {
+            limit
+        };
+        let mut items = Vec::new();
+        let mut at = revision;
+        let mut cursor = start.into_bytes();
+        loop {
+            let (batch, rev, remaining) = self
+                .objects
+                .range(&cursor, &end, at, chunk, consistency)
+                .await
+                .map_err(|e| match e.code {
+                    410 if revision > 0 => KubeError {
+                        message: "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results.".into(),
+                        ..e
+                    },
+                    _ => e,
+                })?;
+            at = rev;
+            consistency = Consistency::Local;
+            let n = batch.len();
+            let mut last_key = None;
+            let mut examined = 0;
+            for s in batch {
+                examined += 1;
+                last_key = Some(objects_key(&s, call));
+                if labels.matches(&s.object) && fields.matches(&s.object) {
+                    items.push(s.object);
+                    if limit > 0 && items.len() as i64 == limit {
+                        break;
+                    }
+                }
+            }
+            let Some(last_key) = last_key else {
+                return Ok((items, at, None, None));
+            };
+            if limit > 0 && items.len() as i64 == limit {
+                let more = examined < n || remaining > 0;
+                let token = more.then(|| encode_continue(at, &format!("{last_key}\u{0}")));
+                let count = (more && !filtered).then_some(remaining);
+                return Ok((items, at, token, count));
+            }
+            if remaining == 0 {
+                return Ok((items, at, None, None));
+            }
+            cursor = format!("{last_key}\u{0}").into_bytes();
+        }
+    }
+
+    async fn list(&self, call: &Call) -> KubeResult {
+        let (items, rv, token, remaining) = self.list_objects(call).await?;
+        let rv = rv.to_string();
+        if table::wants_table(&call.accept) {
+            let include = table::Include::parse(call.param("includeObject"));
+            return Ok(json_response(
+                StatusCode::OK,
+                &table::table(call.r, &items, include, &rv, token.as_deref()),
+            ));
+        }
+        let mut metadata = json!({"resourceVersion": rv});
+        if let Some(t) = token {
+            metadata["continue"] = json!(t);
+        }
+        if let Some(n) = remaining {
+            metadata["remainingItemCount"] = json!(n);
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "kind": format!("{}List", call.r.kind),
+                "apiVersion": call.r.api_version(),
+                "metadata": metadata,
+                "items": items,
+            }),
+        ))
+    }
+
+    // ---- writes ----
+
+    /// Checks that the namespace of a namespaced write exists and is not terminating.
+    async fn check_namespace(&self, call: &Call) -> Result<(), KubeError> {
+        let Some(ns) = call.namespace.as_deref().filter(|_| call.r.namespaced) else {
+            return Ok(());
+        };
+        let ns_res = resources::find("", "v1", "namespaces").expect("namespaces are served");
+        let stored = self
+            .objects
+            .get(&ns_res.key(None, ns), Consistency::Local)
+            .await?
+            .ok_or_else(|| KubeError::not_found(ns_res, ns))?;
+        if stored
+            .object
+            .pointer("/status/phase")
+            .and_then(Value::as_str)
+            == Some("Terminating")
+        {
+            return Err(KubeError::forbidden(
+                call.r,
+                call.name(),
+                format!(
+                    "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                    call.r.qualified(),
+                    call.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn create(&self, call: &Call, body: Value) -> KubeResult {
+        let mut obj = body;
+        let strict = call.param("fieldValidation") == Some("Strict");
+        normalize_new(call, &mut obj, strict)?;
+        let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let call = Call {
+            name: Some(name.clone()),
+            params: call.params.clone(),
+            namespace: call.namespace.clone(),
+            accept: call.accept.clone(),
+            r: call.r,
+        };
+        self.check_namespace(&call).await?;
+        let stored = self
+            .objects
+            .create(call.r, &call.key(), &name, &obj)
+            .await?;
+        if call.r.kind == "Namespace" {
+            self.ensure_default_service_account(&name).await;
+        }
+        Ok(json_response(StatusCode::CREATED, &stored.object))
+    }
+
+    /// Creates the `default` ServiceAccount of a namespace (what Kubernetes' service-account
+    /// controller does); an existing one is left alone.
+    pub(crate) async fn ensure_default_service_account(&self, namespace: &str) {
+        let sa = resources::find("", "v1", "serviceaccounts").expect("served");
+        let obj = json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {
+                "name": "default",
+                "namespace": namespace,
+                "uid": meta::uid(),
+                "creationTimestamp": meta::rfc3339(meta::now_secs()),
+            },
+        });
+        match self
+            .objects
+            .create(sa, &sa.key(Some(namespace), "default"), "default", &obj)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.reason == "AlreadyExists" => {}
+            Err(e) => tracing::warn!(namespace, %e, "could not create the default service account"),
+        }
+    }
+
+    /// Ensures the system namespaces exist (run by the leader after it is elected).
+    pub async fn ensure_system_namespaces(&self) -> Result<(), KubeError> {
+        let ns = resources::find("", "v1", "namespaces").expect("served");
+        for name in SYSTEM_NAMESPACES {
+            let mut obj =
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+            let call = Call {
+                r: ns,
+                namespace: None,
+                name: None,
+                params: HashMap::new(),
+                accept: String::new(),
+            };
+            normalize_new(&call, &mut obj, false)?;
+            match self
+                .objects
+                .create(ns, &ns.key(None, name), name, &obj)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.reason == "AlreadyExists" => {}
+                Err(e) => return Err(e),
+            }
+            self.ensure_default_service_account(name).await;
+        }
+        Ok(())
+    }
+
+    async fn update(&self, call: &Call, body: Value) -> KubeResult {
+        let strict = call.param("fieldValidation") == Some("Strict");
+        let want_rv = body
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        let body_name = body
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if body_name != call.name() {
+            return Err(KubeError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({})",
+                call.name()
+            )));
+        }
+        self.modify(call, want_rv, strict, move |_current| Ok(body.clone()))
+            .await
+    }
+
+    async fn patch(&self, call: &Call, kind: PatchKind, patch: Value) -> KubeResult {
+        let strict = call.param("fieldValidation") == Some("Strict");
+        if kind == PatchKind::Apply {
+            if call.param("fieldManager").is_none() {
+                return Err(KubeError::invalid(
+                    call.r,
+                    call.name(),
+                    vec![Cause {
+                        reason: "FieldValueRequired".into(),
+                        message: "Required value: is required for apply patch".into(),
+                        field: "fieldManager".into(),
+                    }],
+                ));
+            }
+            // Server-side apply of an absent object creates it (201).
+            if self
+                .objects
+                .get(&call.key(), Consistency::Linearizable)
+                .await?
+                .is_none()
+            {
+                let mut body = patch.clone();
+                if body.pointer("/metadata/name").is_none() {
+                    return Err(KubeError::bad_request(
+                        "an apply patch must name the object",
+                    ));
+                }
+                if let Some(m) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.remove("resourceVersion");
+                }
+                return match self.create(call, body).await {
+                    Err(e) if e.reason == "AlreadyExists" => {
+                        Box::pin(self.apply_existing(call, patch, strict)).await
+                    }
+                    other => other,
+                };
+            }
+            return self.apply_existing(call, patch, strict).await;
+        }
+        let want_rv = patch
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        self.modify(call, want_rv, strict, move |current| {
+            let mut next = current.clone();
+            match kind {
+                PatchKind::Merge => patch::merge(&mut next, &patch),
+                PatchKind::Strategic | PatchKind::Apply => patch::strategic(&mut next, &patch),
+                PatchKind::Json => patch::json_patch(&mut next, &patch)
+                    .map_err(|e| KubeError::invalid_patch(e.to_string()))?,
+            }
+            Ok(next)
+        })
+        .await
+    }
+
+    async fn apply_existing(&self, call: &Call, patch: Value, strict: bool) -> KubeResult {
+        self.modify(call, None, strict, move |current| {
+            let mut next = current.clone();
+            patch::strategic(&mut next, &patch);
+            Ok(next)
+        })
+        .await
+    }
+
+    /// Read-modify-write with a compare-and-swap on the revision read, retried when another
+    /// writer got in between (unless the caller pinned a resourceVersion).
+    async fn modify<F>(
+        &self,
+        call: &Call,
+        want_rv: Option<String>,
+        strict: bool,
+        change: F,
+    ) -> KubeResult
+    where
+        F: Fn(&Value) -> Result<Value, KubeError>,
+    {
+        let key = call.key();
+        let mut current = self
+            .objects
+            .get(&key, Consistency::Linearizable)
+            .await?
+            .ok_or_else(|| KubeError::not_found(call.r, call.name()))?;
+        for _ in 0..MAX_CAS_RETRIES {
+            if let Some(rv) = &want_rv {
+                if *rv != current.revision.to_string() {
+                    return Err(KubeError::conflict(call.r, call.name()));
+                }
+            }
+            let mut next = change(&current.object)?;
+            normalize_update(call, &current.object, &mut next, strict)?;
+            if next == current.object {
+                // Nothing changed: no write, no new revision, no event.
+                return Ok(json_response(StatusCode::OK, &current.object));
+            }
+            let finalize = is_deleting(&next) && finalizers(&next).is_empty();
+            if finalize {
+                match self.objects.delete(&key, current.revision).await? {
+                    Ok(()) => return Ok(json_response(StatusCode::OK, &next)),
+                    Err(Some(now)) => current = now,
+                    Err(None) => return Err(KubeError::not_found(call.r, call.name())),
+                }
+                continue;
+            }
+            match self.objects.replace(&key, current.revision, &next).await? {
+                Ok(stored) => return Ok(json_response(StatusCode::OK, &stored.object)),
+                Err(Some(now)) => current = now,
+                Err(None) => return Err(KubeError::not_found(call.r, call.name())),
+            }
+        }
+        Err(KubeError::conflict(call.r, call.name()))
+    }
+
+    async fn delete(&self, call: &Call, options: Option<Value>) -> KubeResult {
+        let key = call.key();
+        if call.r.kind == "Namespace"
+            && ["default", "kube-system", "kube-public"].contains(&call.name())
+        {
+            return Err(KubeError::forbidden(
+                call.r,
+                call.name(),
+                format!(
+                    "namespaces \"{}\" is forbidden: this namespace may not be deleted",
+                    call.name()
+                ),
+            ));
+        }
+        let preconditions = options
+            .as_ref()
+            .and_then(|o| o.get("preconditions"))
+            .cloned();
+        let mut current = self
+            .objects
+            .get(&key, Consistency::Linearizable)
+            .await?
+            .ok_or_else(|| KubeError::not_found(call.r, call.name()))?;
+        for _ in 0..MAX_CAS_RETRIES {
+            check_preconditions(call, &current.object, preconditions.as_ref())?;
+            if call.r.kind == "Namespace" {
+                return self.delete_namespace(call, current).await;
+            }
+            if !finalizers(&current.object).is_empty() {
+                // Kubernetes semantics: mark for deletion; the object goes when its finalizers do.
+                if is_deleting(&current.object) {
+                    return Ok(json_response(StatusCode::OK, &current.object));
+                }
+                let mut next = current.object.clone();
+                next["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(meta::now_secs()));
+                next["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                match self.objects.replace(&key, current.revision, &next).await? {
+                    Ok(stored) => return Ok(json_response(StatusCode::OK, &stored.object)),
+                    Err(Some(now)) => current = now,
+                    Err(None) => return Err(KubeError::not_found(call.r, call.name())),
+                }
+                continue;
+            }
+            match self.objects.delete(&key, current.revision).await? {
+                Ok(()) => return Ok(json_response(StatusCode::OK, &current.object)),
+                Err(Some(now)) => current = now,
+                Err(None) => return Err(KubeError::not_found(call.r, call.name())),
+            }
+        }
+        Err(KubeError::conflict(call.r, call.name()))
+    }
+
+    /// Marks the namespace `Terminating` (new content is refused from then on), deletes
+    /// everything in it, then the namespace itself. Synchronous here; the namespace
+    /// controller will take this over when the controllers land.
+    async fn delete_namespace(&self, call: &Call, current: Stored) -> KubeResult {
+        let key = call.key();
+        let name = call.name().to_string();
+        let mut marked = current.object.clone();
+        marked["status"]["phase"] = json!("Terminating");
+        if marked.pointer("/metadata/deletionTimestamp").is_none() {
+            marked["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(meta::now_secs()));
+        }
+        let stored = match self
+            .objects
+            .replace(&key, current.revision, &marked)
+            .await?
+        {
+            Ok(s) => s,
+            Err(_) => return Err(KubeError::conflict(call.r, &name)),
+        };
+        for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
+            let start = format!("{}{name}/", r.prefix());
+            let end = objects::prefix_end(start.as_bytes());
+            loop {
+                let (items, _, _) = self
+                    .objects
+                    .range(start.as_bytes(), &end, 0, 256, Consistency::Linearizable)
+                    .await?;
+                if items.is_empty() {
+                    break;
+                }
+                for item in items {
+                    let obj_name = item
+                        .object
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    // A concurrent change is fine: the next pass sees it.
+                    let _ = self
+                        .objects
+                        .delete(&r.key(Some(&name), obj_name), item.revision)
+                        .await?;
+                }
+            }
+        }
+        let final_state = stored.object.clone();
+        match self.objects.delete(&key, stored.revision).await? {
+            Ok(()) => Ok(json_response(StatusCode::OK, &final_state)),
+            Err(_) => Err(KubeError::conflict(call.r, &name)),
+        }
+    }
+
+    async fn delete_collection(&self, call: &Call) -> KubeResult {
+        let (items, _, _, _) = self.list_objects(call).await?;
+        for obj in items {
+            let name = obj
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let one = Call {
+                r: call.r,
+                namespace: obj
+                    .pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .or_else(|| call.namespace.clone()),
+                name: Some(name),
+                params: HashMap::new(),
+                accept: String::new(),
+            };
+            match self.delete(&one, None).await {
+                Ok(_) => {}
+                Err(e) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+        ))
+    }
+}
+
+fn objects_key(s: &Stored, call: &Call) -> String {
+    let name = s
+        .object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let ns = s
+        .object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str);
+    call.r.key(ns, name)
+}
+
+fn encode_continue(rv: i64, start: &str) -> String {
+    B64URL.encode(serde_json::to_vec(&json!({"rv": rv, "start": start})).expect("JSON serializes"))
+}
+
+fn decode_continue(token: &str) -> Result<(i64, String), KubeError> {
+    let bad = || {
+        KubeError::bad_request("continue key is not valid: the token is not one this server issued")
+    };
+    let raw = B64URL
+        .decode(token.trim_end_matches('='))
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    Ok((
+        v.get("rv").and_then(Value::as_i64).ok_or_else(bad)?,
+        v.get("start")
+            .and_then(Value::as_str)
+            .ok_or_else(bad)?
+            .to_string(),
+    ))
+}
+
+fn is_deleting(obj: &Value) -> bool {
+    obj.pointer("/metadata/deletionTimestamp")
+        .is_some_and(|v| !v.is_null())
+}
+
+fn finalizers(obj: &Value) -> Vec<Value> {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn check_preconditions(call: &Call, obj: &Value, pre: Option<&Value>) -> Result<(), KubeError> {
+    let Some(pre) = pre else { return Ok(()) };
+    if let Some(uid) = pre.get("uid").and_then(Value::as_str) {
+        let have = obj
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if uid != have {
+            return Err(KubeError {
+                message: format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {have}"
+                ),
+                ..KubeError::conflict(call.r, call.name())
+            });
+        }
+    }
+    if let Some(rv) = pre.get("resourceVersion").and_then(Value::as_str) {
+        let have = obj
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if rv != have {
+            return Err(KubeError {
+                message: format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {have}"
+                ),
+                ..KubeError::conflict(call.r, call.name())
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Kind-specific validation of a whole object; returns the causes of failure.
+fn validate(r: &Resource, obj: &Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if name.is_empty() {
+        causes.push(Cause {
+            reason: "FieldValueRequired".into(),
+            message: "Required value: name or generateName is required".into(),
+            field: "metadata.name".into(),
+        });
+    } else if let Some(c) = if r.kind == "Namespace" {
+        meta::check_dns1123_label("metadata.name", name)
+    } else {
+        meta::check_dns1123_subdomain("metadata.name", name)
+    } {
+        causes.push(c);
+    }
+    if let Some(m) = obj.get("metadata").and_then(Value::as_object) {
+        causes.extend(meta::check_labels(m));
+    }
+    let config_key = |k: &str| {
+        !k.is_empty()
+            && k.len() <= 253
+            && k.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    };
+    match r.kind {
+        "ConfigMap" => {
+            for field in ["data", "binaryData"] {
+                if let Some(v) = obj.get(field) {
+                    match v.as_object() {
+                        Some(m) => {
+                            for (k, val) in m {
+                                if !config_key(k) {
+                                    causes.push(Cause {
+                                        reason: "FieldValueInvalid".into(),
+                                        message: format!("Invalid value: \"{k}\": a valid config key must consist of alphanumeric characters, '-', '_' or '.'"),
+                                        field: format!("{field}[{k}]"),
+                                    });
+                                }
+                                let ok = if field == "data" {
+                                    val.is_string()
+                                } else {
+                                    val.as_str().is_some_and(|s| B64.decode(s).is_ok())
+                                };
+                                if !ok {
+                                    causes.push(Cause {
+                                        reason: "FieldValueInvalid".into(),
+                                        message: format!(
+                                            "Invalid value: {field} values must be {}",
+                                            if field == "data" {
+                                                "strings"
+                                            } else {
+                                                "base64 strings"
+                                            }
+                                        ),
+                                        field: format!("{field}[{k}]"),
+                                    });
+                                }
+                            }
+                        }
+                        None if v.is_null() => {}
+                        None => causes.push(Cause {
+                            reason: "FieldValueInvalid".into(),
+                            message: "Invalid value: must be a map".into(),
+                            field: field.into(),
+                        }),
+                    }
+                }
+            }
+        }
+        "Secret" => {
+            if let Some(m) = obj.get("data").and_then(Value::as_object) {
+                for (k, val) in m {
+                    if !config_key(k) || val.as_str().is_none_or(|s| B64.decode(s).is_err()) {
+                        causes.push(Cause {
+                            reason: "FieldValueInvalid".into(),
+                            message: format!("Invalid value: \"{k}\": secret data must map valid keys to base64 strings"),
+                            field: format!("data[{k}]"),
+                        });
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    causes
+}
+
+/// Kinds whose `metadata.generation` counts spec changes (those with a spec a controller
+/// acts on); Kubernetes leaves it out on the others.
+fn has_generation(r: &Resource) -> bool {
+    matches!(
+        r.kind,
+        "Pod" | "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "Service" | "Node"
+    )
+}
+
+/// Checks and defaults an object being created.
+fn normalize_new(call: &Call, obj: &mut Value, strict: bool) -> Result<(), KubeError> {
+    let r = call.r;
+    let Some(map) = obj.as_object_mut() else {
+        return Err(KubeError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    };
+    check_kind(r, map)?;
+    if strict {
+        if let Some(f) = meta::unknown_field(r.kind, map) {
+            return Err(KubeError::bad_request(format!(
+                "strict decoding error: unknown field \"{f}\""
+            )));
+        }
+    }
+    map.insert("apiVersion".into(), json!(r.api_version()));
+    map.insert("kind".into(), json!(r.kind));
+    let meta = map.entry("metadata").or_insert_with(|| json!({}));
+    let Some(m) = meta.as_object_mut() else {
+        return Err(KubeError::bad_request("metadata must be an object"));
+    };
+    if m.get("resourceVersion")
+        .and_then(Value::as_str)
+        .is_some_and(|s| !s.is_empty())
+    {
+        return Err(KubeError::bad_request(
+            "resourceVersion should not be set on objects to be created",
+        ));
+    }
+    let name = m
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if name.is_empty() {
+        if let Some(prefix) = m
+            .get("generateName")
+            .and_then(Value::as_str)
+            .filter(|p| !p.is_empty())
+        {
+            m.insert(
+                "name".into(),
+                json!(format!("{prefix}{}", meta::name_suffix())),
+            );
+        }
+    }
+    match (&call.namespace, r.namespaced) {
+        (Some(ns), true) => {
+            if let Some(body_ns) = m
+                .get("namespace")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+            {
+                if body_ns != ns {
+                    return Err(KubeError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+            }
+            m.insert("namespace".into(), json!(ns));
+        }
+        (None, true) => {
+            return Err(KubeError::bad_request(format!(
+                "{} must be created in a namespace (POST to /{}/namespaces/<namespace>/{})",
+                r.plural,
+                if r.group.is_empty() {
+                    "api/v1".to_string()
+                } else {
+                    format!("apis/{}/{}", r.group, r.version)
+                },
+                r.plural
+            )))
+        }
+        (_, false) => {
+            m.remove("namespace");
+        }
+    }
+    m.insert("uid".into(), json!(meta::uid()));
+    m.insert(
+        "creationTimestamp".into(),
+        json!(meta::rfc3339(meta::now_secs())),
+    );
+    if has_generation(r) {
+        m.insert("generation".into(), json!(1));
+    } else {
+        m.remove("generation");
+    }
+    m.remove("resourceVersion");
+    m.remove("deletionTimestamp");
+    m.remove("deletionGracePeriodSeconds");
+    m.remove("selfLink");
+    default_kind(r, map);
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let causes = validate(r, obj);
+    if !causes.is_empty() {
+        return Err(KubeError::invalid(r, &name, causes));
+    }
+    Ok(())
+}
+
+fn check_kind(r: &Resource, map: &serde_json::Map<String, Value>) -> Result<(), KubeError> {
+    if let Some(k) = map
+        .get("kind")
+        .and_then(Value::as_str)
+        .filter(|k| !k.is_empty())
+    {
+        if k != r.kind {
+            return Err(KubeError::bad_request(format!(
+                "the object's kind {k:?} does not match the resource {} (kind {:?})",
+                r.qualified(),
+                r.kind
+            )));
+        }
+    }
+    if let Some(v) = map
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .filter(|v| !v.is_empty())
+    {
+        if v != r.api_version() {
+            return Err(KubeError::bad_request(format!(
+                "the object's apiVersion {v:?} does not match {:?}",
+                r.api_version()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Kind defaults, as the Kubernetes API server applies them.
+fn default_kind(r: &Resource, map: &mut serde_json::Map<String, Value>) {
+    match r.kind {
+        "Namespace" => {
+            let spec = map.entry("spec").or_insert_with(|| json!({}));
+            if spec.get("finalizers").is_none() {
+                spec["finalizers"] = json!(["kubernetes"]);
+            }
+            map.insert("status".into(), json!({"phase": "Active"}));
+        }
+        "Secret" => {
+            if map
+                .get("type")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                map.insert("type".into(), json!("Opaque"));
+            }
+            // stringData is write-only: it is merged into data and not stored.
+            if let Some(Value::Object(sd)) = map.remove("stringData") {
+                let data = map.entry("data").or_insert_with(|| json!({}));
+                if let Some(d) = data.as_object_mut() {
+                    for (k, v) in sd {
+                        if let Some(s) = v.as_str() {
+                            d.insert(k, json!(B64.encode(s.as_bytes())));
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Checks a replacement object and carries over what an update may not change.
+fn normalize_update(
+    call: &Call,
+    current: &Value,
+    next: &mut Value,
+    strict: bool,
+) -> Result<(), KubeError> {
+    let r = call.r;
+    let Some(map) = next.as_object_mut() else {
+        return Err(KubeError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    };
+    check_kind(r, map)?;
+    if strict {
+        if let Some(f) = meta::unknown_field(r.kind, map) {
+            return Err(KubeError::bad_request(format!(
+                "strict decoding error: unknown field \"{f}\""
+            )));
+        }
+    }
+    map.insert("apiVersion".into(), json!(r.api_version()));
+    map.insert("kind".into(), json!(r.kind));
+    if !map.get("metadata").is_some_and(Value::is_object) {
+        map.insert("metadata".into(), json!({}));
+    }
+    if let Some(ns) = &call.namespace {
+        let body_ns = map["metadata"]
+            .get("namespace")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty());
+        if body_ns.is_some_and(|b| b != ns) {
+            return Err(KubeError::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+    }
+    let cur_meta = current
+        .get("metadata")
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+    let m = map["metadata"]
+        .as_object_mut()
+        .expect("made an object above");
+    if m.get("name").and_then(Value::as_str) != cur_meta.get("name").and_then(Value::as_str) {
+        return Err(KubeError::invalid(
+            r,
+            call.name(),
+            vec![Cause {
+                reason: "FieldValueInvalid".into(),
+                message: "Invalid value: field is immutable".into(),
+                field: "metadata.name".into(),
+            }],
+        ));
+    }
+    for k in [
+        "uid",
+        "creationTimestamp",
+        "namespace",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+    ] {
+        match cur_meta.get(k) {
+            Some(v) => {
+                m.insert(k.into(), v.clone());
+            }
+            None => {
+                m.remove(k);
+            }
+        }
+    }
+    m.insert(
+        "resourceVersion".into(),
+        cur_meta
+            .get("resourceVersion")
+            .cloned()
+            .unwrap_or(Value::Null),
+    );
+    m.remove("selfLink");
+    // generation counts changes of everything but metadata and status.
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("metadata");
+            o.remove("status");
+        }
+        v
+    };
+    if has_generation(r) {
+        let generation = cur_meta
+            .get("generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
+        let changed = strip(current) != strip(&Value::Object(map.clone()));
+        map["metadata"]["generation"] = json!(if changed { generation + 1 } else { generation });
+    } else if let Some(m) = map["metadata"].as_object_mut() {
+        m.remove("generation");
+    }
+    match r.kind {
+        // The main resource ignores status; its subresource (not served yet) sets it.
+        "Namespace" => {
+            map.insert(
+                "status".into(),
+                current
+                    .get("status")
+                    .cloned()
+                    .unwrap_or_else(|| json!({"phase": "Active"})),
+            );
+            if map.get("spec").is_none() {
+                map.insert(
+                    "spec".into(),
+                    current.get("spec").cloned().unwrap_or_else(|| json!({})),
+                );
+            }
+        }
+        "Secret" => default_kind(r, map),
+        _ => {}
+    }
+    if (r.kind == "ConfigMap" || r.kind == "Secret")
+        && current.get("immutable") == Some(&json!(true))
+    {
+        let data_of = |v: &Value| {
+            (
+                v.get("data").cloned(),
+                v.get("binaryData").cloned(),
+                v.get("immutable").cloned(),
+            )
+        };
+        if data_of(current) != data_of(next) {
+            return Err(KubeError::invalid(
+                r,
+                call.name(),
+                vec![Cause {
+                    reason: "FieldValueForbidden".into(),
+                    message: "Forbidden: field is immutable when `immutable` is set".into(),
+                    field: "data".into(),
+                }],
+            ));
+        }
+    }
+    let causes = validate(r, next);
+    if !causes.is_empty() {
+        return Err(KubeError::invalid(r, call.name(), causes));
+    }
+    Ok(())
+}
+
+/// The kinds of patch the API accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchKind {
+    /// `application/merge-patch+json`.
+    Merge,
+    /// `application/strategic-merge-patch+json`.
+    Strategic,
+    /// `application/json-patch+json`.
+    Json,
+    /// `application/apply-patch+yaml` (server-side apply).
+    Apply,
+}
+
+const PATCH_TYPES: &[&str] = &[
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/strategic-merge-patch+json",
+    "application/apply-patch+yaml",
+];
+
+fn patch_kind(content_type: &str) -> Result<PatchKind, KubeError> {
+    let base = content_type.split(';').next().unwrap_or("").trim();
+    match base {
+        "application/merge-patch+json" => Ok(PatchKind::Merge),
+        "application/strategic-merge-patch+json" => Ok(PatchKind::Strategic),
+        "application/json-patch+json" => Ok(PatchKind::Json),
+        "application/apply-patch+yaml" | "application/apply-patch+json" => Ok(PatchKind::Apply),
+        other => Err(KubeError::unsupported_media(other, PATCH_TYPES)),
+    }
+}
+
+async fn read_body(body: Incoming) -> Result<Bytes, KubeError> {
+    crate::http::read_body(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| match e {
+            crate::http::BodyError::TooLarge(limit) => KubeError::too_large(limit),
+            crate::http::BodyError::Read(m) => KubeError::bad_request(m),
+        })
+}
+
+/// Reads a JSON body. A missing Content-Type is JSON (the Python client sends none);
+/// protobuf and other types are refused with 415.
+async fn read_json(
+    body: Incoming,
+    content_type: &str,
+    accepted: &[&str],
+) -> Result<Value, KubeError> {
+    let base = content_type.split(';').next().unwrap_or("").trim();
+    if !base.is_empty() && !accepted.is_empty() && !accepted.contains(&base) {
+        return Err(KubeError::unsupported_media(
+            base,
+            &["application/json", "application/yaml"],
+        ));
+    }
+    let bytes = read_body(body).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        KubeError::bad_request(format!(
+            "the body of the request could not be decoded as JSON: {e}"
+        ))
+    })
+}
+
+/// DELETE bodies are optional `DeleteOptions`.
+async fn read_optional_json(body: Incoming) -> Result<Option<Value>, KubeError> {
+    let bytes = read_body(body).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        KubeError::bad_request(format!("DeleteOptions could not be decoded as JSON: {e}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_route_to_resources_namespaces_and_subresources() {
+        let r = |p: &str| route(p);
+        assert_eq!(r("/version"), Some(Route::Version));
+        assert_eq!(r("/api"), Some(Route::Root { core: true }));
+        assert_eq!(
+            r("/api/v1"),
+            Some(Route::GroupVersion(String::new(), "v1".into()))
+        );
+        match r("/api/v1/namespaces/default/configmaps/cm1").unwrap() {
+            Route::Resource {
+                r,
+                namespace,
+                name,
+                sub,
+            } => {
+                assert_eq!(r.plural, "configmaps");
+                assert_eq!(namespace.as_deref(), Some("default"));
+                assert_eq!(name.as_deref(), Some("cm1"));
+                assert_eq!(sub, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        match r("/api/v1/namespaces/default").unwrap() {
+            Route::Resource {
+                r, namespace, name, ..
+            } => {
+                assert_eq!(
+                    (r.plural, namespace, name.as_deref()),
+                    ("namespaces", None, Some("default"))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match r("/api/v1/namespaces/x/status").unwrap() {
+            Route::Resource { r, name, sub, .. } => {
+                assert_eq!(
+                    (r.plural, name.as_deref(), sub.as_deref()),
+                    ("namespaces", Some("x"), Some("status"))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match r("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases").unwrap() {
+            Route::Resource {
+                r, namespace, name, ..
+            } => {
+                assert_eq!(
+                    (r.plural, namespace.as_deref(), name),
+                    ("leases", Some("kube-node-lease"), None)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r("/api/v1/widgets"), None);
+        assert_eq!(r("/apis/nope/v1/things"), None);
+    }
+
+    #[test]
+    fn query_parameters_are_percent_decoded() {
+        let q = query_params(Some("labelSelector=app%3Dweb%2Ctier&limit=5&watch=true"));
+        assert_eq!(q["labelSelector"], "app=web,tier");
+        assert_eq!(q["limit"], "5");
+        let t = encode_continue(42, "/registry/configmaps/default/b\u{0}");
+        assert_eq!(
+            decode_continue(&t).unwrap(),
+            (42, "/registry/configmaps/default/b\u{0}".to_string())
+        );
+        assert!(decode_continue("garbage!").is_err());
+    }
+}

@@ -1,0 +1,260 @@
+//! Kubernetes objects in the replicated store.
+//!
+//! An object is stored as JSON under [`Resource::key`], without `metadata.resourceVersion`:
+//! its resourceVersion *is* the store's mod revision, written into the object whenever it is
+//! read (as the Kubernetes API server does over etcd). Every write is one store transaction
+//! guarded by a compare on the key's revision, so concurrent writers cannot lose updates:
+//! creates require the key to be absent, updates and deletes require the revision they read.
+
+use flotilla_raft::{Command, CommandResult, Replica};
+use flotilla_store::{
+    Compare, CompareResult, CompareTarget, DeleteRangeRequest, KeyValue, PutRequest, RangeRequest,
+    RequestOp, ResponseOp, TxnRequest, TxnResponse,
+};
+use serde_json::Value;
+
+use super::resources::Resource;
+use super::status::KubeError;
+
+/// How a read should be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// After the read barrier (the default).
+    Linearizable,
+    /// From this replica's state (`resourceVersion=0`).
+    Local,
+}
+
+/// An object as read: its JSON with `resourceVersion` filled in, and its revision.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The object.
+    pub object: Value,
+    /// Its mod revision.
+    pub revision: i64,
+}
+
+/// Decodes a stored value and stamps its resourceVersion.
+pub fn decode(kv: &KeyValue) -> Result<Stored, KubeError> {
+    let mut object: Value = serde_json::from_slice(&kv.value)
+        .map_err(|e| KubeError::internal(format!("stored object is not JSON: {e}")))?;
+    set_resource_version(&mut object, kv.mod_revision);
+    Ok(Stored {
+        object,
+        revision: kv.mod_revision,
+    })
+}
+
+/// Writes `metadata.resourceVersion`.
+pub fn set_resource_version(object: &mut Value, revision: i64) {
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert(
+            "resourceVersion".into(),
+            Value::String(revision.to_string()),
+        );
+    }
+}
+
+/// The bytes stored for `object`: without `resourceVersion`.
+fn encode(object: &Value) -> Vec<u8> {
+    let mut o = object.clone();
+    if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    serde_json::to_vec(&o).expect("JSON values serialize")
+}
+
+/// The end of the key range of every key starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Reads and writes objects through a replica.
+#[derive(Clone)]
+pub struct Objects {
+    replica: Replica,
+}
+
+impl Objects {
+    /// Objects stored through `replica`.
+    pub fn new(replica: Replica) -> Objects {
+        Objects { replica }
+    }
+
+    /// The replica.
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    async fn barrier(&self, c: Consistency) -> Result<(), KubeError> {
+        if c == Consistency::Linearizable {
+            self.replica.read_barrier().await?;
+        }
+        Ok(())
+    }
+
+    /// One object, or `None`.
+    pub async fn get(&self, key: &str, c: Consistency) -> Result<Option<Stored>, KubeError> {
+        self.barrier(c).await?;
+        let resp = self.replica.kv().range(&RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..RangeRequest::default()
+        })?;
+        resp.kvs.first().map(decode).transpose()
+    }
+
+    /// Objects with keys in `[start, end)` at `revision` (0: current), at most `limit` (0: no
+    /// limit). Returns them, the revision read at, and how many more the range holds.
+    pub async fn range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        revision: i64,
+        limit: i64,
+        c: Consistency,
+    ) -> Result<(Vec<Stored>, i64, i64), KubeError> {
+        self.barrier(c).await?;
+        let kv = self.replica.kv().clone();
+        let req = RangeRequest {
+            key: start.to_vec(),
+            range_end: end.to_vec(),
+            revision,
+            limit,
+            ..RangeRequest::default()
+        };
+        let resp = tokio::task::spawn_blocking(move || kv.range(&req))
+            .await
+            .map_err(|e| KubeError::internal(e.to_string()))??;
+        let items = resp.kvs.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+        let remaining = resp.count - items.len() as i64;
+        Ok((items, resp.revision, remaining))
+    }
+
+    async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, KubeError> {
+        match self.replica.write(Command::txn(txn)).await? {
+            CommandResult::Txn(t) => Ok(t),
+            other => Err(KubeError::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
+        }
+    }
+
+    /// Stores a new object; fails with `AlreadyExists` if the key is taken.
+    pub async fn create(
+        &self,
+        r: &Resource,
+        key: &str,
+        name: &str,
+        object: &Value,
+    ) -> Result<Stored, KubeError> {
+        let k = key.as_bytes().to_vec();
+        let t = self
+            .txn(TxnRequest {
+                compare: vec![Compare {
+                    key: k.clone(),
+                    result: CompareResult::Equal,
+                    target: CompareTarget::CreateRevision(0),
+                }],
+                success: vec![RequestOp::Put(PutRequest {
+                    key: k,
+                    value: encode(object),
+                    prev_kv: false,
+                })],
+                failure: vec![],
+            })
+            .await?;
+        if !t.succeeded {
+            return Err(KubeError::already_exists(r, name));
+        }
+        let mut object = object.clone();
+        set_resource_version(&mut object, t.revision);
+        Ok(Stored {
+            object,
+            revision: t.revision,
+        })
+    }
+
+    /// Replaces an object if it is still at `revision`. Returns the new object, or `Err(None)`
+    /// when the object changed (`Some(current)`) or vanished (`None`) in between.
+    pub async fn replace(
+        &self,
+        key: &str,
+        revision: i64,
+        object: &Value,
+    ) -> Result<Result<Stored, Option<Stored>>, KubeError> {
+        let k = key.as_bytes().to_vec();
+        let t = self
+            .txn(TxnRequest {
+                compare: vec![Compare {
+                    key: k.clone(),
+                    result: CompareResult::Equal,
+                    target: CompareTarget::ModRevision(revision),
+                }],
+                success: vec![RequestOp::Put(PutRequest {
+                    key: k.clone(),
+                    value: encode(object),
+                    prev_kv: false,
+                })],
+                failure: vec![RequestOp::Range(RangeRequest {
+                    key: k,
+                    ..RangeRequest::default()
+                })],
+            })
+            .await?;
+        if t.succeeded {
+            let mut object = object.clone();
+            set_resource_version(&mut object, t.revision);
+            return Ok(Ok(Stored {
+                object,
+                revision: t.revision,
+            }));
+        }
+        Ok(Err(current_of(&t)?))
+    }
+
+    /// Deletes an object if it is still at `revision`; same outcomes as [`Objects::replace`].
+    pub async fn delete(
+        &self,
+        key: &str,
+        revision: i64,
+    ) -> Result<Result<(), Option<Stored>>, KubeError> {
+        let k = key.as_bytes().to_vec();
+        let t = self
+            .txn(TxnRequest {
+                compare: vec![Compare {
+                    key: k.clone(),
+                    result: CompareResult::Equal,
+                    target: CompareTarget::ModRevision(revision),
+                }],
+                success: vec![RequestOp::DeleteRange(DeleteRangeRequest {
+                    key: k.clone(),
+                    range_end: vec![],
+                    prev_kv: false,
+                })],
+                failure: vec![RequestOp::Range(RangeRequest {
+                    key: k,
+                    ..RangeRequest::default()
+                })],
+            })
+            .await?;
+        if t.succeeded {
+            return Ok(Ok(()));
+        }
+        Ok(Err(current_of(&t)?))
+    }
+}
+
+/// The object a failed guard saw (from the failure branch's range).
+fn current_of(t: &TxnResponse) -> Result<Option<Stored>, KubeError> {
+    match t.responses.first() {
+        Some(ResponseOp::Range(r)) => r.kvs.first().map(decode).transpose(),
+        _ => Ok(None),
+    }
+}

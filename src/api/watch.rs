@@ -1,0 +1,204 @@
+//! Kubernetes watches, served from this replica's store.
+//!
+//! `resourceVersion` absent or `0`: the current matching objects first (as `ADDED`), then
+//! changes. `N`: every change after revision N, replayed from the store's history, then live
+//! changes; N below the compaction point gets 410 `Expired`. Label and field selectors apply
+//! to both sides of each change, so an object that stops matching is reported `DELETED` and
+//! one that starts matching `ADDED`. `timeoutSeconds` ends the stream; with
+//! `allowWatchBookmarks` an idle stream gets `BOOKMARK`s carrying the current revision.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_store as store;
+use http::{header, Response, StatusCode};
+use serde_json::{json, Value};
+
+use super::objects;
+use super::selector::{FieldSelector, LabelSelector};
+use super::status::KubeError;
+use super::{field_labels, table, Call, Kube, KubeResult};
+use crate::http as h;
+
+/// Idle time after which a bookmark is sent (when allowed).
+const BOOKMARK_INTERVAL: Duration = Duration::from_secs(10);
+
+fn line(event_type: &str, object: Value) -> Bytes {
+    let mut v = serde_json::to_vec(&json!({"type": event_type, "object": object}))
+        .expect("JSON serializes");
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
+    let labels = LabelSelector::parse(call.param("labelSelector").unwrap_or(""))?;
+    let fields = FieldSelector::parse(
+        call.param("fieldSelector").unwrap_or(""),
+        field_labels(call.r),
+    )?;
+    let as_table = table::wants_table(&call.accept);
+    let include = table::Include::parse(call.param("includeObject"));
+    let timeout = match call.param("timeoutSeconds") {
+        Some(t) => Some(Duration::from_secs(t.parse().map_err(|_| {
+            KubeError::bad_request(format!("invalid timeoutSeconds {t:?}"))
+        })?)),
+        None => None,
+    };
+    let bookmarks = call.param("allowWatchBookmarks") == Some("true");
+    let (initial, start_revision) = match call.param("resourceVersion") {
+        None | Some("0") => {
+            let listing = Call {
+                r: call.r,
+                namespace: call.namespace.clone(),
+                name: None,
+                params: call
+                    .params
+                    .iter()
+                    .filter(|(k, _)| {
+                        matches!(
+                            k.as_str(),
+                            "labelSelector" | "fieldSelector" | "resourceVersion"
+                        )
+                    })
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                accept: String::new(),
+            };
+            let (items, rev, _, _) = kube.list_objects(&listing).await?;
+            (items, rev + 1)
+        }
+        Some(rv) => {
+            let rv: i64 =
+                rv.parse().ok().filter(|v| *v >= 0).ok_or_else(|| {
+                    KubeError::bad_request(format!("invalid resourceVersion {rv:?}"))
+                })?;
+            (Vec::new(), rv + 1)
+        }
+    };
+    let (start, end) = Kube::list_range(&call);
+    let mut watcher = match kube.objects.replica().kv().watch(store::WatchRequest {
+        key: start.into_bytes(),
+        range_end: end,
+        start_revision,
+        prev_kv: true,
+    }) {
+        Ok(w) => w,
+        Err(store::Error::Compacted {
+            compact_revision, ..
+        }) => return Err(KubeError::expired(start_revision - 1, compact_revision)),
+        Err(e) => return Err(e.into()),
+    };
+
+    let (tx, body) = h::channel_body(64);
+    let r = call.r;
+    tokio::spawn(async move {
+        let wrap = |obj: Value| -> Value {
+            if !as_table {
+                return obj;
+            }
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .cloned()
+                .unwrap_or(json!(""));
+            json!({
+                "kind": "Table",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": {"resourceVersion": rv},
+                "columnDefinitions": [],
+                "rows": [table::row(r, &obj, include, super::meta::now_secs())],
+            })
+        };
+        for obj in initial {
+            if tx.send(line("ADDED", wrap(obj))).await.is_err() {
+                return;
+            }
+        }
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut idle = tokio::time::interval(BOOKMARK_INTERVAL);
+        idle.tick().await;
+        loop {
+            let msg = tokio::select! {
+                _ = kube.shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => return,
+                _ = idle.tick(), if bookmarks => {
+                    watcher.request_progress();
+                    continue;
+                }
+                m = watcher.recv() => m,
+            };
+            let lines: Vec<Bytes> = match msg {
+                Ok(store::WatchMessage::Events(events)) => {
+                    idle.reset();
+                    let mut out = Vec::new();
+                    for e in events {
+                        match translate(&e, &labels, &fields) {
+                            Ok(Some((t, obj))) => out.push(line(t, wrap(obj))),
+                            Ok(None) => {}
+                            Err(err) => {
+                                tracing::warn!(%err, "undecodable object in a watch");
+                            }
+                        }
+                    }
+                    out
+                }
+                Ok(store::WatchMessage::Progress(rev)) => vec![line(
+                    "BOOKMARK",
+                    json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": {"resourceVersion": rev.to_string()}}),
+                )],
+                Err(store::CancelReason::Compacted {
+                    requested,
+                    compact_revision,
+                }) => {
+                    let _ = tx
+                        .send(line(
+                            "ERROR",
+                            KubeError::expired(requested, compact_revision).to_value(),
+                        ))
+                        .await;
+                    return;
+                }
+                // Slow or closing: end the stream; the client re-watches from its last version.
+                Err(_) => return,
+            };
+            for l in lines {
+                if tx.send(l).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .expect("static response parts are valid"))
+}
+
+/// The watch event (type and object) a store event becomes for this watcher, if any.
+fn translate(
+    e: &store::Event,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> Result<Option<(&'static str, Value)>, KubeError> {
+    let matches = |o: &Value| labels.matches(o) && fields.matches(o);
+    let prev = e.prev_kv.as_ref().map(objects::decode).transpose()?;
+    match e.kind {
+        store::EventKind::Put => {
+            let new = objects::decode(&e.kv)?.object;
+            let was = prev.as_ref().is_some_and(|p| matches(&p.object));
+            Ok(match (was, matches(&new)) {
+                (true, true) => Some(("MODIFIED", new)),
+                (false, true) => Some(("ADDED", new)),
+                (true, false) => Some(("DELETED", new)),
+                (false, false) => None,
+            })
+        }
+        store::EventKind::Delete => Ok(prev.filter(|p| matches(&p.object)).map(|p| {
+            let mut obj = p.object;
+            objects::set_resource_version(&mut obj, e.kv.mod_revision);
+            ("DELETED", obj)
+        })),
+    }
+}

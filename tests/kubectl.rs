@@ -1,0 +1,416 @@
+//! The Kubernetes API with the real kubectl 1.32 against a three-replica cluster, pointed at
+//! a follower and at the leader, and the raw API for what kubectl does not exercise.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32";
+
+struct Kubectl {
+    server: String,
+    cache: PathBuf,
+    dir: PathBuf,
+}
+
+impl Kubectl {
+    fn new(c: &Cluster, id: u64) -> Kubectl {
+        Kubectl {
+            server: format!("http://{}", c.replica(id).api()),
+            cache: c.dir.path().join(format!("kube-cache-{id}")),
+            dir: c.dir.path().to_path_buf(),
+        }
+    }
+
+    /// Runs kubectl; returns (success, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(KUBECTL)
+            .arg(format!("--server={}", self.server))
+            .arg(format!("--cache-dir={}", self.cache.display()))
+            .args(args)
+            .env("HOME", &self.dir)
+            .output()
+            .expect("kubectl 1.32 is installed");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args);
+        assert!(ok, "kubectl {args:?} failed:\n{out}{err}");
+        out
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args);
+        assert!(!ok, "kubectl {args:?} should fail:\n{out}{err}");
+        err
+    }
+
+    fn file(&self, name: &str, content: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        p.display().to_string()
+    }
+}
+
+const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm1\n  labels: {app: web}\ndata:\n  a: \"1\"\n";
+
+async fn follower_and_leader(c: &Cluster) -> (u64, u64) {
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    (follower, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_creates_reads_updates_and_deletes_through_a_follower_and_the_leader() {
+    let c = Cluster::start(3, &[]).await;
+    let (follower, leader) = follower_and_leader(&c).await;
+    let kf = Kubectl::new(&c, follower);
+    let kl = Kubectl::new(&c, leader);
+
+    // The system namespaces exist, each with its default service account.
+    let ns = wait_for(Duration::from_secs(10), "the system namespaces", || async {
+        let (ok, out, _) = kf.run(&["get", "ns"]);
+        (ok && out.contains("kube-node-lease")).then_some(out)
+    })
+    .await;
+    for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(
+            ns.lines()
+                .any(|l| l.starts_with(name) && l.contains("Active")),
+            "{ns}"
+        );
+    }
+    assert!(kl
+        .ok(&["get", "sa", "default", "-n", "kube-system", "-o", "name"])
+        .contains("serviceaccount/default"));
+
+    let file = kf.file("cm.yaml", CM);
+    assert_eq!(
+        kf.ok(&["create", "-f", &file]).trim(),
+        "configmap/cm1 created"
+    );
+    // Read through the leader right away: linearizable.
+    let out = kl.ok(&["get", "cm", "cm1"]);
+    assert!(out.starts_with("NAME   DATA   AGE"), "{out}");
+    assert!(out.contains("cm1    1"), "{out}");
+    assert_eq!(
+        kl.ok(&["get", "cm", "cm1", "-o", "jsonpath={.data.a}"]),
+        "1"
+    );
+    assert_eq!(
+        kf.ok(&["get", "configmaps", "-o", "name"]).trim(),
+        "configmap/cm1"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&kl.ok(&["get", "cm", "cm1", "-o", "json"])).unwrap();
+    assert!(json["metadata"]["uid"]
+        .as_str()
+        .is_some_and(|u| u.len() == 36));
+    assert!(
+        json["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+            > 0
+    );
+
+    // Exact error output.
+    let err = kl.fails(&["create", "-f", &file]);
+    assert_eq!(
+        err.trim(),
+        format!("Error from server (AlreadyExists): error when creating \"{file}\": configmaps \"cm1\" already exists")
+    );
+    assert_eq!(
+        kf.fails(&["get", "cm", "nope"]).trim(),
+        "Error from server (NotFound): configmaps \"nope\" not found"
+    );
+
+    // label, annotate, selectors.
+    assert_eq!(
+        kf.ok(&["label", "cm", "cm1", "tier=fe"]).trim(),
+        "configmap/cm1 labeled"
+    );
+    assert_eq!(
+        kl.ok(&["annotate", "cm", "cm1", "note=hi"]).trim(),
+        "configmap/cm1 annotated"
+    );
+    let out = kl.ok(&["get", "cm", "-l", "tier=fe,app in (web)", "--show-labels"]);
+    assert!(out.contains("app=web,tier=fe"), "{out}");
+    assert!(kl.ok(&["get", "cm", "-l", "tier!=fe"]).trim().is_empty());
+    let out = kl.ok(&[
+        "get",
+        "cm",
+        "--field-selector",
+        "metadata.name=cm1",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(out.trim(), "configmap/cm1");
+
+    // Patches of every type.
+    kf.ok(&[
+        "patch",
+        "cm",
+        "cm1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"data":{"b":"2"}}"#,
+    ]);
+    kf.ok(&[
+        "patch",
+        "cm",
+        "cm1",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"replace","path":"/data/a","value":"x"}]"#,
+    ]);
+    kf.ok(&[
+        "patch",
+        "cm",
+        "cm1",
+        "--type",
+        "strategic",
+        "-p",
+        r#"{"data":{"c":"3"}}"#,
+    ]);
+    assert_eq!(
+        kl.ok(&["get", "cm", "cm1", "-o", "jsonpath={.data}"]),
+        r#"{"a":"x","b":"2","c":"3"}"#
+    );
+    let err = kf.fails(&[
+        "patch",
+        "cm",
+        "cm1",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"remove","path":"/data/nope"}]"#,
+    ]);
+    assert!(err.starts_with("The request is invalid: "), "{err}");
+    assert_eq!(
+        kl.ok(&["get", "cm", "cm1", "-o", "jsonpath={.data.a}"]),
+        "x",
+        "a failed patch changes nothing"
+    );
+
+    // apply (client-side) and server-side apply.
+    let applied = kf.file("cm-applied.yaml", &CM.replace("a: \"1\"", "a: \"9\""));
+    let out = kf.ok(&["apply", "-f", &applied]);
+    assert!(out.contains("configmap/cm1 configured"), "{out}");
+    assert_eq!(
+        kf.ok(&["apply", "-f", &applied]).trim(),
+        "configmap/cm1 unchanged"
+    );
+    let ssa = kf.file("cm2.yaml", &CM.replace("cm1", "cm2"));
+    assert_eq!(
+        kl.ok(&["apply", "--server-side", "-f", &ssa]).trim(),
+        "configmap/cm2 serverside-applied"
+    );
+    assert_eq!(
+        kl.ok(&["apply", "--server-side", "-f", &ssa]).trim(),
+        "configmap/cm2 serverside-applied"
+    );
+
+    // replace with a stale resourceVersion conflicts.
+    let stale = kf.file(
+        "cm-stale.yaml",
+        &CM.replace("  name: cm1\n", "  name: cm1\n  resourceVersion: \"1\"\n"),
+    );
+    let err = kf.fails(&["replace", "-f", &stale]);
+    assert_eq!(
+        err.trim(),
+        format!("Error from server (Conflict): error when replacing \"{stale}\": Operation cannot be fulfilled on configmaps \"cm1\": the object has been modified; please apply your changes to the latest version and try again")
+    );
+    assert!(kf
+        .ok(&["replace", "-f", &file])
+        .contains("configmap/cm1 replaced"));
+
+    // delete, then it is gone everywhere.
+    assert_eq!(
+        kl.ok(&["delete", "cm", "cm1", "cm2"]).trim(),
+        "configmap \"cm1\" deleted\nconfigmap \"cm2\" deleted"
+    );
+    assert_eq!(
+        kf.fails(&["get", "cm", "cm1"]).trim(),
+        "Error from server (NotFound): configmaps \"cm1\" not found"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_watch_pages_namespaces_and_validation_behave_as_kubernetes() {
+    let c = Cluster::start(3, &[]).await;
+    let (follower, leader) = follower_and_leader(&c).await;
+    let kf = Kubectl::new(&c, follower);
+    let kl = Kubectl::new(&c, leader);
+    wait_for(Duration::from_secs(10), "the default namespace", || async {
+        kf.run(&["get", "ns", "default"]).0.then_some(())
+    })
+    .await;
+
+    // A watch on the follower sees changes made through the leader, in order.
+    let watch = {
+        let (server, cache, dir) = (kf.server.clone(), kf.cache.clone(), kf.dir.clone());
+        std::thread::spawn(move || {
+            Command::new(KUBECTL)
+                .arg(format!("--server={server}"))
+                .arg(format!("--cache-dir={}", cache.display()))
+                .args([
+                    "get",
+                    "cm",
+                    "-w",
+                    "--output-watch-events",
+                    "-o",
+                    "jsonpath={.type} {.object.metadata.name}{\"\\n\"}",
+                    "--request-timeout=8s",
+                ])
+                .env("HOME", &dir)
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let file = kl.file("w.yaml", &CM.replace("cm1", "w1"));
+    kl.ok(&["create", "-f", &file]);
+    kl.ok(&["label", "cm", "w1", "x=y"]);
+    kl.ok(&["delete", "cm", "w1"]);
+    let out = watch.join().unwrap();
+    let events = String::from_utf8_lossy(&out.stdout);
+    let seen: Vec<&str> = events.lines().filter(|l| l.ends_with(" w1")).collect();
+    assert_eq!(
+        seen,
+        vec!["ADDED w1", "MODIFIED w1", "DELETED w1"],
+        "{events}"
+    );
+
+    // Paging: chunked lists return everything.
+    for i in 0..7 {
+        kl.ok(&[
+            "create",
+            "-f",
+            &kl.file(
+                &format!("p{i}.yaml"),
+                &CM.replace("cm1", &format!("page{i}")),
+            ),
+        ]);
+    }
+    let names = kf.ok(&["get", "cm", "--chunk-size=2", "-o", "name"]);
+    assert_eq!(names.lines().count(), 7, "{names}");
+
+    // Namespaces: content lives and dies with them.
+    let ns = kl.file(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-a\n",
+    );
+    assert_eq!(
+        kl.ok(&["create", "-f", &ns]).trim(),
+        "namespace/team-a created"
+    );
+    kl.ok(&["create", "-n", "team-a", "-f", &file]);
+    assert!(kf.ok(&["get", "cm", "-A"]).contains("team-a"));
+    let err = kl.fails(&["create", "-n", "nowhere", "-f", &file]);
+    assert!(err.contains("namespaces \"nowhere\" not found"), "{err}");
+    assert!(kl
+        .ok(&["delete", "ns", "team-a"])
+        .contains("namespace \"team-a\" deleted"));
+    assert!(!kf.ok(&["get", "cm", "-A"]).contains("team-a"));
+    let err = kl.fails(&["delete", "ns", "default"]);
+    assert!(err.contains("this namespace may not be deleted"), "{err}");
+
+    // Validation: a 422 with causes, printed as Kubernetes prints it.
+    let bad = kl.file("bad.yaml", &CM.replace("cm1", "Bad_Name"));
+    let err = kl.fails(&["create", "-f", &bad]);
+    assert!(
+        err.starts_with("The ConfigMap \"Bad_Name\" is invalid: metadata.name: Invalid value: \"Bad_Name\": a lowercase RFC 1123 subdomain"),
+        "{err}"
+    );
+    let unknown = kl.file("unknown.yaml", &format!("{CM}spec:\n  foo: 1\n"));
+    let err = kl.fails(&["create", "-f", &unknown]);
+    assert!(err.contains("unknown field \"spec\""), "{err}");
+    assert_eq!(
+        kf.ok(&["api-resources", "--api-group=", "-o", "name"])
+            .lines()
+            .filter(|l| *l == "configmaps")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_with_the_same_resource_version_have_exactly_one_winner() {
+    let c = Cluster::start(3, &[]).await;
+    let client = c.client();
+    let api = |id: u64| c.replica(id).api();
+    let body = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "race"}, "data": {"n": "0"}});
+    wait_for(
+        Duration::from_secs(10),
+        "creating the configmap",
+        || async {
+            let resp = client
+                .post_raw(
+                    &api(1),
+                    "/api/v1/namespaces/default/configmaps",
+                    serde_json::to_vec(&body).unwrap(),
+                    None,
+                )
+                .await
+                .ok()?;
+            (resp.status() == 201).then_some(())
+        },
+    )
+    .await;
+    let (_, text) = client
+        .get_text(&api(2), "/api/v1/namespaces/default/configmaps/race")
+        .await
+        .unwrap();
+    let current: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rv = current["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut tasks = Vec::new();
+    for i in 0..6u64 {
+        let server = api(i % 3 + 1);
+        let mut obj = current.clone();
+        // Every update changes something (a no-op update would rightly succeed).
+        obj["data"]["n"] = serde_json::json!((i + 1).to_string());
+        let rv = rv.clone();
+        obj["metadata"]["resourceVersion"] = serde_json::json!(rv);
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::put(format!(
+                "http://{server}/api/v1/namespaces/default/configmaps/race"
+            ))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                serde_json::to_vec(&obj).unwrap(),
+            )))
+            .unwrap();
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http();
+            let resp = client.request(req).await.unwrap();
+            resp.status().as_u16()
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    codes.sort();
+    assert_eq!(
+        codes,
+        vec![200, 409, 409, 409, 409, 409],
+        "exactly one stale-RV update wins"
+    );
+}
