@@ -414,3 +414,150 @@ async fn concurrent_updates_with_the_same_resource_version_have_exactly_one_winn
         "exactly one stale-RV update wins"
     );
 }
+
+const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  labels: {app: web}\nspec:\n  containers:\n  - name: c\n    image: nginx:1.25\n    ports: [{containerPort: 80}]\n";
+const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n  labels: {kubernetes.io/hostname: n1, node-role.kubernetes.io/worker: \"\"}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_and_nodes_default_validate_bind_once_and_keep_status_separate() {
+    let c = Cluster::start(3, &[]).await;
+    let (follower, leader) = follower_and_leader(&c).await;
+    let kf = Kubectl::new(&c, follower);
+    let kl = Kubectl::new(&c, leader);
+
+    assert_eq!(
+        kf.ok(&["create", "-f", &kf.file("pod.yaml", POD)]).trim(),
+        "pod/web created"
+    );
+    assert_eq!(
+        kl.ok(&["create", "-f", &kl.file("node.yaml", NODE)]).trim(),
+        "node/n1 created"
+    );
+    let out = kl.ok(&["get", "po"]);
+    assert!(
+        out.starts_with("NAME   READY   STATUS    RESTARTS   AGE"),
+        "{out}"
+    );
+    assert!(out.contains("web    0/1     Pending   0"), "{out}");
+    let pod: serde_json::Value =
+        serde_json::from_str(&kl.ok(&["get", "po", "web", "-o", "json"])).unwrap();
+    assert_eq!(pod["spec"]["restartPolicy"], "Always");
+    assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 30);
+    assert_eq!(
+        pod["spec"]["containers"][0]["imagePullPolicy"],
+        "IfNotPresent"
+    );
+    assert_eq!(pod["status"]["phase"], "Pending");
+    assert_eq!(pod["status"]["qosClass"], "BestEffort");
+    assert_eq!(pod["metadata"]["generation"], 1);
+    let node = kl.ok(&["get", "no", "n1"]);
+    assert!(node.contains("n1     Unknown   worker"), "{node}");
+
+    // Validation and immutability.
+    let bad = kf.file("bad-pod.yaml", &POD.replace("    image: nginx:1.25\n", ""));
+    let err = kf.fails(&["create", "-f", &bad]);
+    assert!(
+        err.contains("spec.containers[0].image: Required value"),
+        "{err}"
+    );
+    let err = kf.fails(&[
+        "patch",
+        "po",
+        "web",
+        "-p",
+        r#"{"spec":{"restartPolicy":"Never"}}"#,
+    ]);
+    assert!(
+        err.contains("pod updates may not change fields other than"),
+        "{err}"
+    );
+    // What kubectl set image sends: a strategic patch merging containers by name.
+    assert_eq!(
+        kf.ok(&["set", "image", "pod/web", "c=nginx:1.26"]).trim(),
+        "pod/web image updated"
+    );
+    assert_eq!(
+        kl.ok(&[
+            "get",
+            "po",
+            "web",
+            "-o",
+            "jsonpath={.spec.containers[0].image} {.spec.containers[0].ports[0].containerPort}"
+        ]),
+        "nginx:1.26 80"
+    );
+
+    // Binding: once.
+    let client = c.client_for(follower);
+    let bind = |node: &str| {
+        serde_json::to_vec(&serde_json::json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "web"}, "target": {"kind": "Node", "name": node}})).unwrap()
+    };
+    let path = "/api/v1/namespaces/default/pods/web/binding";
+    let resp = client
+        .post_raw(&c.replica(follower).api(), path, bind("n1"), None)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let resp = client
+        .post_raw(&c.replica(leader).api(), path, bind("n2"), None)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409, "a bound pod cannot be bound again");
+    let out = kl.ok(&[
+        "get",
+        "po",
+        "-o",
+        "wide",
+        "--field-selector",
+        "spec.nodeName=n1",
+    ]);
+    assert!(out.contains("web") && out.contains(" n1 "), "{out}");
+    assert!(kl
+        .ok(&["get", "po", "--field-selector", "spec.nodeName=n2"])
+        .trim()
+        .is_empty());
+
+    // Status goes through the status subresource; the main resource ignores it.
+    let status_patch = |body: &str| {
+        Command::new(KUBECTL)
+            .arg(format!("--server={}", kf.server))
+            .arg(format!("--cache-dir={}", kf.cache.display()))
+            .args([
+                "patch",
+                "po",
+                "web",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                body,
+            ])
+            .env("HOME", &kf.dir)
+            .output()
+            .unwrap()
+    };
+    assert!(status_patch(r#"{"status":{"phase":"Running"}}"#)
+        .status
+        .success());
+    kf.ok(&[
+        "patch",
+        "po",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Failed"}}"#,
+    ]);
+    assert_eq!(
+        kl.ok(&["get", "po", "web", "-o", "jsonpath={.status.phase}"]),
+        "Running"
+    );
+    let out = kl.ok(&["cordon", "n1"]);
+    assert_eq!(out.trim(), "node/n1 cordoned");
+    assert!(kl.ok(&["get", "no"]).contains("SchedulingDisabled"));
+    let resources = kf.ok(&["api-resources"]);
+    assert!(
+        resources
+            .lines()
+            .any(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == ["pods", "po"]),
+        "{resources}"
+    );
+}

@@ -54,7 +54,31 @@ fn aggregated_resource(r: &Resource) -> Value {
     if !r.categories.is_empty() {
         v["categories"] = json!(r.categories);
     }
+    if !r.subresources.is_empty() {
+        v["subresources"] = json!(r
+            .subresources
+            .iter()
+            .map(|sub| {
+                let (kind, verbs) = subresource(r, sub);
+                json!({"subresource": sub, "responseKind": {"group": kind.0, "version": kind.1, "kind": kind.2}, "verbs": verbs})
+            })
+            .collect::<Vec<_>>());
+    }
     v
+}
+
+/// The response kind (group, version, kind) and verbs of a subresource.
+fn subresource(
+    r: &Resource,
+    sub: &str,
+) -> (
+    (&'static str, &'static str, &'static str),
+    &'static [&'static str],
+) {
+    match sub {
+        "binding" => (("", "v1", "Binding"), &["create"]),
+        _ => ((r.group, r.version, r.kind), &["get", "patch", "update"]),
+    }
 }
 
 fn aggregated_group(group: &str) -> Value {
@@ -135,7 +159,25 @@ pub fn group_version(group: &str, version: &str) -> Result<Response<Body>, KubeE
     } else {
         format!("{group}/{version}")
     };
-    let resources: Vec<Value> = list
+    let mut subs = Vec::new();
+    for r in &list {
+        for sub in r.subresources {
+            let (kind, verbs) = subresource(r, sub);
+            let mut v = json!({
+                "name": format!("{}/{sub}", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "kind": kind.2,
+                "verbs": verbs,
+            });
+            if kind.0 != r.group {
+                v["group"] = json!(kind.0);
+                v["version"] = json!(kind.1);
+            }
+            subs.push(v);
+        }
+    }
+    let mut resources: Vec<Value> = list
         .into_iter()
         .map(|r| {
             let mut v = json!({
@@ -154,6 +196,7 @@ pub fn group_version(group: &str, version: &str) -> Result<Response<Body>, KubeE
             v
         })
         .collect();
+    resources.extend(subs);
     Ok(json_response(
         &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
         "application/json",

@@ -258,6 +258,8 @@ fn kind_fields(kind: &str) -> &'static [&'static str] {
             "automountServiceAccountToken",
         ],
         "Lease" => &["spec"],
+        "Pod" => &["spec", "status"],
+        "Node" => &["spec", "status"],
         _ => &[],
     }
 }

@@ -16,6 +16,7 @@
 //! 4. Failures become `Status` objects in exactly one place ([`status`]).
 
 pub mod discovery;
+pub mod kinds;
 pub mod meta;
 pub mod objects;
 pub mod patch;
@@ -172,6 +173,8 @@ pub(crate) struct Call {
     pub(crate) name: Option<String>,
     pub(crate) params: HashMap<String, String>,
     pub(crate) accept: String,
+    /// The subresource (`status`, `binding`), if any.
+    pub(crate) sub: Option<String>,
 }
 
 impl Call {
@@ -213,6 +216,16 @@ fn field_labels(r: &Resource) -> &'static [&'static str] {
     match r.kind {
         "Namespace" => &["status.phase"],
         "Secret" => &["type"],
+        "Pod" => &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "status.phase",
+            "status.podIP",
+            "status.nominatedNodeName",
+        ],
+        "Node" => &["spec.unschedulable"],
         _ => &[],
     }
 }
@@ -311,12 +324,13 @@ impl Kube {
                 name,
                 sub,
             } => {
-                if sub.is_some() {
-                    // Subresources of these kinds are not served yet.
-                    return Err(KubeError::no_route());
-                }
                 if namespace.is_some() && !r.namespaced {
                     return Err(KubeError::no_route());
+                }
+                if let Some(sub) = &sub {
+                    if !r.subresources.contains(&sub.as_str()) {
+                        return Err(KubeError::no_route());
+                    }
                 }
                 let content_type = req
                     .headers()
@@ -330,34 +344,43 @@ impl Kube {
                     name,
                     params,
                     accept,
+                    sub,
                 };
                 let watching = matches!(call.param("watch"), Some("true" | "1"));
-                match (&method, call.name.is_some()) {
-                    (&Method::GET, true) if watching => Err(KubeError::method_not_allowed("GET")),
-                    (&Method::GET, true) => self.get(&call).await,
-                    (&Method::GET, false) if watching => watch::serve(self.clone(), call).await,
-                    (&Method::GET, false) => self.list(&call).await,
-                    (&Method::POST, false) => {
+                match (&method, call.name.is_some(), call.sub.as_deref()) {
+                    (&Method::POST, true, Some("binding")) => {
+                        let body = read_json(req.into_body(), &content_type, &["application/json"])
+                            .await?;
+                        self.bind(&call, body).await
+                    }
+                    (_, _, Some("binding")) => Err(KubeError::method_not_allowed(method.as_str())),
+                    (&Method::GET, true, _) if watching => {
+                        Err(KubeError::method_not_allowed("GET"))
+                    }
+                    (&Method::GET, true, _) => self.get(&call).await,
+                    (&Method::GET, false, _) if watching => watch::serve(self.clone(), call).await,
+                    (&Method::GET, false, _) => self.list(&call).await,
+                    (&Method::POST, false, _) => {
                         let body = read_json(req.into_body(), &content_type, &["application/json"])
                             .await?;
                         self.create(&call, body).await
                     }
-                    (&Method::PUT, true) => {
+                    (&Method::PUT, true, _) => {
                         let body = read_json(req.into_body(), &content_type, &["application/json"])
                             .await?;
                         self.update(&call, body).await
                     }
-                    (&Method::PATCH, true) => {
+                    (&Method::PATCH, true, _) => {
                         let kind = patch_kind(&content_type)?;
                         let body = read_json(req.into_body(), "application/json", &[]).await?;
                         self.patch(&call, kind, body).await
                     }
-                    (&Method::DELETE, true) => {
+                    (&Method::DELETE, true, None) => {
                         let body = read_optional_json(req.into_body()).await?;
                         self.delete(&call, body).await
                     }
-                    (&Method::DELETE, false) => self.delete_collection(&call).await,
-                    (m, _) => Err(KubeError::method_not_allowed(m.as_str())),
+                    (&Method::DELETE, false, None) => self.delete_collection(&call).await,
+                    (m, _, _) => Err(KubeError::method_not_allowed(m.as_str())),
                 }
             }
         }
@@ -568,6 +591,7 @@ impl Kube {
             namespace: call.namespace.clone(),
             accept: call.accept.clone(),
             r: call.r,
+            sub: None,
         };
         self.check_namespace(&call).await?;
         let stored = self
@@ -617,6 +641,7 @@ impl Kube {
                 name: None,
                 params: HashMap::new(),
                 accept: String::new(),
+                sub: None,
             };
             normalize_new(&call, &mut obj, false)?;
             match self
@@ -871,6 +896,89 @@ impl Kube {
         }
     }
 
+    /// `POST pods/<name>/binding`: assigns an unbound pod to a node, once. A pod already bound
+    /// gets 409, so two schedulers (or a deposed leader) can never bind it twice.
+    async fn bind(&self, call: &Call, body: Value) -> KubeResult {
+        let target = body
+            .pointer("/target/name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                KubeError::invalid(
+                    call.r,
+                    call.name(),
+                    vec![Cause {
+                        reason: "FieldValueRequired".into(),
+                        message: "Required value".into(),
+                        field: "target.name".into(),
+                    }],
+                )
+            })?
+            .to_string();
+        if let Some(n) = body.pointer("/metadata/name").and_then(Value::as_str) {
+            if n != call.name() {
+                return Err(KubeError::bad_request(format!(
+                    "the name of the binding ({n}) does not match the pod ({})",
+                    call.name()
+                )));
+            }
+        }
+        let key = call.key();
+        let mut current = self
+            .objects
+            .get(&key, Consistency::Linearizable)
+            .await?
+            .ok_or_else(|| KubeError::not_found(call.r, call.name()))?;
+        for _ in 0..MAX_CAS_RETRIES {
+            if let Some(node) = current
+                .object
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+            {
+                return Err(KubeError {
+                    message: format!(
+                        "Operation cannot be fulfilled on pods/binding \"{}\": pod {} is already assigned to node \"{node}\"",
+                        call.name(),
+                        call.name()
+                    ),
+                    ..KubeError::conflict(call.r, call.name())
+                });
+            }
+            if is_deleting(&current.object) {
+                return Err(KubeError {
+                    message: format!(
+                        "pod {} is being deleted, cannot be assigned to a host",
+                        call.name()
+                    ),
+                    ..KubeError::conflict(call.r, call.name())
+                });
+            }
+            let mut next = current.object.clone();
+            next["spec"]["nodeName"] = json!(target);
+            let now = meta::rfc3339(meta::now_secs());
+            let mut conditions = next
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            conditions.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+            conditions.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now}));
+            next["status"]["conditions"] = json!(conditions);
+            match self.objects.replace(&key, current.revision, &next).await? {
+                Ok(_) => {
+                    return Ok(json_response(
+                        StatusCode::CREATED,
+                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+                    ))
+                }
+                Err(Some(now)) => current = now,
+                Err(None) => return Err(KubeError::not_found(call.r, call.name())),
+            }
+        }
+        Err(KubeError::conflict(call.r, call.name()))
+    }
+
     async fn delete_collection(&self, call: &Call) -> KubeResult {
         let (items, _, _, _) = self.list_objects(call).await?;
         for obj in items {
@@ -889,6 +997,7 @@ impl Kube {
                 name: Some(name),
                 params: HashMap::new(),
                 accept: String::new(),
+                sub: None,
             };
             match self.delete(&one, None).await {
                 Ok(_) => {}
@@ -1012,6 +1121,7 @@ fn validate(r: &Resource, obj: &Value) -> Vec<Cause> {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
     };
     match r.kind {
+        "Pod" => causes.extend(kinds::validate_pod(obj)),
         "ConfigMap" => {
             for field in ["data", "binaryData"] {
                 if let Some(v) = obj.get(field) {
@@ -1220,6 +1330,8 @@ fn check_kind(r: &Resource, map: &serde_json::Map<String, Value>) -> Result<(), 
 /// Kind defaults, as the Kubernetes API server applies them.
 fn default_kind(r: &Resource, map: &mut serde_json::Map<String, Value>) {
     match r.kind {
+        "Pod" => kinds::default_pod(map),
+        "Node" => kinds::default_node(map),
         "Namespace" => {
             let spec = map.entry("spec").or_insert_with(|| json!({}));
             if spec.get("finalizers").is_none() {
@@ -1259,6 +1371,20 @@ fn normalize_update(
     strict: bool,
 ) -> Result<(), KubeError> {
     let r = call.r;
+    let status_part = call.sub.as_deref() == Some("status");
+    if status_part {
+        // The status subresource changes status and nothing else.
+        let mut merged = current.clone();
+        match next.get("status").cloned() {
+            Some(st) => merged["status"] = st,
+            None => {
+                if let Some(o) = merged.as_object_mut() {
+                    o.remove("status");
+                }
+            }
+        }
+        *next = merged;
+    }
     let Some(map) = next.as_object_mut() else {
         return Err(KubeError::bad_request(
             "the request body must be a JSON object",
@@ -1349,22 +1475,26 @@ fn normalize_update(
     } else if let Some(m) = map["metadata"].as_object_mut() {
         m.remove("generation");
     }
-    match r.kind {
-        // The main resource ignores status; its subresource (not served yet) sets it.
-        "Namespace" => {
-            map.insert(
-                "status".into(),
-                current
-                    .get("status")
-                    .cloned()
-                    .unwrap_or_else(|| json!({"phase": "Active"})),
-            );
-            if map.get("spec").is_none() {
-                map.insert(
-                    "spec".into(),
-                    current.get("spec").cloned().unwrap_or_else(|| json!({})),
-                );
+    if !status_part && r.subresources.contains(&"status") {
+        // The main resource ignores status; the status subresource sets it.
+        match current.get("status") {
+            Some(st) => {
+                map.insert("status".into(), st.clone());
             }
+            None => {
+                map.remove("status");
+            }
+        }
+    }
+    if !status_part && r.kind == "Pod" {
+        kinds::check_pod_update(call, current, map)?;
+    }
+    match r.kind {
+        "Namespace" if map.get("spec").is_none() => {
+            map.insert(
+                "spec".into(),
+                current.get("spec").cloned().unwrap_or_else(|| json!({})),
+            );
         }
         "Secret" => default_kind(r, map),
         _ => {}

@@ -6,16 +6,6 @@ use serde_json::Value;
 
 /// RFC 7386: objects merge recursively, `null` deletes, anything else replaces.
 pub fn merge(target: &mut Value, patch: &Value) {
-    merge_inner(target, patch, false)
-}
-
-/// Strategic merge patch for kinds without keyed lists: a merge patch whose `$` keys
-/// (`$setElementOrder/...`, `$retainKeys`, `$patch`) carry no meaning here and are dropped.
-pub fn strategic(target: &mut Value, patch: &Value) {
-    merge_inner(target, patch, true)
-}
-
-fn merge_inner(target: &mut Value, patch: &Value, strategic: bool) {
     let Value::Object(p) = patch else {
         *target = patch.clone();
         return;
@@ -25,13 +15,156 @@ fn merge_inner(target: &mut Value, patch: &Value, strategic: bool) {
     }
     let t = target.as_object_mut().expect("made an object above");
     for (k, v) in p {
-        if strategic && k.starts_with('$') {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+/// The merge key of a list field of the built-in types (by field name and, for `ports`, the
+/// object it sits in), or `None` for lists that a patch replaces.
+fn merge_key(field: &str, parent: &str) -> Option<&'static str> {
+    Some(match field {
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
+        | "resourceClaims" => "name",
+        "ports" if parent == "container" => "containerPort",
+        "ports" => "port",
+        "volumeMounts" => "mountPath",
+        "volumeDevices" => "devicePath",
+        "conditions" | "addresses" => "type",
+        "ownerReferences" => "uid",
+        "hostAliases" => "ip",
+        "topologySpreadConstraints" => "topologyKey",
+        "readinessGates" => "conditionType",
+        _ => return None,
+    })
+}
+
+/// Lists of strings that a strategic patch merges as sets.
+fn merges_as_set(field: &str) -> bool {
+    matches!(field, "finalizers")
+}
+
+/// Strategic merge patch with the merge keys of the built-in types: lists of containers, env,
+/// ports, volumes, conditions and the like merge element by element by their key;
+/// `$patch: delete|replace`, `$setElementOrder/<list>`, `$retainKeys` and
+/// `$deleteFromPrimitiveList/<list>` are honoured; other lists are replaced.
+pub fn strategic(target: &mut Value, patch: &Value) {
+    strategic_in(target, patch, "")
+}
+
+fn strategic_in(target: &mut Value, patch: &Value, context: &str) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if p.get("$patch").and_then(Value::as_str) == Some("replace") {
+        let mut replacement = patch.clone();
+        if let Some(o) = replacement.as_object_mut() {
+            o.remove("$patch");
+        }
+        *target = replacement;
+        return;
+    }
+    if !target.is_object() {
+        *target = Value::Object(serde_json::Map::new());
+    }
+    let t = target.as_object_mut().expect("made an object above");
+    for (k, v) in p {
+        if k.starts_with('$') {
             continue;
         }
         if v.is_null() {
             t.remove(k);
-        } else {
-            merge_inner(t.entry(k.clone()).or_insert(Value::Null), v, strategic);
+            continue;
+        }
+        match (v, merge_key(k, context)) {
+            (Value::Array(items), Some(key)) => {
+                let current = t
+                    .entry(k.clone())
+                    .or_insert_with(|| Value::Array(Vec::new()));
+                if !current.is_array() {
+                    *current = Value::Array(Vec::new());
+                }
+                let list = current.as_array_mut().expect("made an array above");
+                let child = if matches!(
+                    k.as_str(),
+                    "containers" | "initContainers" | "ephemeralContainers"
+                ) {
+                    "container"
+                } else {
+                    ""
+                };
+                for item in items {
+                    let id = item.get(key).cloned();
+                    let pos = id
+                        .as_ref()
+                        .and_then(|id| list.iter().position(|e| e.get(key) == Some(id)));
+                    if item.get("$patch").and_then(Value::as_str) == Some("delete") {
+                        if let Some(i) = pos {
+                            list.remove(i);
+                        }
+                        continue;
+                    }
+                    match pos {
+                        Some(i) => strategic_in(&mut list[i], item, child),
+                        None => {
+                            let mut fresh = Value::Null;
+                            strategic_in(&mut fresh, item, child);
+                            list.push(fresh);
+                        }
+                    }
+                }
+            }
+            (Value::Array(items), None) if merges_as_set(k) => {
+                let current = t
+                    .entry(k.clone())
+                    .or_insert_with(|| Value::Array(Vec::new()));
+                if let Some(list) = current.as_array_mut() {
+                    for item in items {
+                        if !list.contains(item) {
+                            list.push(item.clone());
+                        }
+                    }
+                }
+            }
+            (Value::Object(_), _) => strategic_in(t.entry(k.clone()).or_insert(Value::Null), v, k),
+            _ => {
+                t.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    // Directives that act on the merged result.
+    for (k, v) in p {
+        if let Some(field) = k.strip_prefix("$deleteFromPrimitiveList/") {
+            if let (Some(Value::Array(list)), Some(doomed)) = (t.get_mut(field), v.as_array()) {
+                list.retain(|x| !doomed.contains(x));
+            }
+        } else if let Some(field) = k.strip_prefix("$setElementOrder/") {
+            let Some(order) = v.as_array() else { continue };
+            let key = merge_key(field, context);
+            if let Some(Value::Array(list)) = t.get_mut(field) {
+                let rank = |e: &Value| {
+                    order.iter().position(|o| match key {
+                        Some(key) => o.get(key).is_some() && o.get(key) == e.get(key),
+                        None => o == e,
+                    })
+                };
+                let mut indexed: Vec<(usize, Value)> = list.drain(..).enumerate().collect();
+                indexed.sort_by_key(|(i, e)| (rank(e).unwrap_or(usize::MAX), *i));
+                list.extend(indexed.into_iter().map(|(_, e)| e));
+            }
+        } else if k == "$retainKeys" {
+            if let Some(keep) = v.as_array() {
+                t.retain(|name, _| keep.iter().any(|x| x.as_str() == Some(name)));
+            }
         }
     }
 }
@@ -184,13 +317,62 @@ mod tests {
     }
 
     #[test]
-    fn strategic_patch_drops_directives() {
-        let mut doc = json!({"metadata": {"labels": {"a": "1"}}});
+    fn strategic_patch_merges_keyed_lists_and_honours_directives() {
+        let mut pod = json!({"spec": {"containers": [
+            {"name": "a", "image": "x:1", "ports": [{"containerPort": 80, "protocol": "TCP"}], "env": [{"name": "E", "value": "1"}]},
+            {"name": "b", "image": "y:1"},
+        ], "tolerations": [{"key": "t"}]}, "metadata": {"finalizers": ["f1"], "labels": {"a": "1"}}});
+        // What `kubectl set image pod/p a=x:2` sends.
         strategic(
-            &mut doc,
-            &json!({"metadata": {"labels": {"b": "2"}}, "$setElementOrder/x": [1]}),
+            &mut pod,
+            &json!({"spec": {
+                "$setElementOrder/containers": [{"name": "a"}, {"name": "b"}],
+                "containers": [{"image": "x:2", "name": "a"}],
+            }}),
         );
-        assert_eq!(doc, json!({"metadata": {"labels": {"a": "1", "b": "2"}}}));
+        assert_eq!(pod["spec"]["containers"][0]["image"], "x:2");
+        assert_eq!(
+            pod["spec"]["containers"][0]["ports"][0]["containerPort"], 80,
+            "untouched fields stay"
+        );
+        assert_eq!(pod["spec"]["containers"][1]["name"], "b");
+        strategic(
+            &mut pod,
+            &json!({"spec": {
+            "containers": [{"name": "c", "image": "z:1"}, {"name": "b", "$patch": "delete"}],
+            "tolerations": [{"key": "u"}],
+        }, "metadata": {"finalizers": ["f2"], "labels": {"b": "2"}}}),
+        );
+        let names: Vec<&str> = pod["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, vec!["a", "c"]);
+        assert_eq!(
+            pod["spec"]["tolerations"],
+            json!([{"key": "u"}]),
+            "lists without a merge key are replaced"
+        );
+        assert_eq!(pod["metadata"]["finalizers"], json!(["f1", "f2"]));
+        assert_eq!(pod["metadata"]["labels"], json!({"a": "1", "b": "2"}));
+        strategic(
+            &mut pod,
+            &json!({"spec": {"$setElementOrder/containers": [{"name": "c"}, {"name": "a"}]},
+            "metadata": {"$deleteFromPrimitiveList/finalizers": ["f1"]}}),
+        );
+        assert_eq!(pod["spec"]["containers"][0]["name"], "c");
+        assert_eq!(pod["metadata"]["finalizers"], json!(["f2"]));
+        let mut svc = json!({"spec": {"ports": [{"port": 80, "name": "http"}, {"port": 443, "name": "https"}]}});
+        strategic(
+            &mut svc,
+            &json!({"spec": {"ports": [{"port": 443, "name": "tls"}]}}),
+        );
+        assert_eq!(
+            svc["spec"]["ports"],
+            json!([{"port": 80, "name": "http"}, {"port": 443, "name": "tls"}])
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct Resource {
     pub short_names: &'static [&'static str],
     /// Categories (`all`).
     pub categories: &'static [&'static str],
+    /// Subresources served (`status`, `binding`).
+    pub subresources: &'static [&'static str],
 }
 
 impl Resource {
@@ -79,12 +81,35 @@ pub const RESOURCES: &[Resource] = &[
     Resource {
         group: "",
         version: "v1",
+        plural: "pods",
+        singular: "pod",
+        kind: "Pod",
+        namespaced: true,
+        short_names: &["po"],
+        categories: &["all"],
+        subresources: &["status", "binding"],
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "nodes",
+        singular: "node",
+        kind: "Node",
+        namespaced: false,
+        short_names: &["no"],
+        categories: &[],
+        subresources: &["status"],
+    },
+    Resource {
+        group: "",
+        version: "v1",
         plural: "namespaces",
         singular: "namespace",
         kind: "Namespace",
         namespaced: false,
         short_names: &["ns"],
         categories: &[],
+        subresources: &["status"],
     },
     Resource {
         group: "",
@@ -95,6 +120,7 @@ pub const RESOURCES: &[Resource] = &[
         namespaced: true,
         short_names: &["cm"],
         categories: &[],
+        subresources: &[],
     },
     Resource {
         group: "",
@@ -105,6 +131,7 @@ pub const RESOURCES: &[Resource] = &[
         namespaced: true,
         short_names: &[],
         categories: &[],
+        subresources: &[],
     },
     Resource {
         group: "",
@@ -115,6 +142,7 @@ pub const RESOURCES: &[Resource] = &[
         namespaced: true,
         short_names: &["sa"],
         categories: &[],
+        subresources: &[],
     },
     Resource {
         group: "coordination.k8s.io",
@@ -125,6 +153,7 @@ pub const RESOURCES: &[Resource] = &[
         namespaced: true,
         short_names: &[],
         categories: &[],
+        subresources: &[],
     },
 ];
 

@@ -56,7 +56,122 @@ pub fn columns(r: &Resource) -> Vec<Value> {
         ],
         "ServiceAccount" => vec![name, column("Secrets", "integer", "", 0), age],
         "Lease" => vec![name, column("Holder", "string", "", 0), age],
+        "Pod" => vec![
+            name,
+            column("Ready", "string", "", 0),
+            column("Status", "string", "", 0),
+            column("Restarts", "string", "", 0),
+            age,
+            column("IP", "string", "", 1),
+            column("Node", "string", "", 1),
+            column("Nominated Node", "string", "", 1),
+            column("Readiness Gates", "string", "", 1),
+        ],
+        "Node" => vec![
+            name,
+            column("Status", "string", "", 0),
+            column("Roles", "string", "", 0),
+            age,
+            column("Version", "string", "", 0),
+            column("Internal-IP", "string", "", 1),
+            column("External-IP", "string", "", 1),
+            column("OS-Image", "string", "", 1),
+            column("Kernel-Version", "string", "", 1),
+            column("Container-Runtime", "string", "", 1),
+        ],
         _ => vec![name, age],
+    }
+}
+
+/// kubectl's pod STATUS: the deletion, a waiting or terminated container's reason, or the
+/// phase.
+fn pod_status(obj: &Value) -> String {
+    if obj
+        .pointer("/metadata/deletionTimestamp")
+        .is_some_and(|v| !v.is_null())
+    {
+        return "Terminating".into();
+    }
+    if let Some(r) = obj.pointer("/status/reason").and_then(Value::as_str) {
+        return r.to_string();
+    }
+    let statuses = obj
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for cs in &statuses {
+        for state in ["waiting", "terminated"] {
+            if let Some(reason) = cs
+                .pointer(&format!("/state/{state}/reason"))
+                .and_then(Value::as_str)
+            {
+                if !reason.is_empty() {
+                    return reason.to_string();
+                }
+            }
+        }
+    }
+    str_at(obj, "/status/phase").to_string()
+}
+
+fn node_status(obj: &Value) -> String {
+    let ready = obj
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+        })
+        .and_then(|c| c.get("status").and_then(Value::as_str));
+    let mut s = match ready {
+        Some("True") => "Ready".to_string(),
+        Some(_) => "NotReady".to_string(),
+        None => "Unknown".to_string(),
+    };
+    if obj.pointer("/spec/unschedulable") == Some(&Value::Bool(true)) {
+        s.push_str(",SchedulingDisabled");
+    }
+    s
+}
+
+fn node_roles(obj: &Value) -> String {
+    let mut roles: Vec<String> = obj
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .map(|l| {
+            l.keys()
+                .filter_map(|k| k.strip_prefix("node-role.kubernetes.io/"))
+                .filter(|r| !r.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    roles.sort();
+    if roles.is_empty() {
+        "<none>".into()
+    } else {
+        roles.join(",")
+    }
+}
+
+fn node_address(obj: &Value, kind: &str) -> String {
+    obj.pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .find(|x| x.get("type").and_then(Value::as_str) == Some(kind))
+        })
+        .and_then(|x| x.get("address").and_then(Value::as_str))
+        .unwrap_or("<none>")
+        .to_string()
+}
+
+fn or_none(s: &str) -> String {
+    if s.is_empty() {
+        "<none>".into()
+    } else {
+        s.to_string()
     }
 }
 
@@ -91,6 +206,51 @@ pub fn cells(r: &Resource, obj: &Value, now: u64) -> Vec<Value> {
         ],
         "ServiceAccount" => vec![name, json!(count(obj.get("secrets"))), age],
         "Lease" => vec![name, json!(str_at(obj, "/spec/holderIdentity")), age],
+        "Pod" => {
+            let statuses = obj
+                .pointer("/status/containerStatuses")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let total = obj
+                .pointer("/spec/containers")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            let ready = statuses
+                .iter()
+                .filter(|c| c.get("ready") == Some(&Value::Bool(true)))
+                .count();
+            let restarts: i64 = statuses
+                .iter()
+                .filter_map(|c| c.get("restartCount").and_then(Value::as_i64))
+                .sum();
+            vec![
+                name,
+                json!(format!("{ready}/{total}")),
+                json!(pod_status(obj)),
+                json!(restarts.to_string()),
+                age,
+                json!(or_none(str_at(obj, "/status/podIP"))),
+                json!(or_none(str_at(obj, "/spec/nodeName"))),
+                json!(or_none(str_at(obj, "/status/nominatedNodeName"))),
+                json!("<none>"),
+            ]
+        }
+        "Node" => vec![
+            name,
+            json!(node_status(obj)),
+            json!(node_roles(obj)),
+            age,
+            json!(str_at(obj, "/status/nodeInfo/kubeletVersion")),
+            json!(node_address(obj, "InternalIP")),
+            json!(node_address(obj, "ExternalIP")),
+            json!(or_none(str_at(obj, "/status/nodeInfo/osImage"))),
+            json!(or_none(str_at(obj, "/status/nodeInfo/kernelVersion"))),
+            json!(or_none(str_at(
+                obj,
+                "/status/nodeInfo/containerRuntimeVersion"
+            ))),
+        ],
         _ => vec![name, age],
     }
 }

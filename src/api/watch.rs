@@ -52,6 +52,7 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
                 r: call.r,
                 namespace: call.namespace.clone(),
                 name: None,
+                sub: None,
                 params: call
                     .params
                     .iter()
