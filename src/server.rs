@@ -63,6 +63,12 @@ pub struct ServerArgs {
     /// Deadline, in milliseconds, of a write or linearizable read.
     #[arg(long, default_value_t = 5_000)]
     pub request_timeout_ms: u64,
+    /// CIDR Service cluster IPs are drawn from.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    pub service_cluster_ip_range: String,
+    /// Range Service node ports are drawn from.
+    #[arg(long, default_value = "30000-32767")]
+    pub service_node_port_range: String,
     /// Store size above which puts are refused (deletes and compaction still work).
     #[arg(long, default_value_t = 8 * 1024 * 1024 * 1024)]
     pub quota_bytes: u64,
@@ -142,9 +148,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(id = args.id, api = %api_addr, peer = %args.listen_peer, "replica started");
 
     let shutdown = CancellationToken::new();
+    let ranges = crate::api::services::Ranges::parse(
+        &args.service_cluster_ip_range,
+        &args.service_node_port_range,
+    )
+    .map_err(anyhow::Error::msg)?;
     let kube = Arc::new(crate::api::Kube::new(
         crate::api::objects::Objects::new(replica.clone()),
         shutdown.clone(),
+        ranges,
     ));
     tokio::spawn(bootstrap_on_leadership(
         replica.clone(),

@@ -561,3 +561,137 @@ async fn pods_and_nodes_default_validate_bind_once_and_keep_status_separate() {
         "{resources}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_services_and_events_work_with_kubectl() {
+    let c = Cluster::start(3, &[]).await;
+    let (follower, leader) = follower_and_leader(&c).await;
+    let kf = Kubectl::new(&c, follower);
+    let kl = Kubectl::new(&c, leader);
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads.yaml");
+    let out = kf.ok(&["apply", "-f", file]);
+    assert_eq!(
+        out.trim(),
+        "deployment.apps/web created\nservice/web created\njob.batch/pi created"
+    );
+    assert_eq!(
+        kf.ok(&["apply", "-f", file])
+            .lines()
+            .filter(|l| l.ends_with("unchanged"))
+            .count(),
+        3
+    );
+    let all = kl.ok(&["get", "all"]);
+    for want in [
+        "service/web",
+        "ClusterIP",
+        "deployment.apps/web",
+        "0/3",
+        "job.batch/pi",
+        "Running",
+    ] {
+        assert!(all.contains(want), "missing {want:?} in:\n{all}");
+    }
+    // Defaults, the generated job selector, and describe.
+    assert_eq!(
+        kl.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.strategy.rollingUpdate.maxSurge} {.spec.revisionHistoryLimit} {.spec.template.spec.restartPolicy}"]),
+        "25% 10 Always"
+    );
+    let job_uid = kl.ok(&["get", "job", "pi", "-o", "jsonpath={.metadata.uid}"]);
+    assert_eq!(
+        kl.ok(&[
+            "get",
+            "job",
+            "pi",
+            "-o",
+            "jsonpath={.spec.selector.matchLabels.batch\\.kubernetes\\.io/controller-uid}"
+        ]),
+        job_uid
+    );
+    assert!(kf
+        .ok(&["describe", "deploy", "web"])
+        .contains("Replicas:               3 desired"));
+
+    // scale goes through the scale subresource and bumps the generation.
+    assert_eq!(
+        kf.ok(&["scale", "deploy", "web", "--replicas=5"]).trim(),
+        "deployment.apps/web scaled"
+    );
+    assert_eq!(
+        kl.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas} {.metadata.generation}"
+        ]),
+        "5 2"
+    );
+    let err = kf.fails(&[
+        "patch",
+        "deploy",
+        "web",
+        "-p",
+        r#"{"spec":{"selector":{"matchLabels":{"app":"other"}}}}"#,
+    ]);
+    assert!(
+        err.contains("field is immutable") || err.contains("selector"),
+        "{err}"
+    );
+
+    // Service addresses: allocated, unique, released on delete.
+    let ip = kl.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    assert!(ip.starts_with("10."), "{ip}");
+    let fixed = kf.file("fixed.yaml", &format!("apiVersion: v1\nkind: Service\nmetadata: {{name: fixed}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: 80}}]\n"));
+    let err = kf.fails(&["create", "-f", &fixed]);
+    assert!(err.contains("provided IP is already allocated"), "{err}");
+    kl.ok(&["delete", "svc", "web"]);
+    assert_eq!(
+        kf.ok(&["create", "-f", &fixed]).trim(),
+        "service/fixed created"
+    );
+    let np = kf.file("np.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: np}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n");
+    kf.ok(&["create", "-f", &np]);
+    let ports = kl.ok(&[
+        "get",
+        "svc",
+        "np",
+        "-o",
+        "jsonpath={.spec.ports[0].nodePort} {.spec.ports[0].targetPort}",
+    ]);
+    let node_port: i64 = ports.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(
+        (30000..=32767).contains(&node_port) && ports.ends_with(" 8080"),
+        "{ports}"
+    );
+
+    // Events, with the field selectors describe uses.
+    let event = serde_json::json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": "web.1"},
+        "involvedObject": {"kind": "Deployment", "name": "web", "namespace": "default"},
+        "reason": "ScalingReplicaSet", "message": "Scaled up", "type": "Normal",
+        "lastTimestamp": flotilla::api::meta::rfc3339(flotilla::api::meta::now_secs()),
+    });
+    let resp = c
+        .client_for(leader)
+        .post_raw(
+            &c.replica(leader).api(),
+            "/api/v1/namespaces/default/events",
+            serde_json::to_vec(&event).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let events = kf.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=web,involvedObject.kind=Deployment",
+    ]);
+    assert!(
+        events.contains("ScalingReplicaSet") && events.contains("deployment/web"),
+        "{events}"
+    );
+}

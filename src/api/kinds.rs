@@ -286,3 +286,346 @@ pub fn default_node(map: &mut Map<String, Value>) {
         }
     }
 }
+
+/// Applies the pod defaults to a workload's `spec.template.spec`.
+fn default_template(spec: &mut Map<String, Value>) {
+    let Some(Value::Object(template)) = spec.get_mut("template") else {
+        return;
+    };
+    let mut pod = Map::new();
+    pod.insert(
+        "spec".into(),
+        template.get("spec").cloned().unwrap_or_else(|| json!({})),
+    );
+    default_pod(&mut pod);
+    if let Some(s) = pod.remove("spec") {
+        template.insert("spec".into(), s);
+    }
+    template.entry("metadata").or_insert_with(|| json!({}));
+}
+
+/// Defaults of the workload kinds, services and events.
+pub fn default_workload(kind: &str, map: &mut Map<String, Value>) {
+    let spec = map.entry("spec").or_insert_with(|| json!({}));
+    let Some(s) = spec.as_object_mut() else {
+        return;
+    };
+    match kind {
+        "Deployment" => {
+            s.entry("replicas").or_insert_with(|| json!(1));
+            s.entry("revisionHistoryLimit").or_insert_with(|| json!(10));
+            s.entry("progressDeadlineSeconds")
+                .or_insert_with(|| json!(600));
+            let strategy = s
+                .entry("strategy")
+                .or_insert_with(|| json!({"type": "RollingUpdate"}));
+            if strategy
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("RollingUpdate")
+                == "RollingUpdate"
+            {
+                strategy["type"] = json!("RollingUpdate");
+                let ru = strategy
+                    .as_object_mut()
+                    .map(|o| o.entry("rollingUpdate").or_insert_with(|| json!({})));
+                if let Some(Value::Object(ru)) = ru {
+                    ru.entry("maxUnavailable").or_insert_with(|| json!("25%"));
+                    ru.entry("maxSurge").or_insert_with(|| json!("25%"));
+                }
+            }
+            default_template(s);
+        }
+        "ReplicaSet" => {
+            s.entry("replicas").or_insert_with(|| json!(1));
+            default_template(s);
+        }
+        "DaemonSet" => {
+            s.entry("revisionHistoryLimit").or_insert_with(|| json!(10));
+            s.entry("updateStrategy").or_insert_with(|| {
+                json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}})
+            });
+            default_template(s);
+        }
+        "Job" => {
+            s.entry("parallelism").or_insert_with(|| json!(1));
+            s.entry("completions").or_insert_with(|| json!(1));
+            s.entry("backoffLimit").or_insert_with(|| json!(6));
+            s.entry("completionMode")
+                .or_insert_with(|| json!("NonIndexed"));
+            s.entry("suspend").or_insert_with(|| json!(false));
+            default_template(s);
+        }
+        "Service" => {
+            s.entry("type").or_insert_with(|| json!("ClusterIP"));
+            s.entry("sessionAffinity").or_insert_with(|| json!("None"));
+            s.entry("internalTrafficPolicy")
+                .or_insert_with(|| json!("Cluster"));
+            if let Some(Value::Array(ports)) = s.get_mut("ports") {
+                for p in ports.iter_mut().filter_map(Value::as_object_mut) {
+                    p.entry("protocol").or_insert_with(|| json!("TCP"));
+                    if let Some(port) = p.get("port").cloned() {
+                        p.entry("targetPort").or_insert(port);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    match kind {
+        "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" => {
+            map.entry("status").or_insert_with(|| json!({}));
+        }
+        "Service" => {
+            map.entry("status")
+                .or_insert_with(|| json!({"loadBalancer": {}}));
+        }
+        _ => {}
+    }
+}
+
+/// True if `selector` (a LabelSelector object) matches `labels`.
+fn selector_matches(selector: &Value, labels: &Map<String, Value>) -> bool {
+    let ml_ok = selector
+        .get("matchLabels")
+        .and_then(Value::as_object)
+        .is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let exprs_ok = selector
+        .get("matchExpressions")
+        .and_then(Value::as_array)
+        .is_none_or(|es| {
+            es.iter().all(|e| {
+                let key = e.get("key").and_then(Value::as_str).unwrap_or("");
+                let values: Vec<&str> = e
+                    .get("values")
+                    .and_then(Value::as_array)
+                    .map(|vs| vs.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let have = labels.get(key).and_then(Value::as_str);
+                match e.get("operator").and_then(Value::as_str).unwrap_or("") {
+                    "In" => have.is_some_and(|h| values.contains(&h)),
+                    "NotIn" => have.is_none_or(|h| !values.contains(&h)),
+                    "Exists" => have.is_some(),
+                    "DoesNotExist" => have.is_none(),
+                    _ => false,
+                }
+            })
+        });
+    ml_ok && exprs_ok
+}
+
+/// Validation of the workload kinds, services and endpoint slices.
+pub fn validate_workload(kind: &str, obj: &Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    let spec = obj.get("spec").unwrap_or(&Value::Null);
+    match kind {
+        "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" => {
+            let template_labels = spec
+                .pointer("/template/metadata/labels")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            match spec.get("selector") {
+                Some(sel) if sel.is_object() => {
+                    let empty = sel
+                        .get("matchLabels")
+                        .and_then(Value::as_object)
+                        .is_none_or(Map::is_empty)
+                        && sel
+                            .get("matchExpressions")
+                            .and_then(Value::as_array)
+                            .is_none_or(Vec::is_empty);
+                    if empty {
+                        causes.push(Cause {
+                            reason: "FieldValueInvalid".into(),
+                            message: "Invalid value: {}: empty selector is invalid for deployment"
+                                .into(),
+                            field: "spec.selector".into(),
+                        });
+                    } else if !selector_matches(sel, &template_labels) {
+                        causes.push(Cause {
+                            reason: "FieldValueInvalid".into(),
+                            message: format!(
+                                "Invalid value: {}: `selector` does not match template `labels`",
+                                serde_json::to_string(&template_labels).unwrap_or_default()
+                            ),
+                            field: "spec.template.metadata.labels".into(),
+                        });
+                    }
+                }
+                // A Job without a selector gets one generated.
+                None if kind == "Job" => {}
+                _ => causes.push(required("spec.selector")),
+            }
+            if spec.get("template").is_none_or(|t| !t.is_object()) {
+                causes.push(required("spec.template"));
+            } else {
+                let pod =
+                    json!({"spec": spec.pointer("/template/spec").cloned().unwrap_or(Value::Null)});
+                for mut c in validate_pod(&pod) {
+                    c.field = format!("spec.template.{}", c.field);
+                    causes.push(c);
+                }
+                if kind == "Job" {
+                    let rp = spec
+                        .pointer("/template/spec/restartPolicy")
+                        .and_then(Value::as_str);
+                    if !matches!(rp, Some("Never" | "OnFailure")) {
+                        causes.push(Cause {
+                            reason: "FieldValueNotSupported".into(),
+                            message: format!(
+                                "Unsupported value: \"{}\": supported values: \"OnFailure\", \"Never\"",
+                                rp.unwrap_or("")
+                            ),
+                            field: "spec.template.spec.restartPolicy".into(),
+                        });
+                    }
+                }
+            }
+            for field in ["replicas", "parallelism", "completions", "backoffLimit"] {
+                if let Some(v) = spec.get(field) {
+                    if v.as_i64().is_none_or(|n| n < 0) {
+                        causes.push(invalid(
+                            format!("spec.{field}"),
+                            format!("Invalid value: {v}: must be greater than or equal to 0"),
+                        ));
+                    }
+                }
+            }
+        }
+        "Service" => {
+            let typ = spec
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("ClusterIP");
+            if !matches!(
+                typ,
+                "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+            ) {
+                causes.push(Cause {
+                    reason: "FieldValueNotSupported".into(),
+                    message: format!("Unsupported value: \"{typ}\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""),
+                    field: "spec.type".into(),
+                });
+            }
+            let ports = spec
+                .get("ports")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if ports.is_empty()
+                && typ != "ExternalName"
+                && spec.get("clusterIP").and_then(Value::as_str) != Some("None")
+            {
+                causes.push(required("spec.ports"));
+            }
+            let mut names = Vec::new();
+            for (i, p) in ports.iter().enumerate() {
+                if !p
+                    .get("port")
+                    .and_then(Value::as_i64)
+                    .is_some_and(|n| (1..=65535).contains(&n))
+                {
+                    causes.push(invalid(
+                        format!("spec.ports[{i}].port"),
+                        format!(
+                            "Invalid value: {}: must be between 1 and 65535, inclusive",
+                            p.get("port").unwrap_or(&Value::Null)
+                        ),
+                    ));
+                }
+                let name = p.get("name").and_then(Value::as_str).unwrap_or("");
+                if ports.len() > 1 && name.is_empty() {
+                    causes.push(required(format!("spec.ports[{i}].name")));
+                }
+                if !name.is_empty() && names.contains(&name) {
+                    causes.push(Cause {
+                        reason: "FieldValueDuplicate".into(),
+                        message: format!("Duplicate value: \"{name}\""),
+                        field: format!("spec.ports[{i}].name"),
+                    });
+                }
+                names.push(name);
+            }
+        }
+        "EndpointSlice" => {
+            let at = obj.get("addressType").and_then(Value::as_str);
+            if !matches!(at, Some("IPv4" | "IPv6" | "FQDN")) {
+                causes.push(required("addressType"));
+            }
+        }
+        _ => {}
+    }
+    causes
+}
+
+/// Fields a workload update may not change (the selector; a job's template).
+pub(crate) fn check_workload_update(
+    call: &Call,
+    current: &Value,
+    next: &Map<String, Value>,
+) -> Result<(), KubeError> {
+    let immutable: &[&str] = match call.r.kind {
+        "Deployment" | "ReplicaSet" | "DaemonSet" => &["selector"],
+        "Job" => &["selector", "template", "completions", "completionMode"],
+        _ => &[],
+    };
+    for field in immutable {
+        let before = current.pointer(&format!("/spec/{field}"));
+        let after = next.get("spec").and_then(|s| s.get(*field));
+        if before != after && !(call.r.kind == "Job" && *field == "completions" && after.is_none())
+        {
+            return Err(KubeError::invalid(
+                call.r,
+                call.name(),
+                vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: format!(
+                        "Invalid value: {}: field is immutable",
+                        after.cloned().unwrap_or(Value::Null)
+                    ),
+                    field: format!("spec.{field}"),
+                }],
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A Job's generated selector and template labels (as Kubernetes' job strategy adds them).
+pub fn default_job_selector(map: &mut Map<String, Value>) {
+    let uid = map
+        .get("metadata")
+        .and_then(|m| m.get("uid"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let name = map
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let Some(Value::Object(spec)) = map.get_mut("spec") else {
+        return;
+    };
+    if spec.get("manualSelector") == Some(&Value::Bool(true)) || spec.contains_key("selector") {
+        return;
+    }
+    spec.insert(
+        "selector".into(),
+        json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}),
+    );
+    if let Some(Value::Object(t)) = spec.get_mut("template") {
+        let meta = t.entry("metadata").or_insert_with(|| json!({}));
+        if let Some(m) = meta.as_object_mut() {
+            let labels = m.entry("labels").or_insert_with(|| json!({}));
+            if let Some(l) = labels.as_object_mut() {
+                l.insert("batch.kubernetes.io/controller-uid".into(), json!(uid));
+                l.insert("batch.kubernetes.io/job-name".into(), json!(name));
+                l.insert("controller-uid".into(), json!(uid));
+                l.insert("job-name".into(), json!(name));
+            }
+        }
+    }
+}

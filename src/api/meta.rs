@@ -258,8 +258,27 @@ fn kind_fields(kind: &str) -> &'static [&'static str] {
             "automountServiceAccountToken",
         ],
         "Lease" => &["spec"],
-        "Pod" => &["spec", "status"],
-        "Node" => &["spec", "status"],
+        "Pod" | "Node" | "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "Service" => {
+            &["spec", "status"]
+        }
+        "Endpoints" => &["subsets"],
+        "EndpointSlice" => &["addressType", "endpoints", "ports"],
+        "Event" => &[
+            "involvedObject",
+            "reason",
+            "message",
+            "source",
+            "firstTimestamp",
+            "lastTimestamp",
+            "count",
+            "type",
+            "eventTime",
+            "series",
+            "action",
+            "related",
+            "reportingComponent",
+            "reportingInstance",
+        ],
         _ => &[],
     }
 }

@@ -22,6 +22,7 @@ pub mod objects;
 pub mod patch;
 pub mod resources;
 pub mod selector;
+pub mod services;
 pub mod status;
 pub mod table;
 mod watch;
@@ -164,9 +165,12 @@ pub fn query_params(q: Option<&str>) -> HashMap<String, String> {
 pub struct Kube {
     pub(crate) objects: Objects,
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
+    /// Where Service addresses come from.
+    pub(crate) ranges: services::Ranges,
 }
 
 /// A parsed request: what handlers need besides the body.
+#[derive(Clone)]
 pub(crate) struct Call {
     pub(crate) r: &'static Resource,
     pub(crate) namespace: Option<String>,
@@ -226,14 +230,38 @@ fn field_labels(r: &Resource) -> &'static [&'static str] {
             "status.nominatedNodeName",
         ],
         "Node" => &["spec.unschedulable"],
+        "Event" => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
+        "Service" => &["spec.clusterIP", "spec.type"],
+        "Job" => &["status.successful"],
+        "ReplicaSet" => &["status.replicas"],
         _ => &[],
     }
 }
 
 impl Kube {
     /// A Kubernetes API over `objects`.
-    pub fn new(objects: Objects, shutdown: tokio_util::sync::CancellationToken) -> Kube {
-        Kube { objects, shutdown }
+    pub fn new(
+        objects: Objects,
+        shutdown: tokio_util::sync::CancellationToken,
+        ranges: services::Ranges,
+    ) -> Kube {
+        Kube {
+            objects,
+            shutdown,
+            ranges,
+        }
     }
 
     /// Bounded metric labels (verb, resource) for a request.
@@ -354,6 +382,18 @@ impl Kube {
                         self.bind(&call, body).await
                     }
                     (_, _, Some("binding")) => Err(KubeError::method_not_allowed(method.as_str())),
+                    (&Method::GET, true, Some("scale")) => self.scale(&call, None).await,
+                    (&Method::PUT, true, Some("scale")) => {
+                        let body = read_json(req.into_body(), &content_type, &["application/json"])
+                            .await?;
+                        self.scale(&call, Some((None, body))).await
+                    }
+                    (&Method::PATCH, true, Some("scale")) => {
+                        let kind = patch_kind(&content_type)?;
+                        let body = read_json(req.into_body(), "application/json", &[]).await?;
+                        self.scale(&call, Some((Some(kind), body))).await
+                    }
+                    (_, _, Some("scale")) => Err(KubeError::method_not_allowed(method.as_str())),
                     (&Method::GET, true, _) if watching => {
                         Err(KubeError::method_not_allowed("GET"))
                     }
@@ -594,14 +634,54 @@ impl Kube {
             sub: None,
         };
         self.check_namespace(&call).await?;
-        let stored = self
-            .objects
-            .create(call.r, &call.key(), &name, &obj)
-            .await?;
+        let stored = if call.r.kind == "Service" {
+            self.create_service(&call, &name, obj).await?
+        } else {
+            self.objects
+                .create(call.r, &call.key(), &name, &obj)
+                .await?
+        };
         if call.r.kind == "Namespace" {
             self.ensure_default_service_account(&name).await;
         }
         Ok(json_response(StatusCode::CREATED, &stored.object))
+    }
+
+    /// Creates a Service with its cluster IP and node ports taken in the same transaction;
+    /// randomly drawn addresses that turn out taken are drawn again.
+    async fn create_service(
+        &self,
+        call: &Call,
+        name: &str,
+        body: Value,
+    ) -> Result<Stored, KubeError> {
+        for _ in 0..32 {
+            let mut obj = body.clone();
+            let requested = services::assign(&mut obj, None, &self.ranges)
+                .map_err(|causes| KubeError::invalid(call.r, name, causes))?;
+            let claims = objects::Claims {
+                take: services::claims_of(&obj),
+                release: vec![],
+            };
+            match self
+                .objects
+                .create_claiming(&call.key(), &obj, &claims)
+                .await?
+            {
+                Ok(s) => return Ok(s),
+                Err(objects::Refused::Exists(_)) => {
+                    return Err(KubeError::already_exists(call.r, name))
+                }
+                Err(objects::Refused::Taken(k)) => {
+                    if was_requested(&requested, &k) {
+                        return Err(services::taken(call.r, name, &k));
+                    }
+                }
+            }
+        }
+        Err(KubeError::internal(
+            "could not find a free service address after 32 draws",
+        ))
     }
 
     /// Creates the `default` ServiceAccount of a namespace (what Kubernetes' service-account
@@ -757,6 +837,21 @@ impl Kube {
     where
         F: Fn(&Value) -> Result<Value, KubeError>,
     {
+        let obj = self.modify_object(call, want_rv, strict, change).await?;
+        Ok(json_response(StatusCode::OK, &obj))
+    }
+
+    /// The read-modify-write behind [`Kube::modify`]; returns the resulting object.
+    async fn modify_object<F>(
+        &self,
+        call: &Call,
+        want_rv: Option<String>,
+        strict: bool,
+        change: F,
+    ) -> Result<Value, KubeError>
+    where
+        F: Fn(&Value) -> Result<Value, KubeError>,
+    {
         let key = call.key();
         let mut current = self
             .objects
@@ -771,23 +866,57 @@ impl Kube {
             }
             let mut next = change(&current.object)?;
             normalize_update(call, &current.object, &mut next, strict)?;
+            let mut claims = objects::Claims::default();
+            let mut requested = services::Requested::default();
+            if call.r.kind == "Service" && call.sub.is_none() {
+                requested = services::assign(&mut next, Some(&current.object), &self.ranges)
+                    .map_err(|causes| KubeError::invalid(call.r, call.name(), causes))?;
+                let before = services::claims_of(&current.object);
+                let after = services::claims_of(&next);
+                claims.take = after
+                    .iter()
+                    .filter(|k| !before.contains(k))
+                    .cloned()
+                    .collect();
+                claims.release = before
+                    .iter()
+                    .filter(|k| !after.contains(k))
+                    .cloned()
+                    .collect();
+            }
             if next == current.object {
                 // Nothing changed: no write, no new revision, no event.
-                return Ok(json_response(StatusCode::OK, &current.object));
+                return Ok(current.object);
             }
             let finalize = is_deleting(&next) && finalizers(&next).is_empty();
             if finalize {
-                match self.objects.delete(&key, current.revision).await? {
-                    Ok(()) => return Ok(json_response(StatusCode::OK, &next)),
+                let release = release_keys(call.r, &current.object);
+                match self
+                    .objects
+                    .delete_releasing(&key, current.revision, &release)
+                    .await?
+                {
+                    Ok(()) => return Ok(next),
                     Err(Some(now)) => current = now,
                     Err(None) => return Err(KubeError::not_found(call.r, call.name())),
                 }
                 continue;
             }
-            match self.objects.replace(&key, current.revision, &next).await? {
-                Ok(stored) => return Ok(json_response(StatusCode::OK, &stored.object)),
-                Err(Some(now)) => current = now,
-                Err(None) => return Err(KubeError::not_found(call.r, call.name())),
+            match self
+                .objects
+                .replace_claiming(&key, current.revision, &next, &claims)
+                .await?
+            {
+                Ok(stored) => return Ok(stored.object),
+                Err(objects::Refused::Exists(Some(now))) => current = now,
+                Err(objects::Refused::Exists(None)) => {
+                    return Err(KubeError::not_found(call.r, call.name()))
+                }
+                Err(objects::Refused::Taken(k)) => {
+                    if was_requested(&requested, &k) {
+                        return Err(services::taken(call.r, call.name(), &k));
+                    }
+                }
             }
         }
         Err(KubeError::conflict(call.r, call.name()))
@@ -836,7 +965,12 @@ impl Kube {
                 }
                 continue;
             }
-            match self.objects.delete(&key, current.revision).await? {
+            let release = release_keys(call.r, &current.object);
+            match self
+                .objects
+                .delete_releasing(&key, current.revision, &release)
+                .await?
+            {
                 Ok(()) => return Ok(json_response(StatusCode::OK, &current.object)),
                 Err(Some(now)) => current = now,
                 Err(None) => return Err(KubeError::not_found(call.r, call.name())),
@@ -882,9 +1016,10 @@ impl Kube {
                         .and_then(Value::as_str)
                         .unwrap_or("");
                     // A concurrent change is fine: the next pass sees it.
+                    let release = release_keys(r, &item.object);
                     let _ = self
                         .objects
-                        .delete(&r.key(Some(&name), obj_name), item.revision)
+                        .delete_releasing(&r.key(Some(&name), obj_name), item.revision, &release)
                         .await?;
                 }
             }
@@ -979,6 +1114,68 @@ impl Kube {
         Err(KubeError::conflict(call.r, call.name()))
     }
 
+    /// The `scale` subresource (autoscaling/v1 Scale): reads and writes `spec.replicas` of a
+    /// Deployment or ReplicaSet, with the same concurrency rules as the object.
+    async fn scale(&self, call: &Call, write: Option<(Option<PatchKind>, Value)>) -> KubeResult {
+        let main = Call {
+            sub: None,
+            ..call.clone()
+        };
+        let obj = match write {
+            None => {
+                self.objects
+                    .get(&main.key(), call.consistency())
+                    .await?
+                    .ok_or_else(|| KubeError::not_found(call.r, call.name()))?
+                    .object
+            }
+            Some((kind, body)) => {
+                let want_rv = match kind {
+                    None => body
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string),
+                    Some(_) => None,
+                };
+                let r = call.r;
+                let name = call.name().to_string();
+                self.modify_object(&main, want_rv, false, move |cur| {
+                    let mut scale = to_scale(cur);
+                    match kind {
+                        None => scale = body.clone(),
+                        Some(PatchKind::Merge) => patch::merge(&mut scale, &body),
+                        Some(PatchKind::Strategic | PatchKind::Apply) => {
+                            patch::strategic(&mut scale, &body)
+                        }
+                        Some(PatchKind::Json) => patch::json_patch(&mut scale, &body)
+                            .map_err(|e| KubeError::invalid_patch(e.to_string()))?,
+                    }
+                    let replicas = scale
+                        .pointer("/spec/replicas")
+                        .and_then(Value::as_i64)
+                        .filter(|n| *n >= 0)
+                        .ok_or_else(|| {
+                            KubeError::invalid(
+                                r,
+                                &name,
+                                vec![Cause {
+                                    reason: "FieldValueInvalid".into(),
+                                    message: "Invalid value: must be a non-negative integer".into(),
+                                    field: "spec.replicas".into(),
+                                }],
+                            )
+                        })?;
+                    let mut next = cur.clone();
+                    next["spec"]["replicas"] = json!(replicas);
+                    Ok(next)
+                })
+                .await?
+            }
+        };
+        Ok(json_response(StatusCode::OK, &to_scale(&obj)))
+    }
+
     async fn delete_collection(&self, call: &Call) -> KubeResult {
         let (items, _, _, _) = self.list_objects(call).await?;
         for obj in items {
@@ -1009,6 +1206,43 @@ impl Kube {
             StatusCode::OK,
             &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
         ))
+    }
+}
+
+/// The autoscaling/v1 Scale view of a Deployment or ReplicaSet.
+fn to_scale(obj: &Value) -> Value {
+    let m = obj.get("metadata").cloned().unwrap_or_else(|| json!({}));
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": m.get("name"),
+            "namespace": m.get("namespace"),
+            "uid": m.get("uid"),
+            "resourceVersion": m.get("resourceVersion"),
+            "creationTimestamp": m.get("creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0)},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0),
+            "selector": table::selector_string(obj.pointer("/spec/selector")),
+        },
+    })
+}
+
+/// Whether an allocation key was one the user asked for (then it fails instead of being drawn
+/// again).
+fn was_requested(req: &services::Requested, key: &str) -> bool {
+    (req.ip && key.starts_with("/registry/ranges/serviceips/"))
+        || req.ports.iter().any(|p| key == services::port_key(*p))
+}
+
+/// Allocation keys an object holds, released when it is deleted.
+fn release_keys(r: &Resource, obj: &Value) -> Vec<String> {
+    if r.kind == "Service" {
+        services::claims_of(obj)
+    } else {
+        Vec::new()
     }
 }
 
@@ -1122,6 +1356,9 @@ fn validate(r: &Resource, obj: &Value) -> Vec<Cause> {
     };
     match r.kind {
         "Pod" => causes.extend(kinds::validate_pod(obj)),
+        "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "Service" | "EndpointSlice" => {
+            causes.extend(kinds::validate_workload(r.kind, obj))
+        }
         "ConfigMap" => {
             for field in ["data", "binaryData"] {
                 if let Some(v) = obj.get(field) {
@@ -1285,6 +1522,10 @@ fn normalize_new(call: &Call, obj: &mut Value, strict: bool) -> Result<(), KubeE
     m.remove("deletionTimestamp");
     m.remove("deletionGracePeriodSeconds");
     m.remove("selfLink");
+    if r.subresources.contains(&"status") {
+        // Status is the subresource's to set; what a create sends is ignored.
+        map.remove("status");
+    }
     default_kind(r, map);
     let name = obj
         .pointer("/metadata/name")
@@ -1332,6 +1573,13 @@ fn default_kind(r: &Resource, map: &mut serde_json::Map<String, Value>) {
     match r.kind {
         "Pod" => kinds::default_pod(map),
         "Node" => kinds::default_node(map),
+        "Deployment" | "ReplicaSet" | "DaemonSet" | "Service" => {
+            kinds::default_workload(r.kind, map)
+        }
+        "Job" => {
+            kinds::default_workload(r.kind, map);
+            kinds::default_job_selector(map);
+        }
         "Namespace" => {
             let spec = map.entry("spec").or_insert_with(|| json!({}));
             if spec.get("finalizers").is_none() {
@@ -1488,6 +1736,16 @@ fn normalize_update(
     }
     if !status_part && r.kind == "Pod" {
         kinds::check_pod_update(call, current, map)?;
+    }
+    if !status_part {
+        kinds::check_workload_update(call, current, map)?;
+        if matches!(
+            r.kind,
+            "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "Service"
+        ) {
+            // Fill defaults a replacement left out (status was carried over above).
+            kinds::default_workload(r.kind, map);
+        }
     }
     match r.kind {
         "Namespace" if map.get("spec").is_none() => {

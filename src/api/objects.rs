@@ -154,58 +154,36 @@ impl Objects {
         name: &str,
         object: &Value,
     ) -> Result<Stored, KubeError> {
-        let k = key.as_bytes().to_vec();
-        let t = self
-            .txn(TxnRequest {
-                compare: vec![Compare {
-                    key: k.clone(),
-                    result: CompareResult::Equal,
-                    target: CompareTarget::CreateRevision(0),
-                }],
-                success: vec![RequestOp::Put(PutRequest {
-                    key: k,
-                    value: encode(object),
-                    prev_kv: false,
-                })],
-                failure: vec![],
-            })
-            .await?;
-        if !t.succeeded {
-            return Err(KubeError::already_exists(r, name));
+        match self
+            .create_claiming(key, object, &Claims::default())
+            .await?
+        {
+            Ok(s) => Ok(s),
+            Err(_) => Err(KubeError::already_exists(r, name)),
         }
-        let mut object = object.clone();
-        set_resource_version(&mut object, t.revision);
-        Ok(Stored {
-            object,
-            revision: t.revision,
-        })
     }
 
-    /// Replaces an object if it is still at `revision`. Returns the new object, or `Err(None)`
-    /// when the object changed (`Some(current)`) or vanished (`None`) in between.
-    pub async fn replace(
+    /// Stores a new object and takes `claims` in the same transaction. Fails (changing
+    /// nothing) with `Exists(None)` if the object's key is taken, `Taken(k)` if claim `k` is.
+    pub async fn create_claiming(
         &self,
         key: &str,
-        revision: i64,
         object: &Value,
-    ) -> Result<Result<Stored, Option<Stored>>, KubeError> {
+        claims: &Claims,
+    ) -> Result<Result<Stored, Refused>, KubeError> {
         let k = key.as_bytes().to_vec();
+        let mut compare = vec![absent(&k)];
+        compare.extend(claims.take.iter().map(|c| absent(c.as_bytes())));
+        let mut success = vec![put(&k, encode(object))];
+        success.extend(claims.take.iter().map(|c| put(c.as_bytes(), k.clone())));
+        success.extend(claims.release.iter().map(|c| remove(c.as_bytes())));
+        let mut failure = vec![read(&k)];
+        failure.extend(claims.take.iter().map(|c| read(c.as_bytes())));
         let t = self
             .txn(TxnRequest {
-                compare: vec![Compare {
-                    key: k.clone(),
-                    result: CompareResult::Equal,
-                    target: CompareTarget::ModRevision(revision),
-                }],
-                success: vec![RequestOp::Put(PutRequest {
-                    key: k.clone(),
-                    value: encode(object),
-                    prev_kv: false,
-                })],
-                failure: vec![RequestOp::Range(RangeRequest {
-                    key: k,
-                    ..RangeRequest::default()
-                })],
+                compare,
+                success,
+                failure,
             })
             .await?;
         if t.succeeded {
@@ -216,7 +194,67 @@ impl Objects {
                 revision: t.revision,
             }));
         }
-        Ok(Err(current_of(&t)?))
+        Ok(Err(refusal(&t, claims)?))
+    }
+
+    /// Replaces an object if it is still at `revision`. Returns the new object, or `Err(None)`
+    /// when the object changed (`Some(current)`) or vanished (`None`) in between.
+    pub async fn replace(
+        &self,
+        key: &str,
+        revision: i64,
+        object: &Value,
+    ) -> Result<Result<Stored, Option<Stored>>, KubeError> {
+        Ok(self
+            .replace_claiming(key, revision, object, &Claims::default())
+            .await?
+            .map_err(|r| match r {
+                Refused::Exists(cur) => cur,
+                Refused::Taken(_) => None,
+            }))
+    }
+
+    /// [`Objects::replace`], also taking and releasing `claims` in the same transaction.
+    /// `Exists(current)` means the object changed or vanished; `Taken(k)` that claim `k` is
+    /// someone else's.
+    pub async fn replace_claiming(
+        &self,
+        key: &str,
+        revision: i64,
+        object: &Value,
+        claims: &Claims,
+    ) -> Result<Result<Stored, Refused>, KubeError> {
+        let k = key.as_bytes().to_vec();
+        let mut compare = vec![at_revision(&k, revision)];
+        compare.extend(claims.take.iter().map(|c| absent(c.as_bytes())));
+        let mut success = vec![put(&k, encode(object))];
+        success.extend(claims.take.iter().map(|c| put(c.as_bytes(), k.clone())));
+        success.extend(claims.release.iter().map(|c| remove(c.as_bytes())));
+        let mut failure = vec![read(&k)];
+        failure.extend(claims.take.iter().map(|c| read(c.as_bytes())));
+        let t = self
+            .txn(TxnRequest {
+                compare,
+                success,
+                failure,
+            })
+            .await?;
+        if t.succeeded {
+            let mut object = object.clone();
+            set_resource_version(&mut object, t.revision);
+            return Ok(Ok(Stored {
+                object,
+                revision: t.revision,
+            }));
+        }
+        match refusal(&t, claims)? {
+            // The object is there: whether it changed decides between the two outcomes.
+            Refused::Exists(Some(cur)) if cur.revision == revision => Ok(Err(refusal_of_claims(
+                &t, claims,
+            )
+            .unwrap_or(Refused::Exists(Some(cur))))),
+            other => Ok(Err(other)),
+        }
     }
 
     /// Deletes an object if it is still at `revision`; same outcomes as [`Objects::replace`].
@@ -225,23 +263,24 @@ impl Objects {
         key: &str,
         revision: i64,
     ) -> Result<Result<(), Option<Stored>>, KubeError> {
+        self.delete_releasing(key, revision, &[]).await
+    }
+
+    /// [`Objects::delete`], also releasing `claims` in the same transaction.
+    pub async fn delete_releasing(
+        &self,
+        key: &str,
+        revision: i64,
+        release: &[String],
+    ) -> Result<Result<(), Option<Stored>>, KubeError> {
         let k = key.as_bytes().to_vec();
+        let mut success = vec![remove(&k)];
+        success.extend(release.iter().map(|c| remove(c.as_bytes())));
         let t = self
             .txn(TxnRequest {
-                compare: vec![Compare {
-                    key: k.clone(),
-                    result: CompareResult::Equal,
-                    target: CompareTarget::ModRevision(revision),
-                }],
-                success: vec![RequestOp::DeleteRange(DeleteRangeRequest {
-                    key: k.clone(),
-                    range_end: vec![],
-                    prev_kv: false,
-                })],
-                failure: vec![RequestOp::Range(RangeRequest {
-                    key: k,
-                    ..RangeRequest::default()
-                })],
+                compare: vec![at_revision(&k, revision)],
+                success,
+                failure: vec![read(&k)],
             })
             .await?;
         if t.succeeded {
@@ -249,6 +288,84 @@ impl Objects {
         }
         Ok(Err(current_of(&t)?))
     }
+}
+
+/// Side keys a write takes (they must be free) or releases, in the same transaction: the
+/// allocation records of service IPs and node ports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claims {
+    /// Keys to take.
+    pub take: Vec<String>,
+    /// Keys to release.
+    pub release: Vec<String>,
+}
+
+/// Why a guarded write was refused.
+#[derive(Debug, Clone)]
+pub enum Refused {
+    /// The object's key is not as expected: it exists (create), or it changed or vanished
+    /// (replace: the current object, if any).
+    Exists(Option<Stored>),
+    /// A claim is held by another object.
+    Taken(String),
+}
+
+fn absent(key: &[u8]) -> Compare {
+    Compare {
+        key: key.to_vec(),
+        result: CompareResult::Equal,
+        target: CompareTarget::CreateRevision(0),
+    }
+}
+
+fn at_revision(key: &[u8], revision: i64) -> Compare {
+    Compare {
+        key: key.to_vec(),
+        result: CompareResult::Equal,
+        target: CompareTarget::ModRevision(revision),
+    }
+}
+
+fn put(key: &[u8], value: Vec<u8>) -> RequestOp {
+    RequestOp::Put(PutRequest {
+        key: key.to_vec(),
+        value,
+        prev_kv: false,
+    })
+}
+
+fn remove(key: &[u8]) -> RequestOp {
+    RequestOp::DeleteRange(DeleteRangeRequest {
+        key: key.to_vec(),
+        range_end: vec![],
+        prev_kv: false,
+    })
+}
+
+fn read(key: &[u8]) -> RequestOp {
+    RequestOp::Range(RangeRequest {
+        key: key.to_vec(),
+        ..RangeRequest::default()
+    })
+}
+
+/// The first taken claim in a failed transaction's reads (after the object's own read).
+fn refusal_of_claims(t: &TxnResponse, claims: &Claims) -> Option<Refused> {
+    t.responses
+        .iter()
+        .skip(1)
+        .zip(&claims.take)
+        .find(|(resp, _)| matches!(resp, ResponseOp::Range(r) if !r.kvs.is_empty()))
+        .map(|(_, k)| Refused::Taken(k.clone()))
+}
+
+/// Why a create was refused: the object exists, else a claim is taken.
+fn refusal(t: &TxnResponse, claims: &Claims) -> Result<Refused, KubeError> {
+    let current = current_of(t)?;
+    if current.is_some() {
+        return Ok(Refused::Exists(current));
+    }
+    Ok(refusal_of_claims(t, claims).unwrap_or(Refused::Exists(None)))
 }
 
 /// The object a failed guard saw (from the failure branch's range).
