@@ -6,7 +6,7 @@
 set -euo pipefail
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-_packages=(libclang-dev prometheus)
+_packages=(libclang-dev prometheus python3-venv)
 _missing=()
 for p in "${_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || _missing+=("$p")
@@ -40,4 +40,11 @@ if [ ! -f "$ROCKSDB_CACHE_DIR/librocksdb.a" ]; then
   cp "$_out/librocksdb.a" "$_out/libsnappy.a" "$ROCKSDB_CACHE_DIR.tmp/"
   rm -rf "$ROCKSDB_CACHE_DIR" && mv "$ROCKSDB_CACHE_DIR.tmp" "$ROCKSDB_CACHE_DIR"
 fi
+# The official Kubernetes Python client, for the client-compatibility tests.
+if [ ! -x "$FLOTILLA_CACHE/venv/bin/python" ] || ! "$FLOTILLA_CACHE/venv/bin/python" -c 'import kubernetes' 2>/dev/null; then
+  echo "setup: installing the Kubernetes Python client into $FLOTILLA_CACHE/venv" >&2
+  /usr/bin/python3 -m venv "$FLOTILLA_CACHE/venv"
+  "$FLOTILLA_CACHE/venv/bin/pip" install -q 'kubernetes==37.0.2'
+fi
+export FLOTILLA_CACHE
 unset _root _packages _missing _t _out

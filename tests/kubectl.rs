@@ -560,6 +560,43 @@ async fn pods_and_nodes_default_validate_bind_once_and_keep_status_separate() {
             .any(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == ["pods", "po"]),
         "{resources}"
     );
+
+    // Graceful deletion: a bound, running pod is marked Terminating and stays until its
+    // node's agent confirms (here: a forced delete with grace 0, as the agent sends).
+    assert_eq!(
+        kf.ok(&["delete", "po", "web", "--wait=false"]).trim(),
+        "pod \"web\" deleted"
+    );
+    assert_eq!(
+        kl.ok(&[
+            "get",
+            "po",
+            "web",
+            "-o",
+            "jsonpath={.metadata.deletionGracePeriodSeconds}"
+        ]),
+        "30"
+    );
+    assert!(kl.ok(&["get", "po", "web"]).contains("Terminating"));
+    // A shorter grace period shortens it; a longer one does not lengthen it.
+    kf.ok(&["delete", "po", "web", "--wait=false", "--grace-period=5"]);
+    kf.ok(&["delete", "po", "web", "--wait=false", "--grace-period=60"]);
+    assert_eq!(
+        kl.ok(&[
+            "get",
+            "po",
+            "web",
+            "-o",
+            "jsonpath={.metadata.deletionGracePeriodSeconds}"
+        ]),
+        "5"
+    );
+    kf.ok(&["delete", "po", "web", "--grace-period=0", "--force"]);
+    let err = kl.fails(&["get", "po", "web"]);
+    assert!(
+        err.contains("Error from server (NotFound): pods \"web\" not found"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -417,7 +417,8 @@ impl Kube {
                     }
                     (&Method::DELETE, true, None) => {
                         let body = read_optional_json(req.into_body()).await?;
-                        self.delete(&call, body).await
+                        let options = delete_options(&call, body)?;
+                        self.delete(&call, options).await
                     }
                     (&Method::DELETE, false, None) => self.delete_collection(&call).await,
                     (m, _, _) => Err(KubeError::method_not_allowed(m.as_str())),
@@ -950,6 +951,28 @@ impl Kube {
             if call.r.kind == "Namespace" {
                 return self.delete_namespace(call, current).await;
             }
+            if let Some(grace) = pod_grace(&current.object, options.as_ref()) {
+                // Graceful pod deletion: the pod is marked and stays until its node's agent
+                // has stopped it (and deletes it with grace 0). A shorter grace period may
+                // shorten a deletion already under way; nothing lengthens it.
+                let now = meta::now_secs();
+                let already = current
+                    .object
+                    .pointer("/metadata/deletionGracePeriodSeconds")
+                    .and_then(Value::as_i64);
+                if already.is_some_and(|g| g <= grace) {
+                    return Ok(json_response(StatusCode::OK, &current.object));
+                }
+                let mut next = current.object.clone();
+                next["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(now + grace as u64));
+                next["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                match self.objects.replace(&key, current.revision, &next).await? {
+                    Ok(stored) => return Ok(json_response(StatusCode::OK, &stored.object)),
+                    Err(Some(now)) => current = now,
+                    Err(None) => return Err(KubeError::not_found(call.r, call.name())),
+                }
+                continue;
+            }
             if !finalizers(&current.object).is_empty() {
                 // Kubernetes semantics: mark for deletion; the object goes when its finalizers do.
                 if is_deleting(&current.object) {
@@ -1228,6 +1251,56 @@ fn to_scale(obj: &Value) -> Value {
             "selector": table::selector_string(obj.pointer("/spec/selector")),
         },
     })
+}
+
+/// DeleteOptions from the body, with `gracePeriodSeconds` and `propagationPolicy` also
+/// accepted as query parameters (as the Go server does; the body wins).
+fn delete_options(call: &Call, body: Option<Value>) -> Result<Option<Value>, KubeError> {
+    let mut options = body.unwrap_or_else(|| json!({}));
+    if !options.is_object() {
+        return Err(KubeError::bad_request(
+            "DeleteOptions must be a JSON object",
+        ));
+    }
+    if let Some(g) = call.param("gracePeriodSeconds") {
+        let g: i64 = g.parse().map_err(|_| {
+            KubeError::bad_request(format!("invalid gracePeriodSeconds {g:?}: not an integer"))
+        })?;
+        if let Some(o) = options.as_object_mut() {
+            o.entry("gracePeriodSeconds").or_insert(json!(g));
+        }
+    }
+    if let Some(p) = call.param("propagationPolicy") {
+        if let Some(o) = options.as_object_mut() {
+            o.entry("propagationPolicy").or_insert(json!(p));
+        }
+    }
+    Ok(Some(options))
+}
+
+/// The grace period of a pod deletion that must wait for the node's agent, or `None` when
+/// the pod goes at once: it was never bound, it has finished, or the grace period is 0.
+fn pod_grace(pod: &Value, options: Option<&Value>) -> Option<i64> {
+    if pod.get("kind").and_then(Value::as_str) != Some("Pod") {
+        return None;
+    }
+    let bound = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    let finished = matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    );
+    let grace = options
+        .and_then(|o| o.get("gracePeriodSeconds"))
+        .and_then(Value::as_i64)
+        .or_else(|| {
+            pod.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+        })
+        .unwrap_or(30);
+    (bound && !finished && grace > 0).then_some(grace)
 }
 
 /// Whether an allocation key was one the user asked for (then it fails instead of being drawn

@@ -1,0 +1,111 @@
+"""The official Kubernetes Python client (37.x, pydantic-validated models) against Flotilla.
+
+Run by tests/python.rs with FLOTILLA_SERVER=http://host:port. Exits non-zero on the first
+failed expectation; prints what it checked.
+"""
+
+import os
+import sys
+
+from kubernetes import client, watch
+from kubernetes.client.rest import ApiException
+
+cfg = client.Configuration()
+cfg.host = os.environ["FLOTILLA_SERVER"]
+api = client.ApiClient(cfg)
+core = client.CoreV1Api(api)
+apps = client.AppsV1Api(api)
+ns = "py-test"
+
+
+def check(cond, what):
+    if not cond:
+        print(f"FAILED: {what}", file=sys.stderr)
+        sys.exit(1)
+    print(f"ok: {what}")
+
+
+# Discovery through the typed API (needs singularName on every resource).
+res = core.get_api_resources()
+check(any(r.name == "pods" for r in res.resources), "core/v1 resources list pods")
+
+core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+check(core.read_namespace(ns).status.phase == "Active", "namespace is Active")
+
+# ConfigMaps: typed CRUD.
+cm = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="cm1", labels={"app": "py"}), data={"a": "1"})
+created = core.create_namespaced_config_map(ns, cm)
+check(created.metadata.resource_version, "create returns a resourceVersion")
+created.data["b"] = "2"
+replaced = core.replace_namespaced_config_map("cm1", ns, created)
+check(replaced.data == {"a": "1", "b": "2"}, "replace updates data")
+patched = core.patch_namespaced_config_map("cm1", ns, {"data": {"c": "3"}})
+check(patched.data["c"] == "3", "patch (strategic merge) adds a key")
+created.metadata.resource_version = created.metadata.resource_version  # stale now
+try:
+    core.replace_namespaced_config_map("cm1", ns, created)
+    check(False, "a stale replace must conflict")
+except ApiException as e:
+    check(e.status == 409, "a stale replace gets 409")
+
+# Pods: create, read, list across namespaces, delete returns the pod.
+pod = client.V1Pod(
+    metadata=client.V1ObjectMeta(name="p1"),
+    spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="busybox")]),
+)
+p = core.create_namespaced_pod(ns, pod)
+check(p.status.phase == "Pending", "a new pod is Pending")
+check(p.spec.restart_policy == "Always", "pod defaults are applied")
+check(any(x.metadata.name == "p1" for x in core.list_pod_for_all_namespaces().items), "list across namespaces")
+deleted = core.delete_namespaced_pod("p1", ns)
+check(deleted.metadata.name == "p1", "delete returns the pod (an unbound pod goes at once)")
+try:
+    core.read_namespaced_pod("p1", ns)
+    check(False, "a deleted pod must be gone")
+except ApiException as e:
+    check(e.status == 404, "reading a deleted pod gets 404")
+
+# Deployments and the scale subresource.
+dep = client.V1Deployment(
+    metadata=client.V1ObjectMeta(name="d1"),
+    spec=client.V1DeploymentSpec(
+        replicas=1,
+        selector=client.V1LabelSelector(match_labels={"app": "d1"}),
+        template=client.V1PodTemplateSpec(
+            metadata=client.V1ObjectMeta(labels={"app": "d1"}),
+            spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="nginx:1.25")]),
+        ),
+    ),
+)
+apps.create_namespaced_deployment(ns, dep)
+scale = apps.patch_namespaced_deployment_scale("d1", ns, {"spec": {"replicas": 3}})
+check(scale.spec.replicas == 3, "patching the scale subresource")
+check(apps.read_namespaced_deployment("d1", ns).spec.replicas == 3, "scale updates the deployment")
+
+# Watch from a list's resourceVersion replays exactly the changes since (test_watch).
+rv = core.list_namespaced_config_map(ns).metadata.resource_version
+core.create_namespaced_config_map(ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="w1")))
+core.patch_namespaced_config_map("w1", ns, {"data": {"x": "y"}})
+core.delete_namespaced_config_map("w1", ns)
+core.delete_namespaced_config_map("cm1", ns)
+seen = []
+w = watch.Watch()
+for event in w.stream(core.list_namespaced_config_map, ns, resource_version=rv, timeout_seconds=3):
+    seen.append((event["type"], event["object"].metadata.name))
+    if len(seen) == 4:
+        w.stop()
+check(seen == [("ADDED", "w1"), ("MODIFIED", "w1"), ("DELETED", "w1"), ("DELETED", "cm1")], f"watch replays history: {seen}")
+
+# A watch without a resourceVersion starts with the current objects.
+core.create_namespaced_config_map(ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="now")))
+first = next(iter(watch.Watch().stream(core.list_namespaced_config_map, ns, timeout_seconds=2)))
+check(first["type"] == "ADDED" and first["object"].metadata.name == "now", "a fresh watch lists current objects")
+
+try:
+    core.read_namespaced_config_map("nope", ns)
+    check(False, "reading a missing object must fail")
+except ApiException as e:
+    check(e.status == 404 and '"reason":"NotFound"' in e.body, "404 carries a NotFound Status")
+
+core.delete_namespace(ns)
+print("all Python client checks passed")
