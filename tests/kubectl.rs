@@ -732,3 +732,130 @@ async fn workloads_services_and_events_work_with_kubectl() {
         "{events}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_apply_tracks_field_owners_and_detects_conflicts() {
+    let c = Cluster::start(3, &[]).await;
+    let (follower, leader) = follower_and_leader(&c).await;
+    let kf = Kubectl::new(&c, follower);
+    let kl = Kubectl::new(&c, leader);
+    let cm = |data: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\n  labels: {{team: a}}\ndata:\n{data}")
+    };
+    let file = kf.file("ssa.yaml", &cm("  a: \"1\"\n  b: \"2\"\n"));
+    assert_eq!(
+        kf.ok(&["apply", "--server-side", "-f", &file]).trim(),
+        "configmap/ssa serverside-applied"
+    );
+    let owners = kl.ok(&[
+        "get",
+        "cm",
+        "ssa",
+        "--show-managed-fields",
+        "-o",
+        "jsonpath={range .metadata.managedFields[*]}{.manager}/{.operation} {end}",
+    ]);
+    assert_eq!(owners.trim(), "kubectl/Apply");
+
+    // Another writer changes a field the applier owns: the next apply conflicts, with the
+    // Go server's message, and changes nothing.
+    kl.ok(&[
+        "patch",
+        "cm",
+        "ssa",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"a":"changed"}}"#,
+    ]);
+    let err = kf.fails(&["apply", "--server-side", "-f", &file]);
+    assert!(
+        err.contains(
+            r#"Apply failed with 1 conflict: conflict with "kubectl-patch" using v1: .data.a"#
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        kl.ok(&["get", "cm", "ssa", "-o", "jsonpath={.data.a}"]),
+        "changed"
+    );
+
+    // --force-conflicts takes the field back.
+    kf.ok(&["apply", "--server-side", "--force-conflicts", "-f", &file]);
+    assert_eq!(
+        kl.ok(&["get", "cm", "ssa", "-o", "jsonpath={.data.a}"]),
+        "1"
+    );
+    let owners = kl.ok(&[
+        "get",
+        "cm",
+        "ssa",
+        "--show-managed-fields",
+        "-o",
+        "jsonpath={range .metadata.managedFields[*]}{.manager}/{.operation} {end}",
+    ]);
+    assert_eq!(
+        owners.trim(),
+        "kubectl/Apply",
+        "kubectl-patch owned only .data.a"
+    );
+
+    // A second manager adds its own field; the first stops specifying `b` and the label:
+    // they go, while the second manager's field stays.
+    let other = kf.file(
+        "other.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  c: \"3\"\n",
+    );
+    kl.ok(&[
+        "apply",
+        "--server-side",
+        "--field-manager=other",
+        "-f",
+        &other,
+    ]);
+    std::fs::write(
+        &file,
+        cm("  a: \"1\"\n").replace("  labels: {team: a}\n", ""),
+    )
+    .unwrap();
+    kf.ok(&["apply", "--server-side", "-f", &file]);
+    assert_eq!(
+        kl.ok(&["get", "cm", "ssa", "-o", "jsonpath={.data}"]),
+        r#"{"a":"1","c":"3"}"#
+    );
+    assert_eq!(
+        kl.ok(&["get", "cm", "ssa", "-o", "jsonpath={.metadata.labels}"]),
+        ""
+    );
+
+    // Keyed lists are owned item by item: two managers apply different containers of one
+    // deployment, and a change to the other's container conflicts.
+    let dep = |name: &str, image: &str| {
+        format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n      - name: {name}\n        image: {image}\n")
+    };
+    let one = kf.file("one.yaml", &dep("main", "nginx:1.25"));
+    let two = kf.file("two.yaml", &dep("sidecar", "envoy:1"));
+    kf.ok(&["apply", "--server-side", "--field-manager=one", "-f", &one]);
+    kf.ok(&["apply", "--server-side", "--field-manager=two", "-f", &two]);
+    assert_eq!(
+        kl.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[*].name}"
+        ]),
+        "sidecar main"
+    );
+    let clash = kf.file("clash.yaml", &dep("main", "nginx:1.26"));
+    let err = kf.fails(&[
+        "apply",
+        "--server-side",
+        "--field-manager=two",
+        "-f",
+        &clash,
+    ]);
+    assert!(
+        err.contains(r#"conflict with "one": .spec.template.spec.containers[name="main"].image"#),
+        "{err}"
+    );
+}

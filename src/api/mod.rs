@@ -17,6 +17,7 @@
 
 pub mod discovery;
 pub mod kinds;
+pub mod managed;
 pub mod meta;
 pub mod objects;
 pub mod patch;
@@ -179,6 +180,8 @@ pub(crate) struct Call {
     pub(crate) accept: String,
     /// The subresource (`status`, `binding`), if any.
     pub(crate) sub: Option<String>,
+    /// Who writes: `fieldManager`, else the client's user-agent name (as the Go server).
+    pub(crate) manager: String,
 }
 
 impl Call {
@@ -205,6 +208,51 @@ impl Call {
     fn key(&self) -> String {
         self.r.key(self.namespace.as_deref(), self.name())
     }
+
+    /// The writer recorded in `managedFields`.
+    fn writer(&self) -> managed::Writer<'_> {
+        managed::Writer {
+            manager: &self.manager,
+            subresource: self.sub.as_deref(),
+            api_version: self.r.api_version(),
+            time: meta::rfc3339(meta::now_secs()),
+        }
+    }
+}
+
+/// The manager a write is recorded under: `fieldManager`, else the user agent up to its
+/// first `/` (as the Go server does), else `unknown`.
+fn manager_of(
+    params: &HashMap<String, String>,
+    user_agent: &str,
+    options_kind: &str,
+) -> Result<String, KubeError> {
+    let manager = match params.get("fieldManager").filter(|m| !m.is_empty()) {
+        Some(m) => m.clone(),
+        None => {
+            let ua: String = user_agent
+                .split('/')
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(managed::MAX_MANAGER_LEN)
+                .collect();
+            if ua.is_empty() {
+                "unknown".to_string()
+            } else {
+                ua
+            }
+        }
+    };
+    if manager.len() > managed::MAX_MANAGER_LEN || manager.chars().any(char::is_control) {
+        return Err(KubeError::invalid_options(
+            options_kind,
+            "fieldManager",
+            "Invalid value: must be at most 128 printable characters",
+        ));
+    }
+    Ok(manager)
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
@@ -366,6 +414,18 @@ impl Kube {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_string();
+                let user_agent = req
+                    .headers()
+                    .get(header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let options_kind = match method {
+                    Method::POST => "CreateOptions",
+                    Method::PUT => "UpdateOptions",
+                    Method::PATCH => "PatchOptions",
+                    _ => "DeleteOptions",
+                };
+                let manager = manager_of(&params, user_agent, options_kind)?;
                 let call = Call {
                     r,
                     namespace,
@@ -373,24 +433,23 @@ impl Kube {
                     params,
                     accept,
                     sub,
+                    manager,
                 };
                 let watching = matches!(call.param("watch"), Some("true" | "1"));
                 match (&method, call.name.is_some(), call.sub.as_deref()) {
                     (&Method::POST, true, Some("binding")) => {
-                        let body = read_json(req.into_body(), &content_type, &["application/json"])
-                            .await?;
+                        let body = read_json(req.into_body(), &content_type, JSON_OR_YAML).await?;
                         self.bind(&call, body).await
                     }
                     (_, _, Some("binding")) => Err(KubeError::method_not_allowed(method.as_str())),
                     (&Method::GET, true, Some("scale")) => self.scale(&call, None).await,
                     (&Method::PUT, true, Some("scale")) => {
-                        let body = read_json(req.into_body(), &content_type, &["application/json"])
-                            .await?;
+                        let body = read_json(req.into_body(), &content_type, JSON_OR_YAML).await?;
                         self.scale(&call, Some((None, body))).await
                     }
                     (&Method::PATCH, true, Some("scale")) => {
                         let kind = patch_kind(&content_type)?;
-                        let body = read_json(req.into_body(), "application/json", &[]).await?;
+                        let body = read_json(req.into_body(), patch_media(kind), &[]).await?;
                         self.scale(&call, Some((Some(kind), body))).await
                     }
                     (_, _, Some("scale")) => Err(KubeError::method_not_allowed(method.as_str())),
@@ -401,18 +460,16 @@ impl Kube {
                     (&Method::GET, false, _) if watching => watch::serve(self.clone(), call).await,
                     (&Method::GET, false, _) => self.list(&call).await,
                     (&Method::POST, false, _) => {
-                        let body = read_json(req.into_body(), &content_type, &["application/json"])
-                            .await?;
+                        let body = read_json(req.into_body(), &content_type, JSON_OR_YAML).await?;
                         self.create(&call, body).await
                     }
                     (&Method::PUT, true, _) => {
-                        let body = read_json(req.into_body(), &content_type, &["application/json"])
-                            .await?;
+                        let body = read_json(req.into_body(), &content_type, JSON_OR_YAML).await?;
                         self.update(&call, body).await
                     }
                     (&Method::PATCH, true, _) => {
                         let kind = patch_kind(&content_type)?;
-                        let body = read_json(req.into_body(), "application/json", &[]).await?;
+                        let body = read_json(req.into_body(), patch_media(kind), &[]).await?;
                         self.patch(&call, kind, body).await
                     }
                     (&Method::DELETE, true, None) => {
@@ -622,9 +679,18 @@ impl Kube {
     }
 
     async fn create(&self, call: &Call, body: Value) -> KubeResult {
+        self.create_object(call, body, false).await
+    }
+
+    /// Creates an object; `applied` when it comes from a server-side apply, which has
+    /// recorded its managed fields already.
+    async fn create_object(&self, call: &Call, body: Value, applied: bool) -> KubeResult {
         let mut obj = body;
         let strict = call.param("fieldValidation") == Some("Strict");
         normalize_new(call, &mut obj, strict)?;
+        if !applied {
+            managed::record_update(None, &mut obj, &call.writer())?;
+        }
         let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
         let call = Call {
             name: Some(name.clone()),
@@ -633,6 +699,7 @@ impl Kube {
             accept: call.accept.clone(),
             r: call.r,
             sub: None,
+            manager: call.manager.clone(),
         };
         self.check_namespace(&call).await?;
         let stored = if call.r.kind == "Service" {
@@ -723,8 +790,10 @@ impl Kube {
                 params: HashMap::new(),
                 accept: String::new(),
                 sub: None,
+                manager: "flotilla".into(),
             };
             normalize_new(&call, &mut obj, false)?;
+            managed::record_update(None, &mut obj, &call.writer())?;
             match self
                 .objects
                 .create(ns, &ns.key(None, name), name, &obj)
@@ -774,30 +843,14 @@ impl Kube {
                     }],
                 ));
             }
-            // Server-side apply of an absent object creates it (201).
-            if self
-                .objects
-                .get(&call.key(), Consistency::Linearizable)
-                .await?
-                .is_none()
-            {
-                let mut body = patch.clone();
-                if body.pointer("/metadata/name").is_none() {
-                    return Err(KubeError::bad_request(
-                        "an apply patch must name the object",
-                    ));
-                }
-                if let Some(m) = body.get_mut("metadata").and_then(Value::as_object_mut) {
-                    m.remove("resourceVersion");
-                }
-                return match self.create(call, body).await {
-                    Err(e) if e.reason == "AlreadyExists" => {
-                        Box::pin(self.apply_existing(call, patch, strict)).await
-                    }
-                    other => other,
-                };
-            }
-            return self.apply_existing(call, patch, strict).await;
+            return self.apply(call, patch, strict).await;
+        }
+        if call.param("force").is_some() {
+            return Err(KubeError::invalid_options(
+                "PatchOptions",
+                "force",
+                "Forbidden: may not be specified for non-apply patch",
+            ));
         }
         let want_rv = patch
             .pointer("/metadata/resourceVersion")
@@ -817,13 +870,77 @@ impl Kube {
         .await
     }
 
-    async fn apply_existing(&self, call: &Call, patch: Value, strict: bool) -> KubeResult {
-        self.modify(call, None, strict, move |current| {
-            let mut next = current.clone();
-            patch::strategic(&mut next, &patch);
-            Ok(next)
-        })
-        .await
+    /// Server-side apply: the configuration is merged into the object (created if absent)
+    /// with field ownership and conflict detection ([`managed::apply`]).
+    async fn apply(&self, call: &Call, config: Value, strict: bool) -> KubeResult {
+        let Some(map) = config.as_object() else {
+            return Err(KubeError::bad_request("an apply patch must be an object"));
+        };
+        check_kind(call.r, map)?;
+        if map
+            .get("kind")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+            || map
+                .get("apiVersion")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+        {
+            return Err(KubeError::bad_request(
+                "an apply patch must set apiVersion and kind",
+            ));
+        }
+        match config.pointer("/metadata/name").and_then(Value::as_str) {
+            Some(n) if n == call.name() => {}
+            Some(n) => {
+                return Err(KubeError::bad_request(format!(
+                    "the name of the object ({n}) does not match the name on the URL ({})",
+                    call.name()
+                )))
+            }
+            None => {
+                return Err(KubeError::bad_request(
+                    "an apply patch must name the object",
+                ))
+            }
+        }
+        let force = matches!(call.param("force"), Some("true" | "1"));
+        let want_rv = config
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        for _ in 0..MAX_CAS_RETRIES {
+            let exists = self
+                .objects
+                .get(&call.key(), Consistency::Linearizable)
+                .await?
+                .is_some();
+            if !exists {
+                if want_rv.is_some() {
+                    return Err(KubeError::not_found(call.r, call.name()));
+                }
+                let mut obj = managed::apply(None, &config, &call.writer(), force)?;
+                if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.remove("resourceVersion");
+                }
+                match self.create_object(call, obj, true).await {
+                    Err(e) if e.reason == "AlreadyExists" => continue,
+                    other => return other,
+                }
+            }
+            let writer = call.writer();
+            let result = self
+                .modify_object_as(call, want_rv.clone(), strict, false, |current| {
+                    managed::apply(Some(current), &config, &writer, force)
+                })
+                .await;
+            match result {
+                Err(e) if e.reason == "NotFound" && want_rv.is_none() => continue,
+                other => return Ok(json_response(StatusCode::OK, &other?)),
+            }
+        }
+        Err(KubeError::conflict(call.r, call.name()))
     }
 
     /// Read-modify-write with a compare-and-swap on the revision read, retried when another
@@ -853,6 +970,23 @@ impl Kube {
     where
         F: Fn(&Value) -> Result<Value, KubeError>,
     {
+        self.modify_object_as(call, want_rv, strict, true, change)
+            .await
+    }
+
+    /// [`Kube::modify_object`], recording the write in `managedFields` as an update when
+    /// `record` (an apply records its own).
+    async fn modify_object_as<F>(
+        &self,
+        call: &Call,
+        want_rv: Option<String>,
+        strict: bool,
+        record: bool,
+        change: F,
+    ) -> Result<Value, KubeError>
+    where
+        F: Fn(&Value) -> Result<Value, KubeError>,
+    {
         let key = call.key();
         let mut current = self
             .objects
@@ -867,6 +1001,9 @@ impl Kube {
             }
             let mut next = change(&current.object)?;
             normalize_update(call, &current.object, &mut next, strict)?;
+            if record {
+                managed::record_update(Some(&current.object), &mut next, &call.writer())?;
+            }
             let mut claims = objects::Claims::default();
             let mut requested = services::Requested::default();
             if call.r.kind == "Service" && call.sub.is_none() {
@@ -1218,6 +1355,7 @@ impl Kube {
                 params: HashMap::new(),
                 accept: String::new(),
                 sub: None,
+                manager: call.manager.clone(),
             };
             match self.delete(&one, None).await {
                 Ok(_) => {}
@@ -1872,6 +2010,17 @@ pub enum PatchKind {
     Apply,
 }
 
+/// Media types accepted for object bodies.
+const JSON_OR_YAML: &[&str] = &["application/json", "application/yaml"];
+
+/// The media type a patch body is decoded as.
+fn patch_media(kind: PatchKind) -> &'static str {
+    match kind {
+        PatchKind::Apply => "application/apply-patch+yaml",
+        _ => "application/json",
+    }
+}
+
 const PATCH_TYPES: &[&str] = &[
     "application/json-patch+json",
     "application/merge-patch+json",
@@ -1914,11 +2063,25 @@ async fn read_json(
         ));
     }
     let bytes = read_body(body).await?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        KubeError::bad_request(format!(
+    decode_body(&bytes, base)
+}
+
+/// JSON, or YAML for the YAML media types (`application/yaml`, server-side apply's
+/// `application/apply-patch+yaml`; JSON is tried first, as kubectl sends JSON there).
+fn decode_body(bytes: &[u8], media_type: &str) -> Result<Value, KubeError> {
+    match serde_json::from_slice(bytes) {
+        Ok(v) => Ok(v),
+        Err(_) if media_type.ends_with("yaml") => {
+            serde_yaml::from_slice::<Value>(bytes).map_err(|e| {
+                KubeError::bad_request(format!(
+                    "the body of the request could not be decoded as YAML: {e}"
+                ))
+            })
+        }
+        Err(e) => Err(KubeError::bad_request(format!(
             "the body of the request could not be decoded as JSON: {e}"
-        ))
-    })
+        ))),
+    }
 }
 
 /// DELETE bodies are optional `DeleteOptions`.

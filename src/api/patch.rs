@@ -25,7 +25,7 @@ pub fn merge(target: &mut Value, patch: &Value) {
 
 /// The merge key of a list field of the built-in types (by field name and, for `ports`, the
 /// object it sits in), or `None` for lists that a patch replaces.
-fn merge_key(field: &str, parent: &str) -> Option<&'static str> {
+pub(crate) fn merge_key(field: &str, parent: &str) -> Option<&'static str> {
     Some(match field {
         "containers"
         | "initContainers"
@@ -47,8 +47,21 @@ fn merge_key(field: &str, parent: &str) -> Option<&'static str> {
     })
 }
 
+/// The context the items of a keyed list are merged in (what [`merge_key`] takes as the
+/// parent of their own lists).
+pub(crate) fn item_context(field: &str) -> &'static str {
+    if matches!(
+        field,
+        "containers" | "initContainers" | "ephemeralContainers"
+    ) {
+        "container"
+    } else {
+        ""
+    }
+}
+
 /// Lists of strings that a strategic patch merges as sets.
-fn merges_as_set(field: &str) -> bool {
+pub(crate) fn merges_as_set(field: &str) -> bool {
     matches!(field, "finalizers")
 }
 
@@ -94,14 +107,7 @@ fn strategic_in(target: &mut Value, patch: &Value, context: &str) {
                     *current = Value::Array(Vec::new());
                 }
                 let list = current.as_array_mut().expect("made an array above");
-                let child = if matches!(
-                    k.as_str(),
-                    "containers" | "initContainers" | "ephemeralContainers"
-                ) {
-                    "container"
-                } else {
-                    ""
-                };
+                let child = item_context(k);
                 for item in items {
                     let id = item.get(key).cloned();
                     let pos = id

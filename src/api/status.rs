@@ -155,6 +155,36 @@ impl KubeError {
         .about(r, name)
     }
 
+    /// 422 for invalid request options (`PatchOptions`, `CreateOptions`, ...), as the Go
+    /// server reports them.
+    pub fn invalid_options(kind: &str, field: &str, message: &str) -> KubeError {
+        let mut e = KubeError::new(
+            422,
+            "Invalid",
+            format!("{kind}.meta.k8s.io \"\" is invalid: {field}: {message}"),
+        );
+        e.details.group = "meta.k8s.io".into();
+        e.details.kind = kind.into();
+        e.details.causes = vec![Cause {
+            reason: if message.starts_with("Forbidden") {
+                "FieldValueForbidden".into()
+            } else {
+                "FieldValueInvalid".into()
+            },
+            message: message.into(),
+            field: field.into(),
+        }];
+        e
+    }
+
+    /// 409 for a server-side apply that would change fields other managers own (details
+    /// carry only the causes, as the Go server's `NewApplyConflict`).
+    pub fn apply_conflict(message: String, causes: Vec<Cause>) -> KubeError {
+        let mut e = KubeError::new(409, "Conflict", message);
+        e.details.causes = causes;
+        e
+    }
+
     /// 422 with causes; `details.kind` is the Kind.
     pub fn invalid(r: &Resource, name: &str, causes: Vec<Cause>) -> KubeError {
         let list = causes

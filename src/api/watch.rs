@@ -65,6 +65,7 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
                 accept: String::new(),
+                manager: call.manager.clone(),
             };
             let (items, rev, _, _) = kube.list_objects(&listing).await?;
             (items, rev + 1)
