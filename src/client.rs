@@ -113,8 +113,31 @@ impl Client {
         body: Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<http::Response<Incoming>, ClientError> {
-        let req = http::Request::post(format!("http://{server}{path}"))
-            .header(http::header::CONTENT_TYPE, "application/json")
+        self.send_raw(
+            http::Method::POST,
+            server,
+            path,
+            "application/json",
+            body,
+            timeout,
+        )
+        .await
+    }
+
+    /// Sends one request with a raw body to one replica (no retry, no failover).
+    pub async fn send_raw(
+        &self,
+        method: http::Method,
+        server: &str,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<http::Response<Incoming>, ClientError> {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{server}{path}"))
+            .header(http::header::CONTENT_TYPE, content_type)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| ClientError::Protocol {
                 server: server.into(),
@@ -139,6 +162,19 @@ impl Client {
 
     /// GETs a path from one replica; returns status and body text.
     pub async fn get_text(&self, server: &str, path: &str) -> Result<(u16, String), ClientError> {
+        let resp = self.get_stream(server, path).await?;
+        let status = resp.status().as_u16();
+        let body = read_all(server, resp.into_body(), self.timeout).await?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// GETs a path from one replica; the body is left to the caller to stream (watches).
+    /// The deadline covers the response head only.
+    pub async fn get_stream(
+        &self,
+        server: &str,
+        path: &str,
+    ) -> Result<http::Response<Incoming>, ClientError> {
         let req = http::Request::get(format!("http://{server}{path}"))
             .body(Full::new(Bytes::new()))
             .map_err(|e| ClientError::Protocol {
@@ -155,9 +191,7 @@ impl Client {
             Ok(Err(e)) => return Err(ClientError::Unavailable(vec![format!("{server}: {e}")])),
             Ok(Ok(r)) => r,
         };
-        let status = resp.status().as_u16();
-        let body = read_all(server, resp.into_body(), self.timeout).await?;
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok(resp)
     }
 
     /// POSTs `req` to one replica and decodes the JSON answer.

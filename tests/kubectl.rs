@@ -597,6 +597,62 @@ async fn pods_and_nodes_default_validate_bind_once_and_keep_status_separate() {
         err.contains("Error from server (NotFound): pods \"web\" not found"),
         "{err}"
     );
+
+    // Eviction (what kubectl drain sends): a running pod is deleted gracefully; a finished
+    // one goes at once, so draining its node completes.
+    let pod = |name: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  containers:\n  - name: c\n    image: busybox\n")
+    };
+    for (name, phase) in [("live", "Running"), ("done", "Succeeded")] {
+        let f = kf.file(&format!("{name}.yaml"), &pod(name));
+        kf.ok(&["create", "-f", &f]);
+        let body = serde_json::json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name}, "target": {"kind": "Node", "name": "n1"}});
+        let resp = client
+            .post_raw(
+                &c.replica(follower).api(),
+                &format!("/api/v1/namespaces/default/pods/{name}/binding"),
+                serde_json::to_vec(&body).unwrap(),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        kf.ok(&[
+            "patch",
+            "po",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"status":{{"phase":"{phase}"}}}}"#),
+        ]);
+    }
+    let eviction = serde_json::json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "live", "namespace": "default"}, "deleteOptions": {}});
+    let resp = client
+        .post_raw(
+            &c.replica(leader).api(),
+            "/api/v1/namespaces/default/pods/live/eviction",
+            serde_json::to_vec(&eviction).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert!(kl.ok(&["get", "po", "live"]).contains("Terminating"));
+    kf.ok(&["delete", "po", "live", "--grace-period=0", "--force"]);
+    let (ok, out, err) = kf.run(&[
+        "drain",
+        "n1",
+        "--ignore-daemonsets",
+        "--force",
+        "--timeout=30s",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("pod/done evicted") && out.contains("node/n1 drained"),
+        "{out}{err}"
+    );
+    kl.fails(&["get", "po", "done"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

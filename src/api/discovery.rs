@@ -77,6 +77,7 @@ fn subresource(
 ) {
     match sub {
         "binding" => (("", "v1", "Binding"), &["create"]),
+        "eviction" => (("policy", "v1", "Eviction"), &["create"]),
         "scale" => (("autoscaling", "v1", "Scale"), &["get", "patch", "update"]),
         _ => ((r.group, r.version, r.kind), &["get", "patch", "update"]),
     }

@@ -442,6 +442,11 @@ impl Kube {
                         self.bind(&call, body).await
                     }
                     (_, _, Some("binding")) => Err(KubeError::method_not_allowed(method.as_str())),
+                    (&Method::POST, true, Some("eviction")) => {
+                        let body = read_json(req.into_body(), &content_type, JSON_OR_YAML).await?;
+                        self.evict(&call, body).await
+                    }
+                    (_, _, Some("eviction")) => Err(KubeError::method_not_allowed(method.as_str())),
                     (&Method::GET, true, Some("scale")) => self.scale(&call, None).await,
                     (&Method::PUT, true, Some("scale")) => {
                         let body = read_json(req.into_body(), &content_type, JSON_OR_YAML).await?;
@@ -1189,6 +1194,40 @@ impl Kube {
             Ok(()) => Ok(json_response(StatusCode::OK, &final_state)),
             Err(_) => Err(KubeError::conflict(call.r, &name)),
         }
+    }
+
+    /// `POST pods/<name>/eviction` (policy/v1 Eviction): a delete that disruption budgets may
+    /// refuse (none are served yet, so none refuse), with the eviction's `deleteOptions`.
+    async fn evict(&self, call: &Call, body: Value) -> KubeResult {
+        if let Some(k) = body.get("kind").and_then(Value::as_str) {
+            if k != "Eviction" {
+                return Err(KubeError::bad_request(format!(
+                    "the body must be an Eviction, not {k:?}"
+                )));
+            }
+        }
+        if let Some(n) = body.pointer("/metadata/name").and_then(Value::as_str) {
+            if !n.is_empty() && n != call.name() {
+                return Err(KubeError::bad_request(format!(
+                    "name in URL does not match name in Eviction object: {n:?} != {:?}",
+                    call.name()
+                )));
+            }
+        }
+        let options = match body.get("deleteOptions") {
+            None | Some(Value::Null) => None,
+            Some(o @ Value::Object(_)) => Some(o.clone()),
+            Some(_) => return Err(KubeError::bad_request("deleteOptions must be an object")),
+        };
+        let main = Call {
+            sub: None,
+            ..call.clone()
+        };
+        self.delete(&main, options).await?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+        ))
     }
 
     /// `POST pods/<name>/binding`: assigns an unbound pod to a node, once. A pod already bound

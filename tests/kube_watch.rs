@@ -1,0 +1,211 @@
+//! Kubernetes watches across replica failure: a watch opened on a follower sees every change
+//! made through the leader, in order, and when that replica is killed the client resumes on
+//! another replica from the last resourceVersion it saw, losing and repeating nothing.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+const PATH: &str = "/api/v1/namespaces/default/configmaps";
+
+/// One Kubernetes watch stream (newline-delimited JSON events).
+struct KubeWatch {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+}
+
+impl KubeWatch {
+    async fn open(c: &Cluster, id: u64, rv: &str) -> Result<KubeWatch, String> {
+        let client = c.client_for(id);
+        let resp = client
+            .get_stream(
+                &c.replica(id).api(),
+                &format!("{PATH}?watch=1&resourceVersion={rv}&allowWatchBookmarks=true"),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status() != 200 {
+            return Err(format!("watch refused: {}", resp.status()));
+        }
+        Ok(KubeWatch {
+            body: resp.into_body(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// The next event; `None` when the stream ends, breaks or stays silent for `idle`.
+    async fn next(&mut self, idle: Duration) -> Option<Value> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                return Some(serde_json::from_slice(&line).expect("a JSON watch event"));
+            }
+            match tokio::time::timeout(idle, self.body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        self.buf.extend_from_slice(d);
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_follower_resumes_on_another_replica_without_loss() {
+    let mut c = Cluster::start(3, &[]).await;
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let other = (1..=3).find(|&id| id != leader && id != follower).unwrap();
+    let (status, list) = c
+        .client_for(leader)
+        .get_text(&c.replica(leader).api(), PATH)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{list}");
+    let start_rv = serde_json::from_str::<Value>(&list).unwrap()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The writer: creates, then merge-patches, through the leader, recording every
+    // acknowledged change as (name, resourceVersion).
+    const NAMES: usize = 40;
+    const WRITES: usize = 160;
+    let writer = {
+        let client = c.client_for(leader);
+        let server = c.replica(leader).api();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..WRITES {
+                let name = format!("cm{}", i % NAMES);
+                let (method, path, ctype, body) = if i < NAMES {
+                    (
+                        http::Method::POST,
+                        PATH.to_string(),
+                        "application/json",
+                        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"i": "0"}}),
+                    )
+                } else {
+                    (
+                        http::Method::PATCH,
+                        format!("{PATH}/{name}"),
+                        "application/merge-patch+json",
+                        json!({"data": {"i": i.to_string()}}),
+                    )
+                };
+                let resp = client
+                    .send_raw(
+                        method,
+                        &server,
+                        &path,
+                        ctype,
+                        serde_json::to_vec(&body).unwrap(),
+                        None,
+                    )
+                    .await
+                    .expect("the leader stays up");
+                let status = resp.status().as_u16();
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                assert!(
+                    status == 200 || status == 201,
+                    "{status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+                let obj: Value = serde_json::from_slice(&bytes).unwrap();
+                let rv = obj["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                acked.push((name, rv));
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            acked
+        })
+    };
+
+    // The watcher: starts on the follower; after a third of the writes the follower is
+    // killed, and the watch resumes on the third replica from the last resourceVersion seen.
+    let mut seen: Vec<(String, String, String)> = Vec::new(); // (type, name, rv)
+    let mut last_rv = start_rv.clone();
+    let mut w = KubeWatch::open(&c, follower, &start_rv).await.unwrap();
+    let mut on = follower;
+    let mut killed = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < WRITES {
+        assert!(
+            Instant::now() < deadline,
+            "saw only {} of {WRITES} events before the deadline",
+            seen.len()
+        );
+        if !killed && seen.len() >= WRITES / 3 {
+            c.kill(follower);
+            killed = true;
+        }
+        match w.next(Duration::from_secs(5)).await {
+            Some(ev) => {
+                let kind = ev["type"].as_str().unwrap_or("").to_string();
+                let rv = ev["object"]["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                assert_ne!(kind, "ERROR", "watch error event: {ev}");
+                last_rv = rv.clone();
+                if kind == "BOOKMARK" {
+                    continue;
+                }
+                let name = ev["object"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                seen.push((kind, name, rv));
+            }
+            None => {
+                // The stream broke (its replica died) or went quiet: resume from the last
+                // resourceVersion on a replica that answers.
+                assert!(
+                    killed || on != follower,
+                    "the watch ended while its replica was up"
+                );
+                on = other;
+                w = wait_for(
+                    Duration::from_secs(10),
+                    "a replica to resume the watch",
+                    || {
+                        let c = &c;
+                        let rv = last_rv.clone();
+                        async move { KubeWatch::open(c, other, &rv).await.ok() }
+                    },
+                )
+                .await;
+            }
+        }
+    }
+    let acked = writer.await.unwrap();
+    assert!(killed, "the follower was killed mid-stream");
+    assert_eq!(on, other, "the watch moved to another replica");
+
+    // Every acknowledged change exactly once, in resourceVersion order.
+    let rvs: Vec<u64> = seen.iter().map(|(_, _, rv)| rv.parse().unwrap()).collect();
+    assert!(
+        rvs.windows(2).all(|w| w[0] < w[1]),
+        "events out of order or repeated: {rvs:?}"
+    );
+    let got: BTreeSet<(String, String)> = seen
+        .iter()
+        .map(|(_, name, rv)| (name.clone(), rv.clone()))
+        .collect();
+    let want: BTreeSet<(String, String)> = acked.into_iter().collect();
+    assert_eq!(got, want, "the watch saw exactly the acknowledged changes");
+    let added = seen.iter().filter(|(t, _, _)| t == "ADDED").count();
+    assert_eq!(
+        added, NAMES,
+        "one ADDED per created object, the rest MODIFIED"
+    );
+}
