@@ -915,3 +915,157 @@ async fn server_side_apply_tracks_field_owners_and_detects_conflicts() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_sorts_names_json_patches_waits_and_deletes_by_selector() {
+    let c = Cluster::start(3, &[]).await;
+    let (follower, leader) = follower_and_leader(&c).await;
+    let kf = Kubectl::new(&c, follower);
+    let kl = Kubectl::new(&c, leader);
+    wait_for(Duration::from_secs(10), "the default namespace", || async {
+        kl.run(&["get", "ns", "default"]).0.then_some(())
+    })
+    .await;
+
+    // The version dispatcher at /usr/bin/kubectl picks kubectl 1.32 from our /version.
+    let out = Command::new("/usr/bin/kubectl")
+        .arg(format!("--server={}", kf.server))
+        .arg(format!("--cache-dir={}", kf.cache.display()))
+        .args(["get", "ns", "kube-system", "-o", "name"])
+        .env("HOME", &kf.dir)
+        .output()
+        .expect("/usr/bin/kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "namespace/kube-system"
+    );
+
+    let docs: String = ["b", "c", "a"]
+        .iter()
+        .map(|n| {
+            let tier = if *n == "c" { "cache" } else { "web" };
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {n}\n  labels: {{tier: {tier}}}\ndata:\n  k: \"{n}\"\n---\n")
+        })
+        .collect();
+    let file = kf.file("three.yaml", &docs);
+    kf.ok(&["create", "-f", &file]);
+    assert_eq!(
+        kl.ok(&["get", "cm", "-l", "tier", "--sort-by=.data.k", "-o", "name"]),
+        "configmap/a\nconfigmap/b\nconfigmap/c\n"
+    );
+    let sorted = kl.ok(&[
+        "get",
+        "cm",
+        "-l",
+        "tier",
+        "--sort-by=.metadata.labels.tier",
+        "--no-headers",
+    ]);
+    assert!(sorted.starts_with("c "), "{sorted}");
+
+    // JSON patch, and one that does not apply: 422, nothing changed.
+    kf.ok(&["patch", "cm", "a", "--type=json", "-p", r#"[{"op":"replace","path":"/data/k","value":"x"},{"op":"add","path":"/data/n","value":"1"}]"#]);
+    assert_eq!(
+        kl.ok(&["get", "cm", "a", "-o", "jsonpath={.data}"]),
+        r#"{"k":"x","n":"1"}"#
+    );
+    let err = kf.fails(&[
+        "patch",
+        "cm",
+        "a",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/data/z","value":"1"},{"op":"remove","path":"/data/missing"}]"#,
+    ]);
+    assert!(
+        err.contains("The request is invalid") && err.contains("/data/missing"),
+        "{err}"
+    );
+    assert_eq!(
+        kl.ok(&["get", "cm", "a", "-o", "jsonpath={.data}"]),
+        r#"{"k":"x","n":"1"}"#
+    );
+
+    // Delete by selector, then wait --for=delete on a pod in graceful deletion.
+    assert_eq!(
+        kf.ok(&["delete", "cm", "-l", "tier=web"]).trim(),
+        "configmap \"a\" deleted\nconfigmap \"b\" deleted"
+    );
+    assert_eq!(
+        kl.ok(&["get", "cm", "-l", "tier", "-o", "name"]),
+        "configmap/c\n"
+    );
+    let pod = kf.file("p.yaml", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: slow\nspec:\n  containers:\n  - name: c\n    image: busybox\n");
+    kf.ok(&["create", "-f", &pod]);
+    let bind = serde_json::json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "slow"}, "target": {"kind": "Node", "name": "n1"}});
+    let resp = c
+        .client_for(leader)
+        .post_raw(
+            &c.replica(leader).api(),
+            "/api/v1/namespaces/default/pods/slow/binding",
+            serde_json::to_vec(&bind).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    kf.ok(&["delete", "po", "slow", "--wait=false"]);
+    let waiter = {
+        let server = kf.server.clone();
+        let cache = c.dir.path().join("kube-cache-wait");
+        let home = kf.dir.clone();
+        std::thread::spawn(move || {
+            Command::new(KUBECTL)
+                .arg(format!("--server={server}"))
+                .arg(format!("--cache-dir={}", cache.display()))
+                .args(["wait", "--for=delete", "pod/slow", "--timeout=30s"])
+                .env("HOME", home)
+                .output()
+                .unwrap()
+        })
+    };
+    // The pod is still there (Terminating) while the waiter waits; the agent's final
+    // delete (grace 0) releases it.
+    assert!(kl.ok(&["get", "po", "slow"]).contains("Terminating"));
+    kl.ok(&["delete", "po", "slow", "--grace-period=0", "--force"]);
+    let out = waiter.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pod/slow condition met"));
+
+    // delete --all and delete -f.
+    kf.ok(&["delete", "cm", "c"]);
+    kf.ok(&["create", "-f", &file]);
+    kf.fails(&["create", "-f", &file]);
+    assert_eq!(kf.ok(&["delete", "-f", &file]).lines().count(), 3);
+    kf.ok(&["create", "-f", &file]);
+    assert_eq!(
+        kf.ok(&["delete", "cm", "--all"])
+            .lines()
+            .filter(|l| l.ends_with("deleted"))
+            .count(),
+        3
+    );
+    assert!(kl.ok(&["get", "cm", "-l", "tier", "-o", "name"]).is_empty());
+
+    // uncordon undoes cordon.
+    let node = kf.file(
+        "n.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: n9\n",
+    );
+    kf.ok(&["create", "-f", &node]);
+    assert_eq!(kf.ok(&["cordon", "n9"]).trim(), "node/n9 cordoned");
+    assert_eq!(kf.ok(&["uncordon", "n9"]).trim(), "node/n9 uncordoned");
+    assert_eq!(
+        kl.ok(&["get", "no", "n9", "-o", "jsonpath={.spec.unschedulable}"]),
+        ""
+    );
+}
