@@ -209,3 +209,99 @@ async fn a_watch_on_a_follower_resumes_on_another_replica_without_loss() {
         "one ADDED per created object, the rest MODIFIED"
     );
 }
+
+/// GETs a path and parses the JSON answer.
+async fn get_json(c: &Cluster, id: u64, path: &str) -> Value {
+    let (status, text) = c
+        .client_for(id)
+        .get_text(&c.replica(id).api(), path)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{path}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_larger_than_a_store_chunk_are_whole_and_pages_stay_at_one_revision() {
+    let c = Cluster::start(3, &[]).await;
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    const N: usize = 1100; // more than two of the server's 500-key store chunks
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let client = c.client_for(leader);
+        let server = c.replica(leader).api();
+        tasks.push(tokio::spawn(async move {
+            for i in (t..N).step_by(16) {
+                let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": format!("c{i:04}"), "labels": {"odd": (i % 2 == 1).to_string()}}});
+                let resp = client
+                    .post_raw(&server, PATH, serde_json::to_vec(&body).unwrap(), None)
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 201);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let names = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let all = get_json(&c, follower, PATH).await;
+    let expected: Vec<String> = (0..N).map(|i| format!("c{i:04}")).collect();
+    assert_eq!(names(&all), expected, "a whole list, in key order");
+    assert_eq!(all["kind"], "ConfigMapList");
+    assert!(all["items"][0]["metadata"]["resourceVersion"].is_string());
+
+    // Pages: 700 then the rest, at the first page's revision even after another write.
+    let p1 = get_json(&c, follower, &format!("{PATH}?limit=700")).await;
+    assert_eq!(names(&p1), expected[..700].to_vec());
+    assert_eq!(p1["metadata"]["remainingItemCount"], 400);
+    let token = p1["metadata"]["continue"].as_str().unwrap().to_string();
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "zz-late"}});
+    let resp = c
+        .client_for(leader)
+        .post_raw(
+            &c.replica(leader).api(),
+            PATH,
+            serde_json::to_vec(&body).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let p2 = get_json(&c, follower, &format!("{PATH}?limit=700&continue={token}")).await;
+    assert_eq!(
+        names(&p2),
+        expected[700..].to_vec(),
+        "the page ignores the later write"
+    );
+    assert!(p2["metadata"].get("continue").is_none());
+    assert_eq!(
+        p2["metadata"]["resourceVersion"],
+        p1["metadata"]["resourceVersion"]
+    );
+
+    // Filtered: selectors apply across chunks; and the later write is in a fresh list.
+    let odd = get_json(&c, follower, &format!("{PATH}?labelSelector=odd%3Dtrue")).await;
+    assert_eq!(names(&odd).len(), N / 2);
+    let odd_page = get_json(
+        &c,
+        follower,
+        &format!("{PATH}?labelSelector=odd%3Dtrue&limit=300"),
+    )
+    .await;
+    assert_eq!(names(&odd_page), names(&odd)[..300].to_vec());
+    assert!(
+        odd_page["metadata"].get("remainingItemCount").is_none(),
+        "not counted when filtered"
+    );
+    let fresh = get_json(&c, follower, PATH).await;
+    assert_eq!(names(&fresh).len(), N + 1);
+}

@@ -63,6 +63,9 @@ pub enum Error {
     /// The store is over its size quota; only deletes and compaction are accepted.
     #[error("{0}")]
     NoSpace(String),
+    /// Too much work is queued; the request was refused before doing anything.
+    #[error("too busy: {0}")]
+    Busy(String),
     /// Unexpected internal failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -78,6 +81,7 @@ impl Error {
                 | Error::NoQuorum { .. }
                 | Error::Unreachable { .. }
                 | Error::NotLeader { .. }
+                | Error::Busy(_)
         )
     }
 }

@@ -18,6 +18,7 @@ mod error;
 pub mod log_store;
 pub mod network;
 mod proposer;
+mod read_index;
 mod replica;
 mod service;
 pub mod state_machine;

@@ -37,6 +37,7 @@ use crate::error::{Error, StartError};
 use crate::log_store::RaftLog;
 use crate::network::{CallError, Network, PeerClient, PeerObserver};
 use crate::proposer::{Outcome, Proposer};
+use crate::read_index::ReadQueue;
 use crate::service;
 use crate::state_machine::{SnapshotObserver, StateMachine};
 use crate::types::{Command, CommandResult, Node, NodeId, Raft};
@@ -202,6 +203,7 @@ pub(crate) struct Inner {
     committed: Arc<AtomicU64>,
     acks: Arc<PeerAcks>,
     proposer: Proposer,
+    reads: Arc<ReadQueue>,
     pub(crate) observer: Arc<dyn ReplicaObserver>,
     leadership: watch::Receiver<Leadership>,
     shutdown: CancellationToken,
@@ -355,6 +357,7 @@ impl Replica {
             committed,
             acks,
             proposer: Proposer::start(weak.clone()),
+            reads: Arc::new(ReadQueue::default()),
             observer: replica_observer,
             leadership: rx,
             shutdown: shutdown.clone(),
@@ -713,10 +716,22 @@ impl Replica {
     pub async fn read_barrier(&self) -> Result<(), Error> {
         let started = Instant::now();
         let result = async {
-            let index = match self.on_leader(ForwardRequest::ReadIndex).await? {
-                ForwardResponse::ReadIndex(i) => i,
-                other => return Err(Error::Internal(format!("unexpected answer {other:?}"))),
-            };
+            // One round (on the leader, or forwarded to it) serves every read waiting when
+            // it starts.
+            let this = self.clone();
+            let index = self
+                .inner
+                .reads
+                .read_index(move || {
+                    let this = this.clone();
+                    async move {
+                        match this.on_leader(ForwardRequest::ReadIndex).await? {
+                            ForwardResponse::ReadIndex(i) => Ok(i),
+                            other => Err(Error::Internal(format!("unexpected answer {other:?}"))),
+                        }
+                    }
+                })
+                .await?;
             self.wait_applied(index, self.inner.cfg.request_timeout)
                 .await
         }
@@ -790,7 +805,6 @@ impl Replica {
         deadline: Instant,
     ) -> Result<ForwardResponse, Error> {
         let raft = &self.inner.raft;
-        let timeout = deadline.saturating_duration_since(Instant::now());
         match req {
             ForwardRequest::Elect => {
                 raft.trigger()
@@ -805,31 +819,50 @@ impl Replica {
                 Ok(ForwardResponse::WriteBatch(outcomes))
             }
             ForwardRequest::ReadIndex => {
-                self.check_leading()?;
-                let limit = self.inner.cfg.quorum_timeout().min(timeout);
-                match tokio::time::timeout(limit, raft.get_read_log_id()).await {
-                    Err(_) => Err(Error::NoQuorum {
-                        millis: limit.as_millis() as u64,
-                    }),
-                    Ok(Ok((read, _))) => {
-                        Ok(ForwardResponse::ReadIndex(read.map_or(0, |l| l.index)))
-                    }
-                    Ok(Err(RaftError::APIError(e))) => Err(match e {
-                        openraft::error::CheckIsLeaderError::ForwardToLeader(f) => {
-                            Error::NotLeader {
+                // openraft confirms leadership with one heartbeat round whose RPCs time out
+                // after a heartbeat interval; under load a round can miss the quorum while
+                // the peers are fine. Such a round is retried (a read changes nothing) as
+                // long as the peers keep answering; a real loss of quorum fails fast in
+                // `check_leading`.
+                let mut attempt = 0u32;
+                loop {
+                    self.check_leading()?;
+                    let limit = self
+                        .inner
+                        .cfg
+                        .quorum_timeout()
+                        .min(deadline.saturating_duration_since(Instant::now()));
+                    match tokio::time::timeout(limit, raft.get_read_log_id()).await {
+                        Err(_) => {
+                            return Err(Error::NoQuorum {
+                                millis: limit.as_millis() as u64,
+                            })
+                        }
+                        Ok(Ok((read, _))) => {
+                            return Ok(ForwardResponse::ReadIndex(read.map_or(0, |l| l.index)))
+                        }
+                        Ok(Err(RaftError::APIError(
+                            openraft::error::CheckIsLeaderError::ForwardToLeader(f),
+                        ))) => {
+                            return Err(Error::NotLeader {
                                 leader: f.leader_id,
-                            }
+                            })
                         }
-                        openraft::error::CheckIsLeaderError::QuorumNotEnough(q) => {
-                            Error::NoQuorum {
-                                millis: {
-                                    tracing::debug!(%q, "read index: quorum not enough");
-                                    0
-                                },
+                        Ok(Err(RaftError::APIError(
+                            openraft::error::CheckIsLeaderError::QuorumNotEnough(q),
+                        ))) => {
+                            attempt += 1;
+                            let pause = Duration::from_millis(5 * u64::from(attempt.min(10)));
+                            if Instant::now() + pause >= deadline {
+                                return Err(Error::NoQuorum {
+                                    millis: self.quorum_age().as_millis() as u64,
+                                });
                             }
+                            tracing::debug!(%q, attempt, "read index round missed the quorum; retrying");
+                            tokio::time::sleep(pause).await;
                         }
-                    }),
-                    Ok(Err(RaftError::Fatal(f))) => Err(Error::Stopped(f.to_string())),
+                        Ok(Err(RaftError::Fatal(f))) => return Err(Error::Stopped(f.to_string())),
+                    }
                 }
             }
             ForwardRequest::AddMember { id, node, voter } => {

@@ -168,6 +168,8 @@ pub struct Kube {
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
     /// Where Service addresses come from.
     pub(crate) ranges: services::Ranges,
+    /// Store events decoded once for every watcher of this replica.
+    pub(crate) events: watch::EventCache,
 }
 
 /// A parsed request: what handlers need besides the body.
@@ -309,6 +311,7 @@ impl Kube {
             objects,
             shutdown,
             ranges,
+            events: watch::EventCache::default(),
         }
     }
 
@@ -534,6 +537,20 @@ impl Kube {
         &self,
         call: &Call,
     ) -> Result<(Vec<Value>, i64, Option<String>, Option<i64>), KubeError> {
+        let mut items = Vec::new();
+        let (rev, token, remaining) = self.list_each(call, |o| items.push(o)).await?;
+        Ok((items, rev, token, remaining))
+    }
+
+    /// Hands each matching object of a list to `sink`, reading the store in chunks of at
+    /// most [`LIST_CHUNK`] keys at one revision, so a large list never holds more than a
+    /// chunk of decoded objects. Returns the revision, the continue token if `limit` cut the
+    /// list short, and the count of the rest when known.
+    async fn list_each<F: FnMut(Value)>(
+        &self,
+        call: &Call,
+        mut sink: F,
+    ) -> Result<(i64, Option<String>, Option<i64>), KubeError> {
         let labels = LabelSelector::parse(call.param("labelSelector").unwrap_or(""))?;
         let fields = FieldSelector::parse(
             call.param("fieldSelector").unwrap_or(""),
@@ -571,13 +588,14 @@ impl Kube {
         }
         let filtered = !labels.is_empty() || fields != FieldSelector::default();
         // Unfiltered, one read of `limit` keys is the page; filtered, read in chunks until
-        // `limit` objects match or the range ends.
-        let chunk = if filtered && limit > 0 {
-            limit.max(100)
-        } else {
-            limit
-        };
-        let mut items = Vec::new();
+        // `limit` objects match or the range ends. Never more than LIST_CHUNK keys at once.
+        let chunk = match (filtered, limit) {
+            (_, 0) => LIST_CHUNK,
+            (true, l) => l.max(100),
+            (false, l) => l,
+        }
+        .min(LIST_CHUNK);
+        let mut sent: i64 = 0;
         let mut at = revision;
         let mut cursor = start.into_bytes();
         loop {
@@ -601,54 +619,94 @@ impl Kube {
                 examined += 1;
                 last_key = Some(objects_key(&s, call));
                 if labels.matches(&s.object) && fields.matches(&s.object) {
-                    items.push(s.object);
-                    if limit > 0 && items.len() as i64 == limit {
+                    sink(s.object);
+                    sent += 1;
+                    if limit > 0 && sent == limit {
                         break;
                     }
                 }
             }
             let Some(last_key) = last_key else {
-                return Ok((items, at, None, None));
+                return Ok((at, None, None));
             };
-            if limit > 0 && items.len() as i64 == limit {
+            if limit > 0 && sent == limit {
                 let more = examined < n || remaining > 0;
                 let token = more.then(|| encode_continue(at, &format!("{last_key}\u{0}")));
-                let count = (more && !filtered).then_some(remaining);
-                return Ok((items, at, token, count));
+                // Unfiltered, the rest is what the store counted past this chunk plus the part
+                // of the chunk not sent.
+                let count = (more && !filtered).then_some(remaining + (n - examined) as i64);
+                return Ok((at, token, count));
             }
             if remaining == 0 {
-                return Ok((items, at, None, None));
+                return Ok((at, None, None));
             }
             cursor = format!("{last_key}\u{0}").into_bytes();
         }
     }
 
     async fn list(&self, call: &Call) -> KubeResult {
-        let (items, rv, token, remaining) = self.list_objects(call).await?;
-        let rv = rv.to_string();
         if table::wants_table(&call.accept) {
             let include = table::Include::parse(call.param("includeObject"));
-            return Ok(json_response(
-                StatusCode::OK,
-                &table::table(call.r, &items, include, &rv, token.as_deref()),
-            ));
+            let now = meta::now_secs();
+            let mut rows = Vec::new();
+            let r = call.r;
+            let (rv, token, _) = self
+                .list_each(call, |o| rows.push(table::row(r, &o, include, now)))
+                .await?;
+            let mut metadata = json!({"resourceVersion": rv.to_string()});
+            if let Some(t) = token {
+                metadata["continue"] = json!(t);
+            }
+            let table = json!({
+                "kind": "Table",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": metadata,
+                "columnDefinitions": table::columns(r),
+                "rows": Value::Array(rows),
+            });
+            return Ok(json_response(StatusCode::OK, &table));
         }
-        let mut metadata = json!({"resourceVersion": rv});
+        // Items are serialized as they are read, so the list costs its encoded size, not a
+        // decoded copy of every object.
+        let mut items: Vec<u8> = Vec::new();
+        let mut failed = None;
+        let (rv, token, remaining) = self
+            .list_each(call, |o| {
+                if !items.is_empty() {
+                    items.push(b',');
+                }
+                if let Err(e) = serde_json::to_writer(&mut items, &o) {
+                    failed = Some(e);
+                }
+            })
+            .await?;
+        if let Some(e) = failed {
+            return Err(KubeError::internal(format!("encoding a list: {e}")));
+        }
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
         if let Some(t) = token {
             metadata["continue"] = json!(t);
         }
         if let Some(n) = remaining {
             metadata["remainingItemCount"] = json!(n);
         }
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({
-                "kind": format!("{}List", call.r.kind),
-                "apiVersion": call.r.api_version(),
-                "metadata": metadata,
-                "items": items,
-            }),
-        ))
+        let head = json!({
+            "kind": format!("{}List", call.r.kind),
+            "apiVersion": call.r.api_version(),
+            "metadata": metadata,
+        });
+        // {"apiVersion":…,"kind":…,"metadata":{…}} with ,"items":[…] spliced in before the end.
+        let mut body = serde_json::to_vec(&head).expect("JSON serializes");
+        body.pop();
+        body.reserve(items.len() + 12);
+        body.extend_from_slice(b",\"items\":[");
+        body.extend_from_slice(&items);
+        body.extend_from_slice(b"]}");
+        Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(full(body))
+            .expect("static response parts are valid"))
     }
 
     // ---- writes ----
@@ -2035,6 +2093,9 @@ fn normalize_update(
     }
     Ok(())
 }
+
+/// Most keys a list reads from the store (and decodes) at once.
+const LIST_CHUNK: i64 = 500;
 
 /// The kinds of patch the API accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

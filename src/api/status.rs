@@ -244,6 +244,11 @@ impl KubeError {
         )
     }
 
+    /// 429: too much work queued; retry later.
+    pub fn too_many_requests(message: String) -> KubeError {
+        KubeError::new(429, "TooManyRequests", message)
+    }
+
     /// 405.
     pub fn method_not_allowed(method: &str) -> KubeError {
         KubeError::new(
@@ -332,6 +337,7 @@ impl From<flotilla_raft::Error> for KubeError {
             }) => KubeError::expired(*requested, *compact_revision),
             R::NoSpace(m) => KubeError::no_space(m.clone()),
             R::Invalid(m) => KubeError::bad_request(m.clone()),
+            R::Busy(m) => KubeError::too_many_requests(m.clone()),
             _ => KubeError::internal(e.to_string()),
         }
     }

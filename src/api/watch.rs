@@ -7,7 +7,8 @@
 //! one that starts matching `ADDED`. `timeoutSeconds` ends the stream; with
 //! `allowWatchBookmarks` an idle stream gets `BOOKMARK`s carrying the current revision.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +24,85 @@ use crate::http as h;
 
 /// Idle time after which a bookmark is sent (when allowed).
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Store events decoded (and their watch lines serialized) once for every watcher of the
+/// replica, not once per watcher: with a thousand watchers on one resource this is most of
+/// the work of a write (the Go server's watch cache does the same). Owns a bounded FIFO map
+/// from (key, revision) to the decoded event; entries are immutable once made.
+#[derive(Default)]
+pub(crate) struct EventCache {
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    map: HashMap<(Vec<u8>, i64), Arc<Decoded>>,
+    order: VecDeque<(Vec<u8>, i64)>,
+}
+
+/// Most events kept decoded.
+const EVENT_CACHE_ENTRIES: usize = 4096;
+
+/// One store event, decoded.
+pub(crate) struct Decoded {
+    /// The object after a put (with its resourceVersion).
+    new: Option<Value>,
+    /// The object before the event (a delete: with the deletion's resourceVersion, as the
+    /// `DELETED` event carries it).
+    prev: Option<Value>,
+    /// The plain-JSON watch lines made so far, by event type.
+    lines: Mutex<HashMap<&'static str, Bytes>>,
+}
+
+impl Decoded {
+    /// The line for `event_type` carrying `object` (serialized once per type).
+    fn line(&self, event_type: &'static str, object: &Value) -> Bytes {
+        let mut lines = self.lines.lock().expect("not poisoned");
+        lines
+            .entry(event_type)
+            .or_insert_with(|| line(event_type, object.clone()))
+            .clone()
+    }
+}
+
+impl EventCache {
+    fn get(&self, e: &store::Event) -> Result<Arc<Decoded>, KubeError> {
+        let id = (e.kv.key.clone(), e.kv.mod_revision);
+        if let Some(d) = self.inner.lock().expect("not poisoned").map.get(&id) {
+            return Ok(d.clone());
+        }
+        let mut prev = e
+            .prev_kv
+            .as_ref()
+            .map(objects::decode)
+            .transpose()?
+            .map(|p| p.object);
+        let new = match e.kind {
+            store::EventKind::Put => Some(objects::decode(&e.kv)?.object),
+            store::EventKind::Delete => {
+                if let Some(p) = prev.as_mut() {
+                    objects::set_resource_version(p, e.kv.mod_revision);
+                }
+                None
+            }
+        };
+        let d = Arc::new(Decoded {
+            new,
+            prev,
+            lines: Mutex::new(HashMap::new()),
+        });
+        let mut inner = self.inner.lock().expect("not poisoned");
+        if inner.map.insert(id.clone(), d.clone()).is_none() {
+            inner.order.push_back(id);
+            while inner.order.len() > EVENT_CACHE_ENTRIES {
+                if let Some(old) = inner.order.pop_front() {
+                    inner.map.remove(&old);
+                }
+            }
+        }
+        Ok(d)
+    }
+}
 
 fn line(event_type: &str, object: Value) -> Bytes {
     let mut v = serde_json::to_vec(&json!({"type": event_type, "object": object}))
@@ -135,8 +215,11 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
                     idle.reset();
                     let mut out = Vec::new();
                     for e in events {
-                        match translate(&e, &labels, &fields) {
-                            Ok(Some((t, obj))) => out.push(line(t, wrap(obj))),
+                        match translate(&kube.events, &e, &labels, &fields) {
+                            Ok(Some((t, d, side))) if !as_table => {
+                                out.push(d.line(t, d.side(side)))
+                            }
+                            Ok(Some((t, d, side))) => out.push(line(t, wrap(d.side(side).clone()))),
                             Ok(None) => {}
                             Err(err) => {
                                 tracing::warn!(%err, "undecodable object in a watch");
@@ -178,29 +261,46 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
         .expect("static response parts are valid"))
 }
 
-/// The watch event (type and object) a store event becomes for this watcher, if any.
+/// Which side of a decoded event a watcher sends.
+#[derive(Clone, Copy)]
+enum Side {
+    New,
+    Prev,
+}
+
+impl Decoded {
+    fn side(&self, side: Side) -> &Value {
+        match side {
+            Side::New => self.new.as_ref(),
+            Side::Prev => self.prev.as_ref(),
+        }
+        .expect("translate picks a side that exists")
+    }
+}
+
+/// A watch event for one watcher: its type, the decoded store event, and which side of it
+/// to send.
+type WatchEvent = (&'static str, Arc<Decoded>, Side);
+
+/// The watch event a store event becomes for this watcher, if any.
 fn translate(
+    cache: &EventCache,
     e: &store::Event,
     labels: &LabelSelector,
     fields: &FieldSelector,
-) -> Result<Option<(&'static str, Value)>, KubeError> {
+) -> Result<Option<WatchEvent>, KubeError> {
     let matches = |o: &Value| labels.matches(o) && fields.matches(o);
-    let prev = e.prev_kv.as_ref().map(objects::decode).transpose()?;
-    match e.kind {
-        store::EventKind::Put => {
-            let new = objects::decode(&e.kv)?.object;
-            let was = prev.as_ref().is_some_and(|p| matches(&p.object));
-            Ok(match (was, matches(&new)) {
-                (true, true) => Some(("MODIFIED", new)),
-                (false, true) => Some(("ADDED", new)),
-                (true, false) => Some(("DELETED", new)),
-                (false, false) => None,
-            })
-        }
-        store::EventKind::Delete => Ok(prev.filter(|p| matches(&p.object)).map(|p| {
-            let mut obj = p.object;
-            objects::set_resource_version(&mut obj, e.kv.mod_revision);
-            ("DELETED", obj)
-        })),
-    }
+    let d = cache.get(e)?;
+    let was = d.prev.as_ref().is_some_and(&matches);
+    let out = match &d.new {
+        Some(new) => match (was, matches(new)) {
+            (true, true) => Some(("MODIFIED", Side::New)),
+            (false, true) => Some(("ADDED", Side::New)),
+            // It stopped matching: DELETED, carrying the new state (as the Go server).
+            (true, false) => Some(("DELETED", Side::New)),
+            (false, false) => None,
+        },
+        None => was.then_some(("DELETED", Side::Prev)),
+    };
+    Ok(out.map(|(t, side)| (t, d, side)))
 }

@@ -93,6 +93,7 @@ impl ApiError {
                     (StatusCode::NOT_FOUND, 5)
                 }
                 R::InvalidCluster(_) => (StatusCode::BAD_REQUEST, 9),
+                R::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, 8),
                 R::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, 13),
             },
         }
