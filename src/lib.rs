@@ -11,9 +11,11 @@
 
 pub mod api;
 pub mod client;
+pub mod controllers;
 pub mod ctl;
 pub mod gateway;
 pub mod http;
 pub mod metrics;
+pub mod scheduler;
 pub mod server;
 pub mod up;

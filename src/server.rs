@@ -158,7 +158,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         shutdown.clone(),
         ranges,
     ));
-    tokio::spawn(bootstrap_on_leadership(
+    // The leader's control loops (controllers, scheduler, system namespaces).
+    let control = tokio::spawn(crate::controllers::run(
         replica.clone(),
         kube.clone(),
         shutdown.clone(),
@@ -179,46 +180,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     shutdown.cancel();
+    let _ = control.await;
     let _ = server.await;
     replica.shutdown().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Whenever this replica becomes leader, makes sure the system namespaces (and their
-/// `default` ServiceAccounts) exist, retrying until done or leadership is lost.
-async fn bootstrap_on_leadership(
-    replica: Replica,
-    kube: Arc<crate::api::Kube>,
-    shutdown: CancellationToken,
-) {
-    let mut rx = replica.leadership();
-    loop {
-        let leading = rx.borrow_and_update().is_leader;
-        if leading {
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                match kube.ensure_system_namespaces().await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::debug!(%e, "creating the system namespaces; will retry");
-                        if !rx.borrow().is_leader {
-                            break;
-                        }
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = rx.changed() => if r.is_err() { return },
-        }
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

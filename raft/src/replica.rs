@@ -526,6 +526,12 @@ impl Replica {
         }
     }
 
+    /// True if this replica leads and has heard from a quorum within the quorum timeout
+    /// (leader-only work stops when this turns false).
+    pub fn leads_with_quorum(&self) -> bool {
+        self.check_leading().is_ok()
+    }
+
     /// Fails fast if this replica is not a leader that hears from a quorum.
     pub(crate) fn check_leading(&self) -> Result<(), Error> {
         let m = self.inner.raft.metrics().borrow().clone();
@@ -657,6 +663,29 @@ impl Replica {
                 other => return other,
             }
         }
+    }
+
+    /// Proposes `cmd` on this replica only, fenced to `term`: the leader-only work
+    /// (controllers, scheduler) writes this way. It is never forwarded and never retried: if
+    /// this replica does not lead, it fails with [`Error::NotLeader`]; if the entry lands in
+    /// another term than `term` (a deposed leader's late proposal), apply refuses it with
+    /// [`ApplyError::Fenced`](crate::ApplyError::Fenced) on every replica alike.
+    pub async fn write_fenced(&self, term: u64, mut cmd: Command) -> Result<CommandResult, Error> {
+        cmd.fence_term = Some(term);
+        let current = *self.leadership().borrow();
+        if !current.is_leader || current.term != term {
+            return Err(Error::NotLeader {
+                leader: current.leader,
+            });
+        }
+        self.inner
+            .proposer
+            .submit(vec![cmd], true)
+            .await
+            .and_then(|mut v| {
+                v.pop()
+                    .ok_or_else(|| Error::Internal("no outcome".into()))?
+            })
     }
 
     /// Proposes one entry on this replica (the leader) and waits for its apply result. Once

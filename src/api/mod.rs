@@ -21,6 +21,7 @@ pub mod managed;
 pub mod meta;
 pub mod objects;
 pub mod patch;
+pub mod quantity;
 pub mod resources;
 pub mod selector;
 pub mod services;
@@ -187,6 +188,25 @@ pub(crate) struct Call {
 }
 
 impl Call {
+    /// A call made by the server itself (controllers, scheduler), recorded as `manager`.
+    pub(crate) fn internal(
+        r: &'static Resource,
+        namespace: Option<&str>,
+        name: Option<&str>,
+        sub: Option<&str>,
+        manager: &str,
+    ) -> Call {
+        Call {
+            r,
+            namespace: namespace.map(str::to_string),
+            name: name.map(str::to_string),
+            params: HashMap::new(),
+            accept: String::new(),
+            sub: sub.map(str::to_string),
+            manager: manager.to_string(),
+        }
+    }
+
     fn param(&self, k: &str) -> Option<&str> {
         self.params
             .get(k)
@@ -313,6 +333,34 @@ impl Kube {
             ranges,
             events: watch::EventCache::default(),
         }
+    }
+
+    /// A copy of this API whose writes are fenced to `term` (proposed on this replica only,
+    /// refused at apply in any other term): what leader-only work writes through.
+    pub fn fenced(&self, term: u64) -> Kube {
+        Kube {
+            objects: self.objects.fenced(term),
+            shutdown: self.shutdown.clone(),
+            ranges: self.ranges,
+            events: watch::EventCache::default(),
+        }
+    }
+
+    /// The objects layer (reads for leader-only work).
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// Replaces an object (PUT semantics: a compare-and-swap on the body's
+    /// `metadata.resourceVersion`), through `call.sub` if set (`status`).
+    pub(crate) async fn update_value(&self, call: &Call, body: Value) -> Result<Value, KubeError> {
+        let want_rv = body
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        self.modify_object(call, want_rv, false, move |_| Ok(body.clone()))
+            .await
     }
 
     /// Bounded metric labels (verb, resource) for a request.
@@ -748,6 +796,17 @@ impl Kube {
     /// Creates an object; `applied` when it comes from a server-side apply, which has
     /// recorded its managed fields already.
     async fn create_object(&self, call: &Call, body: Value, applied: bool) -> KubeResult {
+        let obj = self.create_value(call, body, applied).await?;
+        Ok(json_response(StatusCode::CREATED, &obj))
+    }
+
+    /// Creates an object; returns it as stored.
+    pub(crate) async fn create_value(
+        &self,
+        call: &Call,
+        body: Value,
+        applied: bool,
+    ) -> Result<Value, KubeError> {
         let mut obj = body;
         let strict = call.param("fieldValidation") == Some("Strict");
         normalize_new(call, &mut obj, strict)?;
@@ -775,7 +834,7 @@ impl Kube {
         if call.r.kind == "Namespace" {
             self.ensure_default_service_account(&name).await;
         }
-        Ok(json_response(StatusCode::CREATED, &stored.object))
+        Ok(stored.object)
     }
 
     /// Creates a Service with its cluster IP and node ports taken in the same transaction;
@@ -1089,7 +1148,10 @@ impl Kube {
                 // Nothing changed: no write, no new revision, no event.
                 return Ok(current.object);
             }
-            let finalize = is_deleting(&next) && finalizers(&next).is_empty();
+            // The last finalizer of an object being deleted went: the object goes.
+            let finalize = is_deleting(&next)
+                && finalizers(&next).is_empty()
+                && !finalizers(&current.object).is_empty();
             if finalize {
                 let release = release_keys(call.r, &current.object);
                 match self
@@ -1124,6 +1186,16 @@ impl Kube {
     }
 
     async fn delete(&self, call: &Call, options: Option<Value>) -> KubeResult {
+        let obj = self.delete_value(call, options).await?;
+        Ok(json_response(StatusCode::OK, &obj))
+    }
+
+    /// Deletes (or marks for deletion) one object; returns it as it was last stored.
+    pub(crate) async fn delete_value(
+        &self,
+        call: &Call,
+        options: Option<Value>,
+    ) -> Result<Value, KubeError> {
         let key = call.key();
         if call.r.kind == "Namespace"
             && ["default", "kube-system", "kube-public"].contains(&call.name())
@@ -1161,13 +1233,34 @@ impl Kube {
                     .pointer("/metadata/deletionGracePeriodSeconds")
                     .and_then(Value::as_i64);
                 if already.is_some_and(|g| g <= grace) {
-                    return Ok(json_response(StatusCode::OK, &current.object));
+                    return Ok(current.object.clone());
                 }
                 let mut next = current.object.clone();
                 next["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(now + grace as u64));
                 next["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
                 match self.objects.replace(&key, current.revision, &next).await? {
-                    Ok(stored) => return Ok(json_response(StatusCode::OK, &stored.object)),
+                    Ok(stored) => return Ok(stored.object.clone()),
+                    Err(Some(now)) => current = now,
+                    Err(None) => return Err(KubeError::not_found(call.r, call.name())),
+                }
+                continue;
+            }
+            if let Some(f) = propagation_finalizer(options.as_ref())? {
+                // Foreground: the garbage collector deletes the dependents first, then
+                // removes the finalizer. Orphan: it releases them, then removes it.
+                if is_deleting(&current.object) {
+                    return Ok(current.object.clone());
+                }
+                let mut next = current.object.clone();
+                let mut fins = finalizers(&next);
+                if !fins.contains(&json!(f)) {
+                    fins.push(json!(f));
+                }
+                next["metadata"]["finalizers"] = json!(fins);
+                next["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(meta::now_secs()));
+                next["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                match self.objects.replace(&key, current.revision, &next).await? {
+                    Ok(stored) => return Ok(stored.object),
                     Err(Some(now)) => current = now,
                     Err(None) => return Err(KubeError::not_found(call.r, call.name())),
                 }
@@ -1176,13 +1269,13 @@ impl Kube {
             if !finalizers(&current.object).is_empty() {
                 // Kubernetes semantics: mark for deletion; the object goes when its finalizers do.
                 if is_deleting(&current.object) {
-                    return Ok(json_response(StatusCode::OK, &current.object));
+                    return Ok(current.object.clone());
                 }
                 let mut next = current.object.clone();
                 next["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(meta::now_secs()));
                 next["metadata"]["deletionGracePeriodSeconds"] = json!(0);
                 match self.objects.replace(&key, current.revision, &next).await? {
-                    Ok(stored) => return Ok(json_response(StatusCode::OK, &stored.object)),
+                    Ok(stored) => return Ok(stored.object.clone()),
                     Err(Some(now)) => current = now,
                     Err(None) => return Err(KubeError::not_found(call.r, call.name())),
                 }
@@ -1194,7 +1287,7 @@ impl Kube {
                 .delete_releasing(&key, current.revision, &release)
                 .await?
             {
-                Ok(()) => return Ok(json_response(StatusCode::OK, &current.object)),
+                Ok(()) => return Ok(current.object.clone()),
                 Err(Some(now)) => current = now,
                 Err(None) => return Err(KubeError::not_found(call.r, call.name())),
             }
@@ -1205,7 +1298,7 @@ impl Kube {
     /// Marks the namespace `Terminating` (new content is refused from then on), deletes
     /// everything in it, then the namespace itself. Synchronous here; the namespace
     /// controller will take this over when the controllers land.
-    async fn delete_namespace(&self, call: &Call, current: Stored) -> KubeResult {
+    async fn delete_namespace(&self, call: &Call, current: Stored) -> Result<Value, KubeError> {
         let key = call.key();
         let name = call.name().to_string();
         let mut marked = current.object.clone();
@@ -1249,7 +1342,7 @@ impl Kube {
         }
         let final_state = stored.object.clone();
         match self.objects.delete(&key, stored.revision).await? {
-            Ok(()) => Ok(json_response(StatusCode::OK, &final_state)),
+            Ok(()) => Ok(final_state),
             Err(_) => Err(KubeError::conflict(call.r, &name)),
         }
     }
@@ -1291,6 +1384,15 @@ impl Kube {
     /// `POST pods/<name>/binding`: assigns an unbound pod to a node, once. A pod already bound
     /// gets 409, so two schedulers (or a deposed leader) can never bind it twice.
     async fn bind(&self, call: &Call, body: Value) -> KubeResult {
+        let target = Self::binding_target(call, &body)?;
+        self.bind_value(call, &target, None).await?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+        ))
+    }
+
+    fn binding_target(call: &Call, body: &Value) -> Result<String, KubeError> {
         let target = body
             .pointer("/target/name")
             .and_then(Value::as_str)
@@ -1315,12 +1417,27 @@ impl Kube {
                 )));
             }
         }
+        Ok(target)
+    }
+
+    /// Binds an unbound pod to `target`, once: a compare-and-swap on the pod's revision that
+    /// fails with 409 if the pod is bound (or being deleted). `known` is the pod as the
+    /// caller last saw it (the scheduler's cache), saving a read when it is current.
+    pub(crate) async fn bind_value(
+        &self,
+        call: &Call,
+        target: &str,
+        known: Option<Stored>,
+    ) -> Result<Value, KubeError> {
         let key = call.key();
-        let mut current = self
-            .objects
-            .get(&key, Consistency::Linearizable)
-            .await?
-            .ok_or_else(|| KubeError::not_found(call.r, call.name()))?;
+        let mut current = match known {
+            Some(k) => k,
+            None => self
+                .objects
+                .get(&key, Consistency::Linearizable)
+                .await?
+                .ok_or_else(|| KubeError::not_found(call.r, call.name()))?,
+        };
         for _ in 0..MAX_CAS_RETRIES {
             if let Some(node) = current
                 .object
@@ -1357,13 +1474,13 @@ impl Kube {
             conditions.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
             conditions.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now}));
             next["status"]["conditions"] = json!(conditions);
+            let writer = managed::Writer {
+                subresource: Some("binding"),
+                ..call.writer()
+            };
+            managed::record_update(Some(&current.object), &mut next, &writer)?;
             match self.objects.replace(&key, current.revision, &next).await? {
-                Ok(_) => {
-                    return Ok(json_response(
-                        StatusCode::CREATED,
-                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
-                    ))
-                }
+                Ok(stored) => return Ok(stored.object),
                 Err(Some(now)) => current = now,
                 Err(None) => return Err(KubeError::not_found(call.r, call.name())),
             }
@@ -1486,6 +1603,26 @@ fn to_scale(obj: &Value) -> Value {
             "selector": table::selector_string(obj.pointer("/spec/selector")),
         },
     })
+}
+
+/// The finalizer a delete's propagation policy asks for: `foregroundDeletion` or `orphan`
+/// (also the legacy `orphanDependents: true`); none for `Background` (the default).
+fn propagation_finalizer(options: Option<&Value>) -> Result<Option<&'static str>, KubeError> {
+    let Some(o) = options else { return Ok(None) };
+    match o.get("propagationPolicy").and_then(Value::as_str) {
+        Some("Foreground") => Ok(Some("foregroundDeletion")),
+        Some("Orphan") => Ok(Some("orphan")),
+        Some("Background") => Ok(None),
+        Some(other) => Err(KubeError::invalid_options(
+            "DeleteOptions",
+            "propagationPolicy",
+            &format!("Unsupported value: {other:?}: supported values: \"Foreground\", \"Background\", \"Orphan\""),
+        )),
+        None if o.get("orphanDependents").and_then(Value::as_bool) == Some(true) => {
+            Ok(Some("orphan"))
+        }
+        None => Ok(None),
+    }
 }
 
 /// DeleteOptions from the body, with `gracePeriodSeconds` and `propagationPolicy` also

@@ -80,12 +80,31 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[derive(Clone)]
 pub struct Objects {
     replica: Replica,
+    /// For leader-only work: the term writes are fenced to (proposed on this replica only,
+    /// refused at apply if they land in another term).
+    fence: Option<u64>,
 }
 
 impl Objects {
     /// Objects stored through `replica`.
     pub fn new(replica: Replica) -> Objects {
-        Objects { replica }
+        Objects {
+            replica,
+            fence: None,
+        }
+    }
+
+    /// The same store, with every write fenced to `term` (see [`Replica::write_fenced`]).
+    pub fn fenced(&self, term: u64) -> Objects {
+        Objects {
+            replica: self.replica.clone(),
+            fence: Some(term),
+        }
+    }
+
+    /// The term writes are fenced to, if any.
+    pub fn fence(&self) -> Option<u64> {
+        self.fence
     }
 
     /// The replica.
@@ -138,7 +157,11 @@ impl Objects {
     }
 
     async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, KubeError> {
-        match self.replica.write(Command::txn(txn)).await? {
+        let result = match self.fence {
+            Some(term) => self.replica.write_fenced(term, Command::txn(txn)).await?,
+            None => self.replica.write(Command::txn(txn)).await?,
+        };
+        match result {
             CommandResult::Txn(t) => Ok(t),
             other => Err(KubeError::internal(format!(
                 "unexpected apply result {other:?}"

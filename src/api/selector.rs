@@ -123,6 +123,44 @@ impl LabelSelector {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// A metav1.LabelSelector object (`matchLabels`, `matchExpressions` with `In`, `NotIn`,
+    /// `Exists`, `DoesNotExist`). `None` for a malformed one, which matches nothing (as the
+    /// Go controllers treat a selector that does not convert). An absent or empty object is
+    /// the empty selector, which callers that want "nothing" must check for themselves.
+    pub fn from_object(sel: Option<&Value>) -> Option<LabelSelector> {
+        let mut reqs = Vec::new();
+        let Some(sel) = sel.filter(|s| !s.is_null()) else {
+            return Some(LabelSelector(reqs));
+        };
+        if let Some(m) = sel.get("matchLabels") {
+            for (k, v) in m.as_object()? {
+                reqs.push(LabelReq::Eq(k.clone(), v.as_str()?.to_string()));
+            }
+        }
+        if let Some(exprs) = sel.get("matchExpressions") {
+            for e in exprs.as_array()? {
+                let key = e.get("key")?.as_str()?.to_string();
+                let values: Vec<String> = e
+                    .get("values")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                reqs.push(match e.get("operator")?.as_str()? {
+                    "In" => LabelReq::In(key, values),
+                    "NotIn" => LabelReq::NotIn(key, values),
+                    "Exists" => LabelReq::Exists(key),
+                    "DoesNotExist" => LabelReq::NotExists(key),
+                    _ => return None,
+                });
+            }
+        }
+        Some(LabelSelector(reqs))
+    }
 }
 
 fn split_set(t: &str, op: &str) -> Option<(String, String)> {

@@ -338,6 +338,10 @@ impl From<flotilla_raft::Error> for KubeError {
             R::NoSpace(m) => KubeError::no_space(m.clone()),
             R::Invalid(m) => KubeError::bad_request(m.clone()),
             R::Busy(m) => KubeError::too_many_requests(m.clone()),
+            // Leader-only writes from a term that is over: nothing was written.
+            R::Apply(flotilla_raft::ApplyError::Fenced { .. }) => {
+                KubeError::new(409, "Conflict", e.to_string())
+            }
             _ => KubeError::internal(e.to_string()),
         }
     }

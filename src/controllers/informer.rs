@@ -1,0 +1,253 @@
+//! Informers: a cache of one resource, kept current from this replica's store, that tells
+//! its subscribers what changed (kube-runtime's watcher + reflector).
+//!
+//! Owns the cache of one resource's objects, keyed by store key. Invariants:
+//! - the cache is a state of the store at some revision: it is filled by a list at one
+//!   revision, then moved forward by the watch from the next revision, event by event, in
+//!   order; a watch that ends (compaction, a slow watcher cut off) makes it list again;
+//! - subscribers are called after the cache reflects the change, on the informer's task, with
+//!   the object before and after; they must only enqueue work (no `.await`, no blocking);
+//! - `synced` turns true after the first list and never back.
+//!
+//! The leader's control loops read their world only from informers, and write through the
+//! API (fenced to their term); the compare-and-swap on every write catches a stale cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use flotilla_store as store;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::objects::{self, prefix_end, Objects};
+use crate::api::resources::Resource;
+
+/// One change seen by an informer.
+pub struct Change<'a> {
+    /// The store key.
+    pub key: &'a str,
+    /// The object before (absent for a creation).
+    pub old: Option<&'a Arc<Value>>,
+    /// The object after (absent for a deletion).
+    pub new: Option<&'a Arc<Value>>,
+}
+
+type Handler = Box<dyn Fn(&Change<'_>) + Send + Sync>;
+
+/// A cache of one resource.
+pub struct Informer {
+    r: &'static Resource,
+    cache: RwLock<HashMap<String, Arc<Value>>>,
+    handlers: RwLock<Vec<Handler>>,
+    synced: watch::Sender<bool>,
+}
+
+/// Keys read from the store at once while listing.
+const LIST_CHUNK: i64 = 1000;
+
+impl Informer {
+    /// An informer of `r` (not yet running).
+    pub fn new(r: &'static Resource) -> Arc<Informer> {
+        Arc::new(Informer {
+            r,
+            cache: RwLock::new(HashMap::new()),
+            handlers: RwLock::new(Vec::new()),
+            synced: watch::channel(false).0,
+        })
+    }
+
+    /// The resource.
+    pub fn resource(&self) -> &'static Resource {
+        self.r
+    }
+
+    /// Calls `f` for every change from now on (register before [`Informer::run`]).
+    pub fn subscribe(&self, f: impl Fn(&Change<'_>) + Send + Sync + 'static) {
+        self.handlers
+            .write()
+            .expect("not poisoned")
+            .push(Box::new(f));
+    }
+
+    /// One object by store key.
+    pub fn get(&self, key: &str) -> Option<Arc<Value>> {
+        self.cache.read().expect("not poisoned").get(key).cloned()
+    }
+
+    /// Every cached object.
+    pub fn list(&self) -> Vec<Arc<Value>> {
+        self.cache
+            .read()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Every cached object for which `f` holds.
+    pub fn filter(&self, f: impl Fn(&Value) -> bool) -> Vec<Arc<Value>> {
+        self.cache
+            .read()
+            .expect("not poisoned")
+            .values()
+            .filter(|v| f(v))
+            .cloned()
+            .collect()
+    }
+
+    /// Every cached key.
+    pub fn keys(&self) -> Vec<String> {
+        self.cache
+            .read()
+            .expect("not poisoned")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until the first list is in the cache.
+    pub async fn synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    fn notify(&self, key: &str, old: Option<&Arc<Value>>, new: Option<&Arc<Value>>) {
+        let change = Change { key, old, new };
+        for h in self.handlers.read().expect("not poisoned").iter() {
+            h(&change);
+        }
+    }
+
+    /// Keeps the cache current until `stop`.
+    pub async fn run(self: Arc<Self>, objects: Objects, stop: CancellationToken) {
+        let prefix = self.r.prefix();
+        let end = prefix_end(prefix.as_bytes());
+        loop {
+            let revision = match self.relist(&objects, prefix.as_bytes(), &end).await {
+                Ok(rev) => rev,
+                Err(e) => {
+                    tracing::warn!(resource = self.r.plural, %e, "informer list failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    }
+                }
+            };
+            self.synced.send_replace(true);
+            let mut watcher = match objects.replica().kv().watch(store::WatchRequest {
+                key: prefix.clone().into_bytes(),
+                range_end: end.clone(),
+                start_revision: revision + 1,
+                prev_kv: false,
+            }) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(resource = self.r.plural, %e, "informer watch failed; relisting");
+                    continue;
+                }
+            };
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    m = watcher.recv() => m,
+                };
+                match msg {
+                    Ok(store::WatchMessage::Events(events)) => {
+                        for e in events {
+                            self.apply_event(&e);
+                        }
+                    }
+                    Ok(store::WatchMessage::Progress(_)) => {}
+                    Err(reason) => {
+                        tracing::info!(
+                            resource = self.r.plural,
+                            ?reason,
+                            "informer watch ended; relisting"
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_event(&self, e: &store::Event) {
+        let key = String::from_utf8_lossy(&e.kv.key).into_owned();
+        match e.kind {
+            store::EventKind::Put => match objects::decode(&e.kv) {
+                Ok(s) => {
+                    let new = Arc::new(s.object);
+                    let old = self
+                        .cache
+                        .write()
+                        .expect("not poisoned")
+                        .insert(key.clone(), new.clone());
+                    self.notify(&key, old.as_ref(), Some(&new));
+                }
+                Err(err) => tracing::warn!(key, %err, "undecodable object"),
+            },
+            store::EventKind::Delete => {
+                let old = self.cache.write().expect("not poisoned").remove(&key);
+                if old.is_some() {
+                    self.notify(&key, old.as_ref(), None);
+                }
+            }
+        }
+    }
+
+    /// Replaces the cache with a list at one revision, telling subscribers what differs.
+    async fn relist(&self, objects: &Objects, start: &[u8], end: &[u8]) -> Result<i64, String> {
+        let mut fresh: HashMap<String, Arc<Value>> = HashMap::new();
+        let mut cursor = start.to_vec();
+        let mut at = 0;
+        loop {
+            let (batch, rev, remaining) = objects
+                .range(&cursor, end, at, LIST_CHUNK, objects::Consistency::Local)
+                .await
+                .map_err(|e| e.to_string())?;
+            at = rev;
+            let mut last = None;
+            for s in batch {
+                let name = s
+                    .object
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let ns = s
+                    .object
+                    .pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                let key = self.r.key(ns.as_deref(), &name);
+                last = Some(key.clone());
+                fresh.insert(key, Arc::new(s.object));
+            }
+            match last {
+                Some(k) if remaining > 0 => {
+                    cursor = k.into_bytes();
+                    cursor.push(0);
+                }
+                _ => break,
+            }
+        }
+        let old = std::mem::replace(
+            &mut *self.cache.write().expect("not poisoned"),
+            fresh.clone(),
+        );
+        for (k, v) in &fresh {
+            match old.get(k) {
+                Some(o) if o == v => {}
+                o => self.notify(k, o, Some(v)),
+            }
+        }
+        for (k, o) in &old {
+            if !fresh.contains_key(k) {
+                self.notify(k, Some(o), None);
+            }
+        }
+        Ok(at)
+    }
+}

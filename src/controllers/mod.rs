@@ -1,0 +1,480 @@
+//! The leader's control loops: the controller manager and the scheduler, started and
+//! stopped with Raft leadership.
+//!
+//! Owns leader-only work. [`run`] follows this replica's leadership: when it becomes leader
+//! in term T it passes the read barrier (so its view includes every acknowledged write),
+//! then starts the informers, every controller and the scheduler under one cancellation
+//! scope; when it stops leading that term, or stops hearing from a quorum, it cancels the
+//! scope and waits for all of them to stop.
+//!
+//! Invariants:
+//! - at most one term's control loops run on a replica at a time;
+//! - every write they make goes through [`Kube::fenced`]: proposed on this replica only,
+//!   refused at apply if its entry lands in any other term than T; on top of that every
+//!   update is a compare-and-swap on the resourceVersion read, creations are guarded by
+//!   expectations, and a pod is bound only while unbound;
+//! - controllers read only from informers, which are caches of this replica's store.
+//!
+//! Data path of a Deployment: the API stores it → the Deployment controller (this module)
+//! creates a ReplicaSet → the ReplicaSet controller creates pods → the scheduler binds each
+//! to a node → the node's agent runs it and reports status → the controllers count it
+//! ready and available.
+
+pub mod deployment;
+pub mod gc;
+pub mod informer;
+pub mod owner;
+pub mod pod;
+pub mod queue;
+pub mod replicaset;
+
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_raft::Replica;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::resources::{self, Resource};
+use crate::api::status::KubeError;
+use crate::api::{meta, Call, Kube};
+use informer::Informer;
+use queue::Queue;
+
+/// How often every object is queued again (a safety net for a missed event).
+pub const RESYNC: Duration = Duration::from_secs(30);
+
+/// Events waiting to be written; beyond this, new ones are dropped (they are advisory).
+const EVENT_QUEUE: usize = 1024;
+
+/// What every control loop of one term shares.
+pub struct Ctx {
+    /// The API, with writes fenced to this term.
+    pub api: Kube,
+    /// The term.
+    pub term: u64,
+    /// Cancelled when this term's leadership ends.
+    pub stop: CancellationToken,
+    /// Pods.
+    pub pods: Arc<Informer>,
+    /// Nodes.
+    pub nodes: Arc<Informer>,
+    /// ReplicaSets.
+    pub replicasets: Arc<Informer>,
+    /// Deployments.
+    pub deployments: Arc<Informer>,
+    /// Event recorder.
+    pub events: Events,
+}
+
+fn resource(group: &str, version: &str, plural: &str) -> &'static Resource {
+    resources::find(group, version, plural).expect("a served resource")
+}
+
+impl Ctx {
+    fn new(api: Kube, term: u64, stop: CancellationToken, events: Events) -> Ctx {
+        Ctx {
+            api,
+            term,
+            stop,
+            pods: Informer::new(resource("", "v1", "pods")),
+            nodes: Informer::new(resource("", "v1", "nodes")),
+            replicasets: Informer::new(resource("apps", "v1", "replicasets")),
+            deployments: Informer::new(resource("apps", "v1", "deployments")),
+            events,
+        }
+    }
+
+    fn informers(&self) -> Vec<Arc<Informer>> {
+        vec![
+            self.pods.clone(),
+            self.nodes.clone(),
+            self.replicasets.clone(),
+            self.deployments.clone(),
+        ]
+    }
+}
+
+/// Records Kubernetes Events for objects, de-duplicated by (object, reason, message) with a
+/// count, written in the background (best effort: a full queue drops new events).
+#[derive(Clone)]
+pub struct Events {
+    tx: mpsc::Sender<(Value, &'static str, &'static str, String)>,
+}
+
+impl Events {
+    fn start(
+        api: Kube,
+        component: &'static str,
+        stop: CancellationToken,
+    ) -> (Events, impl Future<Output = ()>) {
+        let (tx, mut rx) =
+            mpsc::channel::<(Value, &'static str, &'static str, String)>(EVENT_QUEUE);
+        let task = async move {
+            let r = resource("", "v1", "events");
+            loop {
+                let item = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    m = rx.recv() => m,
+                };
+                let Some((obj, kind, reason, message)) = item else {
+                    return;
+                };
+                if let Err(e) = record(&api, r, component, &obj, kind, reason, &message).await {
+                    tracing::debug!(%e, reason, "could not record an event");
+                }
+            }
+        };
+        (Events { tx }, task)
+    }
+
+    fn send(&self, obj: &Value, kind: &'static str, reason: &'static str, message: &str) {
+        let _ = self
+            .tx
+            .try_send((obj.clone(), kind, reason, message.to_string()));
+    }
+
+    /// A `Normal` event about `obj`.
+    pub fn normal(&self, obj: &Value, reason: &'static str, message: &str) {
+        self.send(obj, "Normal", reason, message);
+    }
+
+    /// A `Warning` event about `obj`.
+    pub fn warning(&self, obj: &Value, reason: &'static str, message: &str) {
+        self.send(obj, "Warning", reason, message);
+    }
+}
+
+async fn record(
+    api: &Kube,
+    r: &'static Resource,
+    component: &str,
+    obj: &Value,
+    kind: &str,
+    reason: &str,
+    message: &str,
+) -> Result<(), KubeError> {
+    let ns = owner::namespace(obj).unwrap_or("default").to_string();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (owner::uid(obj), reason, message).hash(&mut h);
+    let name = format!("{}.{:016x}", owner::name(obj), h.finish());
+    let now = meta::rfc3339(meta::now_secs());
+    let call = Call::internal(r, Some(&ns), Some(&name), None, component);
+    if let Some(cur) = api
+        .objects()
+        .get(
+            &r.key(Some(&ns), &name),
+            crate::api::objects::Consistency::Local,
+        )
+        .await?
+    {
+        let mut next = cur.object;
+        let count = next.get("count").and_then(Value::as_i64).unwrap_or(1);
+        next["count"] = json!(count + 1);
+        next["lastTimestamp"] = json!(now);
+        api.update_value(&call, next).await?;
+        return Ok(());
+    }
+    let event = json!({
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": name, "namespace": ns},
+        "involvedObject": {
+            "apiVersion": obj.get("apiVersion").cloned().unwrap_or(Value::Null),
+            "kind": obj.get("kind").cloned().unwrap_or(Value::Null),
+            "name": owner::name(obj),
+            "namespace": owner::namespace(obj),
+            "uid": owner::uid(obj),
+            "resourceVersion": owner::resource_version(obj),
+        },
+        "reason": reason,
+        "message": message,
+        "type": kind,
+        "count": 1,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "source": {"component": component},
+        "reportingComponent": component,
+    });
+    let call = Call::internal(r, Some(&ns), None, None, component);
+    match api.create_value(&call, event, false).await {
+        Err(e) if e.reason == "AlreadyExists" => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Runs `workers` workers on `queue` until `stop`: each takes a key, calls `reconcile`, and
+/// on success forgets its failures (queuing it again after the returned delay, if any), on
+/// failure retries it with backoff.
+pub(crate) fn drive<F, Fut>(
+    set: &mut JoinSet<()>,
+    name: &'static str,
+    queue: Arc<Queue>,
+    workers: usize,
+    stop: CancellationToken,
+    reconcile: F,
+) where
+    F: Fn(String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Option<Duration>, KubeError>> + Send,
+{
+    {
+        let (queue, stop) = (queue.clone(), stop.clone());
+        set.spawn(async move {
+            stop.cancelled().await;
+            queue.shut_down();
+        });
+    }
+    for _ in 0..workers {
+        let (queue, reconcile) = (queue.clone(), reconcile.clone());
+        set.spawn(async move {
+            while let Some(key) = queue.next().await {
+                match reconcile(key.clone()).await {
+                    Ok(again) => {
+                        queue.forget(&key);
+                        if let Some(d) = again {
+                            queue.add_after(&key, d);
+                        }
+                    }
+                    Err(e) => {
+                        let delay = queue.retry(&key);
+                        if e.code >= 500 || e.code == 409 {
+                            tracing::debug!(controller = name, key, %e, ?delay, "reconcile failed; retrying");
+                        } else {
+                            tracing::warn!(controller = name, key, %e, ?delay, "reconcile failed; retrying");
+                        }
+                    }
+                }
+                queue.done(&key);
+            }
+        });
+    }
+}
+
+/// Queues every key of `informer` into `queue` every [`RESYNC`].
+fn resync(
+    set: &mut JoinSet<()>,
+    informer: Arc<Informer>,
+    queue: Arc<Queue>,
+    stop: CancellationToken,
+) {
+    set.spawn(async move {
+        let mut tick = tokio::time::interval(RESYNC);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    for k in informer.keys() {
+                        queue.add(&k);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Follows this replica's leadership and runs the control loops while it leads.
+pub async fn run(replica: Replica, kube: Arc<Kube>, shutdown: CancellationToken) {
+    let mut rx = replica.leadership();
+    loop {
+        let l = *rx.borrow_and_update();
+        if l.is_leader {
+            lead(&replica, &kube, l.term, &shutdown).await;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// True while this replica still leads `term` with a quorum.
+fn still_leading(replica: &Replica, term: u64) -> bool {
+    let l = *replica.leadership().borrow();
+    l.is_leader && l.term == term && replica.leads_with_quorum()
+}
+
+async fn lead(replica: &Replica, kube: &Kube, term: u64, shutdown: &CancellationToken) {
+    // The barrier: everything acknowledged before this term is applied here.
+    loop {
+        if !still_leading(replica, term) || shutdown.is_cancelled() {
+            return;
+        }
+        match replica.read_barrier().await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::debug!(%e, term, "leader read barrier failed; retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let scope = shutdown.child_token();
+    let mut set = JoinSet::new();
+    let (events, event_task) = Events::start(
+        kube.fenced(term),
+        "flotilla-controller-manager",
+        scope.clone(),
+    );
+    set.spawn(event_task);
+    let ctx = Arc::new(Ctx::new(kube.fenced(term), term, scope.clone(), events));
+    start(&ctx, &mut set);
+    tracing::info!(term, "leading: controllers and scheduler started");
+    let mut rx = replica.leadership();
+    loop {
+        tokio::select! {
+            _ = scope.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            r = rx.changed() => if r.is_err() { break },
+        }
+        if !still_leading(replica, term) {
+            break;
+        }
+    }
+    scope.cancel();
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while set.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        set.abort_all();
+    }
+    tracing::info!(term, "stopped leading: controllers and scheduler stopped");
+}
+
+/// Starts the informers, the controllers and the scheduler of one term.
+fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
+    // Controllers subscribe before the informers start, so they see the first list.
+    let rs = Arc::new(replicaset::Controller::new(ctx));
+    let deploy = Arc::new(deployment::Controller::new(ctx));
+    let gc = Arc::new(gc::Collector::new(ctx));
+    let sched = Arc::new(crate::scheduler::Scheduler::new(ctx));
+    for inf in ctx.informers() {
+        set.spawn(inf.run(ctx.api.objects().clone(), ctx.stop.clone()));
+    }
+    {
+        let ctx = ctx.clone();
+        set.spawn(async move { ensure_system_namespaces(&ctx).await });
+    }
+    {
+        let rs2 = rs.clone();
+        spawn_controller(
+            set,
+            ctx,
+            "replicaset",
+            rs.queue.clone(),
+            ctx.replicasets.clone(),
+            4,
+            move |ctx, key| {
+                let rs = rs2.clone();
+                async move { rs.reconcile(&ctx, &key).await }
+            },
+        );
+    }
+    {
+        let d2 = deploy.clone();
+        spawn_controller(
+            set,
+            ctx,
+            "deployment",
+            deploy.queue.clone(),
+            ctx.deployments.clone(),
+            2,
+            move |ctx, key| {
+                let d = d2.clone();
+                async move { d.reconcile(&ctx, &key).await }
+            },
+        );
+    }
+    {
+        let gc2 = gc.clone();
+        spawn_controller(
+            set,
+            ctx,
+            "garbage-collector",
+            gc.queue.clone(),
+            ctx.pods.clone(),
+            2,
+            move |ctx, key| {
+                let gc = gc2.clone();
+                async move { gc.reconcile(&ctx, &key).await }
+            },
+        );
+    }
+    {
+        let ctx = ctx.clone();
+        set.spawn(async move {
+            if wait_synced(&ctx).await {
+                sched.run(ctx).await;
+            }
+        });
+    }
+}
+
+/// Waits until every informer has listed; false if the term ended first.
+async fn wait_synced(ctx: &Ctx) -> bool {
+    tokio::select! {
+        _ = ctx.stop.cancelled() => false,
+        _ = async {
+            for inf in ctx.informers() {
+                inf.synced().await;
+            }
+        } => true,
+    }
+}
+
+/// Runs a controller's workers on `queue` once the informers have listed, with a resync of
+/// `primary`'s keys.
+fn spawn_controller<F, Fut>(
+    set: &mut JoinSet<()>,
+    ctx: &Arc<Ctx>,
+    name: &'static str,
+    queue: Arc<Queue>,
+    primary: Arc<Informer>,
+    workers: usize,
+    reconcile: F,
+) where
+    F: Fn(Arc<Ctx>, String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Option<Duration>, KubeError>> + Send,
+{
+    let ctx = ctx.clone();
+    set.spawn(async move {
+        if !wait_synced(&ctx).await {
+            return;
+        }
+        let mut inner = JoinSet::new();
+        let c = ctx.clone();
+        drive(
+            &mut inner,
+            name,
+            queue.clone(),
+            workers,
+            ctx.stop.clone(),
+            move |key| reconcile(c.clone(), key),
+        );
+        resync(&mut inner, primary, queue, ctx.stop.clone());
+        while inner.join_next().await.is_some() {}
+    });
+}
+
+/// Makes sure the system namespaces (and their `default` ServiceAccounts) exist.
+async fn ensure_system_namespaces(ctx: &Ctx) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match ctx.api.ensure_system_namespaces().await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::debug!(%e, "creating the system namespaces; will retry");
+                tokio::select! {
+                    _ = ctx.stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

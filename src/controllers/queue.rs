@@ -1,0 +1,333 @@
+//! Work queues and expectations for the control loops (client-go's workqueue and
+//! controller expectations).
+//!
+//! [`Queue`] owns the set of keys waiting to be reconciled. Invariants:
+//! - a key is queued at most once, however often it is added (de-duplication);
+//! - a key is never handed to two workers at once: added while being processed, it is
+//!   queued again when the worker is done;
+//! - a failing key is retried after an exponential backoff (5 ms doubling to 60 s), reset
+//!   by [`Queue::forget`]; delayed keys are bounded by the number of distinct keys.
+//!
+//! [`Expectations`] owns, per owner, the creations and deletions a controller has asked for
+//! and not yet seen in its informer. While they are outstanding the controller does not act
+//! on the owner's replica count again, so it cannot create the same pod twice while its own
+//! writes are in flight. They expire after [`EXPECTATIONS_TTL`], a safety net for a lost
+//! event.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Longest retry backoff.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// First retry backoff.
+pub const BASE_BACKOFF: Duration = Duration::from_millis(5);
+
+#[derive(Default)]
+struct State {
+    ready: VecDeque<String>,
+    queued: HashSet<String>,
+    processing: HashSet<String>,
+    /// Added while processing: queue again when done.
+    dirty: HashSet<String>,
+    failures: HashMap<String, u32>,
+    delayed: BinaryHeap<Reverse<(Instant, String)>>,
+    /// The earliest time each delayed key is due (later duplicates are dropped).
+    due: HashMap<String, Instant>,
+    shut: bool,
+}
+
+/// A de-duplicating, rate-limited work queue of keys.
+#[derive(Default)]
+pub struct Queue {
+    state: Mutex<State>,
+    notify: Notify,
+}
+
+impl Queue {
+    /// Queues `key` (no-op if already queued).
+    pub fn add(&self, key: &str) {
+        let mut s = self.state.lock().expect("not poisoned");
+        Self::add_locked(&mut s, key);
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    fn add_locked(s: &mut State, key: &str) {
+        if s.shut {
+            return;
+        }
+        if s.processing.contains(key) {
+            s.dirty.insert(key.to_string());
+        } else if s.queued.insert(key.to_string()) {
+            s.ready.push_back(key.to_string());
+        }
+    }
+
+    /// Queues `key` after `delay` (the earliest of several requests wins).
+    pub fn add_after(&self, key: &str, delay: Duration) {
+        if delay.is_zero() {
+            return self.add(key);
+        }
+        let at = Instant::now() + delay;
+        let mut s = self.state.lock().expect("not poisoned");
+        if s.shut {
+            return;
+        }
+        let earlier = s.due.get(key).is_some_and(|d| *d <= at);
+        if !earlier {
+            s.due.insert(key.to_string(), at);
+            s.delayed.push(Reverse((at, key.to_string())));
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Retries `key` after its next backoff.
+    pub fn retry(&self, key: &str) -> Duration {
+        let delay = {
+            let mut s = self.state.lock().expect("not poisoned");
+            let n = s.failures.entry(key.to_string()).or_insert(0);
+            *n = n.saturating_add(1);
+            backoff(*n)
+        };
+        self.add_after(key, delay);
+        delay
+    }
+
+    /// Resets `key`'s backoff (it succeeded).
+    pub fn forget(&self, key: &str) {
+        self.state
+            .lock()
+            .expect("not poisoned")
+            .failures
+            .remove(key);
+    }
+
+    /// Marks `key` done; queues it again if it was added meanwhile.
+    pub fn done(&self, key: &str) {
+        let mut s = self.state.lock().expect("not poisoned");
+        s.processing.remove(key);
+        if s.dirty.remove(key) {
+            Self::add_locked(&mut s, key);
+            drop(s);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Stops handing out keys; [`Queue::next`] returns `None` from now on.
+    pub fn shut_down(&self) {
+        self.state.lock().expect("not poisoned").shut = true;
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+
+    /// Keys waiting (ready or delayed).
+    pub fn len(&self) -> usize {
+        let s = self.state.lock().expect("not poisoned");
+        s.ready.len() + s.due.len()
+    }
+
+    /// True if nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The next ready key, without waiting (delayed keys that are due count as ready).
+    pub fn try_next(&self) -> Option<String> {
+        let mut s = self.state.lock().expect("not poisoned");
+        if s.shut {
+            return None;
+        }
+        let now = Instant::now();
+        while let Some(Reverse((at, _))) = s.delayed.peek() {
+            if *at > now {
+                break;
+            }
+            let Reverse((at, key)) = s.delayed.pop().expect("peeked");
+            if s.due.get(&key) == Some(&at) {
+                s.due.remove(&key);
+                Self::add_locked(&mut s, &key);
+            }
+        }
+        let key = s.ready.pop_front()?;
+        s.queued.remove(&key);
+        s.processing.insert(key.clone());
+        Some(key)
+    }
+
+    /// The next key to process, waiting for one; `None` once shut down.
+    pub async fn next(&self) -> Option<String> {
+        loop {
+            let wait_until = {
+                let mut s = self.state.lock().expect("not poisoned");
+                if s.shut {
+                    return None;
+                }
+                let now = Instant::now();
+                while let Some(Reverse((at, _))) = s.delayed.peek() {
+                    if *at > now {
+                        break;
+                    }
+                    let Reverse((at, key)) = s.delayed.pop().expect("peeked");
+                    if s.due.get(&key) == Some(&at) {
+                        s.due.remove(&key);
+                        Self::add_locked(&mut s, &key);
+                    }
+                }
+                if let Some(key) = s.ready.pop_front() {
+                    s.queued.remove(&key);
+                    s.processing.insert(key.clone());
+                    // Another worker may be waiting for the rest.
+                    if !s.ready.is_empty() {
+                        self.notify.notify_one();
+                    }
+                    return Some(key);
+                }
+                s.delayed.peek().map(|Reverse((at, _))| *at)
+            };
+            match wait_until {
+                Some(at) => {
+                    tokio::select! {
+                        _ = self.notify.notified() => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => self.notify.notified().await,
+            }
+        }
+    }
+}
+
+/// The backoff after `failures` failures.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    BASE_BACKOFF.saturating_mul(1u32 << exp).min(MAX_BACKOFF)
+}
+
+/// How long unmet expectations hold back an owner.
+pub const EXPECTATIONS_TTL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy)]
+struct Expected {
+    adds: i64,
+    dels: i64,
+    set: Instant,
+}
+
+/// Creations and deletions in flight, per owner key.
+#[derive(Default)]
+pub struct Expectations {
+    map: Mutex<HashMap<String, Expected>>,
+}
+
+impl Expectations {
+    /// The owner will see `adds` creations and `dels` deletions of its pods.
+    pub fn expect(&self, owner: &str, adds: i64, dels: i64) {
+        self.map.lock().expect("not poisoned").insert(
+            owner.to_string(),
+            Expected {
+                adds,
+                dels,
+                set: Instant::now(),
+            },
+        );
+    }
+
+    /// One expected creation was seen (or failed, so will never be seen).
+    pub fn created(&self, owner: &str) {
+        if let Some(e) = self.map.lock().expect("not poisoned").get_mut(owner) {
+            e.adds -= 1;
+        }
+    }
+
+    /// One expected deletion was seen (or failed).
+    pub fn deleted(&self, owner: &str) {
+        if let Some(e) = self.map.lock().expect("not poisoned").get_mut(owner) {
+            e.dels -= 1;
+        }
+    }
+
+    /// True if nothing is in flight for `owner` (or what was has expired).
+    pub fn satisfied(&self, owner: &str) -> bool {
+        match self.map.lock().expect("not poisoned").get(owner) {
+            None => true,
+            Some(e) => (e.adds <= 0 && e.dels <= 0) || e.set.elapsed() > EXPECTATIONS_TTL,
+        }
+    }
+
+    /// Forgets `owner` (it was deleted).
+    pub fn remove(&self, owner: &str) {
+        self.map.lock().expect("not poisoned").remove(owner);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_is_queued_once_and_never_processed_twice_at_once() {
+        let q = Queue::default();
+        q.add("a");
+        q.add("a");
+        q.add("b");
+        assert_eq!(q.len(), 2);
+        let k = q.next().await.unwrap();
+        assert_eq!(k, "a");
+        // Added while being processed: not handed out again until done.
+        q.add("a");
+        assert_eq!(q.next().await.unwrap(), "b");
+        assert!(tokio::time::timeout(Duration::from_millis(10), q.next())
+            .await
+            .is_err());
+        q.done("a");
+        assert_eq!(q.next().await.unwrap(), "a");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_exponentially_and_forget_resets() {
+        let q = Queue::default();
+        assert_eq!(q.retry("k"), Duration::from_millis(5));
+        let t = Instant::now();
+        assert_eq!(q.next().await.unwrap(), "k");
+        assert!(t.elapsed() >= Duration::from_millis(5));
+        q.done("k");
+        assert_eq!(q.retry("k"), Duration::from_millis(10));
+        assert_eq!(q.retry("k"), Duration::from_millis(20));
+        q.forget("k");
+        assert_eq!(q.retry("k"), Duration::from_millis(5));
+        assert_eq!(backoff(100), MAX_BACKOFF);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutting_down_wakes_waiting_workers() {
+        let q = std::sync::Arc::new(Queue::default());
+        let w = tokio::spawn({
+            let q = q.clone();
+            async move { q.next().await }
+        });
+        tokio::task::yield_now().await;
+        q.shut_down();
+        assert_eq!(w.await.unwrap(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expectations_hold_until_seen_or_expired() {
+        let e = Expectations::default();
+        assert!(e.satisfied("rs"));
+        e.expect("rs", 2, 0);
+        assert!(!e.satisfied("rs"));
+        e.created("rs");
+        assert!(!e.satisfied("rs"));
+        e.created("rs");
+        assert!(e.satisfied("rs"));
+        e.expect("rs", 1, 0);
+        tokio::time::advance(EXPECTATIONS_TTL + Duration::from_secs(1)).await;
+        assert!(e.satisfied("rs"));
+    }
+}

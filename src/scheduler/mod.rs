@@ -1,0 +1,324 @@
+//! The scheduler: binds each pending pod to a node, on the Raft leader only.
+//!
+//! Owns the queue of pending pods, the set of pods waiting for the cluster to change, and
+//! the pods it has bound but not yet seen bound in its informer ("assumed", so the next
+//! batch does not hand their room to someone else). Each round takes up to
+//! [`BATCH`] pending pods, builds one snapshot of the nodes and what is bound to them, and
+//! decides pod by pod with [`decide::schedule`] (a pure function), assuming each placement
+//! before the next decision; then it binds them concurrently. A bind is a compare-and-swap
+//! that succeeds only while the pod is unbound, fenced to the leader's term.
+//!
+//! A pod that fits nowhere gets `PodScheduled=False` (reason `Unschedulable`, with
+//! kube-scheduler's "0/N nodes are available: ..." message) and a `FailedScheduling` event,
+//! and waits: it is tried again when a node or a pod changes, and otherwise after a backoff
+//! (1 s doubling to 10 s).
+
+pub mod decide;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::api::objects::Stored;
+use crate::api::{meta, Call};
+use crate::controllers::queue::Queue;
+use crate::controllers::{owner, pod, Ctx};
+use decide::{Decision, NodeInfo, PodInfo};
+
+/// Most pods decided in one round.
+pub const BATCH: usize = 2048;
+/// Most binds in flight.
+pub const BINDS_IN_FLIGHT: usize = 256;
+/// The field manager the scheduler writes as.
+pub const MANAGER: &str = "default-scheduler";
+
+/// The scheduler of one term.
+pub struct Scheduler {
+    queue: Arc<Queue>,
+    /// Pods that fit nowhere, waiting for a change: key → failures so far.
+    waiting: Arc<Mutex<HashMap<String, u32>>>,
+    /// Bound by this scheduler, not yet seen bound: key → (node, what it asked).
+    assumed: Arc<Mutex<HashMap<String, (String, PodInfo)>>>,
+}
+
+/// True if the default scheduler should place this pod.
+fn wants_scheduling(p: &Value) -> bool {
+    pod::node(p).is_none()
+        && pod::is_active(p)
+        && matches!(
+            p.pointer("/spec/schedulerName").and_then(Value::as_str),
+            None | Some("default-scheduler")
+        )
+}
+
+impl Scheduler {
+    /// Wires the scheduler to the pod and node informers.
+    pub fn new(ctx: &Ctx) -> Scheduler {
+        let queue = Arc::new(Queue::default());
+        let waiting: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let assumed: Arc<Mutex<HashMap<String, (String, PodInfo)>>> = Arc::default();
+        let flush = {
+            let (q, w) = (queue.clone(), waiting.clone());
+            move || {
+                let keys: Vec<String> = w.lock().expect("not poisoned").keys().cloned().collect();
+                for k in keys {
+                    q.add(&k);
+                }
+            }
+        };
+        {
+            let (q, a, w, flush) = (
+                queue.clone(),
+                assumed.clone(),
+                waiting.clone(),
+                flush.clone(),
+            );
+            ctx.pods.subscribe(move |c| match c.new {
+                Some(new) if wants_scheduling(new) => q.add(c.key),
+                Some(new) => {
+                    if pod::node(new).is_some() {
+                        a.lock().expect("not poisoned").remove(c.key);
+                    }
+                    w.lock().expect("not poisoned").remove(c.key);
+                    // A pod that finished or started terminating frees room.
+                    if c.old.is_some_and(|o| pod::is_active(o)) && !pod::is_active(new) {
+                        flush();
+                    }
+                }
+                None => {
+                    a.lock().expect("not poisoned").remove(c.key);
+                    w.lock().expect("not poisoned").remove(c.key);
+                    if c.old.and_then(|o| pod::node(o)).is_some() {
+                        flush();
+                    }
+                }
+            });
+        }
+        ctx.nodes.subscribe(move |c| {
+            let relevant = |v: Option<&Arc<Value>>| {
+                v.map(|n| {
+                    (
+                        n.pointer("/spec").cloned(),
+                        n.pointer("/status/allocatable").cloned(),
+                        n.pointer("/metadata/labels").cloned(),
+                        decide::node_info(n).ready,
+                    )
+                })
+            };
+            if relevant(c.old) != relevant(c.new) {
+                flush();
+            }
+        });
+        Scheduler {
+            queue,
+            waiting,
+            assumed,
+        }
+    }
+
+    /// Schedules until the term ends.
+    pub async fn run(self: Arc<Self>, ctx: Arc<Ctx>) {
+        {
+            let (q, stop) = (self.queue.clone(), ctx.stop.clone());
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                q.shut_down();
+            });
+        }
+        // Pods pending from before this term.
+        for p in ctx.pods.filter(wants_scheduling) {
+            self.queue.add(
+                &ctx.pods
+                    .resource()
+                    .key(owner::namespace(&p), owner::name(&p)),
+            );
+        }
+        while let Some(first) = self.queue.next().await {
+            let mut keys = vec![first];
+            while keys.len() < BATCH {
+                match self.queue.try_next() {
+                    Some(k) => keys.push(k),
+                    None => break,
+                }
+            }
+            self.round(&ctx, &keys).await;
+            for k in &keys {
+                self.queue.done(k);
+            }
+        }
+    }
+
+    /// The nodes, with every bound active pod (and every assumed one) accounted for.
+    fn snapshot(&self, ctx: &Ctx) -> (Vec<NodeInfo>, HashMap<String, usize>) {
+        let mut nodes: Vec<NodeInfo> = ctx
+            .nodes
+            .list()
+            .iter()
+            .map(|n| decide::node_info(n))
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let index: HashMap<String, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
+        let mut seen: HashSet<String> = HashSet::new();
+        for p in ctx
+            .pods
+            .filter(|p| pod::node(p).is_some() && pod::is_active(p))
+        {
+            let node = pod::node(&p).expect("filtered");
+            if let Some(&i) = index.get(node) {
+                decide::assume(&mut nodes[i], &decide::pod_info(&p));
+            }
+            seen.insert(
+                ctx.pods
+                    .resource()
+                    .key(owner::namespace(&p), owner::name(&p)),
+            );
+        }
+        for (k, (node, info)) in self.assumed.lock().expect("not poisoned").iter() {
+            if seen.contains(k) {
+                continue;
+            }
+            if let Some(&i) = index.get(node) {
+                decide::assume(&mut nodes[i], info);
+            }
+        }
+        (nodes, index)
+    }
+
+    async fn round(&self, ctx: &Ctx, keys: &[String]) {
+        let (mut nodes, index) = self.snapshot(ctx);
+        let mut binds: Vec<(String, Arc<Value>, String, PodInfo)> = Vec::new();
+        for key in keys {
+            let Some(p) = ctx.pods.get(key) else { continue };
+            if !wants_scheduling(&p) || self.assumed.lock().expect("not poisoned").contains_key(key)
+            {
+                continue;
+            }
+            let info = decide::pod_info(&p);
+            match decide::schedule(&nodes, &info) {
+                Decision::Bind(i) => {
+                    decide::assume(&mut nodes[i], &info);
+                    let node = nodes[i].name.clone();
+                    self.assumed
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(key.clone(), (node.clone(), info.clone()));
+                    binds.push((key.clone(), p, node, info));
+                }
+                Decision::Unschedulable(message) => {
+                    self.unschedulable(ctx, key, &p, &message).await
+                }
+            }
+        }
+        let pod_res = ctx.pods.resource();
+        let results: Vec<(
+            String,
+            String,
+            PodInfo,
+            Result<Value, crate::api::status::KubeError>,
+        )> = futures::stream::iter(binds.into_iter().map(|(key, p, node, info)| async move {
+            let call = Call::internal(
+                pod_res,
+                owner::namespace(&p),
+                Some(owner::name(&p)),
+                None,
+                MANAGER,
+            );
+            let known = owner::resource_version(&p)
+                .parse()
+                .ok()
+                .map(|revision| Stored {
+                    object: (*p).clone(),
+                    revision,
+                });
+            let r = ctx.api.bind_value(&call, &node, known).await;
+            (key, node, info, r)
+        }))
+        .buffer_unordered(BINDS_IN_FLIGHT)
+        .collect()
+        .await;
+        for (key, node, info, r) in results {
+            match r {
+                Ok(bound) => {
+                    self.waiting.lock().expect("not poisoned").remove(&key);
+                    self.queue.forget(&key);
+                    ctx.events.normal(
+                        &bound,
+                        "Scheduled",
+                        &format!(
+                            "Successfully assigned {}/{} to {node}",
+                            owner::namespace(&bound).unwrap_or(""),
+                            owner::name(&bound)
+                        ),
+                    );
+                }
+                Err(e) => {
+                    self.assumed.lock().expect("not poisoned").remove(&key);
+                    let _ = info;
+                    if e.code == 404 || (e.code == 409 && e.message.contains("already assigned")) {
+                        continue;
+                    }
+                    tracing::debug!(key, node, %e, "bind failed; will retry");
+                    self.queue.retry(&key);
+                }
+            }
+        }
+        let _ = index;
+    }
+
+    async fn unschedulable(&self, ctx: &Ctx, key: &str, p: &Value, message: &str) {
+        let failures = {
+            let mut w = self.waiting.lock().expect("not poisoned");
+            let n = w.entry(key.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        // Back off: 1 s doubling to 10 s (a cluster change retries sooner).
+        let delay = Duration::from_secs(1u64 << (failures - 1).min(3)).min(Duration::from_secs(10));
+        self.queue.add_after(key, delay);
+        let current = p
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.get("type").and_then(Value::as_str) == Some("PodScheduled"))
+            });
+        let same = current.is_some_and(|c| {
+            c.get("status").and_then(Value::as_str) == Some("False")
+                && c.get("message").and_then(Value::as_str) == Some(message)
+        });
+        if same {
+            return;
+        }
+        let mut next = p.clone();
+        let mut conds: Vec<Value> = p
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        conds.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+        conds.push(
+            json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                          "message": message, "lastProbeTime": null,
+                          "lastTransitionTime": meta::rfc3339(meta::now_secs())}),
+        );
+        next["status"]["conditions"] = json!(conds);
+        let call = Call::internal(
+            ctx.pods.resource(),
+            owner::namespace(p),
+            Some(owner::name(p)),
+            Some("status"),
+            MANAGER,
+        );
+        if let Err(e) = ctx.api.update_value(&call, next).await {
+            tracing::debug!(key, %e, "could not record PodScheduled=False");
+        }
+        ctx.events.warning(p, "FailedScheduling", message);
+    }
+}

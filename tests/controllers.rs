@@ -1,0 +1,365 @@
+//! The leader's controllers and scheduler against real three-replica clusters, driven by the
+//! real kubectl. Until the node agent lands, the test registers nodes through the API and a
+//! stand-in kubelet (below) marks bound pods running and ready, and finishes graceful
+//! deletions, as the agent will; the ReplicaSet and Deployment controllers, the garbage
+//! collector and the scheduler are the real ones.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32";
+
+struct Kubectl {
+    server: String,
+    cache: PathBuf,
+    dir: PathBuf,
+}
+
+impl Kubectl {
+    fn new(c: &Cluster, id: u64) -> Kubectl {
+        Kubectl {
+            server: format!("http://{}", c.replica(id).api()),
+            cache: c.dir.path().join(format!("kube-cache-{id}")),
+            dir: c.dir.path().to_path_buf(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(KUBECTL)
+            .arg(format!("--server={}", self.server))
+            .arg(format!("--cache-dir={}", self.cache.display()))
+            .args(args)
+            .env("HOME", &self.dir)
+            .output()
+            .expect("kubectl 1.32 is installed");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args);
+        assert!(ok, "kubectl {args:?} failed:\n{out}{err}");
+        out
+    }
+
+    fn file(&self, name: &str, content: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        p.display().to_string()
+    }
+}
+
+/// Sends one request to replica `id`; returns status and JSON body.
+async fn call(
+    c: &Cluster,
+    id: u64,
+    method: http::Method,
+    path: &str,
+    ctype: &str,
+    body: Value,
+) -> (u16, Value) {
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(&body).unwrap()
+    };
+    match c
+        .client_for(id)
+        .send_raw(method, &c.replica(id).api(), path, ctype, bytes, None)
+        .await
+    {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let b = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+/// Registers a Ready node with the given allocatable resources.
+async fn add_node(c: &Cluster, id: u64, name: &str, cpu: &str, memory: &str) {
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}}});
+    let (s, b) = call(
+        c,
+        id,
+        http::Method::POST,
+        "/api/v1/nodes",
+        "application/json",
+        node,
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    let status = json!({"status": {
+        "capacity": {"cpu": cpu, "memory": memory, "pods": "110"},
+        "allocatable": {"cpu": cpu, "memory": memory, "pods": "110"},
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                        "lastHeartbeatTime": "2026-11-25T00:00:00Z", "lastTransitionTime": "2026-11-25T00:00:00Z"}],
+    }});
+    let (s, b) = call(
+        c,
+        id,
+        http::Method::PATCH,
+        &format!("/api/v1/nodes/{name}/status"),
+        "application/merge-patch+json",
+        status,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+}
+
+/// A stand-in for the node agents: bound pods become Running and Ready; pods being
+/// deleted gracefully are finished off with grace 0. It talks to whichever replica answers.
+fn stand_in_kubelet(c: Arc<Cluster>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut id = 1;
+        while !stop.load(Ordering::SeqCst) {
+            let (s, list) = call(
+                &c,
+                id,
+                http::Method::GET,
+                "/api/v1/pods",
+                "application/json",
+                Value::Null,
+            )
+            .await;
+            if s != 200 {
+                id = id % 3 + 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            for p in list["items"].as_array().cloned().unwrap_or_default() {
+                let ns = p["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                let name = p["metadata"]["name"].as_str().unwrap_or("").to_string();
+                let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
+                if p["metadata"]["deletionTimestamp"].is_string() {
+                    call(
+                        &c,
+                        id,
+                        http::Method::DELETE,
+                        &path,
+                        "application/json",
+                        json!({"gracePeriodSeconds": 0}),
+                    )
+                    .await;
+                } else if p["spec"]["nodeName"].is_string() && p["status"]["phase"] != "Running" {
+                    let now = "2026-11-25T00:00:00Z";
+                    let status = json!({"status": {"phase": "Running", "conditions": [
+                        {"type": "PodScheduled", "status": "True"},
+                        {"type": "Initialized", "status": "True"},
+                        {"type": "ContainersReady", "status": "True"},
+                        {"type": "Ready", "status": "True", "lastTransitionTime": now}]}});
+                    call(
+                        &c,
+                        id,
+                        http::Method::PATCH,
+                        &format!("{path}/status"),
+                        "application/merge-patch+json",
+                        status,
+                    )
+                    .await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// The pods of a namespace: name → (node, image, owner kind/name, phase).
+async fn pods(c: &Cluster, id: u64, ns: &str) -> BTreeMap<String, Value> {
+    let (s, list) = call(
+        c,
+        id,
+        http::Method::GET,
+        &format!("/api/v1/namespaces/{ns}/pods"),
+        "application/json",
+        Value::Null,
+    )
+    .await;
+    if s != 200 {
+        return BTreeMap::new();
+    }
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_string(),
+                p.clone(),
+            )
+        })
+        .collect()
+}
+
+fn deployment(replicas: u32, image: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: apps\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels: {{app: web}}\n  strategy:\n    rollingUpdate: {{maxSurge: 2, maxUnavailable: 1}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n      - name: web\n        image: {image}\n        resources:\n          requests: {{cpu: 300m, memory: 100Mi}}\n"
+    )
+}
+
+/// Waits until the namespace has exactly `n` active pods, all bound, Running, with `image`.
+async fn wait_pods(
+    c: &Cluster,
+    id: u64,
+    ns: &str,
+    n: usize,
+    image: &str,
+) -> BTreeMap<String, Value> {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("{n} running pods with {image}"),
+        || async {
+            let ps = pods(c, id, ns).await;
+            let active: BTreeMap<String, Value> = ps
+                .into_iter()
+                .filter(|(_, p)| p["metadata"]["deletionTimestamp"].is_null())
+                .collect();
+            let good = active.len() == n
+                && active.values().all(|p| {
+                    p["spec"]["nodeName"].is_string()
+                        && p["status"]["phase"] == "Running"
+                        && p["spec"]["containers"][0]["image"] == image
+                });
+            good.then_some(active)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_is_created_spread_scaled_rolled_out_undone_and_deleted() {
+    let c = Arc::new(Cluster::start(3, &[]).await);
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let k = Kubectl::new(&c, follower);
+    for n in ["n1", "n2", "n3"] {
+        add_node(&c, follower, n, "2", "4Gi").await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let kubelet = stand_in_kubelet(c.clone(), stop.clone());
+    let ns = k.file(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n",
+    );
+    k.ok(&["create", "-f", &ns]);
+
+    // Ten replicas of 300m on three 2-cpu nodes: spread, and within capacity (6 per node).
+    let file = k.file("web.yaml", &deployment(10, "nginx:1.25"));
+    assert_eq!(
+        k.ok(&["apply", "-f", &file]).trim(),
+        "deployment.apps/web created"
+    );
+    let ps = wait_pods(&c, follower, "apps", 10, "nginx:1.25").await;
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for p in ps.values() {
+        *per_node
+            .entry(p["spec"]["nodeName"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(per_node.len(), 3, "spread over every node: {per_node:?}");
+    assert!(
+        per_node.values().all(|&n| (3..=4).contains(&n)),
+        "{per_node:?}"
+    );
+    let out = k.ok(&[
+        "rollout",
+        "status",
+        "deployment/web",
+        "-n",
+        "apps",
+        "--timeout=60s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let describe = k.ok(&["describe", "deployment", "web", "-n", "apps"]);
+    assert!(
+        describe.contains("ScalingReplicaSet"),
+        "events are recorded:\n{describe}"
+    );
+
+    // Scale down.
+    k.ok(&["scale", "deployment/web", "-n", "apps", "--replicas=4"]);
+    wait_pods(&c, follower, "apps", 4, "nginx:1.25").await;
+
+    // A rolling update, then back.
+    k.ok(&[
+        "set",
+        "image",
+        "deployment/web",
+        "-n",
+        "apps",
+        "web=nginx:1.26",
+    ]);
+    let out = k.ok(&[
+        "rollout",
+        "status",
+        "deployment/web",
+        "-n",
+        "apps",
+        "--timeout=60s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    wait_pods(&c, follower, "apps", 4, "nginx:1.26").await;
+    let history = k.ok(&["rollout", "history", "deployment/web", "-n", "apps"]);
+    assert!(history.contains('1') && history.contains('2'), "{history}");
+    k.ok(&["rollout", "undo", "deployment/web", "-n", "apps"]);
+    let out = k.ok(&[
+        "rollout",
+        "status",
+        "deployment/web",
+        "-n",
+        "apps",
+        "--timeout=60s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    wait_pods(&c, follower, "apps", 4, "nginx:1.25").await;
+    let rs = k.ok(&["get", "rs", "-n", "apps", "-o", "jsonpath={range .items[*]}{.spec.replicas}/{.metadata.annotations.deployment\\.kubernetes\\.io/revision} {end}"]);
+    let mut rs: Vec<&str> = rs.split_whitespace().collect();
+    rs.sort();
+    assert_eq!(
+        rs,
+        ["0/2", "4/3"],
+        "the undone template is revision 3; the other is idle"
+    );
+
+    // Deleting the deployment (background) takes its ReplicaSets and pods with it.
+    k.ok(&["delete", "deployment", "web", "-n", "apps"]);
+    wait_for(Duration::from_secs(30), "the cascade", || async {
+        let ps = pods(&c, follower, "apps").await;
+        let (s, rs) = call(
+            &c,
+            follower,
+            http::Method::GET,
+            "/apis/apps/v1/namespaces/apps/replicasets",
+            "application/json",
+            Value::Null,
+        )
+        .await;
+        (s == 200 && ps.is_empty() && rs["items"].as_array().is_some_and(Vec::is_empty))
+            .then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    kubelet.await.unwrap();
+}
