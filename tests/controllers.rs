@@ -62,6 +62,39 @@ impl Kubectl {
     }
 }
 
+/// Sends one request to the first of `servers` that answers; returns status and JSON body
+/// (status 0 if none answered).
+async fn req(
+    servers: &[String],
+    method: http::Method,
+    path: &str,
+    ctype: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(body).unwrap()
+    };
+    let client = flotilla::client::Client::new(servers.to_vec(), Duration::from_secs(5));
+    for server in servers {
+        if let Ok(resp) = client
+            .send_raw(method.clone(), server, path, ctype, bytes.clone(), None)
+            .await
+        {
+            let status = resp.status().as_u16();
+            let b = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return (status, serde_json::from_slice(&b).unwrap_or(Value::Null));
+        }
+    }
+    (0, Value::Null)
+}
+
 /// Sends one request to replica `id`; returns status and JSON body.
 async fn call(
     c: &Cluster,
@@ -71,28 +104,7 @@ async fn call(
     ctype: &str,
     body: Value,
 ) -> (u16, Value) {
-    let bytes = if body.is_null() {
-        Vec::new()
-    } else {
-        serde_json::to_vec(&body).unwrap()
-    };
-    match c
-        .client_for(id)
-        .send_raw(method, &c.replica(id).api(), path, ctype, bytes, None)
-        .await
-    {
-        Ok(resp) => {
-            let status = resp.status().as_u16();
-            let b = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
-        }
-        Err(_) => (0, Value::Null),
-    }
+    req(&[c.replica(id).api()], method, path, ctype, &body).await
 }
 
 /// Registers a Ready node with the given allocatable resources.
@@ -128,21 +140,20 @@ async fn add_node(c: &Cluster, id: u64, name: &str, cpu: &str, memory: &str) {
 
 /// A stand-in for the node agents: bound pods become Running and Ready; pods being
 /// deleted gracefully are finished off with grace 0. It talks to whichever replica answers.
-fn stand_in_kubelet(c: Arc<Cluster>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+fn stand_in_kubelet(servers: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut id = 1;
+        let mut order = servers.clone();
         while !stop.load(Ordering::SeqCst) {
-            let (s, list) = call(
-                &c,
-                id,
+            let (s, list) = req(
+                &order,
                 http::Method::GET,
                 "/api/v1/pods",
                 "application/json",
-                Value::Null,
+                &Value::Null,
             )
             .await;
             if s != 200 {
-                id = id % 3 + 1;
+                order.rotate_left(1);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -154,13 +165,12 @@ fn stand_in_kubelet(c: Arc<Cluster>, stop: Arc<AtomicBool>) -> tokio::task::Join
                 let name = p["metadata"]["name"].as_str().unwrap_or("").to_string();
                 let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
                 if p["metadata"]["deletionTimestamp"].is_string() {
-                    call(
-                        &c,
-                        id,
+                    req(
+                        &order,
                         http::Method::DELETE,
                         &path,
                         "application/json",
-                        json!({"gracePeriodSeconds": 0}),
+                        &json!({"gracePeriodSeconds": 0}),
                     )
                     .await;
                 } else if p["spec"]["nodeName"].is_string() && p["status"]["phase"] != "Running" {
@@ -170,13 +180,12 @@ fn stand_in_kubelet(c: Arc<Cluster>, stop: Arc<AtomicBool>) -> tokio::task::Join
                         {"type": "Initialized", "status": "True"},
                         {"type": "ContainersReady", "status": "True"},
                         {"type": "Ready", "status": "True", "lastTransitionTime": now}]}});
-                    call(
-                        &c,
-                        id,
+                    req(
+                        &order,
                         http::Method::PATCH,
                         &format!("{path}/status"),
                         "application/merge-patch+json",
-                        status,
+                        &status,
                     )
                     .await;
                 }
@@ -184,6 +193,10 @@ fn stand_in_kubelet(c: Arc<Cluster>, stop: Arc<AtomicBool>) -> tokio::task::Join
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
+}
+
+fn apis(c: &Cluster) -> Vec<String> {
+    (1..=3).map(|id| c.replica(id).api()).collect()
 }
 
 /// The pods of a namespace: name → (node, image, owner kind/name, phase).
@@ -250,7 +263,7 @@ async fn wait_pods(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_is_created_spread_scaled_rolled_out_undone_and_deleted() {
-    let c = Arc::new(Cluster::start(3, &[]).await);
+    let c = Cluster::start(3, &[]).await;
     let leader = c.wait_leader().await;
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let k = Kubectl::new(&c, follower);
@@ -258,7 +271,7 @@ async fn a_deployment_is_created_spread_scaled_rolled_out_undone_and_deleted() {
         add_node(&c, follower, n, "2", "4Gi").await;
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let kubelet = stand_in_kubelet(c.clone(), stop.clone());
+    let kubelet = stand_in_kubelet(apis(&c), stop.clone());
     let ns = k.file(
         "ns.yaml",
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n",
@@ -343,23 +356,298 @@ async fn a_deployment_is_created_spread_scaled_rolled_out_undone_and_deleted() {
         "the undone template is revision 3; the other is idle"
     );
 
-    // Deleting the deployment (background) takes its ReplicaSets and pods with it.
-    k.ok(&["delete", "deployment", "web", "-n", "apps"]);
-    wait_for(Duration::from_secs(30), "the cascade", || async {
-        let ps = pods(&c, follower, "apps").await;
-        let (s, rs) = call(
-            &c,
-            follower,
-            http::Method::GET,
-            "/apis/apps/v1/namespaces/apps/replicasets",
-            "application/json",
-            Value::Null,
-        )
-        .await;
-        (s == 200 && ps.is_empty() && rs["items"].as_array().is_some_and(Vec::is_empty))
+    // Orphan: the Deployment goes; its ReplicaSets and pods stay, no longer owned.
+    k.ok(&[
+        "delete",
+        "deployment",
+        "web",
+        "-n",
+        "apps",
+        "--cascade=orphan",
+    ]);
+    wait_for(
+        Duration::from_secs(30),
+        "the orphaned ReplicaSets",
+        || async {
+            let (s, rs) = call(
+                &c,
+                follower,
+                http::Method::GET,
+                "/apis/apps/v1/namespaces/apps/replicasets",
+                "application/json",
+                Value::Null,
+            )
+            .await;
+            let (ds, _) = call(
+                &c,
+                follower,
+                http::Method::GET,
+                "/apis/apps/v1/namespaces/apps/deployments/web",
+                "application/json",
+                Value::Null,
+            )
+            .await;
+            let items = rs["items"].as_array().cloned().unwrap_or_default();
+            (s == 200
+                && ds == 404
+                && items.len() == 2
+                && items.iter().all(|r| {
+                    r["metadata"]["ownerReferences"]
+                        .as_array()
+                        .is_none_or(Vec::is_empty)
+                }))
+            .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        pods(&c, follower, "apps").await.len(),
+        4,
+        "the pods stay with their ReplicaSet"
+    );
+    // The ReplicaSets are independent now; clean them up with the pods (background).
+    k.ok(&["delete", "rs", "--all", "-n", "apps"]);
+    wait_for(
+        Duration::from_secs(30),
+        "the background cascade",
+        || async { pods(&c, follower, "apps").await.is_empty().then_some(()) },
+    )
+    .await;
+
+    // Foreground: the Deployment stays (with its finalizer) until its ReplicaSets and pods
+    // are gone, then goes.
+    k.ok(&["apply", "-f", &file]);
+    wait_pods(&c, follower, "apps", 10, "nginx:1.25").await;
+    k.ok(&[
+        "delete",
+        "deployment",
+        "web",
+        "-n",
+        "apps",
+        "--cascade=foreground",
+        "--wait=false",
+    ]);
+    let (s, d) = call(
+        &c,
+        follower,
+        http::Method::GET,
+        "/apis/apps/v1/namespaces/apps/deployments/web",
+        "application/json",
+        Value::Null,
+    )
+    .await;
+    if s == 200 {
+        assert_eq!(
+            d["metadata"]["finalizers"],
+            json!(["foregroundDeletion"]),
+            "{d}"
+        );
+        assert!(d["metadata"]["deletionTimestamp"].is_string());
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "the foreground cascade",
+        || async {
+            let ps = pods(&c, follower, "apps").await;
+            let (s, rs) = call(
+                &c,
+                follower,
+                http::Method::GET,
+                "/apis/apps/v1/namespaces/apps/replicasets",
+                "application/json",
+                Value::Null,
+            )
+            .await;
+            let (ds, _) = call(
+                &c,
+                follower,
+                http::Method::GET,
+                "/apis/apps/v1/namespaces/apps/deployments/web",
+                "application/json",
+                Value::Null,
+            )
+            .await;
+            (s == 200
+                && ds == 404
+                && ps.is_empty()
+                && rs["items"].as_array().is_some_and(Vec::is_empty))
+            .then_some(())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    kubelet.await.unwrap();
+}
+
+/// Every pod ever created in a namespace, from a watch that replays from the namespace's
+/// creation: (name, node it was first seen bound to, every node it was seen bound to).
+struct PodHistory {
+    created: std::collections::BTreeSet<String>,
+    bound: BTreeMap<String, std::collections::BTreeSet<String>>,
+}
+
+async fn pod_history(
+    servers: &[String],
+    ns: &str,
+    from_rv: &str,
+    until_quiet: Duration,
+) -> PodHistory {
+    let mut h = PodHistory {
+        created: Default::default(),
+        bound: BTreeMap::new(),
+    };
+    let client = flotilla::client::Client::new(servers.to_vec(), Duration::from_secs(5));
+    let mut rv = from_rv.to_string();
+    let mut order = servers.to_vec();
+    'outer: loop {
+        let path = format!("/api/v1/namespaces/{ns}/pods?watch=true&resourceVersion={rv}");
+        let Ok(resp) = client.get_stream(&order[0], &path).await else {
+            order.rotate_left(1);
+            continue;
+        };
+        let mut body = resp.into_body();
+        let mut buf = Vec::new();
+        loop {
+            match tokio::time::timeout(until_quiet, body.frame()).await {
+                Err(_) => break 'outer,
+                Ok(Some(Ok(f))) => {
+                    if let Some(d) = f.data_ref() {
+                        buf.extend_from_slice(d);
+                    }
+                    while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=pos).collect();
+                        let ev: Value = serde_json::from_slice(&line).unwrap();
+                        let obj = &ev["object"];
+                        rv = obj["metadata"]["resourceVersion"]
+                            .as_str()
+                            .unwrap_or(&rv)
+                            .to_string();
+                        let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
+                        if ev["type"] == "ADDED" {
+                            h.created.insert(name.clone());
+                        }
+                        if let Some(n) = obj["spec"]["nodeName"].as_str() {
+                            h.bound.entry(name).or_default().insert(n.to_string());
+                        }
+                    }
+                }
+                _ => {
+                    order.rotate_left(1);
+                    continue 'outer;
+                }
+            }
+        }
+    }
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_resumes_scaling_and_rollouts_without_duplicates_or_overcommit() {
+    let mut c = Cluster::start(3, &[]).await;
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    for n in ["n1", "n2", "n3"] {
+        add_node(&c, follower, n, "4", "8Gi").await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let kubelet = stand_in_kubelet(apis(&c), stop.clone());
+    let k = Kubectl::new(&c, follower);
+    let ns = k.file(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n",
+    );
+    k.ok(&["create", "-f", &ns]);
+    let (_, list) = call(
+        &c,
+        follower,
+        http::Method::GET,
+        "/api/v1/namespaces/apps/pods",
+        "application/json",
+        Value::Null,
+    )
+    .await;
+    let start_rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // 36 replicas of 300m on three 4-cpu nodes (13 fit on each): kill the leader while the
+    // pods are being created and bound.
+    let file = k.file("web.yaml", &deployment(36, "nginx:1.25"));
+    k.ok(&["apply", "-f", &file]);
+    wait_for(Duration::from_secs(30), "the first pods", || async {
+        (pods(&c, follower, "apps").await.len() >= 3).then_some(())
+    })
+    .await;
+    c.kill(leader);
+    let live: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    let second = c.wait_leader().await;
+    wait_pods(&c, live[0], "apps", 36, "nginx:1.25").await;
+    c.launch(leader, &[]);
+
+    // A rolling update, with the new leader killed in the middle of it.
+    let k2 = Kubectl::new(
+        &c,
+        live.iter()
+            .copied()
+            .find(|&id| id != second)
+            .unwrap_or(live[0]),
+    );
+    k2.ok(&[
+        "set",
+        "image",
+        "deployment/web",
+        "-n",
+        "apps",
+        "web=nginx:1.26",
+    ]);
+    wait_for(Duration::from_secs(30), "the rollout to start", || async {
+        let ps = pods(&c, leader, "apps").await;
+        ps.values()
+            .any(|p| p["spec"]["containers"][0]["image"] == "nginx:1.26")
             .then_some(())
     })
     .await;
+    c.kill(second);
+    c.wait_leader().await;
+    let watcher_at = (1..=3).find(|&id| id != second).unwrap();
+    let k3 = Kubectl::new(&c, watcher_at);
+    let out = k3.ok(&[
+        "rollout",
+        "status",
+        "deployment/web",
+        "-n",
+        "apps",
+        "--timeout=90s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let ps = wait_pods(&c, watcher_at, "apps", 36, "nginx:1.26").await;
+    c.launch(second, &[]);
+
+    // No node over capacity (13 × 300m fit in 4 cpu), every pod bound exactly once.
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for p in ps.values() {
+        *per_node
+            .entry(p["spec"]["nodeName"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert!(
+        per_node.values().all(|&n| n <= 13),
+        "over capacity: {per_node:?}"
+    );
+    let servers = apis(&c);
+    let history = pod_history(&servers, "apps", &start_rv, Duration::from_secs(2)).await;
+    for (name, nodes) in &history.bound {
+        assert_eq!(nodes.len(), 1, "pod {name} was bound to {nodes:?}");
+    }
+    // 36 pods of the first template, plus the rolling update's 36: a pod created twice by
+    // two leaders would show up as more.
+    assert_eq!(
+        history.created.len(),
+        72,
+        "pods ever created: {}",
+        history.created.len()
+    );
     stop.store(true, Ordering::SeqCst);
     kubelet.await.unwrap();
 }
