@@ -73,6 +73,11 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram
 }
 
 impl Metrics {
+    /// The registry (other subsystems register their metrics in it).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> Arc<Metrics> {
         let r = Registry::new();

@@ -159,9 +159,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         ranges,
     ));
     // The leader's control loops (controllers, scheduler, system namespaces).
+    let control_metrics = crate::controllers::metrics::ControlMetrics::new(metrics.registry());
     let control = tokio::spawn(crate::controllers::run(
         replica.clone(),
         kube.clone(),
+        control_metrics,
         shutdown.clone(),
     ));
     let api = Arc::new(Api {

@@ -651,3 +651,120 @@ async fn a_new_leader_resumes_scaling_and_rollouts_without_duplicates_or_overcom
     stop.store(true, Ordering::SeqCst);
     kubelet.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_former_leader_cannot_create_or_bind_pods() {
+    let c = Cluster::start(3, &[]).await;
+    let leader = c.wait_leader().await;
+    let others: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    for n in ["n1", "n2", "n3"] {
+        add_node(&c, others[0], n, "8", "16Gi").await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let kubelet = stand_in_kubelet(
+        others.iter().map(|&id| c.replica(id).api()).collect(),
+        stop.clone(),
+    );
+    let k = Kubectl::new(&c, others[0]);
+    let ns = k.file(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n",
+    );
+    k.ok(&["create", "-f", &ns]);
+    let (_, list) = call(
+        &c,
+        others[0],
+        http::Method::GET,
+        "/api/v1/namespaces/apps/pods",
+        "application/json",
+        Value::Null,
+    )
+    .await;
+    let start_rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let file = k.file("web.yaml", &deployment(0, "nginx:1.25"));
+    k.ok(&["apply", "-f", &file]);
+    wait_for(Duration::from_secs(30), "the ReplicaSet", || async {
+        let (s, rs) = call(
+            &c,
+            others[0],
+            http::Method::GET,
+            "/apis/apps/v1/namespaces/apps/replicasets",
+            "application/json",
+            Value::Null,
+        )
+        .await;
+        (s == 200 && rs["items"].as_array().is_some_and(|a| a.len() == 1)).then_some(())
+    })
+    .await;
+
+    // Scale up through the leader, and cut it off at once: its controllers are creating
+    // pods (or about to) when it loses the others.
+    let (s, b) = call(
+        &c,
+        leader,
+        http::Method::PATCH,
+        "/apis/apps/v1/namespaces/apps/deployments/web/scale",
+        "application/merge-patch+json",
+        json!({"spec": {"replicas": 30}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let partition = c.isolate(leader);
+    // The cut-off leader stops its control loops once it no longer hears from a quorum ...
+    wait_for(
+        Duration::from_secs(10),
+        "the isolated leader to stop its controllers",
+        || async {
+            (c.metric(leader, "flotilla_controllers_leading").await == Some(0.0)).then_some(())
+        },
+    )
+    .await;
+    // ... while the majority elects a leader that finishes the job.
+    wait_pods(&c, others[0], "apps", 30, "nginx:1.25").await;
+    let new_leader = wait_for(
+        Duration::from_secs(10),
+        "a leader among the majority",
+        || async {
+            for &id in &others {
+                if c.metric(id, "flotilla_controllers_leading").await == Some(1.0) {
+                    return Some(id);
+                }
+            }
+            None
+        },
+    )
+    .await;
+    assert_ne!(new_leader, leader);
+    drop(partition);
+    // Healed: the old leader follows, and has the majority's history, not its own.
+    wait_for(
+        Duration::from_secs(30),
+        "the old leader to catch up",
+        || async { (pods(&c, leader, "apps").await.len() == 30).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        c.metric(leader, "flotilla_controllers_leading").await,
+        Some(0.0)
+    );
+    let history = pod_history(
+        &(1..=3).map(|id| c.replica(id).api()).collect::<Vec<_>>(),
+        "apps",
+        &start_rv,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        history.created.len(),
+        30,
+        "no pod created beyond the 30 asked for"
+    );
+    for (name, nodes) in &history.bound {
+        assert_eq!(nodes.len(), 1, "pod {name} was bound to {nodes:?}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    kubelet.await.unwrap();
+}

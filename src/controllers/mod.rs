@@ -23,6 +23,7 @@
 pub mod deployment;
 pub mod gc;
 pub mod informer;
+pub mod metrics;
 pub mod owner;
 pub mod pod;
 pub mod queue;
@@ -69,6 +70,8 @@ pub struct Ctx {
     pub deployments: Arc<Informer>,
     /// Event recorder.
     pub events: Events,
+    /// Metrics.
+    pub metrics: metrics::ControlMetrics,
 }
 
 fn resource(group: &str, version: &str, plural: &str) -> &'static Resource {
@@ -76,7 +79,13 @@ fn resource(group: &str, version: &str, plural: &str) -> &'static Resource {
 }
 
 impl Ctx {
-    fn new(api: Kube, term: u64, stop: CancellationToken, events: Events) -> Ctx {
+    fn new(
+        api: Kube,
+        term: u64,
+        stop: CancellationToken,
+        events: Events,
+        metrics: metrics::ControlMetrics,
+    ) -> Ctx {
         Ctx {
             api,
             term,
@@ -86,6 +95,7 @@ impl Ctx {
             replicasets: Informer::new(resource("apps", "v1", "replicasets")),
             deployments: Informer::new(resource("apps", "v1", "deployments")),
             events,
+            metrics,
         }
     }
 
@@ -216,6 +226,7 @@ pub(crate) fn drive<F, Fut>(
     queue: Arc<Queue>,
     workers: usize,
     stop: CancellationToken,
+    metrics: metrics::ControlMetrics,
     reconcile: F,
 ) where
     F: Fn(String) -> Fut + Clone + Send + Sync + 'static,
@@ -229,10 +240,18 @@ pub(crate) fn drive<F, Fut>(
         });
     }
     for _ in 0..workers {
-        let (queue, reconcile) = (queue.clone(), reconcile.clone());
+        let (queue, reconcile, metrics) = (queue.clone(), reconcile.clone(), metrics.clone());
         set.spawn(async move {
+            let depth = metrics.queue_depth.with_label_values(&[name]);
+            let seconds = metrics.reconcile_seconds.with_label_values(&[name]);
             while let Some(key) = queue.next().await {
-                match reconcile(key.clone()).await {
+                depth.set(queue.len() as i64);
+                let started = std::time::Instant::now();
+                let result = reconcile(key.clone()).await;
+                seconds.observe(started.elapsed().as_secs_f64());
+                let outcome = if result.is_ok() { "ok" } else { "error" };
+                metrics.reconciles.with_label_values(&[name, outcome]).inc();
+                match result {
                     Ok(again) => {
                         queue.forget(&key);
                         if let Some(d) = again {
@@ -278,12 +297,17 @@ fn resync(
 }
 
 /// Follows this replica's leadership and runs the control loops while it leads.
-pub async fn run(replica: Replica, kube: Arc<Kube>, shutdown: CancellationToken) {
+pub async fn run(
+    replica: Replica,
+    kube: Arc<Kube>,
+    metrics: metrics::ControlMetrics,
+    shutdown: CancellationToken,
+) {
     let mut rx = replica.leadership();
     loop {
         let l = *rx.borrow_and_update();
         if l.is_leader {
-            lead(&replica, &kube, l.term, &shutdown).await;
+            lead(&replica, &kube, &metrics, l.term, &shutdown).await;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -299,7 +323,13 @@ fn still_leading(replica: &Replica, term: u64) -> bool {
     l.is_leader && l.term == term && replica.leads_with_quorum()
 }
 
-async fn lead(replica: &Replica, kube: &Kube, term: u64, shutdown: &CancellationToken) {
+async fn lead(
+    replica: &Replica,
+    kube: &Kube,
+    metrics: &metrics::ControlMetrics,
+    term: u64,
+    shutdown: &CancellationToken,
+) {
     // The barrier: everything acknowledged before this term is applied here.
     loop {
         if !still_leading(replica, term) || shutdown.is_cancelled() {
@@ -321,8 +351,16 @@ async fn lead(replica: &Replica, kube: &Kube, term: u64, shutdown: &Cancellation
         scope.clone(),
     );
     set.spawn(event_task);
-    let ctx = Arc::new(Ctx::new(kube.fenced(term), term, scope.clone(), events));
+    let ctx = Arc::new(Ctx::new(
+        kube.fenced(term),
+        term,
+        scope.clone(),
+        events,
+        metrics.clone(),
+    ));
     start(&ctx, &mut set);
+    metrics.leading.set(1);
+    metrics.terms.inc();
     tracing::info!(term, "leading: controllers and scheduler started");
     let mut rx = replica.leadership();
     loop {
@@ -343,6 +381,7 @@ async fn lead(replica: &Replica, kube: &Kube, term: u64, shutdown: &Cancellation
     if drained.is_err() {
         set.abort_all();
     }
+    metrics.leading.set(0);
     tracing::info!(term, "stopped leading: controllers and scheduler stopped");
 }
 
@@ -454,6 +493,7 @@ fn spawn_controller<F, Fut>(
             queue.clone(),
             workers,
             ctx.stop.clone(),
+            ctx.metrics.clone(),
             move |key| reconcile(c.clone(), key),
         );
         resync(&mut inner, primary, queue, ctx.stop.clone());

@@ -246,6 +246,13 @@ impl Scheduler {
         for (key, node, info, r) in results {
             match r {
                 Ok(bound) => {
+                    ctx.metrics.scheduled.with_label_values(&["bound"]).inc();
+                    let created = owner::created_secs(&bound);
+                    if created > 0 {
+                        ctx.metrics
+                            .schedule_seconds
+                            .observe(meta::now_secs().saturating_sub(created) as f64);
+                    }
                     self.waiting.lock().expect("not poisoned").remove(&key);
                     self.queue.forget(&key);
                     ctx.events.normal(
@@ -264,6 +271,7 @@ impl Scheduler {
                     if e.code == 404 || (e.code == 409 && e.message.contains("already assigned")) {
                         continue;
                     }
+                    ctx.metrics.scheduled.with_label_values(&["error"]).inc();
                     tracing::debug!(key, node, %e, "bind failed; will retry");
                     self.queue.retry(&key);
                 }
@@ -273,6 +281,10 @@ impl Scheduler {
     }
 
     async fn unschedulable(&self, ctx: &Ctx, key: &str, p: &Value, message: &str) {
+        ctx.metrics
+            .scheduled
+            .with_label_values(&["unschedulable"])
+            .inc();
         let failures = {
             let mut w = self.waiting.lock().expect("not poisoned");
             let n = w.entry(key.to_string()).or_insert(0);

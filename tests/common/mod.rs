@@ -457,3 +457,52 @@ impl WatchStream {
         revs
     }
 }
+
+/// An iptables partition that cuts one replica off from the others of its cluster (only
+/// this cluster's own loopback addresses are named). The rules are removed when it is
+/// dropped, also when the test panics.
+pub struct Partition {
+    rules: Vec<Vec<String>>,
+}
+
+impl Partition {
+    fn iptables(op: &str, rule: &[String]) -> bool {
+        Command::new("iptables")
+            .args(["-w", op, "INPUT"])
+            .args(rule)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for r in &self.rules {
+            while Self::iptables("-D", r) {}
+        }
+    }
+}
+
+impl Cluster {
+    /// Drops every packet between replica `id` and the other replicas (both directions);
+    /// clients on 127.0.0.1 still reach it.
+    pub fn isolate(&self, id: u64) -> Partition {
+        let me = self.replica(id).ip.clone();
+        let mut p = Partition { rules: Vec::new() };
+        for other in self.replicas.iter().filter(|r| r.id != id) {
+            for (s, d) in [(&me, &other.ip), (&other.ip, &me)] {
+                let rule: Vec<String> = ["-i", "lo", "-s", s, "-d", d, "-j", "DROP"]
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect();
+                assert!(
+                    Partition::iptables("-I", &rule),
+                    "iptables -I INPUT {rule:?} failed"
+                );
+                p.rules.push(rule);
+            }
+        }
+        p
+    }
+}
