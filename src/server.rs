@@ -69,6 +69,20 @@ pub struct ServerArgs {
     /// Range Service node ports are drawn from.
     #[arg(long, default_value = "30000-32767")]
     pub service_node_port_range: String,
+    /// How long a node may go without renewing its lease (or posting status) before the
+    /// leader marks it `Ready=Unknown` and taints it unreachable, in seconds.
+    #[arg(long, default_value_t = 40.0)]
+    pub node_monitor_grace_period: f64,
+    /// Nodes per second the leader may taint for eviction (NoExecute); no eviction at all
+    /// while every node is unreachable.
+    #[arg(long, default_value_t = 0.1)]
+    pub node_eviction_rate: f64,
+    /// Seconds a new pod tolerates a not-ready node before eviction (added as a toleration).
+    #[arg(long, default_value_t = 300)]
+    pub default_not_ready_toleration_seconds: i64,
+    /// Seconds a new pod tolerates an unreachable node before eviction.
+    #[arg(long, default_value_t = 300)]
+    pub default_unreachable_toleration_seconds: i64,
     /// Store size above which puts are refused (deletes and compaction still work).
     #[arg(long, default_value_t = 8 * 1024 * 1024 * 1024)]
     pub quota_bytes: u64,
@@ -159,10 +173,22 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         ranges,
     ));
     // The leader's control loops (controllers, scheduler, system namespaces).
+    crate::api::kinds::set_default_toleration_seconds(
+        args.default_not_ready_toleration_seconds,
+        args.default_unreachable_toleration_seconds,
+    );
+    if !(args.node_monitor_grace_period > 0.0 && args.node_monitor_grace_period.is_finite()) {
+        bail!("--node-monitor-grace-period must be a positive number of seconds");
+    }
+    let control_config = crate::controllers::Config {
+        node_grace: Duration::from_secs_f64(args.node_monitor_grace_period),
+        node_eviction_rate: args.node_eviction_rate.max(0.0),
+    };
     let control_metrics = crate::controllers::metrics::ControlMetrics::new(metrics.registry());
     let control = tokio::spawn(crate::controllers::run(
         replica.clone(),
         kube.clone(),
+        control_config,
         control_metrics,
         shutdown.clone(),
     ));

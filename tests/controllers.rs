@@ -141,6 +141,16 @@ async fn add_node(c: &Cluster, id: u64, name: &str, cpu: &str, memory: &str) {
 /// A stand-in for the node agents: bound pods become Running and Ready; pods being
 /// deleted gracefully are finished off with grace 0. It talks to whichever replica answers.
 fn stand_in_kubelet(servers: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    stand_in_kubelets(servers, stop, Arc::default())
+}
+
+/// As [`stand_in_kubelet`], but the nodes named in `down` are dead: nothing happens to
+/// their pods.
+fn stand_in_kubelets(
+    servers: Vec<String>,
+    stop: Arc<AtomicBool>,
+    down: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut order = servers.clone();
         while !stop.load(Ordering::SeqCst) {
@@ -158,6 +168,12 @@ fn stand_in_kubelet(servers: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task:
                 continue;
             }
             for p in list["items"].as_array().cloned().unwrap_or_default() {
+                let on_dead_node = p["spec"]["nodeName"]
+                    .as_str()
+                    .is_some_and(|n| down.lock().unwrap().contains(n));
+                if on_dead_node {
+                    continue;
+                }
                 let ns = p["metadata"]["namespace"]
                     .as_str()
                     .unwrap_or("")
@@ -767,4 +783,201 @@ async fn a_partitioned_former_leader_cannot_create_or_bind_pods() {
     }
     stop.store(true, Ordering::SeqCst);
     kubelet.await.unwrap();
+}
+
+/// Renews each live node's Lease in `kube-node-lease` every 300 ms, as the agents will.
+fn heartbeats(
+    servers: Vec<String>,
+    nodes: Vec<String>,
+    stop: Arc<AtomicBool>,
+    down: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            n += 1;
+            for node in &nodes {
+                if down.lock().unwrap().contains(node) {
+                    continue;
+                }
+                let renew = format!("2026-11-25T00:{:02}:{:02}.{:06}Z", (n / 60) % 60, n % 60, n);
+                let path = format!(
+                    "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node}"
+                );
+                let (s, _) = req(
+                    &servers,
+                    http::Method::PATCH,
+                    &path,
+                    "application/merge-patch+json",
+                    &json!({"spec": {"renewTime": renew}}),
+                )
+                .await;
+                if s == 404 {
+                    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": node, "namespace": "kube-node-lease"},
+                        "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": renew}});
+                    req(
+                        &servers,
+                        http::Method::POST,
+                        "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+                        "application/json",
+                        &lease,
+                    )
+                    .await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_goes_unready_its_pods_move_and_it_comes_back() {
+    let c = Cluster::start(
+        3,
+        &[
+            "--node-monitor-grace-period",
+            "2",
+            "--default-unreachable-toleration-seconds",
+            "1",
+            "--node-eviction-rate",
+            "10",
+        ],
+    )
+    .await;
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let nodes: Vec<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+    for n in &nodes {
+        add_node(&c, follower, n, "4", "8Gi").await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let down: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>> = Arc::default();
+    let kubelet = stand_in_kubelets(apis(&c), stop.clone(), down.clone());
+    let beats = heartbeats(apis(&c), nodes.clone(), stop.clone(), down.clone());
+    let k = Kubectl::new(&c, follower);
+    let ns = k.file(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n",
+    );
+    k.ok(&["create", "-f", &ns]);
+    let file = k.file("web.yaml", &deployment(6, "nginx:1.25"));
+    k.ok(&["apply", "-f", &file]);
+    let ps = wait_pods(&c, follower, "apps", 6, "nginx:1.25").await;
+    assert!(
+        ps.values().any(|p| p["spec"]["nodeName"] == "n3"),
+        "spread over n3 too"
+    );
+    // Healthy nodes stay Ready well past the grace period (a condition that must keep
+    // holding, checked after the time it would have taken to fail).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n3 = call(
+        &c,
+        follower,
+        http::Method::GET,
+        "/api/v1/nodes/n3",
+        "application/json",
+        Value::Null,
+    )
+    .await
+    .1;
+    assert_eq!(n3["status"]["conditions"][0]["status"], "True", "{n3}");
+
+    // n3 dies: no more heartbeats, its pods are left alone.
+    down.lock().unwrap().insert("n3".into());
+    wait_for(
+        Duration::from_secs(20),
+        "n3 to be marked unreachable",
+        || async {
+            let n = call(
+                &c,
+                follower,
+                http::Method::GET,
+                "/api/v1/nodes/n3",
+                "application/json",
+                Value::Null,
+            )
+            .await
+            .1;
+            let unknown = n["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "Unknown")
+            });
+            let tainted = n["spec"]["taints"].as_array().is_some_and(|ts| {
+                ts.iter().any(|t| {
+                    t["key"] == "node.kubernetes.io/unreachable" && t["effect"] == "NoExecute"
+                })
+            });
+            (unknown && tainted).then_some(())
+        },
+    )
+    .await;
+    assert!(k.ok(&["get", "nodes"]).contains("NotReady"));
+    // Its pods are evicted (left Terminating: nobody on n3 confirms) and replaced elsewhere.
+    wait_for(
+        Duration::from_secs(30),
+        "the pods of n3 to be replaced on n1 and n2",
+        || async {
+            let ps = pods(&c, follower, "apps").await;
+            let active: Vec<&Value> = ps
+                .values()
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+                .collect();
+            let ok = active.len() == 6
+                && active.iter().all(|p| {
+                    p["spec"]["nodeName"].is_string()
+                        && p["spec"]["nodeName"] != "n3"
+                        && p["status"]["phase"] == "Running"
+                });
+            ok.then_some(())
+        },
+    )
+    .await;
+    let ps = pods(&c, follower, "apps").await;
+    assert!(
+        ps.values().any(
+            |p| p["spec"]["nodeName"] == "n3" && p["metadata"]["deletionTimestamp"].is_string()
+        ),
+        "the evicted pods wait for their node"
+    );
+
+    // n3 comes back: heartbeats and Ready=True again; the taints go.
+    down.lock().unwrap().remove("n3");
+    let ready = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+        "lastHeartbeatTime": "2026-11-25T01:00:00Z", "lastTransitionTime": "2026-11-25T01:00:00Z"}]}});
+    let (s, b) = call(
+        &c,
+        follower,
+        http::Method::PATCH,
+        "/api/v1/nodes/n3/status",
+        "application/merge-patch+json",
+        ready,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    wait_for(
+        Duration::from_secs(20),
+        "n3 to be Ready and untainted",
+        || async {
+            let n = call(
+                &c,
+                follower,
+                http::Method::GET,
+                "/api/v1/nodes/n3",
+                "application/json",
+                Value::Null,
+            )
+            .await
+            .1;
+            let ready = n["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            });
+            (ready && n["spec"]["taints"].as_array().is_none_or(Vec::is_empty)).then_some(())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    kubelet.await.unwrap();
+    beats.await.unwrap();
 }

@@ -91,6 +91,18 @@ fn qos_class(spec: &Value) -> &'static str {
 }
 
 /// Defaults of a new pod (spec and initial status).
+/// Seconds a pod tolerates its node being not ready or unreachable before it is evicted,
+/// as the DefaultTolerationSeconds admission plugin adds them (server flags
+/// `--default-not-ready-toleration-seconds`, `--default-unreachable-toleration-seconds`).
+/// Set once at start; 300 s each until then.
+static DEFAULT_TOLERATION_SECONDS: std::sync::OnceLock<(i64, i64)> = std::sync::OnceLock::new();
+
+/// Sets the default toleration seconds (not-ready, unreachable). Only the first call counts.
+pub fn set_default_toleration_seconds(not_ready: i64, unreachable: i64) {
+    let _ = DEFAULT_TOLERATION_SECONDS.set((not_ready, unreachable));
+}
+
+/// Pod defaults, as the API server and its admission plugins apply them.
 pub fn default_pod(map: &mut Map<String, Value>) {
     let spec = map.entry("spec").or_insert_with(|| json!({}));
     if let Some(s) = spec.as_object_mut() {
@@ -116,11 +128,15 @@ pub fn default_pod(map: &mut Map<String, Value>) {
         s.entry("serviceAccount").or_insert_with(|| json!(sa));
         if !s.contains_key("tolerations") {
             // What the DefaultTolerationSeconds admission plugin adds.
+            let (not_ready, unreachable) = DEFAULT_TOLERATION_SECONDS
+                .get()
+                .copied()
+                .unwrap_or((300, 300));
             s.insert(
                 "tolerations".into(),
                 json!([
-                    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
-                    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": not_ready},
+                    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": unreachable},
                 ]),
             );
         }

@@ -24,6 +24,7 @@ pub mod deployment;
 pub mod gc;
 pub mod informer;
 pub mod metrics;
+pub mod nodelifecycle;
 pub mod owner;
 pub mod pod;
 pub mod queue;
@@ -52,6 +53,24 @@ pub const RESYNC: Duration = Duration::from_secs(30);
 /// Events waiting to be written; beyond this, new ones are dropped (they are advisory).
 const EVENT_QUEUE: usize = 1024;
 
+/// Settings of the control loops.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// How long a node may go unheard before it is marked unreachable.
+    pub node_grace: Duration,
+    /// Nodes per second that may be tainted for eviction.
+    pub node_eviction_rate: f64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            node_grace: Duration::from_secs(40),
+            node_eviction_rate: 0.1,
+        }
+    }
+}
+
 /// What every control loop of one term shares.
 pub struct Ctx {
     /// The API, with writes fenced to this term.
@@ -68,6 +87,10 @@ pub struct Ctx {
     pub replicasets: Arc<Informer>,
     /// Deployments.
     pub deployments: Arc<Informer>,
+    /// Leases (node heartbeats live in `kube-node-lease`).
+    pub leases: Arc<Informer>,
+    /// Settings.
+    pub config: Config,
     /// Event recorder.
     pub events: Events,
     /// Metrics.
@@ -85,6 +108,7 @@ impl Ctx {
         stop: CancellationToken,
         events: Events,
         metrics: metrics::ControlMetrics,
+        config: Config,
     ) -> Ctx {
         Ctx {
             api,
@@ -94,6 +118,8 @@ impl Ctx {
             nodes: Informer::new(resource("", "v1", "nodes")),
             replicasets: Informer::new(resource("apps", "v1", "replicasets")),
             deployments: Informer::new(resource("apps", "v1", "deployments")),
+            leases: Informer::new(resource("coordination.k8s.io", "v1", "leases")),
+            config,
             events,
             metrics,
         }
@@ -105,6 +131,7 @@ impl Ctx {
             self.nodes.clone(),
             self.replicasets.clone(),
             self.deployments.clone(),
+            self.leases.clone(),
         ]
     }
 }
@@ -300,6 +327,7 @@ fn resync(
 pub async fn run(
     replica: Replica,
     kube: Arc<Kube>,
+    config: Config,
     metrics: metrics::ControlMetrics,
     shutdown: CancellationToken,
 ) {
@@ -307,7 +335,7 @@ pub async fn run(
     loop {
         let l = *rx.borrow_and_update();
         if l.is_leader {
-            lead(&replica, &kube, &metrics, l.term, &shutdown).await;
+            lead(&replica, &kube, config, &metrics, l.term, &shutdown).await;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -326,6 +354,7 @@ fn still_leading(replica: &Replica, term: u64) -> bool {
 async fn lead(
     replica: &Replica,
     kube: &Kube,
+    config: Config,
     metrics: &metrics::ControlMetrics,
     term: u64,
     shutdown: &CancellationToken,
@@ -357,6 +386,7 @@ async fn lead(
         scope.clone(),
         events,
         metrics.clone(),
+        config,
     ));
     start(&ctx, &mut set);
     metrics.leading.set(1);
@@ -392,6 +422,15 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
     let deploy = Arc::new(deployment::Controller::new(ctx));
     let gc = Arc::new(gc::Collector::new(ctx));
     let sched = Arc::new(crate::scheduler::Scheduler::new(ctx));
+    let lifecycle = Arc::new(nodelifecycle::NodeLifecycle::new(ctx));
+    {
+        let ctx = ctx.clone();
+        set.spawn(async move {
+            if wait_synced(&ctx).await {
+                lifecycle.run(ctx).await;
+            }
+        });
+    }
     for inf in ctx.informers() {
         set.spawn(inf.run(ctx.api.objects().clone(), ctx.stop.clone()));
     }
