@@ -77,6 +77,10 @@ pub struct ServerArgs {
     /// while every node is unreachable.
     #[arg(long, default_value_t = 0.1)]
     pub node_eviction_rate: f64,
+    /// Seconds a Job waits before replacing its first failed pod (doubling for each further
+    /// failure, up to 6 minutes); 0 replaces at once.
+    #[arg(long, default_value_t = 10)]
+    pub job_backoff_seconds: u64,
     /// Seconds a new pod tolerates a not-ready node before eviction (added as a toleration).
     #[arg(long, default_value_t = 300)]
     pub default_not_ready_toleration_seconds: i64,
@@ -183,6 +187,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let control_config = crate::controllers::Config {
         node_grace: Duration::from_secs_f64(args.node_monitor_grace_period),
         node_eviction_rate: args.node_eviction_rate.max(0.0),
+        job_backoff: Duration::from_secs(args.job_backoff_seconds.min(360)),
     };
     let control_metrics = crate::controllers::metrics::ControlMetrics::new(metrics.registry());
     let control = tokio::spawn(crate::controllers::run(

@@ -189,7 +189,9 @@ fn stand_in_kubelets(
                         &json!({"gracePeriodSeconds": 0}),
                     )
                     .await;
-                } else if p["spec"]["nodeName"].is_string() && p["status"]["phase"] != "Running" {
+                } else if p["spec"]["nodeName"].is_string()
+                    && matches!(p["status"]["phase"].as_str(), None | Some("Pending"))
+                {
                     let now = "2026-11-25T00:00:00Z";
                     let status = json!({"status": {"phase": "Running", "conditions": [
                         {"type": "PodScheduled", "status": "True"},
@@ -980,4 +982,183 @@ async fn a_silent_node_goes_unready_its_pods_move_and_it_comes_back() {
     stop.store(true, Ordering::SeqCst);
     kubelet.await.unwrap();
     beats.await.unwrap();
+}
+
+/// Sets the phase of every active pod of `job` (as if its containers exited).
+async fn finish_job_pods(c: &Cluster, id: u64, job: &str, phase: &str, how_many: usize) -> usize {
+    let ps = pods(c, id, "apps").await;
+    let mut done = 0;
+    for (name, p) in ps {
+        if done == how_many {
+            break;
+        }
+        if p["metadata"]["labels"]["job-name"] == job
+            && p["status"]["phase"] == "Running"
+            && p["metadata"]["deletionTimestamp"].is_null()
+        {
+            let status = json!({"status": {"phase": phase, "conditions": [{"type": "Ready", "status": "False"}]}});
+            let (s, b) = call(
+                c,
+                id,
+                http::Method::PATCH,
+                &format!("/api/v1/namespaces/apps/pods/{name}/status"),
+                "application/merge-patch+json",
+                status,
+            )
+            .await;
+            assert_eq!(s, 200, "{b}");
+            done += 1;
+        }
+    }
+    done
+}
+
+async fn job_condition(c: &Cluster, id: u64, job: &str) -> Option<(String, String)> {
+    let (s, j) = call(
+        c,
+        id,
+        http::Method::GET,
+        &format!("/apis/batch/v1/namespaces/apps/jobs/{job}"),
+        "application/json",
+        Value::Null,
+    )
+    .await;
+    if s != 200 {
+        return None;
+    }
+    j["status"]["conditions"].as_array()?.iter().find_map(|c| {
+        (c["status"] == "True" && (c["type"] == "Complete" || c["type"] == "Failed")).then(|| {
+            (
+                c["type"].as_str().unwrap().to_string(),
+                c["reason"].as_str().unwrap_or("").to_string(),
+            )
+        })
+    })
+}
+
+fn job_yaml(name: &str, spec: &str) -> String {
+    format!("apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\n  namespace: apps\nspec:\n{spec}  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: c\n        image: busybox\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_complete_retry_up_to_their_backoff_limit_and_respect_deadlines() {
+    let c = Cluster::start(3, &["--job-backoff-seconds", "1"]).await;
+    let leader = c.wait_leader().await;
+    let f = (1..=3).find(|&id| id != leader).unwrap();
+    for n in ["n1", "n2"] {
+        add_node(&c, f, n, "8", "16Gi").await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let kubelet = stand_in_kubelet(apis(&c), stop.clone());
+    let k = Kubectl::new(&c, f);
+    let ns = k.file(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n",
+    );
+    k.ok(&["create", "-f", &ns]);
+
+    // Three completions, two at a time; deleted a second after it completes.
+    let pi = k.file(
+        "pi.yaml",
+        &job_yaml(
+            "pi",
+            "  completions: 3\n  parallelism: 2\n  ttlSecondsAfterFinished: 1\n",
+        ),
+    );
+    k.ok(&["apply", "-f", &pi]);
+    let running = |n: usize, job: &'static str| {
+        let c = &c;
+        async move {
+            wait_for(
+                Duration::from_secs(30),
+                &format!("{n} running pods of {job}"),
+                || async {
+                    let ps = pods(c, f, "apps").await;
+                    let r = ps
+                        .values()
+                        .filter(|p| {
+                            p["metadata"]["labels"]["job-name"] == job
+                                && p["status"]["phase"] == "Running"
+                                && p["metadata"]["deletionTimestamp"].is_null()
+                        })
+                        .count();
+                    (r == n).then_some(())
+                },
+            )
+            .await
+        }
+    };
+    running(2, "pi").await;
+    assert_eq!(finish_job_pods(&c, f, "pi", "Succeeded", 2).await, 2);
+    running(1, "pi").await;
+    assert_eq!(finish_job_pods(&c, f, "pi", "Succeeded", 1).await, 1);
+    let out = k.ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/pi",
+        "-n",
+        "apps",
+        "--timeout=30s",
+    ]);
+    assert!(out.contains("condition met"), "{out}");
+    wait_for(
+        Duration::from_secs(30),
+        "the finished job and its pods to be deleted (TTL)",
+        || async {
+            let (s, _) = call(
+                &c,
+                f,
+                http::Method::GET,
+                "/apis/batch/v1/namespaces/apps/jobs/pi",
+                "application/json",
+                Value::Null,
+            )
+            .await;
+            let left = pods(&c, f, "apps")
+                .await
+                .values()
+                .filter(|p| p["metadata"]["labels"]["job-name"] == "pi")
+                .count();
+            (s == 404 && left == 0).then_some(())
+        },
+    )
+    .await;
+
+    // backoffLimit 1: the first failure is retried, the second fails the job.
+    let flaky = k.file("flaky.yaml", &job_yaml("flaky", "  backoffLimit: 1\n"));
+    k.ok(&["apply", "-f", &flaky]);
+    running(1, "flaky").await;
+    finish_job_pods(&c, f, "flaky", "Failed", 1).await;
+    running(1, "flaky").await;
+    finish_job_pods(&c, f, "flaky", "Failed", 1).await;
+    let cond = wait_for(Duration::from_secs(30), "the job to fail", || async {
+        job_condition(&c, f, "flaky").await
+    })
+    .await;
+    assert_eq!(
+        cond,
+        ("Failed".to_string(), "BackoffLimitExceeded".to_string())
+    );
+    let all = pods(&c, f, "apps").await;
+    let flaky_pods: Vec<&Value> = all
+        .values()
+        .filter(|p| p["metadata"]["labels"]["job-name"] == "flaky")
+        .collect();
+    assert_eq!(flaky_pods.len(), 2, "exactly one retry");
+
+    // A deadline: the running pod is stopped and the job fails.
+    let slow = k.file(
+        "slow.yaml",
+        &job_yaml("slow", "  activeDeadlineSeconds: 2\n"),
+    );
+    k.ok(&["apply", "-f", &slow]);
+    running(1, "slow").await;
+    let cond = wait_for(Duration::from_secs(30), "the deadline", || async {
+        job_condition(&c, f, "slow").await
+    })
+    .await;
+    assert_eq!(cond, ("Failed".to_string(), "DeadlineExceeded".to_string()));
+    running(0, "slow").await;
+    stop.store(true, Ordering::SeqCst);
+    kubelet.await.unwrap();
 }

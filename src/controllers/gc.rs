@@ -1,7 +1,7 @@
 //! The garbage collector: ownerReferences and cascading deletion.
 //!
-//! Owns the index from an owner's uid to its dependents (pods and ReplicaSets, from the
-//! informers). Rules, as Kubernetes':
+//! Owns the index from an owner's uid to its dependents (from the
+//! informers of pods, ReplicaSets, Deployments and Jobs). Rules, as Kubernetes':
 //! - a dependent none of whose owners exist any more is deleted (Background cascade);
 //!   references to owners that are gone are dropped while another owner remains;
 //! - an owner being deleted with the `foregroundDeletion` finalizer has its dependents
@@ -34,6 +34,11 @@ pub const MANAGER: &str = "generic-garbage-collector";
 /// dependents' keys.
 const OWNER: &str = "owner:";
 
+/// The informers of every kind that can be an owner or a dependent.
+fn watched(ctx: &Ctx) -> [&Arc<super::informer::Informer>; 4] {
+    [&ctx.pods, &ctx.replicasets, &ctx.deployments, &ctx.jobs]
+}
+
 /// The garbage collector of one term.
 pub struct Collector {
     pub(crate) queue: Arc<Queue>,
@@ -46,11 +51,7 @@ impl Collector {
     pub fn new(ctx: &Ctx) -> Collector {
         let queue = Arc::new(Queue::default());
         let dependents: Arc<Mutex<HashMap<String, HashSet<String>>>> = Arc::default();
-        for inf in [
-            ctx.pods.clone(),
-            ctx.replicasets.clone(),
-            ctx.deployments.clone(),
-        ] {
+        for inf in watched(ctx) {
             let (q, deps) = (queue.clone(), dependents.clone());
             inf.subscribe(move |c| {
                 let mut d = deps.lock().expect("not poisoned");
@@ -120,7 +121,7 @@ impl Collector {
 
     /// The resource and informer copy of a cached object by its store key.
     fn cached(ctx: &Ctx, key: &str) -> Option<(&'static Resource, Arc<Value>)> {
-        for inf in [&ctx.pods, &ctx.replicasets, &ctx.deployments] {
+        for inf in watched(ctx) {
             if let Some(v) = inf.get(key) {
                 return Some((inf.resource(), v));
             }

@@ -23,6 +23,7 @@
 pub mod deployment;
 pub mod gc;
 pub mod informer;
+pub mod job;
 pub mod metrics;
 pub mod nodelifecycle;
 pub mod owner;
@@ -60,6 +61,8 @@ pub struct Config {
     pub node_grace: Duration,
     /// Nodes per second that may be tainted for eviction.
     pub node_eviction_rate: f64,
+    /// The first backoff before a Job replaces a failed pod (doubling after that).
+    pub job_backoff: Duration,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
         Config {
             node_grace: Duration::from_secs(40),
             node_eviction_rate: 0.1,
+            job_backoff: Duration::from_secs(10),
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct Ctx {
     pub deployments: Arc<Informer>,
     /// Leases (node heartbeats live in `kube-node-lease`).
     pub leases: Arc<Informer>,
+    /// Jobs.
+    pub jobs: Arc<Informer>,
     /// Settings.
     pub config: Config,
     /// Event recorder.
@@ -119,6 +125,7 @@ impl Ctx {
             replicasets: Informer::new(resource("apps", "v1", "replicasets")),
             deployments: Informer::new(resource("apps", "v1", "deployments")),
             leases: Informer::new(resource("coordination.k8s.io", "v1", "leases")),
+            jobs: Informer::new(resource("batch", "v1", "jobs")),
             config,
             events,
             metrics,
@@ -132,6 +139,7 @@ impl Ctx {
             self.replicasets.clone(),
             self.deployments.clone(),
             self.leases.clone(),
+            self.jobs.clone(),
         ]
     }
 }
@@ -421,6 +429,7 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
     let rs = Arc::new(replicaset::Controller::new(ctx));
     let deploy = Arc::new(deployment::Controller::new(ctx));
     let gc = Arc::new(gc::Collector::new(ctx));
+    let jobs = Arc::new(job::Controller::new(ctx));
     let sched = Arc::new(crate::scheduler::Scheduler::new(ctx));
     let lifecycle = Arc::new(nodelifecycle::NodeLifecycle::new(ctx));
     {
@@ -465,6 +474,21 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
             move |ctx, key| {
                 let d = d2.clone();
                 async move { d.reconcile(&ctx, &key).await }
+            },
+        );
+    }
+    {
+        let j2 = jobs.clone();
+        spawn_controller(
+            set,
+            ctx,
+            "job",
+            jobs.queue.clone(),
+            ctx.jobs.clone(),
+            2,
+            move |ctx, key| {
+                let j = j2.clone();
+                async move { j.reconcile(&ctx, &key).await }
             },
         );
     }
