@@ -138,7 +138,7 @@ async fn add_node(c: &Cluster, id: u64, name: &str, cpu: &str, memory: &str) {
     assert_eq!(s, 200, "{b}");
 }
 
-/// A stand-in for the node agents: bound pods become Running and Ready; pods being
+/// A stand-in for the node agents: bound pods become Running and Ready with an IP; pods being
 /// deleted gracefully are finished off with grace 0. It talks to whichever replica answers.
 fn stand_in_kubelet(servers: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
     stand_in_kubelets(servers, stop, Arc::default())
@@ -193,7 +193,11 @@ fn stand_in_kubelets(
                     && matches!(p["status"]["phase"].as_str(), None | Some("Pending"))
                 {
                     let now = "2026-11-25T00:00:00Z";
-                    let status = json!({"status": {"phase": "Running", "conditions": [
+                    let h = name
+                        .bytes()
+                        .fold(7u32, |h, b| h.wrapping_mul(31) ^ u32::from(b));
+                    let ip = format!("10.244.{}.{}", (h >> 8) % 250, h % 250 + 2);
+                    let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "conditions": [
                         {"type": "PodScheduled", "status": "True"},
                         {"type": "Initialized", "status": "True"},
                         {"type": "ContainersReady", "status": "True"},
@@ -1161,4 +1165,272 @@ async fn jobs_complete_retry_up_to_their_backoff_limit_and_respect_deadlines() {
     running(0, "slow").await;
     stop.store(true, Ordering::SeqCst);
     kubelet.await.unwrap();
+}
+
+/// The addresses (ready, not ready) of Endpoints `name` in `apps`, sorted.
+async fn endpoint_ips(c: &Cluster, id: u64, name: &str) -> (Vec<String>, Vec<String>) {
+    let (s, ep) = call(
+        c,
+        id,
+        http::Method::GET,
+        &format!("/api/v1/namespaces/apps/endpoints/{name}"),
+        "application/json",
+        Value::Null,
+    )
+    .await;
+    let (mut ready, mut not_ready) = (Vec::new(), Vec::new());
+    if s == 200 {
+        for subset in ep["subsets"].as_array().cloned().unwrap_or_default() {
+            for (k, out) in [
+                ("addresses", &mut ready),
+                ("notReadyAddresses", &mut not_ready),
+            ] {
+                for a in subset[k].as_array().cloned().unwrap_or_default() {
+                    out.push(a["ip"].as_str().unwrap_or("").to_string());
+                }
+            }
+        }
+    }
+    ready.sort();
+    not_ready.sort();
+    (ready, not_ready)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemonsets_endpoints_service_accounts_and_namespace_deletion() {
+    let c = Cluster::start(3, &[]).await;
+    let leader = c.wait_leader().await;
+    let f = (1..=3).find(|&id| id != leader).unwrap();
+    for n in ["n1", "n2", "n3"] {
+        add_node(&c, f, n, "8", "16Gi").await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let kubelet = stand_in_kubelet(apis(&c), stop.clone());
+    let k = Kubectl::new(&c, f);
+    k.ok(&["taint", "nodes", "n3", "dedicated=db:NoSchedule"]);
+    let ns = k.file(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n",
+    );
+    k.ok(&["create", "-f", &ns]);
+    // The service-account controller gives the new namespace its default account, and
+    // brings it back when it is deleted.
+    let has_default_sa = || async {
+        let (s, _) = call(
+            &c,
+            f,
+            http::Method::GET,
+            "/api/v1/namespaces/apps/serviceaccounts/default",
+            "application/json",
+            Value::Null,
+        )
+        .await;
+        (s == 200).then_some(())
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "the default ServiceAccount",
+        has_default_sa,
+    )
+    .await;
+    k.ok(&["delete", "sa", "default", "-n", "apps"]);
+    wait_for(
+        Duration::from_secs(10),
+        "the default ServiceAccount again",
+        has_default_sa,
+    )
+    .await;
+
+    // A DaemonSet: one pod on each node it may run on (not the tainted n3).
+    let ds = |image: &str| {
+        format!("apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: agent\n  namespace: apps\nspec:\n  selector:\n    matchLabels:\n      app: agent\n  template:\n    metadata:\n      labels:\n        app: agent\n    spec:\n      containers:\n      - name: c\n        image: {image}\n")
+    };
+    let f1 = k.file("ds1.yaml", &ds("agent:v1"));
+    k.ok(&["apply", "-f", &f1]);
+    let out = k.ok(&[
+        "rollout",
+        "status",
+        "ds/agent",
+        "-n",
+        "apps",
+        "--timeout=60s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let daemon_nodes = |want: usize, image: &'static str| {
+        let c = &c;
+        async move {
+            wait_for(
+                Duration::from_secs(30),
+                &format!("{want} daemon pods running {image}, one per node"),
+                || async {
+                    let ps = pods(c, f, "apps").await;
+                    let mut nodes: Vec<String> = ps
+                        .values()
+                        .filter(|p| {
+                            p["metadata"]["labels"]["app"] == "agent"
+                                && p["metadata"]["deletionTimestamp"].is_null()
+                        })
+                        .filter(|p| p["spec"]["containers"][0]["image"] == image)
+                        .filter_map(|p| p["spec"]["nodeName"].as_str().map(str::to_string))
+                        .collect();
+                    let all = ps
+                        .values()
+                        .filter(|p| p["metadata"]["labels"]["app"] == "agent")
+                        .count();
+                    nodes.sort();
+                    nodes.dedup();
+                    (nodes.len() == want && all == want).then_some(nodes)
+                },
+            )
+            .await
+        }
+    };
+    assert_eq!(daemon_nodes(2, "agent:v1").await, vec!["n1", "n2"]);
+    // A rolling update replaces them node by node.
+    k.ok(&["set", "image", "ds/agent", "c=agent:v2", "-n", "apps"]);
+    let out = k.ok(&[
+        "rollout",
+        "status",
+        "ds/agent",
+        "-n",
+        "apps",
+        "--timeout=60s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    assert_eq!(daemon_nodes(2, "agent:v2").await, vec!["n1", "n2"]);
+    // The taint goes: n3 gets its daemon pod too.
+    k.ok(&["taint", "nodes", "n3", "dedicated-"]);
+    assert_eq!(daemon_nodes(3, "agent:v2").await, vec!["n1", "n2", "n3"]);
+
+    // A Service whose targetPort names a container port: Endpoints and EndpointSlices
+    // follow the ready pods.
+    let web = k.file(
+        "web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: apps\nspec:\n  replicas: 2\n  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      containers:\n      - name: c\n        image: nginx\n        ports:\n        - name: http\n          containerPort: 8080\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: apps\nspec:\n  selector:\n    app: web\n  ports:\n  - port: 80\n    targetPort: http\n",
+    );
+    k.ok(&["apply", "-f", &web]);
+    let web_ips = |n: usize| {
+        let c = &c;
+        async move {
+            wait_for(
+                Duration::from_secs(30),
+                &format!("{n} ready endpoints of web"),
+                || async {
+                    let (ready, not_ready) = endpoint_ips(c, f, "web").await;
+                    (ready.len() == n && not_ready.is_empty()).then_some(ready)
+                },
+            )
+            .await
+        }
+    };
+    let ips = web_ips(2).await;
+    let mut pod_ips: Vec<String> = pods(&c, f, "apps")
+        .await
+        .values()
+        .filter(|p| p["metadata"]["labels"]["app"] == "web")
+        .map(|p| p["status"]["podIP"].as_str().unwrap_or("").to_string())
+        .collect();
+    pod_ips.sort();
+    assert_eq!(ips, pod_ips, "the endpoints are the pods' IPs");
+    let port = k.ok(&[
+        "get",
+        "endpoints",
+        "web",
+        "-n",
+        "apps",
+        "-o",
+        "jsonpath={.subsets[0].ports[0].port}",
+    ]);
+    assert_eq!(port, "8080", "the named target port is resolved");
+    k.ok(&["scale", "deploy/web", "--replicas=3", "-n", "apps"]);
+    web_ips(3).await;
+    let slices = k.ok(&[
+        "get",
+        "endpointslices",
+        "-n",
+        "apps",
+        "-l",
+        "kubernetes.io/service-name=web",
+        "-o",
+        "json",
+    ]);
+    let slices: Value = serde_json::from_str(&slices).unwrap();
+    let endpoints: usize = slices["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["endpoints"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(endpoints, 3, "{slices}");
+    // Unready pods move to notReadyAddresses.
+    let one = pod_ips_of(&c, f, "web").await.remove(0);
+    let (s, b) = call(
+        &c,
+        f,
+        http::Method::PATCH,
+        &format!("/api/v1/namespaces/apps/pods/{}/status", one.0),
+        "application/merge-patch+json",
+        json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    wait_for(Duration::from_secs(30), "an unready endpoint", || async {
+        let (ready, not_ready) = endpoint_ips(&c, f, "web").await;
+        (ready.len() == 2 && not_ready == vec![one.1.clone()]).then_some(())
+    })
+    .await;
+
+    // Deleting the namespace deletes everything in it (pods terminate gracefully through
+    // their node), then the namespace itself; kubectl waits for all of it.
+    let out = k.ok(&["delete", "ns", "apps", "--timeout=60s"]);
+    assert!(out.contains("namespace \"apps\" deleted"), "{out}");
+    let (s, _) = call(
+        &c,
+        f,
+        http::Method::GET,
+        "/api/v1/namespaces/apps",
+        "application/json",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, 404, "the namespace is gone");
+    for path in [
+        "/api/v1/pods",
+        "/api/v1/services",
+        "/api/v1/endpoints",
+        "/apis/apps/v1/daemonsets",
+        "/apis/apps/v1/deployments",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "/api/v1/serviceaccounts",
+    ] {
+        let (s, list) = call(
+            &c,
+            f,
+            http::Method::GET,
+            path,
+            "application/json",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(s, 200);
+        let left: Vec<&Value> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["metadata"]["namespace"] == "apps")
+            .collect();
+        assert!(left.is_empty(), "{path} still has {left:?}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    kubelet.await.unwrap();
+}
+
+/// (name, IP) of the pods labelled `app=<app>` in `apps`.
+async fn pod_ips_of(c: &Cluster, id: u64, app: &str) -> Vec<(String, String)> {
+    pods(c, id, "apps")
+        .await
+        .into_iter()
+        .filter(|(_, p)| p["metadata"]["labels"]["app"] == app)
+        .map(|(n, p)| (n, p["status"]["podIP"].as_str().unwrap_or("").to_string()))
+        .collect()
 }

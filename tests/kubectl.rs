@@ -89,9 +89,16 @@ async fn kubectl_creates_reads_updates_and_deletes_through_a_follower_and_the_le
             "{ns}"
         );
     }
-    assert!(kl
-        .ok(&["get", "sa", "default", "-n", "kube-system", "-o", "name"])
-        .contains("serviceaccount/default"));
+    // The service-account controller adds the default accounts just after.
+    wait_for(
+        Duration::from_secs(10),
+        "the default ServiceAccount in kube-system",
+        || async {
+            let (ok, out, _) = kl.run(&["get", "sa", "default", "-n", "kube-system", "-o", "name"]);
+            (ok && out.contains("serviceaccount/default")).then_some(())
+        },
+    )
+    .await;
 
     let file = kf.file("cm.yaml", CM);
     assert_eq!(

@@ -831,9 +831,6 @@ impl Kube {
                 .create(call.r, &call.key(), &name, &obj)
                 .await?
         };
-        if call.r.kind == "Namespace" {
-            self.ensure_default_service_account(&name).await;
-        }
         Ok(stored.object)
     }
 
@@ -874,31 +871,6 @@ impl Kube {
         ))
     }
 
-    /// Creates the `default` ServiceAccount of a namespace (what Kubernetes' service-account
-    /// controller does); an existing one is left alone.
-    pub(crate) async fn ensure_default_service_account(&self, namespace: &str) {
-        let sa = resources::find("", "v1", "serviceaccounts").expect("served");
-        let obj = json!({
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {
-                "name": "default",
-                "namespace": namespace,
-                "uid": meta::uid(),
-                "creationTimestamp": meta::rfc3339(meta::now_secs()),
-            },
-        });
-        match self
-            .objects
-            .create(sa, &sa.key(Some(namespace), "default"), "default", &obj)
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if e.reason == "AlreadyExists" => {}
-            Err(e) => tracing::warn!(namespace, %e, "could not create the default service account"),
-        }
-    }
-
     /// Ensures the system namespaces exist (run by the leader after it is elected).
     pub async fn ensure_system_namespaces(&self) -> Result<(), KubeError> {
         let ns = resources::find("", "v1", "namespaces").expect("served");
@@ -925,7 +897,6 @@ impl Kube {
                 Err(e) if e.reason == "AlreadyExists" => {}
                 Err(e) => return Err(e),
             }
-            self.ensure_default_service_account(name).await;
         }
         Ok(())
     }
@@ -1150,8 +1121,8 @@ impl Kube {
             }
             // The last finalizer of an object being deleted went: the object goes.
             let finalize = is_deleting(&next)
-                && finalizers(&next).is_empty()
-                && !finalizers(&current.object).is_empty();
+                && all_finalizers(&next).is_empty()
+                && !all_finalizers(&current.object).is_empty();
             if finalize {
                 let release = release_keys(call.r, &current.object);
                 match self
@@ -1295,54 +1266,32 @@ impl Kube {
         Err(KubeError::conflict(call.r, call.name()))
     }
 
-    /// Marks the namespace `Terminating` (new content is refused from then on), deletes
-    /// everything in it, then the namespace itself. Synchronous here; the namespace
-    /// controller will take this over when the controllers land.
+    /// Marks the namespace `Terminating`: new content is refused from then on, and the
+    /// namespace controller (on the leader) deletes everything in it and then removes its
+    /// `kubernetes` finalizer, which deletes the namespace. A namespace without finalizers
+    /// goes at once.
     async fn delete_namespace(&self, call: &Call, current: Stored) -> Result<Value, KubeError> {
         let key = call.key();
         let name = call.name().to_string();
+        if all_finalizers(&current.object).is_empty() {
+            return match self.objects.delete(&key, current.revision).await? {
+                Ok(()) => Ok(current.object),
+                Err(_) => Err(KubeError::conflict(call.r, &name)),
+            };
+        }
+        if is_deleting(&current.object) {
+            return Ok(current.object);
+        }
         let mut marked = current.object.clone();
         marked["status"]["phase"] = json!("Terminating");
-        if marked.pointer("/metadata/deletionTimestamp").is_none() {
-            marked["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(meta::now_secs()));
-        }
-        let stored = match self
+        marked["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(meta::now_secs()));
+        marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        match self
             .objects
             .replace(&key, current.revision, &marked)
             .await?
         {
-            Ok(s) => s,
-            Err(_) => return Err(KubeError::conflict(call.r, &name)),
-        };
-        for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
-            let start = format!("{}{name}/", r.prefix());
-            let end = objects::prefix_end(start.as_bytes());
-            loop {
-                let (items, _, _) = self
-                    .objects
-                    .range(start.as_bytes(), &end, 0, 256, Consistency::Linearizable)
-                    .await?;
-                if items.is_empty() {
-                    break;
-                }
-                for item in items {
-                    let obj_name = item
-                        .object
-                        .pointer("/metadata/name")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    // A concurrent change is fine: the next pass sees it.
-                    let release = release_keys(r, &item.object);
-                    let _ = self
-                        .objects
-                        .delete_releasing(&r.key(Some(&name), obj_name), item.revision, &release)
-                        .await?;
-                }
-            }
-        }
-        let final_state = stored.object.clone();
-        match self.objects.delete(&key, stored.revision).await? {
-            Ok(()) => Ok(final_state),
+            Ok(s) => Ok(s.object),
             Err(_) => Err(KubeError::conflict(call.r, &name)),
         }
     }
@@ -1735,6 +1684,18 @@ fn finalizers(obj: &Value) -> Vec<Value> {
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default()
+}
+
+/// `metadata.finalizers`, and for a Namespace its `spec.finalizers` too: an object being
+/// deleted goes when the last of them does.
+fn all_finalizers(obj: &Value) -> Vec<Value> {
+    let mut all = finalizers(obj);
+    if obj.get("kind").and_then(Value::as_str) == Some("Namespace") {
+        if let Some(f) = obj.pointer("/spec/finalizers").and_then(Value::as_array) {
+            all.extend(f.iter().cloned());
+        }
+    }
+    all
 }
 
 fn check_preconditions(call: &Call, obj: &Value, pre: Option<&Value>) -> Result<(), KubeError> {

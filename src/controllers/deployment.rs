@@ -81,7 +81,7 @@ fn strip_nulls(v: &mut Value) {
 }
 
 /// An int-or-percent of `total`: percentages round up for surge, down for unavailable.
-fn int_or_percent(v: Option<&Value>, total: i64, round_up: bool, default: &str) -> i64 {
+pub(crate) fn int_or_percent(v: Option<&Value>, total: i64, round_up: bool, default: &str) -> i64 {
     let v = v.cloned().unwrap_or_else(|| json!(default));
     match v {
         Value::Number(n) => n.as_i64().unwrap_or(0).max(0),

@@ -20,11 +20,14 @@
 //! to a node → the node's agent runs it and reports status → the controllers count it
 //! ready and available.
 
+pub mod daemonset;
 pub mod deployment;
+pub mod endpoints;
 pub mod gc;
 pub mod informer;
 pub mod job;
 pub mod metrics;
+pub mod namespace;
 pub mod nodelifecycle;
 pub mod owner;
 pub mod pod;
@@ -95,6 +98,18 @@ pub struct Ctx {
     pub leases: Arc<Informer>,
     /// Jobs.
     pub jobs: Arc<Informer>,
+    /// DaemonSets.
+    pub daemonsets: Arc<Informer>,
+    /// Namespaces.
+    pub namespaces: Arc<Informer>,
+    /// ServiceAccounts.
+    pub serviceaccounts: Arc<Informer>,
+    /// Services.
+    pub services: Arc<Informer>,
+    /// Endpoints.
+    pub endpoints: Arc<Informer>,
+    /// EndpointSlices.
+    pub endpointslices: Arc<Informer>,
     /// Settings.
     pub config: Config,
     /// Event recorder.
@@ -126,6 +141,12 @@ impl Ctx {
             deployments: Informer::new(resource("apps", "v1", "deployments")),
             leases: Informer::new(resource("coordination.k8s.io", "v1", "leases")),
             jobs: Informer::new(resource("batch", "v1", "jobs")),
+            daemonsets: Informer::new(resource("apps", "v1", "daemonsets")),
+            namespaces: Informer::new(resource("", "v1", "namespaces")),
+            serviceaccounts: Informer::new(resource("", "v1", "serviceaccounts")),
+            services: Informer::new(resource("", "v1", "services")),
+            endpoints: Informer::new(resource("", "v1", "endpoints")),
+            endpointslices: Informer::new(resource("discovery.k8s.io", "v1", "endpointslices")),
             config,
             events,
             metrics,
@@ -140,6 +161,12 @@ impl Ctx {
             self.deployments.clone(),
             self.leases.clone(),
             self.jobs.clone(),
+            self.daemonsets.clone(),
+            self.namespaces.clone(),
+            self.serviceaccounts.clone(),
+            self.services.clone(),
+            self.endpoints.clone(),
+            self.endpointslices.clone(),
         ]
     }
 }
@@ -430,6 +457,10 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
     let deploy = Arc::new(deployment::Controller::new(ctx));
     let gc = Arc::new(gc::Collector::new(ctx));
     let jobs = Arc::new(job::Controller::new(ctx));
+    let daemons = Arc::new(daemonset::Controller::new(ctx));
+    let namespaces = Arc::new(namespace::Controller::new(ctx));
+    let accounts = Arc::new(namespace::ServiceAccounts::new(ctx));
+    let endpoints = Arc::new(endpoints::Controller::new(ctx));
     let sched = Arc::new(crate::scheduler::Scheduler::new(ctx));
     let lifecycle = Arc::new(nodelifecycle::NodeLifecycle::new(ctx));
     {
@@ -492,6 +523,27 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
             },
         );
     }
+    macro_rules! controller {
+        ($name:literal, $c:expr, $primary:expr, $workers:expr) => {{
+            let c2 = $c.clone();
+            spawn_controller(
+                set,
+                ctx,
+                $name,
+                $c.queue.clone(),
+                $primary.clone(),
+                $workers,
+                move |ctx, key| {
+                    let c = c2.clone();
+                    async move { c.reconcile(&ctx, &key).await }
+                },
+            );
+        }};
+    }
+    controller!("daemonset", daemons, ctx.daemonsets, 2);
+    controller!("namespace", namespaces, ctx.namespaces, 2);
+    controller!("serviceaccount", accounts, ctx.namespaces, 1);
+    controller!("endpoints", endpoints, ctx.services, 4);
     {
         let gc2 = gc.clone();
         spawn_controller(
@@ -564,7 +616,7 @@ fn spawn_controller<F, Fut>(
     });
 }
 
-/// Makes sure the system namespaces (and their `default` ServiceAccounts) exist.
+/// Makes sure the system namespaces exist.
 async fn ensure_system_namespaces(ctx: &Ctx) {
     let mut backoff = Duration::from_millis(50);
     loop {

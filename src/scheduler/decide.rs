@@ -170,11 +170,26 @@ pub struct Requirement {
     key: String,
     op: String,
     values: Vec<String>,
+    /// A `matchFields` requirement on `metadata.name` (how DaemonSet pods name their node).
+    field: bool,
 }
 
 impl Requirement {
     fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         let v = labels.get(&self.key);
+        self.matches_value(v)
+    }
+
+    /// Matches a node: its labels, or its name for a `matchFields` requirement.
+    fn matches_node(&self, node: &NodeInfo) -> bool {
+        if self.field {
+            self.key == "metadata.name" && self.matches_value(Some(&node.name))
+        } else {
+            self.matches(&node.labels)
+        }
+    }
+
+    fn matches_value(&self, v: Option<&String>) -> bool {
         match self.op.as_str() {
             "In" => v.is_some_and(|v| self.values.contains(v)),
             "NotIn" => v.is_none_or(|v| !self.values.contains(v)),
@@ -224,6 +239,7 @@ impl Requirement {
                                     .collect()
                             })
                             .unwrap_or_default(),
+                        field: false,
                     })
                     .collect()
             })
@@ -234,6 +250,7 @@ impl Requirement {
                     key: k.clone(),
                     op: "In".into(),
                     values: vec![v.as_str().unwrap_or("").to_string()],
+                    field: false,
                 });
             }
         }
@@ -286,6 +303,24 @@ pub enum Decision {
     Unschedulable(String),
 }
 
+/// Whether `pod` may run on `node` at all, resources aside: every NoSchedule and NoExecute
+/// taint tolerated, `nodeSelector` and required node affinity met (what the DaemonSet
+/// controller asks of a node).
+pub fn should_run(node: &NodeInfo, pod: &PodInfo) -> bool {
+    node.taints.iter().all(|t| {
+        !(t.effect == "NoSchedule" || t.effect == "NoExecute")
+            || pod.tolerations.iter().any(|x| x.tolerates(t))
+    }) && pod
+        .node_selector
+        .iter()
+        .all(|(k, v)| node.labels.get(k) == Some(v))
+        && (pod.required_terms.is_empty()
+            || pod
+                .required_terms
+                .iter()
+                .any(|term| term.iter().all(|r| r.matches_node(node))))
+}
+
 fn filter(node: &NodeInfo, pod: &PodInfo, all: &[NodeInfo]) -> Result<(), Reason> {
     if !node.ready {
         return Err(Reason::NotReady);
@@ -321,7 +356,7 @@ fn filter(node: &NodeInfo, pod: &PodInfo, all: &[NodeInfo]) -> Result<(), Reason
         && !pod
             .required_terms
             .iter()
-            .any(|term| term.iter().all(|r| r.matches(&node.labels)))
+            .any(|term| term.iter().all(|r| r.matches_node(node)))
     {
         return Err(Reason::Affinity);
     }
@@ -395,15 +430,49 @@ fn score(node: &NodeInfo, pod: &PodInfo) -> i64 {
     (least_allocated + balanced + spread) as i64 + preferred
 }
 
-/// Chooses a node for `pod`, or says why none fits.
+/// How many feasible nodes to find before choosing among them (kube-scheduler's
+/// adaptive `percentageOfNodesToScore`): every node below 100, then 50% less 1% per 125
+/// nodes, at least 5% and at least 100 nodes.
+pub fn feasible_to_find(n: usize) -> usize {
+    if n < 100 {
+        return n;
+    }
+    let percent = (50 - (n / 125) as i64).max(5) as usize;
+    (n * percent / 100).max(100)
+}
+
+/// Chooses a node for `pod`, or says why none fits (every node scored).
 pub fn schedule(nodes: &[NodeInfo], pod: &PodInfo) -> Decision {
+    schedule_from(nodes, pod, 0, nodes.len()).0
+}
+
+/// Chooses a node for `pod` among the first `want` feasible nodes found, looking from
+/// node `start` round the list; returns the decision and where the next search starts (so
+/// successive pods look at different nodes, as kube-scheduler does). A pod that fits
+/// nowhere has looked at every node, so its message counts them all.
+pub fn schedule_from(
+    nodes: &[NodeInfo],
+    pod: &PodInfo,
+    start: usize,
+    want: usize,
+) -> (Decision, usize) {
     let mut best: Option<(i64, i64, &str, usize)> = None;
     let mut reasons: BTreeMap<Reason, usize> = BTreeMap::new();
-    for (i, n) in nodes.iter().enumerate() {
-        match filter(n, pod, nodes) {
+    let n = nodes.len();
+    let mut found = 0;
+    let mut examined = 0;
+    for k in 0..n {
+        if found >= want.max(1) {
+            break;
+        }
+        let i = (start + k) % n;
+        let node = &nodes[i];
+        examined += 1;
+        match filter(node, pod, nodes) {
             Ok(()) => {
-                let s = score(n, pod);
-                let key = (s, -n.requested.pods, n.name.as_str(), i);
+                found += 1;
+                let s = score(node, pod);
+                let key = (s, -node.requested.pods, node.name.as_str(), i);
                 let better = match &best {
                     None => true,
                     Some(b) => {
@@ -417,7 +486,8 @@ pub fn schedule(nodes: &[NodeInfo], pod: &PodInfo) -> Decision {
             Err(r) => *reasons.entry(r).or_default() += 1,
         }
     }
-    match best {
+    let next = if n == 0 { 0 } else { (start + examined) % n };
+    let decision = match best {
         Some((_, _, _, i)) => Decision::Bind(i),
         None => {
             // Sorted as text, as kube-scheduler's FitError does.
@@ -436,7 +506,8 @@ pub fn schedule(nodes: &[NodeInfo], pod: &PodInfo) -> Decision {
                 }
             ))
         }
-    }
+    };
+    (decision, next)
 }
 
 /// Records `pod` as bound to `node` in the snapshot (so later decisions in a batch see it).
@@ -516,7 +587,18 @@ pub fn pod_info(pod: &Value) -> PodInfo {
         .map(|terms| {
             terms
                 .iter()
-                .map(|t| Requirement::list(t.get("matchExpressions"), None))
+                .map(|t| {
+                    let mut reqs = Requirement::list(t.get("matchExpressions"), None);
+                    reqs.extend(
+                        Requirement::list(t.get("matchFields"), None)
+                            .into_iter()
+                            .map(|mut r| {
+                                r.field = true;
+                                r
+                            }),
+                    );
+                    reqs
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -719,6 +801,15 @@ mod tests {
             json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["z2"]}]}]}}}}),
         );
         assert_eq!(schedule(&nodes, &affine), Decision::Bind(1));
+        // A DaemonSet pod names its node with matchFields.
+        for name in ["a", "b"] {
+            let pinned = pod(
+                "100m",
+                json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [name]}]}]}}}}),
+            );
+            let want = if name == "a" { 0 } else { 1 };
+            assert_eq!(schedule(&nodes, &pinned), Decision::Bind(want));
+        }
         let ported = pod(
             "100m",
             json!({"containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 8080}]}]}),
@@ -734,6 +825,32 @@ mod tests {
         );
         assert!(
             matches!(schedule(&nodes, &lonely), Decision::Unschedulable(m) if m.contains("anti-affinity"))
+        );
+    }
+
+    #[test]
+    fn large_clusters_score_a_rotating_sample_of_feasible_nodes() {
+        assert_eq!(feasible_to_find(50), 50);
+        assert_eq!(feasible_to_find(1000), 420);
+        assert_eq!(feasible_to_find(5000), 500);
+        assert_eq!(feasible_to_find(100_000), 5000);
+        let nodes: Vec<NodeInfo> = (0..1000)
+            .map(|i| node(&format!("n{i:04}"), "4", "8Gi"))
+            .collect();
+        let p = pod("100m", json!({}));
+        let want = feasible_to_find(nodes.len());
+        let (d, next) = schedule_from(&nodes, &p, 900, want);
+        assert_eq!(next, (900 + 420) % 1000);
+        let Decision::Bind(i) = d else {
+            panic!("{d:?}")
+        };
+        assert!(!(320..900).contains(&i), "chosen from the sample: {i}");
+        // A pod that fits nowhere looks at every node.
+        let huge = pod("64", json!({}));
+        let (d, _) = schedule_from(&nodes, &huge, 10, want);
+        assert!(
+            matches!(&d, Decision::Unschedulable(m) if m.starts_with("0/1000 nodes are available: 1000 Insufficient cpu")),
+            "{d:?}"
         );
     }
 }

@@ -4,7 +4,9 @@
 //! the pods it has bound but not yet seen bound in its informer ("assumed", so the next
 //! batch does not hand their room to someone else). Each round takes up to
 //! [`BATCH`] pending pods, builds one snapshot of the nodes and what is bound to them, and
-//! decides pod by pod with [`decide::schedule`] (a pure function), assuming each placement
+//! decides pod by pod with [`decide::schedule_from`] (a pure function that, on large
+//! clusters, scores only the first feasible nodes it finds from a rotating start, as
+//! kube-scheduler's `percentageOfNodesToScore` does), assuming each placement
 //! before the next decision; then it binds them concurrently. A bind is a compare-and-swap
 //! that succeeds only while the pod is unbound, fenced to the leader's term.
 //!
@@ -38,10 +40,16 @@ pub const MANAGER: &str = "default-scheduler";
 /// The scheduler of one term.
 pub struct Scheduler {
     queue: Arc<Queue>,
-    /// Pods that fit nowhere, waiting for a change: key → failures so far.
+    /// Pods that fit nowhere, waiting for a change: key → failures since the last change.
     waiting: Arc<Mutex<HashMap<String, u32>>>,
     /// Bound by this scheduler, not yet seen bound: key → (node, what it asked).
     assumed: Arc<Mutex<HashMap<String, (String, PodInfo)>>>,
+    /// Where the next search for a node starts (see [`decide::schedule_from`]).
+    next_start: std::sync::atomic::AtomicUsize,
+    /// Cluster changes seen (each flushes the waiting pods). A pod found unschedulable on a
+    /// snapshot older than the latest change is tried again at once, not after a backoff:
+    /// the change it would wait for has already happened.
+    changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// True if the default scheduler should place this pod.
@@ -60,11 +68,16 @@ impl Scheduler {
         let queue = Arc::new(Queue::default());
         let waiting: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let assumed: Arc<Mutex<HashMap<String, (String, PodInfo)>>> = Arc::default();
+        let changes: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let flush = {
-            let (q, w) = (queue.clone(), waiting.clone());
+            let (q, w, changes) = (queue.clone(), waiting.clone(), changes.clone());
+            // Every waiting pod goes back to the queue, and waits again only if it fails
+            // again: so a burst of changes (5,000 nodes turning Ready) costs one pass, not
+            // one per change.
             move || {
-                let keys: Vec<String> = w.lock().expect("not poisoned").keys().cloned().collect();
-                for k in keys {
+                changes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let keys = std::mem::take(&mut *w.lock().expect("not poisoned"));
+                for k in keys.into_keys() {
                     q.add(&k);
                 }
             }
@@ -116,6 +129,8 @@ impl Scheduler {
             queue,
             waiting,
             assumed,
+            next_start: Default::default(),
+            changes,
         }
     }
 
@@ -192,8 +207,12 @@ impl Scheduler {
     }
 
     async fn round(&self, ctx: &Ctx, keys: &[String]) {
+        let seen_changes = self.changes.load(std::sync::atomic::Ordering::SeqCst);
         let (mut nodes, index) = self.snapshot(ctx);
         let mut binds: Vec<(String, Arc<Value>, String, PodInfo)> = Vec::new();
+        let mut unschedulable: Vec<(String, Arc<Value>, String)> = Vec::new();
+        let want = decide::feasible_to_find(nodes.len());
+        let mut start = self.next_start.load(std::sync::atomic::Ordering::Relaxed);
         for key in keys {
             let Some(p) = ctx.pods.get(key) else { continue };
             if !wants_scheduling(&p) || self.assumed.lock().expect("not poisoned").contains_key(key)
@@ -201,7 +220,9 @@ impl Scheduler {
                 continue;
             }
             let info = decide::pod_info(&p);
-            match decide::schedule(&nodes, &info) {
+            let (decision, next) = decide::schedule_from(&nodes, &info, start, want);
+            start = next;
+            match decision {
                 Decision::Bind(i) => {
                     decide::assume(&mut nodes[i], &info);
                     let node = nodes[i].name.clone();
@@ -211,11 +232,11 @@ impl Scheduler {
                         .insert(key.clone(), (node.clone(), info.clone()));
                     binds.push((key.clone(), p, node, info));
                 }
-                Decision::Unschedulable(message) => {
-                    self.unschedulable(ctx, key, &p, &message).await
-                }
+                Decision::Unschedulable(message) => unschedulable.push((key.clone(), p, message)),
             }
         }
+        self.next_start
+            .store(start, std::sync::atomic::Ordering::Relaxed);
         let pod_res = ctx.pods.resource();
         let results: Vec<(
             String,
@@ -278,6 +299,22 @@ impl Scheduler {
             }
         }
         let _ = index;
+        if self.changes.load(std::sync::atomic::Ordering::SeqCst) != seen_changes {
+            for (key, _, _) in unschedulable {
+                self.queue.add(&key);
+            }
+            return;
+        }
+        futures::stream::iter(
+            unschedulable
+                .into_iter()
+                .map(|(key, p, message)| async move {
+                    self.unschedulable(ctx, &key, &p, &message).await
+                }),
+        )
+        .buffer_unordered(BINDS_IN_FLIGHT)
+        .collect::<Vec<()>>()
+        .await;
     }
 
     async fn unschedulable(&self, ctx: &Ctx, key: &str, p: &Value, message: &str) {

@@ -15,6 +15,11 @@
 //!    asks) and in pages of 500, timing each and sampling that replica's resident memory.
 //!
 //! It prints the figures and the command that produced them, and writes them as JSON.
+//!
+//! `--scenario scheduler` and `--scenario failover` measure the control plane instead
+//! (see `control.rs`).
+
+mod control;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,10 +39,23 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug, Clone)]
-struct Args {
+pub(crate) struct Args {
     /// The flotilla binary (a release build).
     #[arg(long)]
     flotilla: PathBuf,
+    /// What to measure: `api` (the API under watch load), `scheduler` (pods bound per
+    /// second) or `failover` (controllers after a leader is killed).
+    #[arg(long, default_value = "api")]
+    scenario: String,
+    /// Nodes registered for the scheduler scenario.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Scheduler scenario: create every pod while no node is Ready, then release them all.
+    #[arg(long)]
+    pub(crate) backlog: bool,
+    /// Leader kills in the failover scenario.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Watches kept open during the write phase.
     #[arg(long, default_value_t = 1000)]
     watchers: usize,
@@ -50,25 +68,25 @@ struct Args {
     /// Single-client GETs of each kind.
     #[arg(long, default_value_t = 1000)]
     gets: usize,
-    /// Pods to create and list.
+    /// Pods to create and list (api), or to schedule (scheduler).
     #[arg(long, default_value_t = 10_000)]
-    pods: usize,
+    pub(crate) pods: usize,
     /// Clients for the throughput phases.
     #[arg(long, default_value_t = 32)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Directory for data (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Write the figures here as JSON.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
 }
 
-type Http = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+pub(crate) type Http = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
 
 const NS: &str = "bench";
 
-fn http_client() -> Http {
+pub(crate) fn http_client() -> Http {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
     c.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -78,7 +96,7 @@ fn http_client() -> Http {
 }
 
 /// One request; the whole answer.
-async fn send(
+pub(crate) async fn send(
     http: &Http,
     method: Method,
     url: String,
@@ -100,7 +118,7 @@ async fn send(
     Ok((status, body))
 }
 
-async fn ok(
+pub(crate) async fn ok(
     http: &Http,
     method: Method,
     url: String,
@@ -115,14 +133,17 @@ async fn ok(
 }
 
 /// A three-replica cluster of release binaries on loopback.
-struct Cluster {
-    apis: Vec<String>,
-    children: Vec<Child>,
+pub(crate) struct Cluster {
+    pub(crate) apis: Vec<String>,
+    children: Vec<Option<Child>>,
+    bin: PathBuf,
+    dir: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for c in self.children.iter_mut().flatten() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -131,49 +152,79 @@ impl Drop for Cluster {
 
 impl Cluster {
     fn start(bin: &Path, dir: &Path) -> anyhow::Result<Cluster> {
-        let initial = "1=127.0.0.1:27451,2=127.0.0.1:27452,3=127.0.0.1:27453";
-        let mut children = Vec::new();
-        for i in 1..=3 {
-            let log = std::fs::File::create(dir.join(format!("flotilla-{i}.log")))?;
-            children.push(
-                Command::new(bin)
-                    .args([
-                        "server",
-                        "--id",
-                        &i.to_string(),
-                        "--data-dir",
-                        &dir.join(format!("flotilla-{i}")).display().to_string(),
-                        "--listen-api",
-                        &format!("127.0.0.1:2645{i}"),
-                        "--listen-peer",
-                        &format!("127.0.0.1:2745{i}"),
-                        "--initial-cluster",
-                        initial,
-                    ])
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone()?)
-                    .stderr(log)
-                    .spawn()
-                    .context("starting flotilla")?,
-            );
-        }
-        Ok(Cluster {
+        Self::start_with(bin, dir, &[])
+    }
+
+    /// A cluster whose servers get `extra` arguments too.
+    pub(crate) fn start_with(bin: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Cluster> {
+        let mut c = Cluster {
             apis: (1..=3).map(|i| format!("127.0.0.1:2645{i}")).collect(),
-            children,
-        })
+            children: vec![None, None, None],
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 0..3 {
+            c.spawn(i)?;
+        }
+        Ok(c)
+    }
+
+    /// Starts replica `i` (0-based) on its data directory.
+    pub(crate) fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let initial = "1=127.0.0.1:27451,2=127.0.0.1:27452,3=127.0.0.1:27453";
+        let id = i + 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("flotilla-{id}.log")))?;
+        let child = Command::new(&self.bin)
+            .args([
+                "server",
+                "--id",
+                &id.to_string(),
+                "--data-dir",
+                &self
+                    .dir
+                    .join(format!("flotilla-{id}"))
+                    .display()
+                    .to_string(),
+                "--listen-api",
+                &format!("127.0.0.1:2645{id}"),
+                "--listen-peer",
+                &format!("127.0.0.1:2745{id}"),
+                "--initial-cluster",
+                initial,
+            ])
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting flotilla")?;
+        self.children[i] = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9` of replica `i`.
+    pub(crate) fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     fn pid(&self, i: usize) -> u32 {
-        self.children[i].id()
+        self.children[i].as_ref().map_or(0, Child::id)
     }
 
-    fn pids(&self) -> Vec<u32> {
-        self.children.iter().map(Child::id).collect()
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.children.iter().flatten().map(Child::id).collect()
     }
 }
 
 /// CPU seconds (user+system) used so far by `pids`.
-fn cpu_seconds(pids: &[u32]) -> f64 {
+pub(crate) fn cpu_seconds(pids: &[u32]) -> f64 {
     pids.iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
         .filter_map(|s| {
@@ -201,7 +252,7 @@ fn rss(pid: u32) -> u64 {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-struct Latency {
+pub(crate) struct Latency {
     count: usize,
     p50_ms: f64,
     p90_ms: f64,
@@ -209,7 +260,7 @@ struct Latency {
     max_ms: f64,
 }
 
-fn latency(mut micros: Vec<u64>) -> Latency {
+pub(crate) fn latency(mut micros: Vec<u64>) -> Latency {
     micros.sort_unstable();
     let p = |q: f64| {
         if micros.is_empty() {
@@ -334,7 +385,12 @@ async fn watcher(
 /// One acknowledged write: (name, event type it causes) → (sent, acknowledged).
 type Writes = HashMap<(String, String), (Instant, Instant)>;
 
-async fn write_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) -> anyhow::Result<()> {
+async fn write_phase(
+    args: &Args,
+    c: &Cluster,
+    http: &Http,
+    res: &mut Results,
+) -> anyhow::Result<()> {
     let list = ok(
         http,
         Method::GET,
@@ -369,7 +425,10 @@ async fn write_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) -
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!("{} watchers open; writing {}/s for {}s", args.watchers, args.rate, args.seconds);
+    eprintln!(
+        "{} watchers open; writing {}/s for {}s",
+        args.watchers, args.rate, args.seconds
+    );
 
     let writes: Arc<Mutex<Writes>> = Arc::new(Mutex::new(HashMap::new()));
     let lat: Arc<Mutex<HashMap<&'static str, Vec<u64>>>> = Arc::new(Mutex::new(HashMap::new()));
@@ -385,8 +444,13 @@ async fn write_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) -
         // Object k's three changes are due at t0 + (3k + j) * interval.
         let due = t0 + interval * (3 * k as u32);
         tokio::time::sleep_until(due.into()).await;
-        let (http, apis, writes, lat, errors) =
-            (http.clone(), c.apis.clone(), writes.clone(), lat.clone(), errors.clone());
+        let (http, apis, writes, lat, errors) = (
+            http.clone(),
+            c.apis.clone(),
+            writes.clone(),
+            lat.clone(),
+            errors.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let name = format!("obj-{k}");
             let ops: [(&'static str, &'static str, Method, String, &str, Vec<u8>); 3] = [
@@ -474,7 +538,12 @@ async fn write_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) -
     Ok(())
 }
 
-async fn read_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) -> anyhow::Result<()> {
+async fn read_phase(
+    args: &Args,
+    c: &Cluster,
+    http: &Http,
+    res: &mut Results,
+) -> anyhow::Result<()> {
     ok(
         http,
         Method::POST,
@@ -491,7 +560,14 @@ async fn read_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) ->
             let mut lat = Vec::with_capacity(n);
             for i in 0..n {
                 let t = Instant::now();
-                ok(&http, Method::GET, format!("http://{}{suffix}", apis[i % 3]), "application/json", vec![]).await?;
+                ok(
+                    &http,
+                    Method::GET,
+                    format!("http://{}{suffix}", apis[i % 3]),
+                    "application/json",
+                    vec![],
+                )
+                .await?;
                 lat.push(t.elapsed().as_micros() as u64);
             }
             anyhow::Ok(latency(lat))
@@ -508,7 +584,14 @@ async fn read_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) ->
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < stop_at {
-                ok(&http, Method::GET, format!("http://{api}/api/v1/namespaces/bench/configmaps/target"), "application/json", vec![]).await?;
+                ok(
+                    &http,
+                    Method::GET,
+                    format!("http://{api}/api/v1/namespaces/bench/configmaps/target"),
+                    "application/json",
+                    vec![],
+                )
+                .await?;
                 n += 1;
             }
             anyhow::Ok(n)
@@ -535,7 +618,12 @@ fn pod(i: usize) -> Value {
     })
 }
 
-async fn pods_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) -> anyhow::Result<()> {
+async fn pods_phase(
+    args: &Args,
+    c: &Cluster,
+    http: &Http,
+    res: &mut Results,
+) -> anyhow::Result<()> {
     res.pods = args.pods;
     let next = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
@@ -550,7 +638,14 @@ async fn pods_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) ->
                     break;
                 }
                 let t = Instant::now();
-                ok(&http, Method::POST, format!("http://{}/api/v1/namespaces/{NS}/pods", apis[(i + w) % 3]), "application/json", serde_json::to_vec(&pod(i))?).await?;
+                ok(
+                    &http,
+                    Method::POST,
+                    format!("http://{}/api/v1/namespaces/{NS}/pods", apis[(i + w) % 3]),
+                    "application/json",
+                    serde_json::to_vec(&pod(i))?,
+                )
+                .await?;
                 lat.push(t.elapsed().as_micros() as u64);
             }
             anyhow::Ok(lat)
@@ -562,7 +657,10 @@ async fn pods_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) ->
     }
     res.pod_creates_per_sec = args.pods as f64 / t0.elapsed().as_secs_f64();
     res.pod_create = latency(lat);
-    eprintln!("{} pods created at {:.0}/s", args.pods, res.pod_creates_per_sec);
+    eprintln!(
+        "{} pods created at {:.0}/s",
+        args.pods, res.pod_creates_per_sec
+    );
 
     // LISTs from replica 2, sampling its memory.
     let (api, pid) = (c.apis[1].clone(), c.pid(1));
@@ -580,12 +678,23 @@ async fn pods_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) ->
     };
     for _ in 0..3 {
         let t = Instant::now();
-        let (status, body) = send(http, Method::GET, format!("http://{api}/api/v1/namespaces/{NS}/pods"), "application/json", "application/json", vec![]).await?;
-        res.list_pods_json_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let (status, body) = send(
+            http,
+            Method::GET,
+            format!("http://{api}/api/v1/namespaces/{NS}/pods"),
+            "application/json",
+            "application/json",
+            vec![],
+        )
+        .await?;
+        res.list_pods_json_ms
+            .push(t.elapsed().as_secs_f64() * 1000.0);
         if status != StatusCode::OK {
             bail!("LIST pods: {status}");
         }
-        let items = serde_json::from_slice::<Value>(&body)?["items"].as_array().map_or(0, Vec::len);
+        let items = serde_json::from_slice::<Value>(&body)?["items"]
+            .as_array()
+            .map_or(0, Vec::len);
         if items != args.pods {
             bail!("LIST returned {items} pods, not {}", args.pods);
         }
@@ -593,13 +702,29 @@ async fn pods_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) ->
     }
     for _ in 0..3 {
         let t = Instant::now();
-        let (status, _) = send(http, Method::GET, format!("http://{api}/api/v1/namespaces/{NS}/pods?limit=500"), "application/json", "application/json;as=Table;v=v1;g=meta.k8s.io,application/json", vec![]).await?;
+        let (status, _) = send(
+            http,
+            Method::GET,
+            format!("http://{api}/api/v1/namespaces/{NS}/pods?limit=500"),
+            "application/json",
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+            vec![],
+        )
+        .await?;
         // kubectl pages with limit=500: fetch the rest the same way.
         let mut pages_ok = status == StatusCode::OK;
         let mut cont = String::new();
         loop {
             let url = format!("http://{api}/api/v1/namespaces/{NS}/pods?limit=500&continue={cont}");
-            let (s, body) = send(http, Method::GET, url, "application/json", "application/json;as=Table;v=v1;g=meta.k8s.io,application/json", vec![]).await?;
+            let (s, body) = send(
+                http,
+                Method::GET,
+                url,
+                "application/json",
+                "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+                vec![],
+            )
+            .await?;
             pages_ok &= s == StatusCode::OK;
             let v: Value = serde_json::from_slice(&body)?;
             cont = v["metadata"]["continue"].as_str().unwrap_or("").to_string();
@@ -610,7 +735,8 @@ async fn pods_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) ->
         if !pages_ok {
             bail!("Table LIST failed");
         }
-        res.list_pods_table_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        res.list_pods_table_ms
+            .push(t.elapsed().as_secs_f64() * 1000.0);
     }
     for _ in 0..3 {
         let t = Instant::now();
@@ -629,7 +755,8 @@ async fn pods_phase(args: &Args, c: &Cluster, http: &Http, res: &mut Results) ->
         if n != args.pods {
             bail!("paged LIST returned {n} pods, not {}", args.pods);
         }
-        res.list_pods_paged_500_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        res.list_pods_paged_500_ms
+            .push(t.elapsed().as_secs_f64() * 1000.0);
     }
     sampling.store(false, Ordering::SeqCst);
     let _ = sampler.join();
@@ -651,7 +778,10 @@ fn print(res: &Results) {
             l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
         )
     };
-    println!("\n== mutating calls at {}/s with {} watchers open ({} s)", res.rate_per_sec, res.watchers, res.write_seconds);
+    println!(
+        "\n== mutating calls at {}/s with {} watchers open ({} s)",
+        res.rate_per_sec, res.watchers, res.write_seconds
+    );
     row("create", &res.create);
     row("patch (merge)", &res.patch);
     row("delete", &res.delete);
@@ -660,21 +790,49 @@ fn print(res: &Results) {
         "  write errors: {}; CPU during writes: servers {:.0}%, this load generator {:.0}% (of 200%)",
         res.write_errors, res.server_cpu_percent_during_writes, res.client_cpu_percent_during_writes
     );
-    println!("== watch delivery ({} expected, {} missing)", res.deliveries_expected, res.deliveries_missing);
+    println!(
+        "== watch delivery ({} expected, {} missing)",
+        res.deliveries_expected, res.deliveries_missing
+    );
     row("after acknowledgement", &res.delivery_after_ack);
     row("from send", &res.delivery_from_send);
     println!("== reads (one client)");
     row("GET (linearizable)", &res.get_linearizable);
     row("GET resourceVersion=0", &res.get_rv0);
     row("LIST (1 object)", &res.list_small);
-    println!("  GET throughput, {} clients: {:.0}/s", res.concurrency, res.gets_per_sec_concurrent);
+    println!(
+        "  GET throughput, {} clients: {:.0}/s",
+        res.concurrency, res.gets_per_sec_concurrent
+    );
     println!("== {} pods", res.pods);
     println!("  create throughput: {:.0}/s", res.pod_creates_per_sec);
     row("create", &res.pod_create);
-    println!("  LIST all (JSON, {:.1} MiB): {:?} ms", res.list_pods_json_bytes as f64 / 1048576.0, res.list_pods_json_ms.iter().map(|x| x.round()).collect::<Vec<_>>());
-    println!("  LIST all as Table in pages of 500 (kubectl get): {:?} ms", res.list_pods_table_ms.iter().map(|x| x.round()).collect::<Vec<_>>());
-    println!("  LIST all in pages of 500 (JSON): {:?} ms", res.list_pods_paged_500_ms.iter().map(|x| x.round()).collect::<Vec<_>>());
-    println!("  listing replica RSS: {:.0} MiB before, {:.0} MiB peak", res.list_replica_rss_before_mib, res.list_replica_rss_peak_mib);
+    println!(
+        "  LIST all (JSON, {:.1} MiB): {:?} ms",
+        res.list_pods_json_bytes as f64 / 1048576.0,
+        res.list_pods_json_ms
+            .iter()
+            .map(|x| x.round())
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "  LIST all as Table in pages of 500 (kubectl get): {:?} ms",
+        res.list_pods_table_ms
+            .iter()
+            .map(|x| x.round())
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "  LIST all in pages of 500 (JSON): {:?} ms",
+        res.list_pods_paged_500_ms
+            .iter()
+            .map(|x| x.round())
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "  listing replica RSS: {:.0} MiB before, {:.0} MiB peak",
+        res.list_replica_rss_before_mib, res.list_replica_rss_peak_mib
+    );
 }
 
 #[tokio::main]
@@ -684,12 +842,41 @@ async fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir_in("/var/tmp")?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
-    let c = Cluster::start(&args.flotilla, &dir)?;
     let http = http_client();
+    match args.scenario.as_str() {
+        "api" => {}
+        "scheduler" => {
+            // Nodes are registered without heartbeats: keep them Ready for the run.
+            let c = Cluster::start_with(
+                &args.flotilla,
+                &dir,
+                &["--node-monitor-grace-period", "100000"],
+            )?;
+            return control::scheduler(&args, &c, &http).await;
+        }
+        "failover" => {
+            let mut c = Cluster::start_with(
+                &args.flotilla,
+                &dir,
+                &["--node-monitor-grace-period", "100000"],
+            )?;
+            return control::failover(&args, &mut c, &http).await;
+        }
+        other => bail!("unknown scenario {other:?}: api, scheduler or failover"),
+    }
+    let c = Cluster::start(&args.flotilla, &dir)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     for api in &c.apis {
         loop {
-            let r = send(&http, Method::GET, format!("http://{api}/api/v1/namespaces/default"), "application/json", "application/json", vec![]).await;
+            let r = send(
+                &http,
+                Method::GET,
+                format!("http://{api}/api/v1/namespaces/default"),
+                "application/json",
+                "application/json",
+                vec![],
+            )
+            .await;
             if matches!(r, Ok((StatusCode::OK, _))) {
                 break;
             }
@@ -699,7 +886,16 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    ok(&http, Method::POST, format!("http://{}/api/v1/namespaces", c.apis[0]), "application/json", serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))?).await?;
+    ok(
+        &http,
+        Method::POST,
+        format!("http://{}/api/v1/namespaces", c.apis[0]),
+        "application/json",
+        serde_json::to_vec(
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}),
+        )?,
+    )
+    .await?;
 
     let mut res = Results {
         command: std::env::args().collect::<Vec<_>>().join(" "),

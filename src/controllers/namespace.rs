@@ -1,0 +1,181 @@
+//! The namespace controller and the service-account controller.
+//!
+//! Namespace deletion, as Kubernetes does it: the API marks a namespace `Terminating`
+//! (`deletionTimestamp`, `status.phase`) and refuses new content in it; this controller
+//! deletes everything the namespace holds through the API (so pods terminate gracefully,
+//! finalizers and cascades are honoured and Service addresses are released), looks again
+//! while anything remains, and then removes its `kubernetes` entry from `spec.finalizers`,
+//! at which point the API deletes the namespace. Content is read from the leader's own
+//! store, not an informer, so nothing created just before the mark is missed.
+//!
+//! The service-account controller gives every namespace that is not terminating a
+//! `default` ServiceAccount, and recreates it if it is deleted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::queue::Queue;
+use super::replicaset::ignore_conflict;
+use super::{owner, Ctx};
+use crate::api::objects::{prefix_end, Consistency};
+use crate::api::resources;
+use crate::api::status::KubeError;
+use crate::api::Call;
+
+/// The field manager the namespace controller writes as.
+pub const MANAGER: &str = "namespace-controller";
+/// The field manager the service-account controller writes as.
+pub const SA_MANAGER: &str = "service-account-controller";
+/// The finalizer this controller owns in `spec.finalizers`.
+pub const FINALIZER: &str = "kubernetes";
+/// Objects read per store range while emptying a namespace.
+const PAGE: i64 = 500;
+/// How soon to look again at a namespace whose content is still going.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// The namespace controller's state.
+pub struct Controller {
+    pub(crate) queue: Arc<Queue>,
+}
+
+impl Controller {
+    /// Wires the controller: a namespace change queues it.
+    pub fn new(ctx: &Ctx) -> Controller {
+        let queue = Arc::new(Queue::default());
+        let q = queue.clone();
+        ctx.namespaces.subscribe(move |c| {
+            if c.new.is_some_and(|n| owner::is_deleting(n)) {
+                q.add(c.key);
+            }
+        });
+        Controller { queue }
+    }
+
+    /// Empties one terminating namespace, then releases it.
+    pub async fn reconcile(&self, ctx: &Ctx, key: &str) -> Result<Option<Duration>, KubeError> {
+        let Some(ns) = ctx.namespaces.get(key) else {
+            return Ok(None);
+        };
+        let has_finalizer = ns
+            .pointer("/spec/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| f.iter().any(|x| x == FINALIZER));
+        if !owner::is_deleting(&ns) || !has_finalizer {
+            return Ok(None);
+        }
+        let name = owner::name(&ns).to_string();
+        let mut remaining = 0usize;
+        for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
+            let prefix = format!("{}{name}/", r.prefix());
+            let end = prefix_end(prefix.as_bytes());
+            let mut start = prefix.clone().into_bytes();
+            loop {
+                let (items, _, _) = ctx
+                    .api
+                    .objects()
+                    .range(&start, &end, 0, PAGE, Consistency::Local)
+                    .await?;
+                let Some(last) = items.last() else { break };
+                let last_name = owner::name(&last.object).to_string();
+                for item in &items {
+                    remaining += 1;
+                    if owner::is_deleting(&item.object) {
+                        continue;
+                    }
+                    let call = Call::internal(
+                        r,
+                        Some(&name),
+                        Some(owner::name(&item.object)),
+                        None,
+                        MANAGER,
+                    );
+                    ignore_conflict(ctx.api.delete_value(&call, None).await)?;
+                }
+                if (items.len() as i64) < PAGE {
+                    break;
+                }
+                start = format!("{prefix}{last_name}\0").into_bytes();
+            }
+        }
+        if remaining > 0 {
+            return Ok(Some(RECHECK));
+        }
+        let mut next = (*ns).clone();
+        let left: Vec<Value> = ns
+            .pointer("/spec/finalizers")
+            .and_then(Value::as_array)
+            .map(|f| f.iter().filter(|x| *x != FINALIZER).cloned().collect())
+            .unwrap_or_default();
+        next["spec"]["finalizers"] = json!(left);
+        let r = ctx.namespaces.resource();
+        let call = Call::internal(r, None, Some(&name), None, MANAGER);
+        ignore_conflict(ctx.api.update_value(&call, next).await)?;
+        Ok(None)
+    }
+}
+
+/// The service-account controller's state.
+pub struct ServiceAccounts {
+    pub(crate) queue: Arc<Queue>,
+}
+
+impl ServiceAccounts {
+    /// Wires the controller: a namespace that appears, or a `default` ServiceAccount that
+    /// goes, queues the namespace.
+    pub fn new(ctx: &Ctx) -> ServiceAccounts {
+        let queue = Arc::new(Queue::default());
+        {
+            let q = queue.clone();
+            ctx.namespaces.subscribe(move |c| {
+                if c.old.is_none() {
+                    q.add(c.key);
+                }
+            });
+        }
+        {
+            let q = queue.clone();
+            let ns_res = ctx.namespaces.resource();
+            ctx.serviceaccounts.subscribe(move |c| {
+                if let (Some(old), None) = (c.old, c.new) {
+                    if owner::name(old) == "default" {
+                        if let Some(ns) = owner::namespace(old) {
+                            q.add(&ns_res.key(None, ns));
+                        }
+                    }
+                }
+            });
+        }
+        ServiceAccounts { queue }
+    }
+
+    /// Creates the namespace's `default` ServiceAccount if it is missing.
+    pub async fn reconcile(&self, ctx: &Ctx, key: &str) -> Result<Option<Duration>, KubeError> {
+        let Some(ns) = ctx.namespaces.get(key) else {
+            return Ok(None);
+        };
+        if owner::is_deleting(&ns) {
+            return Ok(None);
+        }
+        let name = owner::name(&ns);
+        let r = ctx.serviceaccounts.resource();
+        if ctx
+            .serviceaccounts
+            .get(&r.key(Some(name), "default"))
+            .is_some()
+        {
+            return Ok(None);
+        }
+        let call = Call::internal(r, Some(name), None, None, SA_MANAGER);
+        let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                        "metadata": {"name": "default", "namespace": name}});
+        match ctx.api.create_value(&call, sa, false).await {
+            Ok(_) => Ok(None),
+            Err(e) if e.code == 409 && e.reason == "AlreadyExists" => Ok(None),
+            // The namespace began terminating meanwhile.
+            Err(e) if e.code == 403 => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
