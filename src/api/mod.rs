@@ -1412,7 +1412,7 @@ impl Kube {
                     ..KubeError::conflict(call.r, call.name())
                 });
             }
-            let mut next = current.object.clone();
+            let mut next = std::mem::take(&mut current.object);
             next["spec"]["nodeName"] = json!(target);
             let now = meta::rfc3339(meta::now_secs());
             let mut conditions = next
@@ -1423,11 +1423,8 @@ impl Kube {
             conditions.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
             conditions.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now}));
             next["status"]["conditions"] = json!(conditions);
-            let writer = managed::Writer {
-                subresource: Some("binding"),
-                ..call.writer()
-            };
-            managed::record_update(Some(&current.object), &mut next, &writer)?;
+            // As in Kubernetes, a binding is written straight to storage: it records no
+            // managedFields entry (and so costs no field-set computation per pod).
             match self.objects.replace(&key, current.revision, &next).await? {
                 Ok(stored) => return Ok(stored.object),
                 Err(Some(now)) => current = now,

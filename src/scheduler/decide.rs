@@ -160,6 +160,8 @@ pub struct PodInfo {
     pub owner: Option<String>,
     /// Required pod anti-affinity: (label selector as requirements, topology key).
     pub anti_affinity: Vec<(Vec<Requirement>, String)>,
+    /// Required pod affinity: (label selector as requirements, topology key).
+    pub affinity: Vec<(Vec<Requirement>, String)>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
 }
@@ -277,6 +279,8 @@ pub enum Reason {
     Ports,
     /// Pod anti-affinity.
     AntiAffinity,
+    /// Pod affinity.
+    PodAffinity,
 }
 
 impl Reason {
@@ -290,6 +294,7 @@ impl Reason {
             Reason::Taint(t) => format!("node(s) had untolerated taint {{{t}}}"),
             Reason::Ports => "node(s) didn't have free ports for the requested pod ports".into(),
             Reason::AntiAffinity => "node(s) didn't match pod anti-affinity rules".into(),
+            Reason::PodAffinity => "node(s) didn't match pod affinity rules".into(),
         }
     }
 }
@@ -394,6 +399,24 @@ fn filter(node: &NodeInfo, pod: &PodInfo, all: &[NodeInfo]) -> Result<(), Reason
         });
         if clash {
             return Err(Reason::AntiAffinity);
+        }
+    }
+    // Required pod affinity: a pod matching the selector runs in this node's topology
+    // domain. As in Kubernetes, the first pod of a group that matches its own selector may
+    // go anywhere when no such pod runs yet.
+    for (selector, topology) in &pod.affinity {
+        let matches = |l: &BTreeMap<String, String>| selector.iter().all(|r| r.matches(l));
+        let Some(domain) = node.labels.get(topology) else {
+            return Err(Reason::PodAffinity);
+        };
+        let near = all
+            .iter()
+            .any(|n| n.labels.get(topology) == Some(domain) && n.pod_labels.iter().any(&matches));
+        if !near {
+            let anywhere = all.iter().any(|n| n.pod_labels.iter().any(&matches));
+            if anywhere || !matches(&pod.labels) {
+                return Err(Reason::PodAffinity);
+            }
         }
     }
     Ok(())
@@ -531,7 +554,13 @@ pub fn forget(node: &mut NodeInfo, pod: &PodInfo) {
     if let Some(o) = &pod.owner {
         if let Some(c) = node.owners.get_mut(o) {
             *c -= 1;
+            if *c <= 0 {
+                node.owners.remove(o);
+            }
         }
+    }
+    if let Some(i) = node.pod_labels.iter().position(|l| *l == pod.labels) {
+        node.pod_labels.swap_remove(i);
     }
 }
 
@@ -617,29 +646,32 @@ pub fn pod_info(pod: &Value) -> PodInfo {
                 .collect()
         })
         .unwrap_or_default();
-    let anti_affinity = spec
-        .and_then(|s| {
-            s.pointer("/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution")
-        })
-        .and_then(Value::as_array)
-        .map(|terms| {
-            terms
-                .iter()
-                .map(|t| {
-                    (
-                        Requirement::list(
-                            t.pointer("/labelSelector/matchExpressions"),
-                            t.pointer("/labelSelector/matchLabels"),
-                        ),
-                        t.get("topologyKey")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let pod_terms = |path: &str| -> Vec<(Vec<Requirement>, String)> {
+        spec.and_then(|s| s.pointer(path))
+            .and_then(Value::as_array)
+            .map(|terms| {
+                terms
+                    .iter()
+                    .map(|t| {
+                        (
+                            Requirement::list(
+                                t.pointer("/labelSelector/matchExpressions"),
+                                t.pointer("/labelSelector/matchLabels"),
+                            ),
+                            t.get("topologyKey")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let anti_affinity =
+        pod_terms("/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution");
+    let affinity =
+        pod_terms("/affinity/podAffinity/requiredDuringSchedulingIgnoredDuringExecution");
     PodInfo {
         requests,
         node_selector: str_map(spec.and_then(|s| s.get("nodeSelector"))),
@@ -649,6 +681,7 @@ pub fn pod_info(pod: &Value) -> PodInfo {
         host_ports,
         owner: crate::controllers::owner::controller_uid(pod).map(str::to_string),
         anti_affinity,
+        affinity,
         labels: str_map(pod.pointer("/metadata/labels")),
     }
 }
@@ -826,6 +859,19 @@ mod tests {
         assert!(
             matches!(schedule(&nodes, &lonely), Decision::Unschedulable(m) if m.contains("anti-affinity"))
         );
+        // Pod affinity: near a pod with app=web (on node b only), or anywhere for the first
+        // of a group that selects itself.
+        let mut nodes = vec![node("a", "4", "8Gi"), node("b", "4", "8Gi")];
+        let near_web = json!({"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}]}}});
+        let mut follower = pod("100m", near_web.clone());
+        follower.labels = BTreeMap::from([("app".to_string(), "cache".to_string())]);
+        assert!(
+            matches!(schedule(&nodes, &follower), Decision::Unschedulable(m) if m.contains("2 node(s) didn't match pod affinity rules"))
+        );
+        let first = pod("100m", near_web);
+        assert!(matches!(schedule(&nodes, &first), Decision::Bind(_)));
+        assume(&mut nodes[1], &first);
+        assert_eq!(schedule(&nodes, &follower), Decision::Bind(1));
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! The scheduler: binds each pending pod to a node, on the Raft leader only.
 //!
-//! Owns the queue of pending pods, the set of pods waiting for the cluster to change, and
-//! the pods it has bound but not yet seen bound in its informer ("assumed", so the next
-//! batch does not hand their room to someone else). Each round takes up to
-//! [`BATCH`] pending pods, builds one snapshot of the nodes and what is bound to them, and
-//! decides pod by pod with [`decide::schedule_from`] (a pure function that, on large
-//! clusters, scores only the first feasible nodes it finds from a rotating start, as
-//! kube-scheduler's `percentageOfNodesToScore` does), assuming each placement
-//! before the next decision; then it binds them concurrently. A bind is a compare-and-swap
+//! Owns the queue of pending pods, the set of pods waiting for the cluster to change, the
+//! pods it has bound but not yet seen bound in its informer ("assumed", so the next batch
+//! does not hand their room to someone else), and the [`cache::Cache`] of nodes and what is
+//! bound to them, kept current from the informers change by change. Each round takes up to
+//! [`BATCH`] pending pods and decides pod by pod with [`decide::schedule_from`] (a pure
+//! function that, on large clusters, scores only the first feasible nodes it finds from a
+//! rotating start, as kube-scheduler's `percentageOfNodesToScore` does), assuming each
+//! placement into the cache before the next decision; then it binds them concurrently. A bind is a compare-and-swap
 //! that succeeds only while the pod is unbound, fenced to the leader's term.
 //!
 //! A pod that fits nowhere gets `PodScheduled=False` (reason `Unschedulable`, with
@@ -15,6 +15,7 @@
 //! and waits: it is tried again when a node or a pod changes, and otherwise after a backoff
 //! (1 s doubling to 10 s).
 
+pub mod cache;
 pub mod decide;
 
 use std::collections::{HashMap, HashSet};
@@ -28,7 +29,7 @@ use crate::api::objects::Stored;
 use crate::api::{meta, Call};
 use crate::controllers::queue::Queue;
 use crate::controllers::{owner, pod, Ctx};
-use decide::{Decision, NodeInfo, PodInfo};
+use decide::Decision;
 
 /// Most pods decided in one round.
 pub const BATCH: usize = 2048;
@@ -42,8 +43,10 @@ pub struct Scheduler {
     queue: Arc<Queue>,
     /// Pods that fit nowhere, waiting for a change: key → failures since the last change.
     waiting: Arc<Mutex<HashMap<String, u32>>>,
-    /// Bound by this scheduler, not yet seen bound: key → (node, what it asked).
-    assumed: Arc<Mutex<HashMap<String, (String, PodInfo)>>>,
+    /// Bound by this scheduler, not yet seen bound.
+    assumed: Arc<Mutex<HashSet<String>>>,
+    /// Nodes and what is bound to them.
+    cache: Arc<Mutex<cache::Cache>>,
     /// Where the next search for a node starts (see [`decide::schedule_from`]).
     next_start: std::sync::atomic::AtomicUsize,
     /// Cluster changes seen (each flushes the waiting pods). A pod found unschedulable on a
@@ -67,7 +70,8 @@ impl Scheduler {
     pub fn new(ctx: &Ctx) -> Scheduler {
         let queue = Arc::new(Queue::default());
         let waiting: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-        let assumed: Arc<Mutex<HashMap<String, (String, PodInfo)>>> = Arc::default();
+        let assumed: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let cache: Arc<Mutex<cache::Cache>> = Arc::default();
         let changes: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let flush = {
             let (q, w, changes) = (queue.clone(), waiting.clone(), changes.clone());
@@ -83,34 +87,55 @@ impl Scheduler {
             }
         };
         {
-            let (q, a, w, flush) = (
+            let (q, a, w, flush, cache) = (
                 queue.clone(),
                 assumed.clone(),
                 waiting.clone(),
                 flush.clone(),
+                cache.clone(),
             );
-            ctx.pods.subscribe(move |c| match c.new {
-                Some(new) if wants_scheduling(new) => q.add(c.key),
-                Some(new) => {
-                    if pod::node(new).is_some() {
-                        a.lock().expect("not poisoned").remove(c.key);
-                    }
-                    w.lock().expect("not poisoned").remove(c.key);
-                    // A pod that finished or started terminating frees room.
-                    if c.old.is_some_and(|o| pod::is_active(o)) && !pod::is_active(new) {
-                        flush();
+            ctx.pods.subscribe(move |c| {
+                {
+                    let mut cache = cache.lock().expect("not poisoned");
+                    // An assumed pod stays counted where it was assumed until it is seen
+                    // bound or gone.
+                    let pending = c
+                        .new
+                        .is_some_and(|n| pod::node(n).is_none() && pod::is_active(n))
+                        && a.lock().expect("not poisoned").contains(c.key);
+                    if !pending {
+                        cache.pod_changed(c.key, c.new.map(|v| &**v));
                     }
                 }
-                None => {
-                    a.lock().expect("not poisoned").remove(c.key);
-                    w.lock().expect("not poisoned").remove(c.key);
-                    if c.old.and_then(|o| pod::node(o)).is_some() {
-                        flush();
+                match c.new {
+                    Some(new) if wants_scheduling(new) => q.add(c.key),
+                    Some(new) => {
+                        if pod::node(new).is_some() {
+                            a.lock().expect("not poisoned").remove(c.key);
+                        }
+                        w.lock().expect("not poisoned").remove(c.key);
+                        // A pod that finished or started terminating frees room.
+                        if c.old.is_some_and(|o| pod::is_active(o)) && !pod::is_active(new) {
+                            flush();
+                        }
+                    }
+                    None => {
+                        a.lock().expect("not poisoned").remove(c.key);
+                        w.lock().expect("not poisoned").remove(c.key);
+                        if c.old.and_then(|o| pod::node(o)).is_some() {
+                            flush();
+                        }
                     }
                 }
             });
         }
+        let node_cache = cache.clone();
         ctx.nodes.subscribe(move |c| {
+            let name = owner::name(c.new.or(c.old).expect("a change has an object"));
+            node_cache
+                .lock()
+                .expect("not poisoned")
+                .node_changed(name, c.new.map(|v| &**v));
             let relevant = |v: Option<&Arc<Value>>| {
                 v.map(|n| {
                     (
@@ -129,6 +154,7 @@ impl Scheduler {
             queue,
             waiting,
             assumed,
+            cache,
             next_start: Default::default(),
             changes,
         }
@@ -166,105 +192,67 @@ impl Scheduler {
         }
     }
 
-    /// The nodes, with every bound active pod (and every assumed one) accounted for.
-    fn snapshot(&self, ctx: &Ctx) -> (Vec<NodeInfo>, HashMap<String, usize>) {
-        let mut nodes: Vec<NodeInfo> = ctx
-            .nodes
-            .list()
-            .iter()
-            .map(|n| decide::node_info(n))
-            .collect();
-        nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        let index: HashMap<String, usize> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.name.clone(), i))
-            .collect();
-        let mut seen: HashSet<String> = HashSet::new();
-        for p in ctx
-            .pods
-            .filter(|p| pod::node(p).is_some() && pod::is_active(p))
-        {
-            let node = pod::node(&p).expect("filtered");
-            if let Some(&i) = index.get(node) {
-                decide::assume(&mut nodes[i], &decide::pod_info(&p));
-            }
-            seen.insert(
-                ctx.pods
-                    .resource()
-                    .key(owner::namespace(&p), owner::name(&p)),
-            );
-        }
-        for (k, (node, info)) in self.assumed.lock().expect("not poisoned").iter() {
-            if seen.contains(k) {
-                continue;
-            }
-            if let Some(&i) = index.get(node) {
-                decide::assume(&mut nodes[i], info);
-            }
-        }
-        (nodes, index)
-    }
-
     async fn round(&self, ctx: &Ctx, keys: &[String]) {
         let seen_changes = self.changes.load(std::sync::atomic::Ordering::SeqCst);
-        let (mut nodes, index) = self.snapshot(ctx);
-        let mut binds: Vec<(String, Arc<Value>, String, PodInfo)> = Vec::new();
+        let mut binds: Vec<(String, Arc<Value>, String)> = Vec::new();
         let mut unschedulable: Vec<(String, Arc<Value>, String)> = Vec::new();
-        let want = decide::feasible_to_find(nodes.len());
-        let mut start = self.next_start.load(std::sync::atomic::Ordering::Relaxed);
-        for key in keys {
-            let Some(p) = ctx.pods.get(key) else { continue };
-            if !wants_scheduling(&p) || self.assumed.lock().expect("not poisoned").contains_key(key)
-            {
-                continue;
-            }
-            let info = decide::pod_info(&p);
-            let (decision, next) = decide::schedule_from(&nodes, &info, start, want);
-            start = next;
-            match decision {
-                Decision::Bind(i) => {
-                    decide::assume(&mut nodes[i], &info);
-                    let node = nodes[i].name.clone();
-                    self.assumed
-                        .lock()
-                        .expect("not poisoned")
-                        .insert(key.clone(), (node.clone(), info.clone()));
-                    binds.push((key.clone(), p, node, info));
+        {
+            // Decide against the cache, assuming each placement into it so the next
+            // decision sees it (no await while it is held).
+            let mut cache = self.cache.lock().expect("not poisoned");
+            let want = decide::feasible_to_find(cache.len());
+            let mut start = self.next_start.load(std::sync::atomic::Ordering::Relaxed);
+            for key in keys {
+                let Some(p) = ctx.pods.get(key) else { continue };
+                if !wants_scheduling(&p) || self.assumed.lock().expect("not poisoned").contains(key)
+                {
+                    continue;
                 }
-                Decision::Unschedulable(message) => unschedulable.push((key.clone(), p, message)),
+                let info = decide::pod_info(&p);
+                let (decision, next) = decide::schedule_from(cache.nodes(), &info, start, want);
+                start = next;
+                match decision {
+                    Decision::Bind(i) => {
+                        let node = cache.nodes()[i].name.clone();
+                        cache.assume(key, i, info);
+                        self.assumed
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(key.clone());
+                        binds.push((key.clone(), p, node));
+                    }
+                    Decision::Unschedulable(message) => {
+                        unschedulable.push((key.clone(), p, message))
+                    }
+                }
             }
+            self.next_start
+                .store(start, std::sync::atomic::Ordering::Relaxed);
         }
-        self.next_start
-            .store(start, std::sync::atomic::Ordering::Relaxed);
         let pod_res = ctx.pods.resource();
-        let results: Vec<(
-            String,
-            String,
-            PodInfo,
-            Result<Value, crate::api::status::KubeError>,
-        )> = futures::stream::iter(binds.into_iter().map(|(key, p, node, info)| async move {
-            let call = Call::internal(
-                pod_res,
-                owner::namespace(&p),
-                Some(owner::name(&p)),
-                None,
-                MANAGER,
-            );
-            let known = owner::resource_version(&p)
-                .parse()
-                .ok()
-                .map(|revision| Stored {
-                    object: (*p).clone(),
-                    revision,
-                });
-            let r = ctx.api.bind_value(&call, &node, known).await;
-            (key, node, info, r)
-        }))
-        .buffer_unordered(BINDS_IN_FLIGHT)
-        .collect()
-        .await;
-        for (key, node, info, r) in results {
+        let results: Vec<(String, String, Result<Value, crate::api::status::KubeError>)> =
+            futures::stream::iter(binds.into_iter().map(|(key, p, node)| async move {
+                let call = Call::internal(
+                    pod_res,
+                    owner::namespace(&p),
+                    Some(owner::name(&p)),
+                    None,
+                    MANAGER,
+                );
+                let known = owner::resource_version(&p)
+                    .parse()
+                    .ok()
+                    .map(|revision| Stored {
+                        object: (*p).clone(),
+                        revision,
+                    });
+                let r = ctx.api.bind_value(&call, &node, known).await;
+                (key, node, r)
+            }))
+            .buffer_unordered(BINDS_IN_FLIGHT)
+            .collect()
+            .await;
+        for (key, node, r) in results {
             match r {
                 Ok(bound) => {
                     ctx.metrics.scheduled.with_label_values(&["bound"]).inc();
@@ -287,8 +275,14 @@ impl Scheduler {
                     );
                 }
                 Err(e) => {
-                    self.assumed.lock().expect("not poisoned").remove(&key);
-                    let _ = info;
+                    // Count the pod as the informer last saw it, not as assumed.
+                    {
+                        let mut cache = self.cache.lock().expect("not poisoned");
+                        self.assumed.lock().expect("not poisoned").remove(&key);
+                        let seen = ctx.pods.get(&key);
+                        cache.remove(&key);
+                        cache.pod_changed(&key, seen.as_deref());
+                    }
                     if e.code == 404 || (e.code == 409 && e.message.contains("already assigned")) {
                         continue;
                     }
@@ -298,7 +292,6 @@ impl Scheduler {
                 }
             }
         }
-        let _ = index;
         if self.changes.load(std::sync::atomic::Ordering::SeqCst) != seen_changes {
             for (key, _, _) in unschedulable {
                 self.queue.add(&key);
