@@ -9,6 +9,7 @@
 //! - [`up`]: `flotilla up`, a local cluster as child processes;
 //! - [`metrics`]: Prometheus metrics; [`http`]: HTTP plumbing.
 
+pub mod agent;
 pub mod api;
 pub mod client;
 pub mod controllers;

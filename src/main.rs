@@ -28,6 +28,8 @@ enum Cmd {
     Server(flotilla::server::ServerArgs),
     /// Operate a cluster: members, status, keys, snapshots, compaction.
     Ctl(flotilla::ctl::CtlArgs),
+    /// Run a node agent: register a Node and run the pods bound to it.
+    Agent(flotilla::agent::AgentArgs),
     /// Run a local cluster as child processes until Ctrl-C.
     Up(flotilla::up::UpArgs),
     /// Print a kubeconfig for a cluster.
@@ -63,6 +65,7 @@ fn main() -> std::process::ExitCode {
         // openraft logs every failed replication RPC at error level; the replica logs peer
         // reachability changes itself.
         Cmd::Server(_) => ("info,openraft=warn,openraft::replication=off", 0),
+        Cmd::Agent(_) => ("info", 2),
         _ => ("warn", 2),
     };
     init_tracing(
@@ -81,6 +84,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Server(a) => flotilla::server::run(a).await,
             Cmd::Ctl(a) => flotilla::ctl::run(a).await,
             Cmd::Up(a) => flotilla::up::run(a).await,
+            Cmd::Agent(a) => flotilla::agent::run(a).await,
             Cmd::Kubeconfig { server } => {
                 print!("{}", flotilla::up::kubeconfig(&server));
                 Ok(())

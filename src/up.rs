@@ -1,7 +1,8 @@
 //! `flotilla up`: a local cluster for trying Flotilla out. Starts `--replicas` replicas as
 //! child processes on loopback (each with its data under `--data-dir/<id>` and its log in
 //! `--data-dir/<id>/server.log`), waits for a leader, prints the endpoints and a live status
-//! line, and stops every child cleanly on Ctrl-C. A second run reuses the data.
+//! line, and stops every child cleanly on Ctrl-C. A second run reuses the data. It also
+//! runs `--agents` node agents (default 1: node `node-1`, process runtime), so pods run.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,10 @@ pub struct UpArgs {
     /// Loopback address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Node agents to run (nodes `node-1`, `node-2`, ...; process runtime, data under
+    /// `--data-dir/agent-N`).
+    #[arg(long, default_value_t = 1)]
+    pub agents: u64,
 }
 
 struct Replica {
@@ -61,6 +66,28 @@ fn spawn(exe: &Path, args: &UpArgs, id: u64, cluster: &str) -> anyhow::Result<Ch
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting replica {id}"))
+}
+
+fn spawn_agent(exe: &Path, args: &UpArgs, n: u64, servers: &str) -> anyhow::Result<Child> {
+    let dir = args.data_dir.join(format!("agent-{n}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))?;
+    Command::new(exe)
+        .arg("agent")
+        .args(["--servers", servers])
+        .args(["--node-name", &format!("node-{n}")])
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--listen", &format!("{}:0", args.host)])
+        .args(["--node-ip", &args.host])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting agent {n}"))
 }
 
 /// A kubeconfig for the cluster whose API is at `server` (plain HTTP, no credentials yet).
@@ -102,9 +129,27 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let servers: Vec<String> = replicas.iter().map(|r| r.api.clone()).collect();
     let client = Client::new(servers.clone(), Duration::from_millis(500));
+    let mut agents = Vec::new();
+    for n in 1..=args.agents {
+        match spawn_agent(&exe, &args, n, &servers.join(",")) {
+            Ok(c) => agents.push(Replica {
+                id: n,
+                api: String::new(),
+                child: Some(c),
+            }),
+            Err(e) => {
+                stop(&mut agents, "agents");
+                stop(&mut replicas, "replicas");
+                return Err(e);
+            }
+        }
+    }
 
     let result = supervise(&args, &mut replicas, &client).await;
-    stop(&mut replicas);
+    // Agents first (their pods' processes keep running, as a kubelet's containers do, and
+    // a restarted agent stops them), then the replicas.
+    stop(&mut agents, "agents");
+    stop(&mut replicas, "replicas");
     result
 }
 
@@ -168,6 +213,12 @@ async fn supervise(args: &UpArgs, replicas: &mut [Replica], client: &Client) -> 
             args.data_dir.join(r.id.to_string()).display()
         );
     }
+    for n in 1..=args.agents {
+        println!(
+            "  agent {n}: node node-{n}  data {}",
+            args.data_dir.join(format!("agent-{n}")).display()
+        );
+    }
     let kubeconfig_path = args.data_dir.join("kubeconfig");
     std::fs::write(&kubeconfig_path, kubeconfig(&replicas[0].api))?;
     let kubeconfig_path = std::fs::canonicalize(&kubeconfig_path).unwrap_or(kubeconfig_path);
@@ -220,7 +271,7 @@ async fn supervise(args: &UpArgs, replicas: &mut [Replica], client: &Client) -> 
 }
 
 /// SIGTERM every child, wait up to 10 s, then SIGKILL what is left.
-fn stop(replicas: &mut [Replica]) {
+fn stop(replicas: &mut [Replica], what: &str) {
     for r in replicas.iter() {
         if let Some(c) = &r.child {
             let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
@@ -245,5 +296,5 @@ fn stop(replicas: &mut [Replica]) {
             }
         }
     }
-    println!("stopped {} replicas", replicas.len());
+    println!("stopped {} {what}", replicas.len());
 }

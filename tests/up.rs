@@ -46,6 +46,20 @@ async fn up_once(host: &str, data: &std::path::Path, key: &str) -> Vec<String> {
     let servers: Vec<String> = (0..3).map(|i| format!("{host}:{}", 6441 + i)).collect();
     let client = flotilla::client::Client::new(servers, Duration::from_secs(10));
     put(&client, key, "through-up").await;
+    // The agent `flotilla up` starts registers node-1, Ready.
+    wait_for(Duration::from_secs(60), "node-1 to be Ready", || async {
+        let (code, body) = client
+            .get_text(&format!("{host}:6441"), "/api/v1/nodes/node-1")
+            .await
+            .ok()?;
+        let node: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let ready = node["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+        (code == 200 && ready).then_some(())
+    })
+    .await;
     kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
     let status = child.wait().unwrap();
     assert!(
@@ -70,6 +84,7 @@ async fn up_starts_a_cluster_stops_it_cleanly_and_reuses_its_data() {
         "{lines:?}"
     );
     assert!(lines.iter().any(|l| l == "stopped 3 replicas"), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "stopped 1 agents"), "{lines:?}");
     assert!(
         lines.iter().any(|l| l.starts_with("Kubeconfig: ")),
         "{lines:?}"

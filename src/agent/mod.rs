@@ -1,0 +1,473 @@
+//! `flotilla agent`: the node agent (the kubelet's role).
+//!
+//! It registers its Node (capacity from the machine, `nodeInfo`, addresses, labels, its own
+//! endpoint in `daemonEndpoints`), renews its Lease in `kube-node-lease`, and watches the
+//! pods bound to it (`spec.nodeName`) on one control-plane replica at a time, failing over
+//! to the next with jittered backoff, resuming from its last `resourceVersion` and
+//! relisting after a 410. Each pod gets a worker ([`pod::run`]) that runs its containers
+//! through the [`runtime::Runtime`] and reports status.
+//!
+//! Owns: the map from pod uid to its worker (one worker per uid, ever, so a failover or
+//! relist never starts a pod twice), and its data directory (pod directories and logs).
+//! Several agents on one machine differ in `--node-name`, `--data-dir` and `--listen`.
+
+pub mod api;
+pub mod pod;
+pub mod runtime;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::api::meta;
+use crate::controllers::owner;
+use api::Api;
+
+/// Flags of `flotilla agent`.
+#[derive(Debug, Args, Clone)]
+pub struct AgentArgs {
+    /// Control-plane replicas' API addresses (`host:port,...`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub servers: Vec<String>,
+    /// This node's name.
+    #[arg(long)]
+    pub node_name: String,
+    /// Where pods keep their directories and logs.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The container runtime: `process` (embedded) or `cri`.
+    #[arg(long, default_value = "process")]
+    pub runtime: String,
+    /// The CRI socket (with `--runtime cri`).
+    #[arg(long)]
+    pub cri_endpoint: Option<String>,
+    /// Extra node labels (`k=v,...`).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// The agent's own HTTP endpoint (`/healthz`, `/metrics`); port 0 picks one, published
+    /// in the Node's `daemonEndpoints`.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// The address published as the node's InternalIP (and the pod IP under the process
+    /// runtime).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub node_ip: String,
+    /// Seconds between Lease renewals.
+    #[arg(long, default_value_t = 10)]
+    pub heartbeat_seconds: u64,
+    /// Most pods this node takes.
+    #[arg(long, default_value_t = 110)]
+    pub max_pods: u64,
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let runtime: Arc<dyn runtime::Runtime> = match args.runtime.as_str() {
+        "process" => Arc::new(runtime::ProcessRuntime),
+        "cri" => bail!(
+            "--runtime cri is not built yet; use --runtime process (endpoint {:?})",
+            args.cri_endpoint
+        ),
+        other => bail!("unknown runtime {other:?}: process or cri"),
+    };
+    let pods_dir = args.data_dir.join("pods");
+    std::fs::create_dir_all(&pods_dir)
+        .with_context(|| format!("creating {}", pods_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(serve(listener));
+    let api = Arc::new(Api::new(args.servers.clone(), Duration::from_secs(10)));
+    register(&api, &args, runtime.as_ref(), port).await?;
+    tracing::info!(node = args.node_name, port, "registered");
+    let env = Arc::new(pod::Env {
+        api: api.clone(),
+        runtime,
+        node: args.node_name.clone(),
+        node_ip: args.node_ip.clone(),
+        pods_dir,
+    });
+    tokio::spawn(heartbeat(api.clone(), args.clone()));
+    tokio::select! {
+        r = sync_pods(env) => r,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// `/healthz` and `/metrics` (`flotilla_agent_up`).
+async fn serve(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(
+                |req: http::Request<hyper::body::Incoming>| async move {
+                    let (status, body) = match req.uri().path() {
+                    "/healthz" | "/livez" | "/readyz" => (200, "ok\n".to_string()),
+                    "/metrics" => (200, "# HELP flotilla_agent_up The agent is running.\n# TYPE flotilla_agent_up gauge\nflotilla_agent_up 1\n".to_string()),
+                    _ => (404, "not found\n".to_string()),
+                };
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .status(status)
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                            .expect("a response"),
+                    )
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Capacity from the machine: cpu, memory, pods, ephemeral storage of the data directory.
+fn capacity(args: &AgentArgs) -> Value {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mem_kib = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<u64>().ok())
+        .unwrap_or(0);
+    let storage = nix::sys::statvfs::statvfs(&args.data_dir)
+        .map(|s| s.blocks() * s.fragment_size())
+        .unwrap_or(0);
+    json!({"cpu": cpus.to_string(), "memory": format!("{mem_kib}Ki"),
+           "pods": args.max_pods.to_string(), "ephemeral-storage": storage.to_string()})
+}
+
+fn node_info(runtime: &dyn runtime::Runtime) -> Value {
+    let os_image = read("/etc/os-release")
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|s| s.trim_matches('"').to_string())
+        .unwrap_or_else(|| "Linux".into());
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    json!({
+        "machineID": read("/etc/machine-id"),
+        "systemUUID": read("/sys/class/dmi/id/product_uuid"),
+        "bootID": read("/proc/sys/kernel/random/boot_id"),
+        "kernelVersion": read("/proc/sys/kernel/osrelease"),
+        "osImage": os_image,
+        "containerRuntimeVersion": runtime.version(),
+        "kubeletVersion": "v1.32.0-flotilla",
+        "kubeProxyVersion": "",
+        "operatingSystem": "linux",
+        "architecture": arch,
+    })
+}
+
+/// Creates the Node if it does not exist, then writes its status.
+async fn register(
+    api: &Api,
+    args: &AgentArgs,
+    runtime: &dyn runtime::Runtime,
+    port: u16,
+) -> anyhow::Result<()> {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let mut labels = json!({"kubernetes.io/hostname": args.node_name,
+        "kubernetes.io/os": "linux", "kubernetes.io/arch": arch});
+    for l in &args.labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("--labels takes k=v pairs, not {l:?}");
+        };
+        labels[k] = json!(v);
+    }
+    let node = json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": args.node_name, "labels": labels}});
+    let wait = Duration::from_secs(120);
+    let (code, body) = api
+        .call_retrying(
+            http::Method::POST,
+            "/api/v1/nodes",
+            "application/json",
+            Some(&node),
+            wait,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("registering the node: {e}"))?;
+    match code {
+        201 => {}
+        409 => {
+            // Registered before: bring the labels up to date.
+            let patch = json!({"metadata": {"labels": labels}});
+            api.call_retrying(
+                http::Method::PATCH,
+                &format!("/api/v1/nodes/{}", args.node_name),
+                "application/merge-patch+json",
+                Some(&patch),
+                wait,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("updating the node: {e}"))?;
+        }
+        _ => bail!("registering the node: {code} {body}"),
+    }
+    let now = meta::rfc3339(meta::now_secs());
+    let cap = capacity(args);
+    let condition = |kind: &str, status: &str, reason: &str, message: &str| {
+        json!({"type": kind, "status": status, "reason": reason, "message": message,
+               "lastHeartbeatTime": now, "lastTransitionTime": now})
+    };
+    let status = json!({"status": {
+        "capacity": cap,
+        "allocatable": cap,
+        "conditions": [
+            condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+            condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+            condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+            condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+        ],
+        "addresses": [{"type": "InternalIP", "address": args.node_ip},
+                      {"type": "Hostname", "address": args.node_name}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
+        "nodeInfo": node_info(runtime),
+    }});
+    let (code, body) = api
+        .call_retrying(
+            http::Method::PATCH,
+            &format!("/api/v1/nodes/{}/status", args.node_name),
+            "application/merge-patch+json",
+            Some(&status),
+            wait,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("writing the node status: {e}"))?;
+    if code != 200 {
+        bail!("writing the node status: {code} {body}");
+    }
+    Ok(())
+}
+
+/// Renews the node's Lease every `--heartbeat-seconds` (creating it when missing).
+async fn heartbeat(api: Arc<Api>, args: AgentArgs) {
+    let path = format!(
+        "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{}",
+        args.node_name
+    );
+    let period = Duration::from_secs(args.heartbeat_seconds.max(1));
+    loop {
+        let now = chrono_micro();
+        let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": args.node_name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": args.node_name, "leaseDurationSeconds": 40, "renewTime": now}});
+        let r = api
+            .call(
+                http::Method::PATCH,
+                &path,
+                "application/merge-patch+json",
+                Some(&json!({"spec": {"holderIdentity": args.node_name, "renewTime": now}})),
+            )
+            .await;
+        match r {
+            Ok((200, _)) => {}
+            Ok((404, _)) => {
+                let _ = api
+                    .call(
+                        http::Method::POST,
+                        "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+                        "application/json",
+                        Some(&lease),
+                    )
+                    .await;
+            }
+            Ok((code, b)) => tracing::warn!(code, %b, "lease not renewed"),
+            Err(e) => tracing::warn!(%e, "lease not renewed"),
+        }
+        tokio::time::sleep(api::jitter(period)).await;
+    }
+}
+
+/// A MicroTime (`2026-11-25T10:00:00.123456Z`).
+fn chrono_micro() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let base = meta::rfc3339(d.as_secs());
+    format!("{}.{:06}Z", base.trim_end_matches('Z'), d.subsec_micros())
+}
+
+/// Keeps one worker per pod bound to this node, fed from a list+watch that fails over
+/// between replicas.
+async fn sync_pods(env: Arc<pod::Env>) -> anyhow::Result<()> {
+    let selector = format!("fieldSelector=spec.nodeName%3D{}", env.node);
+    let mut workers: HashMap<String, watch::Sender<Option<Arc<Value>>>> = HashMap::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // List.
+        let list = env
+            .api
+            .call_retrying(
+                http::Method::GET,
+                &format!("/api/v1/pods?{selector}"),
+                "application/json",
+                None,
+                Duration::from_secs(3600),
+            )
+            .await;
+        let (200, list) = (match list {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(%e, "listing pods");
+                continue;
+            }
+        }) else {
+            tokio::time::sleep(api::jitter(backoff)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            continue;
+        };
+        let mut rv = list
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("0")
+            .to_string();
+        let items: Vec<Arc<Value>> = list
+            .get("items")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().cloned().map(Arc::new).collect())
+            .unwrap_or_default();
+        let present: std::collections::HashSet<String> =
+            items.iter().map(|p| owner::uid(p).to_string()).collect();
+        // Pods gone while we were not watching.
+        for (uid, tx) in &workers {
+            if !present.contains(uid) {
+                let _ = tx.send(None);
+            }
+        }
+        workers.retain(|uid, tx| present.contains(uid) || !tx.is_closed());
+        for p in items {
+            update(&env, &mut workers, p);
+        }
+        // Watch from there until it ends; then resume (or relist after a 410).
+        loop {
+            let path = format!(
+                "/api/v1/pods?{selector}&watch=true&allowWatchBookmarks=true&resourceVersion={rv}&timeoutSeconds=300"
+            );
+            let resp = match env.api.watch(&path).await {
+                Ok(r) if r.status() == 200 => r,
+                Ok(r) if r.status() == 410 => break,
+                Ok(r) => {
+                    tracing::debug!(status = r.status().as_u16(), "watch refused");
+                    env.api.fail_over();
+                    tokio::time::sleep(api::jitter(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(%e, "watch failed; trying another replica");
+                    env.api.fail_over();
+                    tokio::time::sleep(api::jitter(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            let mut body = resp.into_body();
+            let mut buf: Vec<u8> = Vec::new();
+            let mut expired = false;
+            'stream: loop {
+                // A silent stream for longer than the server's bookmark period is dead
+                // (a partitioned replica): move on.
+                let frame = tokio::time::timeout(Duration::from_secs(90), body.frame()).await;
+                let Ok(Some(Ok(frame))) = frame else {
+                    env.api.fail_over();
+                    break 'stream;
+                };
+                if let Some(d) = frame.data_ref() {
+                    buf.extend_from_slice(d);
+                }
+                while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
+                        continue;
+                    };
+                    let kind = ev.get("type").and_then(Value::as_str).unwrap_or("");
+                    let obj = ev.get("object").cloned().unwrap_or(Value::Null);
+                    if kind == "ERROR" {
+                        if obj.get("code").and_then(Value::as_u64) == Some(410) {
+                            expired = true;
+                        }
+                        break 'stream;
+                    }
+                    if let Some(v) = obj
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                    {
+                        rv = v.to_string();
+                    }
+                    match kind {
+                        "ADDED" | "MODIFIED" => update(&env, &mut workers, Arc::new(obj)),
+                        "DELETED" => {
+                            if let Some(tx) = workers.get(owner::uid(&obj)) {
+                                let _ = tx.send(None);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            workers.retain(|_, tx| !tx.is_closed());
+            if expired {
+                break;
+            }
+        }
+    }
+}
+
+/// Hands the latest version of a pod to its worker, starting one for a new uid.
+fn update(
+    env: &Arc<pod::Env>,
+    workers: &mut HashMap<String, watch::Sender<Option<Arc<Value>>>>,
+    p: Arc<Value>,
+) {
+    let uid = owner::uid(&p).to_string();
+    if let Some(tx) = workers.get(&uid) {
+        let _ = tx.send(Some(p));
+        return;
+    }
+    // A finished pod that no worker of ours ran (an agent restart): nothing to do but
+    // finish a pending deletion.
+    let (tx, rx) = watch::channel(Some(p));
+    workers.insert(uid, tx);
+    tokio::spawn(pod::run(env.clone(), rx));
+}

@@ -1,0 +1,641 @@
+//! One worker per pod: drives the pod's containers toward its spec and reports its status.
+//!
+//! Owns the pod's running containers. Invariants:
+//! - init containers run one at a time, in order, each to a successful exit, before any
+//!   container starts;
+//! - a container that exits is restarted per `restartPolicy` (`Always`; `OnFailure` for a
+//!   non-zero exit; never with `Never`) after a back-off of 10 s doubling to 5 minutes, reset
+//!   after 10 minutes of running (`CrashLoopBackOff` meanwhile);
+//! - once the pod has a `deletionTimestamp` (or is gone from the API), every container gets
+//!   SIGTERM, then SIGKILL when the grace period runs out; the agent then deletes the pod
+//!   with grace 0 and a uid precondition, so a newer pod of the same name is never touched;
+//! - status is written only when it changed (phase, conditions, container states).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::api::Api;
+use super::runtime::{Handle, Runtime, Spec};
+use crate::api::meta;
+use crate::controllers::owner;
+
+/// First restart back-off.
+const BACKOFF_START: Duration = Duration::from_secs(10);
+/// Longest restart back-off.
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Running this long resets the back-off.
+const BACKOFF_RESET: Duration = Duration::from_secs(600);
+/// How often running containers are checked.
+const TICK: Duration = Duration::from_millis(200);
+
+/// What a worker needs from its agent.
+pub struct Env {
+    /// The API.
+    pub api: Arc<Api>,
+    /// The runtime.
+    pub runtime: Arc<dyn Runtime>,
+    /// The node's name.
+    pub node: String,
+    /// The node's IP (the pod IP under the process runtime).
+    pub node_ip: String,
+    /// Where pods keep their directories and logs.
+    pub pods_dir: PathBuf,
+}
+
+#[derive(Default)]
+struct Container {
+    name: String,
+    handle: Option<Handle>,
+    started: Option<(Instant, u64)>,
+    restarts: u64,
+    /// Exit code and when (epoch seconds).
+    last_exit: Option<(i32, u64, u64)>,
+    /// Not before this instant (crash-loop back-off).
+    not_before: Option<Instant>,
+    backoff: Duration,
+    /// Why it cannot start (a config error).
+    error: Option<String>,
+}
+
+impl Container {
+    fn new(name: &str) -> Container {
+        Container {
+            name: name.to_string(),
+            backoff: BACKOFF_START,
+            ..Container::default()
+        }
+    }
+
+    fn state(&self) -> Value {
+        if let (Some(_), Some((_, at))) = (&self.handle, self.started) {
+            return json!({"running": {"startedAt": meta::rfc3339(at)}});
+        }
+        if let Some(e) = &self.error {
+            return json!({"waiting": {"reason": "CreateContainerConfigError", "message": e}});
+        }
+        if self.not_before.is_some_and(|t| t > Instant::now()) {
+            return json!({"waiting": {"reason": "CrashLoopBackOff",
+                "message": format!("back-off {}s restarting failed container={}", self.backoff.as_secs(), self.name)}});
+        }
+        match self.last_exit {
+            Some((code, started, finished)) => json!({"terminated": {
+                "exitCode": code,
+                "reason": if code == 0 { "Completed" } else { "Error" },
+                "startedAt": meta::rfc3339(started),
+                "finishedAt": meta::rfc3339(finished)}}),
+            None => json!({"waiting": {"reason": "ContainerCreating"}}),
+        }
+    }
+}
+
+/// The argv of a container (`command` then `args`).
+fn argv(c: &Value) -> Vec<String> {
+    let strings = |k: &str| -> Vec<String> {
+        c.get(k)
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut v = strings("command");
+    v.extend(strings("args"));
+    v
+}
+
+/// The environment of a container: `value` and the `fieldRef`s the process runtime can
+/// answer; `$(VAR)` references to earlier variables are expanded as Kubernetes does.
+fn environment(pod: &Value, c: &Value, env: &Env) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = vec![
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("HOSTNAME".into(), owner::name(pod).to_string()),
+    ];
+    for e in c.get("env").and_then(Value::as_array).into_iter().flatten() {
+        let name = e.get("name").and_then(Value::as_str).unwrap_or("");
+        let value = if let Some(v) = e.get("value").and_then(Value::as_str) {
+            expand(v, &out)
+        } else if let Some(path) = e
+            .pointer("/valueFrom/fieldRef/fieldPath")
+            .and_then(Value::as_str)
+        {
+            match path {
+                "metadata.name" => owner::name(pod).to_string(),
+                "metadata.namespace" => owner::namespace(pod).unwrap_or("").to_string(),
+                "metadata.uid" => owner::uid(pod).to_string(),
+                "spec.nodeName" => env.node.clone(),
+                "spec.serviceAccountName" => pod
+                    .pointer("/spec/serviceAccountName")
+                    .and_then(Value::as_str)
+                    .unwrap_or("default")
+                    .to_string(),
+                "status.podIP" | "status.hostIP" => env.node_ip.clone(),
+                other => {
+                    if let Some(label) = other
+                        .strip_prefix("metadata.labels['")
+                        .and_then(|s| s.strip_suffix("']"))
+                    {
+                        pod.pointer("/metadata/labels")
+                            .and_then(|l| l.get(label))
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string()
+                    } else {
+                        return Err(format!("env {name}: fieldRef {other:?} is not supported"));
+                    }
+                }
+            }
+        } else if e.get("valueFrom").is_some() {
+            return Err(format!(
+                "env {name}: only value and fieldRef are supported by this agent so far"
+            ));
+        } else {
+            String::new()
+        };
+        out.retain(|(k, _)| k != name);
+        out.push((name.to_string(), value));
+    }
+    Ok(out)
+}
+
+/// `$(NAME)` → its value among `vars`; `$$` → `$`; unknown references stay as written.
+fn expand(s: &str, vars: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(a) = after.strip_prefix('$') {
+            out.push('$');
+            rest = a;
+        } else if let Some(body) = after.strip_prefix('(') {
+            match body.find(')') {
+                Some(j) => {
+                    let name = &body[..j];
+                    match vars.iter().rev().find(|(k, _)| k == name) {
+                        Some((_, v)) => out.push_str(v),
+                        None => out.push_str(&format!("$({name})")),
+                    }
+                    rest = &body[j + 1..];
+                }
+                None => {
+                    out.push_str(&rest[i..]);
+                    rest = "";
+                }
+            }
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn containers(pod: &Value, key: &str) -> Vec<Value> {
+    pod.pointer(&format!("/spec/{key}"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Runs one pod until it is deleted; `rx` carries the latest version of the pod (`None`
+/// once it is gone from the API).
+pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
+    let Some(first) = rx.borrow().clone() else {
+        return;
+    };
+    let uid = owner::uid(&first).to_string();
+    let dir = env.pods_dir.join(format!(
+        "{}_{}_{uid}",
+        owner::namespace(&first).unwrap_or(""),
+        owner::name(&first)
+    ));
+    let restart = first
+        .pointer("/spec/restartPolicy")
+        .and_then(Value::as_str)
+        .unwrap_or("Always")
+        .to_string();
+    let inits_spec = containers(&first, "initContainers");
+    let mains_spec = containers(&first, "containers");
+    let name_of = |c: &Value| {
+        c.get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut inits: Vec<Container> = inits_spec
+        .iter()
+        .map(|c| Container::new(&name_of(c)))
+        .collect();
+    let mut mains: Vec<Container> = mains_spec
+        .iter()
+        .map(|c| Container::new(&name_of(c)))
+        .collect();
+    let start_time = meta::now_secs();
+    let mut reported = Value::Null;
+    let mut failed_init = false;
+    // Containers a previous run of this agent started are stopped first, so a pod never
+    // runs twice.
+    kill_leftovers(&dir);
+    // A pod that already finished is not run again: it only waits to be deleted.
+    if matches!(
+        first.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    ) {
+        loop {
+            let pod = rx.borrow().clone();
+            match pod {
+                Some(p) if owner::uid(&p) == uid && !owner::is_deleting(&p) => {}
+                Some(p) if owner::uid(&p) == uid => {
+                    finish(&env, &p, &uid).await;
+                    return;
+                }
+                _ => return,
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+    loop {
+        let pod = rx.borrow().clone();
+        let deleting = pod
+            .as_ref()
+            .is_none_or(|p| owner::is_deleting(p) || owner::uid(p) != uid);
+        if deleting {
+            let grace = pod
+                .as_ref()
+                .and_then(|p| p.pointer("/metadata/deletionGracePeriodSeconds"))
+                .and_then(Value::as_u64)
+                .unwrap_or(30);
+            stop_all(&mut inits, &mut mains, Duration::from_secs(grace)).await;
+            if let Some(p) = pod.filter(|p| owner::uid(p) == uid) {
+                finish(&env, &p, &uid).await;
+            }
+            return;
+        }
+        let pod = pod.expect("not deleting");
+        let now = Instant::now();
+        // Init containers, in order.
+        let mut inits_done = true;
+        if !failed_init {
+            for (i, c) in inits.iter_mut().enumerate() {
+                if c.last_exit.is_some_and(|(code, _, _)| code == 0) && c.handle.is_none() {
+                    continue;
+                }
+                inits_done = false;
+                poll(c, &restart, true, now);
+                if c.handle.is_none() && c.not_before.is_none_or(|t| t <= now) {
+                    if c.last_exit.is_some_and(|(code, _, _)| code != 0) && restart == "Never" {
+                        failed_init = true;
+                        break;
+                    }
+                    if c.last_exit.is_none_or(|(code, _, _)| code != 0) {
+                        launch(c, &pod, &inits_spec[i], &env, &dir);
+                    }
+                }
+                break;
+            }
+        }
+        if inits_done && !failed_init {
+            for (i, c) in mains.iter_mut().enumerate() {
+                poll(c, &restart, false, now);
+                let never_started = c.last_exit.is_none() && c.handle.is_none();
+                let should_restart = c.handle.is_none()
+                    && c.last_exit
+                        .is_some_and(|(code, _, _)| match restart.as_str() {
+                            "Always" => true,
+                            "OnFailure" => code != 0,
+                            _ => false,
+                        });
+                if (never_started && c.error.is_none() || should_restart)
+                    && c.not_before.is_none_or(|t| t <= now)
+                {
+                    launch(c, &pod, &mains_spec[i], &env, &dir);
+                }
+            }
+        }
+        let status = status_of(
+            &pod,
+            &inits,
+            &mains,
+            inits_done,
+            failed_init,
+            &restart,
+            &env,
+            start_time,
+        );
+        if status != reported {
+            let path = format!(
+                "/api/v1/namespaces/{}/pods/{}/status",
+                owner::namespace(&pod).unwrap_or(""),
+                owner::name(&pod)
+            );
+            match env
+                .api
+                .call(
+                    http::Method::PATCH,
+                    &path,
+                    "application/merge-patch+json",
+                    Some(&json!({"status": status})),
+                )
+                .await
+            {
+                Ok((200, _)) => reported = status,
+                Ok((code, body)) => tracing::debug!(code, %body, "pod status not written"),
+                Err(e) => tracing::debug!(%e, "pod status not written"),
+            }
+        }
+        let finished = matches!(
+            reported.get("phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        );
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    // The agent is shutting down: leave the containers running, as the
+                    // kubelet does; a restarted agent finds them gone (process runtime) and
+                    // reports that.
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(if finished { Duration::from_secs(5) } else { TICK }) => {}
+        }
+    }
+}
+
+/// Notes an exit of `c` and schedules its restart back-off.
+fn poll(c: &mut Container, restart: &str, init: bool, now: Instant) {
+    let Some(h) = c.handle.as_mut() else { return };
+    let Some(code) = h.try_wait() else {
+        // Long enough running: the back-off starts over.
+        if c.started
+            .is_some_and(|(t, _)| now.duration_since(t) >= BACKOFF_RESET)
+        {
+            c.backoff = BACKOFF_START;
+        }
+        return;
+    };
+    let started = c.started.map(|(_, s)| s).unwrap_or_else(meta::now_secs);
+    c.handle = None;
+    c.last_exit = Some((code, started, meta::now_secs()));
+    let restarts = match restart {
+        "Always" => !init || code != 0,
+        "OnFailure" => code != 0,
+        _ => false,
+    };
+    if restarts && !(init && code == 0) {
+        c.not_before = Some(now + c.backoff);
+        c.backoff = (c.backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &std::path::Path) {
+    let environment = match environment(pod, spec, env) {
+        Ok(e) => e,
+        Err(e) => {
+            c.error = Some(e);
+            return;
+        }
+    };
+    let workdir = spec
+        .get("workingDir")
+        .and_then(Value::as_str)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.join("root"));
+    // `$(VAR)` in command and args expands from the container's environment.
+    let argv = argv(spec).iter().map(|a| expand(a, &environment)).collect();
+    let s = Spec {
+        name: &c.name,
+        argv,
+        env: environment,
+        dir: workdir,
+        log: dir.join(format!("{}.log", c.name)),
+    };
+    match env.runtime.start(&s) {
+        Ok(h) => {
+            let _ = std::fs::write(dir.join(format!("{}.pid", c.name)), h.pid.to_string());
+            if c.last_exit.is_some() {
+                c.restarts += 1;
+            }
+            c.handle = Some(h);
+            c.started = Some((Instant::now(), meta::now_secs()));
+            c.error = None;
+        }
+        Err(e) => c.error = Some(e),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn status_of(
+    pod: &Value,
+    inits: &[Container],
+    mains: &[Container],
+    inits_done: bool,
+    failed_init: bool,
+    restart: &str,
+    env: &Env,
+    start_time: u64,
+) -> Value {
+    let running = mains.iter().filter(|c| c.handle.is_some()).count();
+    let all_exited = mains
+        .iter()
+        .all(|c| c.handle.is_none() && c.last_exit.is_some());
+    let will_restart = |c: &Container| match restart {
+        "Always" => true,
+        "OnFailure" => c.last_exit.is_some_and(|(code, _, _)| code != 0),
+        _ => false,
+    };
+    let phase = if failed_init {
+        "Failed"
+    } else if !inits_done || mains.is_empty() {
+        "Pending"
+    } else if all_exited && !mains.iter().any(will_restart) {
+        if mains
+            .iter()
+            .all(|c| c.last_exit.is_some_and(|(code, _, _)| code == 0))
+        {
+            "Succeeded"
+        } else {
+            "Failed"
+        }
+    } else if running > 0 || mains.iter().any(|c| c.last_exit.is_some()) {
+        "Running"
+    } else {
+        "Pending"
+    };
+    let ready = phase == "Running" && running == mains.len();
+    let stamp = meta::rfc3339(meta::now_secs());
+    let previous = |kind: &str, status: &str| -> String {
+        pod.pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| {
+                cs.iter().find(|c| {
+                    c.get("type").and_then(Value::as_str) == Some(kind)
+                        && c.get("status").and_then(Value::as_str) == Some(status)
+                })
+            })
+            .and_then(|c| c.get("lastTransitionTime").and_then(Value::as_str))
+            .map(str::to_string)
+            .unwrap_or_else(|| stamp.clone())
+    };
+    let condition = |kind: &str, ok: bool| {
+        let s = if ok { "True" } else { "False" };
+        json!({"type": kind, "status": s, "lastProbeTime": null, "lastTransitionTime": previous(kind, s)})
+    };
+    let statuses = |cs: &[Container], specs: &str| -> Vec<Value> {
+        let spec = containers(pod, specs);
+        cs.iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let image = spec
+                    .get(i)
+                    .and_then(|s| s.get("image"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let mut s = json!({
+                    "name": c.name,
+                    "ready": c.handle.is_some() && specs == "containers",
+                    "started": c.handle.is_some(),
+                    "restartCount": c.restarts,
+                    "image": image,
+                    "imageID": "",
+                    "state": c.state(),
+                });
+                if let Some(h) = &c.handle {
+                    s["containerID"] = json!(format!("process://{}", h.pid));
+                }
+                if let (Some((code, st, fin)), true) = (c.last_exit, c.handle.is_some()) {
+                    s["lastState"] = json!({"terminated": {"exitCode": code,
+                        "reason": if code == 0 { "Completed" } else { "Error" },
+                        "startedAt": meta::rfc3339(st), "finishedAt": meta::rfc3339(fin)}});
+                }
+                s
+            })
+            .collect()
+    };
+    let mut status = json!({
+        "phase": phase,
+        "hostIP": env.node_ip,
+        "hostIPs": [{"ip": env.node_ip}],
+        "podIP": env.node_ip,
+        "podIPs": [{"ip": env.node_ip}],
+        "startTime": pod.pointer("/status/startTime").cloned().unwrap_or_else(|| json!(meta::rfc3339(start_time))),
+        "conditions": [
+            condition("PodScheduled", true),
+            condition("Initialized", inits_done && !failed_init),
+            condition("ContainersReady", ready),
+            condition("Ready", ready),
+        ],
+        "containerStatuses": statuses(mains, "containers"),
+        "qosClass": pod.pointer("/status/qosClass").cloned().unwrap_or(json!("BestEffort")),
+    });
+    if !inits.is_empty() {
+        status["initContainerStatuses"] = json!(statuses(inits, "initContainers"));
+    }
+    status
+}
+
+/// SIGKILL to the process groups recorded in `dir` by an earlier run of the agent.
+fn kill_leftovers(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("pid") {
+            continue;
+        }
+        if let Some(pid) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|p| *p > 1)
+        {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// SIGTERM to every container, SIGKILL to what is left after `grace`.
+async fn stop_all(inits: &mut [Container], mains: &mut [Container], grace: Duration) {
+    let all = || inits.iter().chain(mains.iter());
+    for c in all() {
+        if let Some(h) = &c.handle {
+            h.signal(Signal::SIGTERM);
+        }
+    }
+    let until = Instant::now() + grace;
+    loop {
+        let mut alive = false;
+        for c in inits.iter_mut().chain(mains.iter_mut()) {
+            if let Some(h) = c.handle.as_mut() {
+                if h.try_wait().is_some() {
+                    c.handle = None;
+                } else {
+                    alive = true;
+                }
+            }
+        }
+        if !alive {
+            return;
+        }
+        if Instant::now() >= until {
+            for c in inits.iter().chain(mains.iter()) {
+                if let Some(h) = &c.handle {
+                    h.signal(Signal::SIGKILL);
+                }
+            }
+        }
+        // A later, shorter grace period is not tracked: SIGKILL comes at the first one's end.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Deletes the pod for good (grace 0, this uid only), once its containers are gone.
+async fn finish(env: &Env, pod: &Value, uid: &str) {
+    let path = format!(
+        "/api/v1/namespaces/{}/pods/{}",
+        owner::namespace(pod).unwrap_or(""),
+        owner::name(pod)
+    );
+    let body = json!({"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
+                      "preconditions": {"uid": uid}});
+    match env
+        .api
+        .call_retrying(
+            http::Method::DELETE,
+            &path,
+            "application/json",
+            Some(&body),
+            Duration::from_secs(60),
+        )
+        .await
+    {
+        Ok((200 | 404 | 409, _)) => {}
+        Ok((code, b)) => tracing::warn!(code, %b, "could not delete a stopped pod"),
+        Err(e) => tracing::warn!(%e, "could not delete a stopped pod"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variable_references_expand_like_kubernetes() {
+        let vars = vec![("A".to_string(), "x".to_string())];
+        assert_eq!(expand("$(A)-$(B)-$$(A)-$", &vars), "x-$(B)-$(A)-$");
+        assert_eq!(expand("plain", &vars), "plain");
+    }
+}

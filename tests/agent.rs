@@ -1,0 +1,313 @@
+//! The node agent (`flotilla agent`, process runtime) against a real three-replica cluster,
+//! with the real controllers and scheduler and kubectl 1.32: registration, heartbeats, pods
+//! run as processes with their environment, restarts, Jobs, graceful deletion, and a watch
+//! that fails over when the agent's replica is killed.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::Value;
+
+const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32";
+
+/// Kills the agent when the test ends, however it ends.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn kubectl(c: &Cluster, id: u64, args: &[&str]) -> String {
+    let out = Command::new(KUBECTL)
+        .arg(format!("--server=http://{}", c.replica(id).api()))
+        .arg(format!(
+            "--cache-dir={}",
+            c.dir.path().join(format!("kube-cache-{id}")).display()
+        ))
+        .args(args)
+        .env("HOME", c.dir.path())
+        .output()
+        .expect("kubectl 1.32 is installed");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// GET `path` from replica `id`: status and JSON.
+async fn get(c: &Cluster, id: u64, path: &str) -> (u16, Value) {
+    let client = flotilla::client::Client::new(vec![c.replica(id).api()], Duration::from_secs(5));
+    match client
+        .send_raw(
+            http::Method::GET,
+            &c.replica(id).api(),
+            path,
+            "application/json",
+            Vec::new(),
+            None,
+        )
+        .await
+    {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let b = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+/// The pods of `default` labelled `app=<app>`, not terminating.
+async fn live_pods(c: &Cluster, id: u64, app: &str) -> Vec<Value> {
+    let (s, list) = get(
+        c,
+        id,
+        &format!("/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"),
+    )
+    .await;
+    if s != 200 {
+        return Vec::new();
+    }
+    list["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .collect()
+}
+
+fn pid_of(p: &Value) -> Option<i32> {
+    p["status"]["containerStatuses"][0]["containerID"]
+        .as_str()?
+        .strip_prefix("process://")?
+        .parse()
+        .ok()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is not alive: the agent reaps its children.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.wait_leader().await;
+    let servers: Vec<String> = (1..=3).map(|i| c.replica(i).api()).collect();
+    let data = c.dir.path().join("agent-a1");
+    let log = std::fs::File::create(c.dir.path().join("agent-a1.log")).unwrap();
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["agent", "--servers", &servers.join(",")])
+            .args(["--node-name", "a1", "--heartbeat-seconds", "1"])
+            .args(["--labels", "disk=ssd"])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("the agent starts"),
+    );
+
+    // Registration: a Ready node describing the machine, with the agent's endpoint.
+    let node = wait_for(Duration::from_secs(30), "node a1 to be Ready", || async {
+        let (s, n) = get(&c, 2, "/api/v1/nodes/a1").await;
+        let ready = n["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|x| x["type"] == "Ready" && x["status"] == "True")
+        });
+        (s == 200 && ready).then_some(n)
+    })
+    .await;
+    assert_eq!(node["metadata"]["labels"]["disk"], "ssd");
+    assert_eq!(node["metadata"]["labels"]["kubernetes.io/os"], "linux");
+    assert_eq!(node["status"]["nodeInfo"]["operatingSystem"], "linux");
+    assert!(
+        node["status"]["capacity"]["cpu"]
+            .as_str()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+            >= 1
+    );
+    let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        .as_u64()
+        .unwrap();
+    assert!(port > 0);
+    let health = flotilla::client::Client::new(vec![], Duration::from_secs(5))
+        .get_text(&format!("127.0.0.1:{port}"), "/healthz")
+        .await
+        .unwrap();
+    assert_eq!(health.0, 200);
+    // Heartbeats: the Lease is renewed.
+    let renew = |v: &Value| v["spec"]["renewTime"].as_str().unwrap_or("").to_string();
+    let first = wait_for(Duration::from_secs(10), "the node's Lease", || async {
+        let (s, l) = get(
+            &c,
+            2,
+            "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/a1",
+        )
+        .await;
+        (s == 200).then(|| renew(&l))
+    })
+    .await;
+    wait_for(
+        Duration::from_secs(10),
+        "the Lease to be renewed",
+        || async {
+            let (_, l) = get(
+                &c,
+                2,
+                "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/a1",
+            )
+            .await;
+            (renew(&l) != first).then_some(())
+        },
+    )
+    .await;
+
+    // A Deployment: its pods run as processes, with their environment.
+    let web = c.dir.path().join("web.yaml");
+    std::fs::write(
+        &web,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 2\n  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - name: c\n        image: busybox\n        command: [\"sh\", \"-c\", \"echo hello from $(MY_NAME) on $MY_NODE; exec sleep 300\"]\n        env:\n        - name: MY_NAME\n          valueFrom:\n            fieldRef:\n              fieldPath: metadata.name\n        - name: MY_NODE\n          valueFrom:\n            fieldRef:\n              fieldPath: spec.nodeName\n",
+    )
+    .unwrap();
+    kubectl(&c, 2, &["apply", "-f", web.to_str().unwrap()]);
+    let out = kubectl(&c, 2, &["rollout", "status", "deploy/web", "--timeout=60s"]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let running = live_pods(&c, 2, "web").await;
+    assert_eq!(running.len(), 2);
+    let mut pids = Vec::new();
+    for p in &running {
+        assert_eq!(p["status"]["phase"], "Running", "{p}");
+        assert_eq!(p["spec"]["nodeName"], "a1");
+        let pid = pid_of(p).expect("a process container ID");
+        assert!(alive(pid), "pid {pid} runs");
+        pids.push(pid);
+        let name = p["metadata"]["name"].as_str().unwrap();
+        let uid = p["metadata"]["uid"].as_str().unwrap();
+        let log = data.join(format!("pods/default_{name}_{uid}/c.log"));
+        let text = wait_for(
+            Duration::from_secs(10),
+            "the container's output",
+            || async { std::fs::read_to_string(&log).ok().filter(|t| !t.is_empty()) },
+        )
+        .await;
+        assert_eq!(text.trim(), format!("hello from {name} on a1"));
+    }
+
+    // A crashing container is restarted (restartPolicy Always) and its count goes up.
+    let crash = c.dir.path().join("crash.yaml");
+    std::fs::write(
+        &crash,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: crash\n  labels:\n    app: crash\nspec:\n  containers:\n  - name: c\n    image: busybox\n    command: [\"sh\", \"-c\", \"exit 3\"]\n",
+    )
+    .unwrap();
+    kubectl(&c, 2, &["apply", "-f", crash.to_str().unwrap()]);
+    let crashed = wait_for(
+        Duration::from_secs(40),
+        "the crashing container to be restarted",
+        || async {
+            let ps = live_pods(&c, 2, "crash").await;
+            ps.into_iter()
+                .find(|p| p["status"]["containerStatuses"][0]["restartCount"].as_u64() >= Some(1))
+        },
+    )
+    .await;
+    assert_eq!(crashed["status"]["phase"], "Running");
+
+    // Jobs: one that succeeds completes; one that fails with backoffLimit 0 fails.
+    let jobs = c.dir.path().join("jobs.yaml");
+    std::fs::write(
+        &jobs,
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: ok\nspec:\n  completions: 2\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: c\n        image: busybox\n        command: [\"true\"]\n---\napiVersion: batch/v1\nkind: Job\nmetadata:\n  name: bad\nspec:\n  backoffLimit: 0\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: c\n        image: busybox\n        command: [\"false\"]\n",
+    )
+    .unwrap();
+    kubectl(&c, 2, &["apply", "-f", jobs.to_str().unwrap()]);
+    let out = kubectl(
+        &c,
+        2,
+        &[
+            "wait",
+            "--for=condition=complete",
+            "job/ok",
+            "--timeout=60s",
+        ],
+    );
+    assert!(out.contains("condition met"), "{out}");
+    let out = kubectl(
+        &c,
+        2,
+        &["wait", "--for=condition=failed", "job/bad", "--timeout=60s"],
+    );
+    assert!(out.contains("condition met"), "{out}");
+
+    // The agent's replica (the first it was given) dies: the agent fails over and runs a
+    // new pod; nothing already running is started twice.
+    c.kill(1);
+    c.wait_leader().await;
+    kubectl(&c, 2, &["scale", "deploy/web", "--replicas=3"]);
+    let three = wait_for(
+        Duration::from_secs(60),
+        "three web pods running after the failover",
+        || async {
+            let ps = live_pods(&c, 2, "web").await;
+            (ps.len() == 3 && ps.iter().all(|p| p["status"]["phase"] == "Running")).then_some(ps)
+        },
+    )
+    .await;
+    let now_pids: Vec<i32> = three.iter().filter_map(pid_of).collect();
+    for pid in &pids {
+        assert!(
+            now_pids.contains(pid),
+            "the first pods kept their processes"
+        );
+    }
+    let mut all = now_pids.clone();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 3);
+
+    // Deleting the Deployment stops its processes and the pods go.
+    kubectl(&c, 2, &["delete", "deploy/web", "--timeout=60s"]);
+    wait_for(
+        Duration::from_secs(60),
+        "the web pods and their processes to be gone",
+        || async {
+            let left = {
+                let (_, list) = get(
+                    &c,
+                    2,
+                    "/api/v1/namespaces/default/pods?labelSelector=app%3Dweb",
+                )
+                .await;
+                list["items"].as_array().map_or(usize::MAX, Vec::len)
+            };
+            (left == 0 && now_pids.iter().all(|p| !alive(*p))).then_some(())
+        },
+    )
+    .await;
+}
