@@ -207,17 +207,44 @@ async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
         let pid = pid_of(p).expect("a process container ID");
         assert!(alive(pid), "pid {pid} runs");
         pids.push(pid);
-        let name = p["metadata"]["name"].as_str().unwrap();
-        let uid = p["metadata"]["uid"].as_str().unwrap();
-        let log = data.join(format!("pods/default_{name}_{uid}/c.log"));
+        // `kubectl logs` reads the output through the API server, from the agent.
+        let name = p["metadata"]["name"].as_str().unwrap().to_string();
         let text = wait_for(
             Duration::from_secs(10),
             "the container's output",
-            || async { std::fs::read_to_string(&log).ok().filter(|t| !t.is_empty()) },
+            || async {
+                let out = kubectl(&c, 3, &["logs", &name]);
+                (!out.is_empty()).then_some(out)
+            },
         )
         .await;
-        assert_eq!(text.trim(), format!("hello from {name} on a1"));
+        assert_eq!(text, format!("hello from {name} on a1\n"));
     }
+    let stamped = kubectl(&c, 2, &["logs", "deploy/web", "--tail=1", "--timestamps"]);
+    assert!(
+        stamped.starts_with("20")
+            && stamped.contains("Z hello from web-")
+            && stamped.trim_end().ends_with("on a1"),
+        "{stamped}"
+    );
+    // A followed log stays open and sends what is there.
+    let pod_name = running[0]["metadata"]["name"].as_str().unwrap();
+    let follow = flotilla::client::Client::new(vec![], Duration::from_secs(5))
+        .get_stream(
+            &c.replica(2).api(),
+            &format!("/api/v1/namespaces/default/pods/{pod_name}/log?follow=true"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), 200);
+    let mut body = follow.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("a first chunk")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(first.data_ref().unwrap()).contains("hello from"));
+    drop(body);
 
     // A crashing container is restarted (restartPolicy Always) and its count goes up.
     let crash = c.dir.path().join("crash.yaml");

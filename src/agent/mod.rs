@@ -12,6 +12,7 @@
 //! Several agents on one machine differ in `--node-name`, `--data-dir` and `--listen`.
 
 pub mod api;
+pub mod logs;
 pub mod pod;
 pub mod runtime;
 
@@ -85,7 +86,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let port = listener.local_addr()?.port();
-    tokio::spawn(serve(listener));
+    tokio::spawn(serve(listener, pods_dir.clone()));
     let api = Arc::new(Api::new(args.servers.clone(), Duration::from_secs(10)));
     register(&api, &args, runtime.as_ref(), port).await?;
     tracing::info!(node = args.node_name, port, "registered");
@@ -115,27 +116,33 @@ async fn shutdown_signal() {
     }
 }
 
-/// `/healthz` and `/metrics` (`flotilla_agent_up`).
-async fn serve(listener: tokio::net::TcpListener) {
+/// `/healthz`, `/metrics` (`flotilla_agent_up`) and `/containerLogs/...` ([`logs::serve`]).
+async fn serve(listener: tokio::net::TcpListener, pods_dir: PathBuf) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        let pods_dir = pods_dir.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(
-                |req: http::Request<hyper::body::Incoming>| async move {
-                    let (status, body) = match req.uri().path() {
-                    "/healthz" | "/livez" | "/readyz" => (200, "ok\n".to_string()),
-                    "/metrics" => (200, "# HELP flotilla_agent_up The agent is running.\n# TYPE flotilla_agent_up gauge\nflotilla_agent_up 1\n".to_string()),
-                    _ => (404, "not found\n".to_string()),
-                };
-                    Ok::<_, std::convert::Infallible>(
-                        http::Response::builder()
-                            .status(status)
-                            .header("content-type", "text/plain; version=0.0.4")
-                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                            .expect("a response"),
-                    )
+                move |req: http::Request<hyper::body::Incoming>| {
+                    let pods_dir = pods_dir.clone();
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let query = req.uri().query().unwrap_or("").to_string();
+                        let resp = match path.as_str() {
+                        "/healthz" | "/livez" | "/readyz" => {
+                            crate::http::text(http::StatusCode::OK, "ok\n")
+                        }
+                        "/metrics" => crate::http::text(
+                            http::StatusCode::OK,
+                            "# HELP flotilla_agent_up The agent is running.\n# TYPE flotilla_agent_up gauge\nflotilla_agent_up 1\n",
+                        ),
+                        p if p.starts_with("/containerLogs/") => logs::serve(&pods_dir, p, &query),
+                        _ => crate::http::text(http::StatusCode::NOT_FOUND, "not found\n"),
+                    };
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
                 },
             );
             let _ = hyper::server::conn::http1::Builder::new()

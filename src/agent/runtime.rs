@@ -6,6 +6,10 @@
 //! environment only, in `workingDir` or the pod's directory, output appended to a log file.
 //! There is no image: a container without `command` cannot start here. Containers share the
 //! host's network (the pod IP is the node's).
+//!
+//! Output is written in the CRI log format, one line per line of output:
+//! `<RFC 3339 time with nanoseconds> <stdout|stderr> F <line>`, which is what lets the agent
+//! serve `kubectl logs --timestamps`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -82,23 +86,75 @@ impl Runtime for ProcessRuntime {
             ));
         };
         std::fs::create_dir_all(&spec.dir).map_err(|e| format!("{}: {e}", spec.dir.display()))?;
-        let log = open_log(&spec.log)?;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(open_log(&spec.log)?));
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(&spec.dir)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| format!("starting {program:?}: {e}"))?;
         let pid = child.id().ok_or("the process exited at once")?;
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(copy_lines(out, "stdout", log.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(copy_lines(err, "stderr", log));
+        }
         Ok(Handle { child, pid })
     }
+}
+
+/// Copies `from` line by line into the log in the CRI format (a line longer than 16 KiB is
+/// split into partial lines, marked `P`).
+async fn copy_lines(
+    from: impl tokio::io::AsyncRead + Unpin,
+    stream: &'static str,
+    log: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
+) {
+    use std::io::Write;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    const MAX_LINE: usize = 16 * 1024;
+    let mut reader = tokio::io::BufReader::new(from);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let full = line.last() == Some(&b'\n');
+        if full {
+            line.pop();
+        }
+        let tag = if full || n < MAX_LINE { "F" } else { "P" };
+        let mut entry = format!("{} {stream} {tag} ", timestamp()).into_bytes();
+        entry.extend_from_slice(&line);
+        entry.push(b'\n');
+        let mut f = log.lock().expect("not poisoned");
+        if f.write_all(&entry).is_err() {
+            return;
+        }
+    }
+}
+
+/// Now, as RFC 3339 with nanoseconds.
+pub fn timestamp() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let base = crate::api::meta::rfc3339(d.as_secs());
+    format!("{}.{:09}Z", base.trim_end_matches('Z'), d.subsec_nanos())
 }
 
 fn open_log(path: &Path) -> Result<std::fs::File, String> {

@@ -78,6 +78,7 @@ fn subresource(
     match sub {
         "binding" => (("", "v1", "Binding"), &["create"]),
         "eviction" => (("policy", "v1", "Eviction"), &["create"]),
+        "log" => (("", "v1", "Pod"), &["get"]),
         "scale" => (("autoscaling", "v1", "Scale"), &["get", "patch", "update"]),
         _ => ((r.group, r.version, r.kind), &["get", "patch", "update"]),
     }

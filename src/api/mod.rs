@@ -498,6 +498,8 @@ impl Kube {
                         self.evict(&call, body).await
                     }
                     (_, _, Some("eviction")) => Err(KubeError::method_not_allowed(method.as_str())),
+                    (&Method::GET, true, Some("log")) => self.pod_log(&call).await,
+                    (_, _, Some("log")) => Err(KubeError::method_not_allowed(method.as_str())),
                     (&Method::GET, true, Some("scale")) => self.scale(&call, None).await,
                     (&Method::PUT, true, Some("scale")) => {
                         let body = read_json(req.into_body(), &content_type, JSON_OR_YAML).await?;
@@ -1328,6 +1330,126 @@ impl Kube {
             StatusCode::CREATED,
             &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
         ))
+    }
+
+    /// `GET pods/<name>/log`: the container's output, proxied from the agent of the pod's
+    /// node (its InternalIP and `daemonEndpoints` port), streamed as it comes (`follow`).
+    async fn pod_log(&self, call: &Call) -> KubeResult {
+        use http_body_util::BodyExt;
+        let main = Call {
+            sub: None,
+            ..call.clone()
+        };
+        let pod = self
+            .objects
+            .get(&main.key(), Consistency::Linearizable)
+            .await?
+            .ok_or_else(|| KubeError::not_found(call.r, call.name()))?
+            .object;
+        let names = |k: &str| -> Vec<String> {
+            pod.pointer(&format!("/spec/{k}"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        };
+        let (mains, inits) = (names("containers"), names("initContainers"));
+        let container = match call.param("container") {
+            Some(c) if mains.iter().chain(&inits).any(|n| n == c) => c.to_string(),
+            Some(c) => {
+                return Err(KubeError::bad_request(format!(
+                    "container {c} is not valid for pod {}",
+                    call.name()
+                )))
+            }
+            None if mains.len() == 1 => mains[0].clone(),
+            None => {
+                return Err(KubeError::bad_request(format!(
+                    "a container name must be specified for pod {}, choose one of: [{}]",
+                    call.name(),
+                    mains.join(" ")
+                )))
+            }
+        };
+        let waiting = || {
+            KubeError::bad_request(format!(
+                "container \"{container}\" in pod \"{}\" is waiting to start: ContainerCreating",
+                call.name()
+            ))
+        };
+        let Some(node_name) = pod.pointer("/spec/nodeName").and_then(Value::as_str) else {
+            return Err(waiting());
+        };
+        let nodes = resources::find("", "v1", "nodes").expect("served");
+        let node = self
+            .objects
+            .get(&nodes.key(None, node_name), Consistency::Local)
+            .await?
+            .map(|s| s.object)
+            .unwrap_or(Value::Null);
+        let ip = node
+            .pointer("/status/addresses")
+            .and_then(Value::as_array)
+            .and_then(|a| {
+                a.iter()
+                    .find(|x| x.get("type").and_then(Value::as_str) == Some("InternalIP"))
+            })
+            .and_then(|x| x.get("address").and_then(Value::as_str));
+        let port = node
+            .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+            .and_then(Value::as_u64)
+            .filter(|p| *p > 0);
+        let (Some(ip), Some(port)) = (ip, port) else {
+            return Err(KubeError::bad_request(format!(
+                "node {node_name:?} publishes no agent endpoint"
+            )));
+        };
+        let mut query = Vec::new();
+        for k in ["follow", "tailLines", "timestamps", "limitBytes"] {
+            if let Some(v) = call.param(k) {
+                query.push(format!("{k}={v}"));
+            }
+        }
+        let path = format!(
+            "/containerLogs/{}/{}/{container}?{}",
+            call.namespace.as_deref().unwrap_or(""),
+            call.name(),
+            query.join("&")
+        );
+        let client = crate::client::Client::new(Vec::new(), std::time::Duration::from_secs(10));
+        let resp = client
+            .get_stream(&format!("{ip}:{port}"), &path)
+            .await
+            .map_err(|e| {
+                KubeError::internal(format!("reading the log from node {node_name:?}: {e}"))
+            })?;
+        if resp.status() != StatusCode::OK {
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+                .unwrap_or_default();
+            // Not started yet, or no longer there: the Kubernetes answer is a 400.
+            return Err(KubeError::bad_request(body));
+        }
+        let (tx, body) = crate::http::channel_body(16);
+        let mut incoming = resp.into_body();
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = incoming.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    if tx.send(data).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(body)
+            .expect("static response parts are valid"))
     }
 
     /// `POST pods/<name>/binding`: assigns an unbound pod to a node, once. A pod already bound

@@ -87,7 +87,7 @@ pub const RESOURCES: &[Resource] = &[
         namespaced: true,
         short_names: &["po"],
         categories: &["all"],
-        subresources: &["status", "binding", "eviction"],
+        subresources: &["status", "binding", "eviction", "log"],
     },
     Resource {
         group: "",

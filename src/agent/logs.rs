@@ -1,0 +1,148 @@
+//! The agent's `/containerLogs/<namespace>/<pod>/<container>` endpoint (what the API server's
+//! `pods/log` proxies to): a container's output from its CRI-format log file, with
+//! `tailLines`, `limitBytes`, `timestamps` and `follow`.
+//!
+//! Owns nothing: it reads the files the runtime writes. A followed stream ends when the
+//! client goes away or the pod's directory is removed; its buffer is bounded.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+
+use crate::http::{channel_body, text, Body};
+
+/// One CRI log line rendered for a client.
+fn render(line: &str, timestamps: bool) -> Option<String> {
+    let mut parts = line.splitn(4, ' ');
+    let (ts, _stream, tag, rest) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next().unwrap_or(""),
+    );
+    let end = if tag == "P" { "" } else { "\n" };
+    Some(if timestamps {
+        format!("{ts} {rest}{end}")
+    } else {
+        format!("{rest}{end}")
+    })
+}
+
+/// The newest directory of pod `ns/name` under `pods_dir`.
+fn pod_dir(pods_dir: &Path, ns: &str, name: &str) -> Option<PathBuf> {
+    let prefix = format!("{ns}_{name}_");
+    std::fs::read_dir(pods_dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+}
+
+/// Serves one request for a container's log.
+pub fn serve(pods_dir: &Path, path: &str, query: &str) -> http::Response<Body> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let [_, ns, pod, container] = parts[..] else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "expected /containerLogs/<namespace>/<pod>/<container>\n",
+        );
+    };
+    let params: HashMap<String, String> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let flag = |k: &str| matches!(params.get(k).map(String::as_str), Some("true" | "1"));
+    let number = |k: &str| params.get(k).and_then(|v| v.parse::<u64>().ok());
+    let (timestamps, follow) = (flag("timestamps"), flag("follow"));
+    let Some(dir) = pod_dir(pods_dir, ns, pod) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("pod {ns}/{pod} has not run on this node\n"),
+        );
+    };
+    let file = dir.join(format!("{container}.log"));
+    let Ok(content) = std::fs::read(&file) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("container {container:?} in pod {ns}/{pod} has not started\n"),
+        );
+    };
+    let complete = content
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let lines: Vec<String> = String::from_utf8_lossy(&content[..complete])
+        .lines()
+        .filter_map(|l| render(l, timestamps))
+        .collect();
+    let skip = number("tailLines").map_or(0, |n| lines.len().saturating_sub(n as usize));
+    let mut out: String = lines[skip..].concat();
+    let limit = number("limitBytes");
+    if let Some(l) = limit {
+        let mut cut = (l as usize).min(out.len());
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    if !follow {
+        return text(StatusCode::OK, out);
+    }
+    let (tx, body) = channel_body(16);
+    let mut offset = complete;
+    tokio::spawn(async move {
+        if tx.send(Bytes::from(out)).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !dir.exists() || tx.is_closed() {
+                return;
+            }
+            let Ok(content) = std::fs::read(&file) else {
+                return;
+            };
+            if content.len() <= offset {
+                continue;
+            }
+            let end = content[offset..]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(offset, |i| offset + i + 1);
+            let chunk: String = String::from_utf8_lossy(&content[offset..end])
+                .lines()
+                .filter_map(|l| render(l, timestamps))
+                .collect();
+            offset = end;
+            if !chunk.is_empty() && tx.send(Bytes::from(chunk)).await.is_err() {
+                return;
+            }
+        }
+    });
+    http::Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "text/plain")
+        .body(body)
+        .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_lines_render_with_and_without_timestamps() {
+        let l = "2026-11-25T10:00:00.000000001Z stdout F hello world";
+        assert_eq!(render(l, false).unwrap(), "hello world\n");
+        assert_eq!(
+            render(l, true).unwrap(),
+            "2026-11-25T10:00:00.000000001Z hello world\n"
+        );
+        assert_eq!(render("t stderr P part", false).unwrap(), "part");
+    }
+}
