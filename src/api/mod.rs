@@ -2050,6 +2050,24 @@ fn normalize_new(call: &Call, obj: &mut Value, strict: bool) -> Result<(), KubeE
     if r.subresources.contains(&"status") {
         // Status is the subresource's to set; what a create sends is ignored.
         map.remove("status");
+        // The status fields Kubernetes always encodes (not `omitempty` in Go), which typed
+        // clients require.
+        let zeros: &[&str] = match r.kind {
+            "ReplicaSet" => &["replicas"],
+            "DaemonSet" => &[
+                "currentNumberScheduled",
+                "numberMisscheduled",
+                "desiredNumberScheduled",
+                "numberReady",
+            ],
+            _ => &[],
+        };
+        if !zeros.is_empty() {
+            map.insert(
+                "status".into(),
+                Value::Object(zeros.iter().map(|k| (k.to_string(), json!(0))).collect()),
+            );
+        }
     }
     default_kind(r, map);
     let name = obj

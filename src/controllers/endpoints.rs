@@ -12,7 +12,8 @@
 //!
 //! A `targetPort` given by name is resolved in each pod's container ports (a pod that does
 //! not name it gets no endpoint for that port). A Service without a selector is left to
-//! whoever writes its Endpoints. When a Service goes, its Endpoints and slices go too.
+//! whoever writes its Endpoints. When a Service goes, the Endpoints this controller wrote
+//! (its manager in `managedFields`) and its slices go too; hand-made ones stay.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -335,8 +336,17 @@ impl Controller {
         let svc = ctx.services.get(key).filter(|s| !owner::is_deleting(s));
         let Some(svc) = svc.filter(|s| selector(s).is_some()) else {
             // No Service (or no selector): our Endpoints and slices go.
+            // Only Endpoints this controller wrote: a hand-made one without a Service stays.
             let gone = ctx.services.get(key).is_none();
-            if gone && existing_ep.is_some() {
+            let ours = existing_ep.as_ref().is_some_and(|ep| {
+                ep.pointer("/metadata/managedFields")
+                    .and_then(Value::as_array)
+                    .is_some_and(|m| {
+                        m.iter()
+                            .any(|e| e.get("manager").and_then(Value::as_str) == Some(MANAGER))
+                    })
+            });
+            if gone && ours {
                 let call = Call::internal(ep_res, Some(&ns), Some(&name), None, MANAGER);
                 ignore_conflict(ctx.api.delete_value(&call, None).await)?;
             }

@@ -159,5 +159,73 @@ try:
 except urllib.error.HTTPError as e:
     check(e.code == 415 and b"send JSON" in e.read(), "protobuf gets 415 saying to send JSON")
 
+# Typed CRUD for every served resource: create, read, list, patch, delete.
+batch = client.BatchV1Api(api)
+coord = client.CoordinationV1Api(api)
+disco = client.DiscoveryV1Api(api)
+
+
+def crud(kind, group, suffix, body, namespaced=True):
+    prefix = "namespaced_" if namespaced else ""
+    args = (ns,) if namespaced else ()
+    name = body["metadata"]["name"]
+    made = getattr(group, f"create_{prefix}{suffix}")(*args, body)
+    check(made.metadata.name == name and made.metadata.uid, f"{kind}: create")
+    got = getattr(group, f"read_{prefix}{suffix}")(name, *args)
+    check(got.metadata.uid == made.metadata.uid, f"{kind}: read")
+    items = getattr(group, f"list_{prefix}{suffix}")(*args).items
+    check(any(i.metadata.name == name for i in items), f"{kind}: list")
+    patched = getattr(group, f"patch_{prefix}{suffix}")(name, *args, {"metadata": {"labels": {"patched": "yes"}}})
+    check(patched.metadata.labels.get("patched") == "yes", f"{kind}: patch")
+    getattr(group, f"delete_{prefix}{suffix}")(name, *args)
+    try:
+        left = getattr(group, f"read_{prefix}{suffix}")(name, *args)
+        check(left.metadata.deletion_timestamp is not None, f"{kind}: delete (terminating)")
+    except ApiException as e:
+        check(e.status == 404, f"{kind}: delete")
+
+
+template = {"metadata": {"labels": {"app": "typed"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["sleep", "1"]}]}}
+selector = {"matchLabels": {"app": "typed"}}
+crud("Secret", core, "secret", {"metadata": {"name": "s1"}, "stringData": {"k": "v"}})
+crud("Service", core, "service", {"metadata": {"name": "svc1"}, "spec": {"selector": {"app": "typed"}, "ports": [{"port": 80}]}})
+crud("Endpoints", core, "endpoints", {"metadata": {"name": "manual"}, "subsets": [{"addresses": [{"ip": "10.0.0.1"}], "ports": [{"port": 80}]}]})
+crud("Event", core, "event", {"metadata": {"name": "e1"}, "involvedObject": {"kind": "Pod", "name": "x", "namespace": ns}, "reason": "Test", "message": "m", "type": "Normal"})
+crud("ServiceAccount", core, "service_account", {"metadata": {"name": "sa1"}})
+crud("Node", core, "node", {"metadata": {"name": "py-node"}}, namespaced=False)
+crud("ReplicaSet", apps, "replica_set", {"metadata": {"name": "rs1"}, "spec": {"replicas": 0, "selector": selector, "template": template}})
+crud("DaemonSet", apps, "daemon_set", {"metadata": {"name": "ds1"}, "spec": {"selector": selector, "template": template}})
+crud("Job", batch, "job", {"metadata": {"name": "j1"}, "spec": {"suspend": True, "template": {"spec": {"restartPolicy": "Never", "containers": template["spec"]["containers"]}}}})
+crud("Lease", coord, "lease", {"metadata": {"name": "l1"}, "spec": {"holderIdentity": "me", "leaseDurationSeconds": 10}})
+crud("EndpointSlice", disco, "endpoint_slice", {"metadata": {"name": "es1"}, "addressType": "IPv4", "endpoints": [{"addresses": ["10.0.0.2"]}], "ports": [{"port": 80, "protocol": "TCP"}]})
+
+# Subresources through the typed API.
+apps.create_namespaced_replica_set(ns, {"metadata": {"name": "rs2"}, "spec": {"replicas": 0, "selector": selector, "template": template}})
+check(apps.read_namespaced_replica_set_scale("rs2", ns).spec.replicas == 0, "ReplicaSet scale: read")
+apps.patch_namespaced_replica_set_scale("rs2", ns, {"spec": {"replicas": 0}})
+check(apps.read_namespaced_replica_set_status("rs2", ns).metadata.name == "rs2", "ReplicaSet status: read")
+check(apps.read_namespaced_deployment_status("d1", ns).metadata.name == "d1", "Deployment status: read")
+apps.create_namespaced_daemon_set(ns, {"metadata": {"name": "ds2"}, "spec": {"selector": selector, "template": template}})
+check(apps.read_namespaced_daemon_set_status("ds2", ns).metadata.name == "ds2", "DaemonSet status: read")
+batch.create_namespaced_job(ns, {"metadata": {"name": "j2"}, "spec": {"suspend": True, "template": {"spec": {"restartPolicy": "Never", "containers": template["spec"]["containers"]}}}})
+check(batch.read_namespaced_job_status("j2", ns).metadata.name == "j2", "Job status: read")
+core.create_node({"metadata": {"name": "py-node2"}})
+n = core.patch_node_status("py-node2", {"status": {"capacity": {"cpu": "2"}}})
+check(n.status.capacity["cpu"] == "2", "Node status: patch")
+core.create_namespaced_pod(ns, {"metadata": {"name": "p2", "labels": {"app": "other"}}, "spec": template["spec"]})
+st = core.patch_namespaced_pod_status("p2", ns, {"status": {"message": "hi"}})
+check(st.status.message == "hi", "Pod status: patch")
+try:
+    core.read_namespaced_pod_log("p2", ns)
+    check(False, "the log of a pod that has not started must be refused")
+except ApiException as e:
+    check(e.status == 400 and b"waiting to start" in (e.body.encode() if isinstance(e.body, str) else e.body), "Pod log: 400 while it waits to start")
+core.create_namespaced_pod_binding("p2", ns, {"metadata": {"name": "p2"}, "target": {"kind": "Node", "name": "py-node2"}}, _preload_content=False)
+check(core.read_namespaced_pod("p2", ns).spec.node_name == "py-node2", "Pod binding: create")
+core.create_namespaced_pod_eviction("p2", ns, {"metadata": {"name": "p2", "namespace": ns}})
+check(core.read_namespaced_pod("p2", ns).metadata.deletion_timestamp is not None, "Pod eviction: create")
+core.delete_node("py-node2")
+
 core.delete_namespace(ns)
 print("all Python client checks passed")
