@@ -266,6 +266,56 @@ async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
     .await;
     assert_eq!(crashed["status"]["phase"], "Running");
 
+    // Probes: an exec readiness probe keeps a running pod unready until its file exists; a
+    // failing liveness probe kills the container, which then waits out its back-off.
+    let probes = c.dir.path().join("probes.yaml");
+    std::fs::write(
+        &probes,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: probed\n  labels:\n    app: probed\nspec:\n  containers:\n  - name: c\n    image: busybox\n    command: [\"sh\", \"-c\", \"sleep 3; touch ready; exec sleep 300\"]\n    readinessProbe:\n      exec:\n        command: [\"test\", \"-f\", \"ready\"]\n      periodSeconds: 1\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: unhealthy\n  labels:\n    app: unhealthy\nspec:\n  containers:\n  - name: c\n    image: busybox\n    command: [\"sleep\", \"300\"]\n    livenessProbe:\n      tcpSocket:\n        port: 1\n      periodSeconds: 1\n      failureThreshold: 2\n",
+    )
+    .unwrap();
+    kubectl(&c, 2, &["apply", "-f", probes.to_str().unwrap()]);
+    let pod_ready = |p: &Value| {
+        p["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|x| x["type"] == "Ready" && x["status"] == "True")
+        })
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "probed to run, not yet ready",
+        || async {
+            let ps = live_pods(&c, 2, "probed").await;
+            ps.first()
+                .filter(|p| p["status"]["phase"] == "Running" && !pod_ready(p))
+                .map(|_| ())
+        },
+    )
+    .await;
+    wait_for(Duration::from_secs(20), "probed to turn ready", || async {
+        let ps = live_pods(&c, 2, "probed").await;
+        ps.first().filter(|p| pod_ready(p)).map(|_| ())
+    })
+    .await;
+    let killed = wait_for(
+        Duration::from_secs(20),
+        "the liveness probe to kill its container",
+        || async {
+            let ps = live_pods(&c, 2, "unhealthy").await;
+            ps.into_iter().find(|p| {
+                p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                    == "CrashLoopBackOff"
+            })
+        },
+    )
+    .await;
+    assert!(!pod_ready(&killed));
+    kubectl(
+        &c,
+        2,
+        &["delete", "pod", "probed", "unhealthy", "--wait=false"],
+    );
+
     // Jobs: one that succeeds completes; one that fails with backoffLimit 0 fails.
     let jobs = c.dir.path().join("jobs.yaml");
     std::fs::write(

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod logs;
 pub mod pod;
+pub mod probe;
 pub mod runtime;
 
 use std::collections::HashMap;

@@ -9,6 +9,8 @@
 //! - once the pod has a `deletionTimestamp` (or is gone from the API), every container gets
 //!   SIGTERM, then SIGKILL when the grace period runs out; the agent then deletes the pod
 //!   with grace 0 and a uid precondition, so a newer pod of the same name is never touched;
+//! - probes (`probe.rs`) decide readiness; a failed liveness or startup probe kills the
+//!   container (SIGKILL), which then restarts per its policy;
 //! - status is written only when it changed (phase, conditions, container states).
 
 use std::path::PathBuf;
@@ -20,6 +22,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::api::Api;
+use super::probe::Probe;
 use super::runtime::{Handle, Runtime, Spec};
 use crate::api::meta;
 use crate::controllers::owner;
@@ -60,14 +63,66 @@ struct Container {
     backoff: Duration,
     /// Why it cannot start (a config error).
     error: Option<String>,
+    liveness: Option<Probe>,
+    readiness: Option<Probe>,
+    startup: Option<Probe>,
+    /// The startup probe has passed (or there is none).
+    started_ok: bool,
+    /// The environment it runs with (exec probes get it too).
+    env: Vec<(String, String)>,
+    /// Its working directory (exec probes run there too).
+    workdir: PathBuf,
 }
 
 impl Container {
-    fn new(name: &str) -> Container {
+    fn new(spec: &Value) -> Container {
         Container {
-            name: name.to_string(),
+            name: spec
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
             backoff: BACKOFF_START,
+            liveness: Probe::parse(spec, "livenessProbe"),
+            readiness: Probe::parse(spec, "readinessProbe"),
+            startup: Probe::parse(spec, "startupProbe"),
             ..Container::default()
+        }
+    }
+
+    /// Running, started (startup probe passed) and ready (readiness probe passing).
+    fn ready(&self) -> bool {
+        self.handle.is_some()
+            && self.started_ok
+            && self.readiness.as_ref().is_none_or(|p| p.passing)
+    }
+
+    /// Runs the probes that are due; a failed startup or liveness probe kills the
+    /// container (it is then restarted per the restart policy).
+    async fn probe(&mut self, now: Instant, pod_ip: &str) {
+        let Some(h) = &self.handle else { return };
+        if !self.started_ok {
+            if let Some(p) = self.startup.as_mut() {
+                p.run(now, pod_ip, &self.env, &self.workdir).await;
+                if p.passing {
+                    self.started_ok = true;
+                } else if p.failed() {
+                    tracing::info!(container = self.name, "startup probe failed; killing");
+                    h.signal(Signal::SIGKILL);
+                }
+            }
+            return;
+        }
+        if let Some(p) = self.liveness.as_mut() {
+            p.run(now, pod_ip, &self.env, &self.workdir).await;
+            if !p.passing {
+                tracing::info!(container = self.name, "liveness probe failed; killing");
+                h.signal(Signal::SIGKILL);
+                return;
+            }
+        }
+        if let Some(p) = self.readiness.as_mut() {
+            p.run(now, pod_ip, &self.env, &self.workdir).await;
         }
     }
 
@@ -227,20 +282,8 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
         .to_string();
     let inits_spec = containers(&first, "initContainers");
     let mains_spec = containers(&first, "containers");
-    let name_of = |c: &Value| {
-        c.get("name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    };
-    let mut inits: Vec<Container> = inits_spec
-        .iter()
-        .map(|c| Container::new(&name_of(c)))
-        .collect();
-    let mut mains: Vec<Container> = mains_spec
-        .iter()
-        .map(|c| Container::new(&name_of(c)))
-        .collect();
+    let mut inits: Vec<Container> = inits_spec.iter().map(Container::new).collect();
+    let mut mains: Vec<Container> = mains_spec.iter().map(Container::new).collect();
     let start_time = meta::now_secs();
     let mut reported = Value::Null;
     let mut failed_init = false;
@@ -323,6 +366,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                 {
                     launch(c, &pod, &mains_spec[i], &env, &dir);
                 }
+                c.probe(now, &env.node_ip).await;
             }
         }
         let status = status_of(
@@ -415,6 +459,8 @@ fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &std::pa
         .unwrap_or_else(|| dir.join("root"));
     // `$(VAR)` in command and args expands from the container's environment.
     let argv = argv(spec).iter().map(|a| expand(a, &environment)).collect();
+    c.env = environment.clone();
+    c.workdir = workdir.clone();
     let s = Spec {
         name: &c.name,
         argv,
@@ -429,8 +475,16 @@ fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &std::pa
                 c.restarts += 1;
             }
             c.handle = Some(h);
-            c.started = Some((Instant::now(), meta::now_secs()));
+            let now = Instant::now();
+            c.started = Some((now, meta::now_secs()));
             c.error = None;
+            c.started_ok = c.startup.is_none();
+            for p in [&mut c.liveness, &mut c.readiness, &mut c.startup]
+                .into_iter()
+                .flatten()
+            {
+                p.reset(now);
+            }
         }
         Err(e) => c.error = Some(e),
     }
@@ -474,7 +528,7 @@ fn status_of(
     } else {
         "Pending"
     };
-    let ready = phase == "Running" && running == mains.len();
+    let ready = phase == "Running" && mains.iter().all(Container::ready);
     let stamp = meta::rfc3339(meta::now_secs());
     let previous = |kind: &str, status: &str| -> String {
         pod.pointer("/status/conditions")
@@ -505,8 +559,8 @@ fn status_of(
                     .unwrap_or("");
                 let mut s = json!({
                     "name": c.name,
-                    "ready": c.handle.is_some() && specs == "containers",
-                    "started": c.handle.is_some(),
+                    "ready": specs == "containers" && c.ready(),
+                    "started": c.handle.is_some() && c.started_ok,
                     "restartCount": c.restarts,
                     "image": image,
                     "imageID": "",
