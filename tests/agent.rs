@@ -316,6 +316,107 @@ async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
         &["delete", "pod", "probed", "unhealthy", "--wait=false"],
     );
 
+    // Environment from ConfigMaps, Secrets and resources; a missing ConfigMap holds the
+    // container in CreateContainerConfigError until it appears.
+    let envy = c.dir.path().join("envy.yaml");
+    std::fs::write(
+        &envy,
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+data:
+  color: blue
+  size: L
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: creds
+stringData:
+  password: s3cret
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: envy
+  labels:
+    app: envy
+spec:
+  restartPolicy: Never
+  containers:
+  - name: c
+    image: busybox
+    command: ["sh", "-c", "echo $COLOR $PASSWORD $CFG_size $MEM_MI $LATER"]
+    resources:
+      limits:
+        memory: 64Mi
+    envFrom:
+    - prefix: CFG_
+      configMapRef:
+        name: settings
+    env:
+    - name: COLOR
+      valueFrom:
+        configMapKeyRef:
+          name: settings
+          key: color
+    - name: PASSWORD
+      valueFrom:
+        secretKeyRef:
+          name: creds
+          key: password
+    - name: MEM_MI
+      valueFrom:
+        resourceFieldRef:
+          resource: limits.memory
+          divisor: 1Mi
+    - name: LATER
+      valueFrom:
+        configMapKeyRef:
+          name: later
+          key: x
+"#,
+    )
+    .unwrap();
+    kubectl(&c, 2, &["apply", "-f", envy.to_str().unwrap()]);
+    let waiting = wait_for(
+        Duration::from_secs(20),
+        "envy to wait for its ConfigMap",
+        || async {
+            let ps = live_pods(&c, 2, "envy").await;
+            ps.into_iter().find(|p| {
+                p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                    == "CreateContainerConfigError"
+            })
+        },
+    )
+    .await;
+    let message = waiting["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(message.contains("later"), "{message}");
+    let later = c.dir.path().join("later.yaml");
+    std::fs::write(
+        &later,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: later\ndata:\n  x: here\n",
+    )
+    .unwrap();
+    kubectl(&c, 2, &["apply", "-f", later.to_str().unwrap()]);
+    wait_for(
+        Duration::from_secs(20),
+        "envy to run to completion",
+        || async {
+            let ps = live_pods(&c, 2, "envy").await;
+            ps.first()
+                .filter(|p| p["status"]["phase"] == "Succeeded")
+                .map(|_| ())
+        },
+    )
+    .await;
+    assert_eq!(kubectl(&c, 2, &["logs", "envy"]), "blue s3cret L 64 here\n");
+
     // Jobs: one that succeeds completes; one that fails with backoffLimit 0 fails.
     let jobs = c.dir.path().join("jobs.yaml");
     std::fs::write(

@@ -91,12 +91,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let api = Arc::new(Api::new(args.servers.clone(), Duration::from_secs(10)));
     register(&api, &args, runtime.as_ref(), port).await?;
     tracing::info!(node = args.node_name, port, "registered");
+    let cap = capacity(&args);
+    let quantity = |k: &str| {
+        cap.get(k)
+            .and_then(Value::as_str)
+            .and_then(crate::api::quantity::parse_milli)
+            .unwrap_or(0)
+    };
     let env = Arc::new(pod::Env {
         api: api.clone(),
         runtime,
         node: args.node_name.clone(),
         node_ip: args.node_ip.clone(),
         pods_dir,
+        capacity_cpu_milli: quantity("cpu"),
+        capacity_memory_bytes: quantity("memory") / 1000,
     });
     tokio::spawn(heartbeat(api.clone(), args.clone()));
     tokio::select! {

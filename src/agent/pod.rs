@@ -13,6 +13,7 @@
 //!   container (SIGKILL), which then restarts per its policy;
 //! - status is written only when it changed (phase, conditions, container states).
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +34,8 @@ const BACKOFF_START: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Running this long resets the back-off.
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
+/// How soon a container whose configuration could not be resolved is tried again.
+const CONFIG_RETRY: Duration = Duration::from_secs(2);
 /// How often running containers are checked.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -48,6 +51,10 @@ pub struct Env {
     pub node_ip: String,
     /// Where pods keep their directories and logs.
     pub pods_dir: PathBuf,
+    /// The node's cpu (milli-cores), the default cpu limit.
+    pub capacity_cpu_milli: i128,
+    /// The node's memory (bytes), the default memory limit.
+    pub capacity_memory_bytes: i128,
 }
 
 #[derive(Default)]
@@ -167,7 +174,7 @@ fn argv(c: &Value) -> Vec<String> {
 
 /// The environment of a container: `value` and the `fieldRef`s the process runtime can
 /// answer; `$(VAR)` references to earlier variables are expanded as Kubernetes does.
-fn environment(pod: &Value, c: &Value, env: &Env) -> Result<Vec<(String, String)>, String> {
+async fn environment(pod: &Value, c: &Value, env: &Env) -> Result<Vec<(String, String)>, String> {
     let mut out: Vec<(String, String)> = vec![
         (
             "PATH".into(),
@@ -175,10 +182,63 @@ fn environment(pod: &Value, c: &Value, env: &Env) -> Result<Vec<(String, String)
         ),
         ("HOSTNAME".into(), owner::name(pod).to_string()),
     ];
+    let ns = owner::namespace(pod).unwrap_or("default");
+    let mut sources = Sources::default();
+    // envFrom first; `env` entries override them.
+    for from in c
+        .get("envFrom")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let prefix = from.get("prefix").and_then(Value::as_str).unwrap_or("");
+        for (kind, key) in [("configmaps", "configMapRef"), ("secrets", "secretRef")] {
+            let Some(r) = from.get(key) else { continue };
+            let name = r.get("name").and_then(Value::as_str).unwrap_or("");
+            let optional = r.get("optional").and_then(Value::as_bool) == Some(true);
+            match sources.data(env, ns, kind, name).await? {
+                Some(data) => {
+                    for (k, v) in data {
+                        let k = format!("{prefix}{k}");
+                        out.retain(|(x, _)| *x != k);
+                        out.push((k, v));
+                    }
+                }
+                None if optional => {}
+                None => return Err(format!("{} {name:?} not found", singular(kind))),
+            }
+        }
+    }
     for e in c.get("env").and_then(Value::as_array).into_iter().flatten() {
         let name = e.get("name").and_then(Value::as_str).unwrap_or("");
+        let key_ref = [
+            ("configmaps", "configMapKeyRef"),
+            ("secrets", "secretKeyRef"),
+        ]
+        .into_iter()
+        .find_map(|(kind, k)| e.pointer(&format!("/valueFrom/{k}")).map(|r| (kind, r)));
         let value = if let Some(v) = e.get("value").and_then(Value::as_str) {
             expand(v, &out)
+        } else if let Some((kind, r)) = key_ref {
+            let source = r.get("name").and_then(Value::as_str).unwrap_or("");
+            let key = r.get("key").and_then(Value::as_str).unwrap_or("");
+            let optional = r.get("optional").and_then(Value::as_bool) == Some(true);
+            let found = sources
+                .data(env, ns, kind, source)
+                .await?
+                .and_then(|d| d.get(key).cloned());
+            match found {
+                Some(v) => v,
+                None if optional => continue,
+                None => {
+                    return Err(format!(
+                        "couldn't find key {key} in {} {ns}/{source}",
+                        singular(kind)
+                    ))
+                }
+            }
+        } else if let Some(r) = e.pointer("/valueFrom/resourceFieldRef") {
+            resource_field(c, r, env)?
         } else if let Some(path) = e
             .pointer("/valueFrom/fieldRef/fieldPath")
             .and_then(Value::as_str)
@@ -210,9 +270,7 @@ fn environment(pod: &Value, c: &Value, env: &Env) -> Result<Vec<(String, String)
                 }
             }
         } else if e.get("valueFrom").is_some() {
-            return Err(format!(
-                "env {name}: only value and fieldRef are supported by this agent so far"
-            ));
+            return Err(format!("env {name}: unsupported valueFrom"));
         } else {
             String::new()
         };
@@ -220,6 +278,105 @@ fn environment(pod: &Value, c: &Value, env: &Env) -> Result<Vec<(String, String)
         out.push((name.to_string(), value));
     }
     Ok(out)
+}
+
+/// ConfigMaps and Secrets read for one container (each at most once).
+#[derive(Default)]
+struct Sources {
+    read: HashMap<(String, String), Option<BTreeMap<String, String>>>,
+}
+
+impl Sources {
+    /// The data of ConfigMap or Secret (`kind` is the plural) `ns/name`, decoded; `None`
+    /// if it does not exist.
+    async fn data(
+        &mut self,
+        env: &Env,
+        ns: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, String> {
+        let k = (kind.to_string(), name.to_string());
+        if let Some(d) = self.read.get(&k) {
+            return Ok(d.clone());
+        }
+        let (code, obj) = env
+            .api
+            .call(
+                http::Method::GET,
+                &format!("/api/v1/namespaces/{ns}/{kind}/{name}"),
+                "application/json",
+                None,
+            )
+            .await?;
+        let data = match code {
+            200 => {
+                let mut out = BTreeMap::new();
+                for (k, v) in obj
+                    .get("data")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                {
+                    let Some(v) = v.as_str() else { continue };
+                    let v = if kind == "secrets" {
+                        use base64::Engine;
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(v)
+                            .map_err(|e| format!("secret {ns}/{name} key {k}: {e}"))?;
+                        String::from_utf8_lossy(&bytes).into_owned()
+                    } else {
+                        v.to_string()
+                    };
+                    out.insert(k.clone(), v);
+                }
+                Some(out)
+            }
+            404 => None,
+            other => return Err(format!("reading {kind} {ns}/{name}: {other}")),
+        };
+        self.read.insert(k, data.clone());
+        Ok(data)
+    }
+}
+
+fn singular(kind: &str) -> &'static str {
+    if kind == "secrets" {
+        "secret"
+    } else {
+        "configmap"
+    }
+}
+
+/// A `resourceFieldRef`: the container's limit or request of cpu or memory (a limit
+/// defaults to the node's capacity), divided by `divisor` and rounded up.
+fn resource_field(c: &Value, r: &Value, env: &Env) -> Result<String, String> {
+    use crate::api::quantity::parse_milli;
+    let field = r.get("resource").and_then(Value::as_str).unwrap_or("");
+    let (which, res) = field
+        .split_once('.')
+        .ok_or_else(|| format!("resourceFieldRef {field:?} is not supported"))?;
+    let divisor = r
+        .get("divisor")
+        .and_then(|d| {
+            d.as_str()
+                .map(str::to_string)
+                .or_else(|| d.as_i64().map(|n| n.to_string()))
+        })
+        .unwrap_or_else(|| "1".into());
+    let divisor = parse_milli(&divisor).filter(|d| *d > 0).unwrap_or(1000);
+    let set = c
+        .pointer(&format!("/resources/{which}/{res}"))
+        .and_then(Value::as_str)
+        .and_then(parse_milli);
+    let value = match (which, res, set) {
+        (_, _, Some(v)) => v,
+        ("limits", "cpu", None) => env.capacity_cpu_milli,
+        ("limits", "memory", None) => env.capacity_memory_bytes * 1000,
+        ("requests", "cpu" | "memory", None) => 0,
+        _ => return Err(format!("resourceFieldRef {field:?} is not supported")),
+    };
+    Ok(((value + divisor - 1) / divisor).to_string())
 }
 
 /// `$(NAME)` → its value among `vars`; `$$` → `$`; unknown references stay as written.
@@ -344,7 +501,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                         break;
                     }
                     if c.last_exit.is_none_or(|(code, _, _)| code != 0) {
-                        launch(c, &pod, &inits_spec[i], &env, &dir);
+                        launch(c, &pod, &inits_spec[i], &env, &dir).await;
                     }
                 }
                 break;
@@ -361,10 +518,8 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                             "OnFailure" => code != 0,
                             _ => false,
                         });
-                if (never_started && c.error.is_none() || should_restart)
-                    && c.not_before.is_none_or(|t| t <= now)
-                {
-                    launch(c, &pod, &mains_spec[i], &env, &dir);
+                if (never_started || should_restart) && c.not_before.is_none_or(|t| t <= now) {
+                    launch(c, &pod, &mains_spec[i], &env, &dir).await;
                 }
                 c.probe(now, &env.node_ip).await;
             }
@@ -444,11 +599,13 @@ fn poll(c: &mut Container, restart: &str, init: bool, now: Instant) {
     }
 }
 
-fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &std::path::Path) {
-    let environment = match environment(pod, spec, env) {
+async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &std::path::Path) {
+    let environment = match environment(pod, spec, env).await {
         Ok(e) => e,
         Err(e) => {
+            // A configuration error (a missing ConfigMap, say) is tried again shortly.
             c.error = Some(e);
+            c.not_before = Some(Instant::now() + CONFIG_RETRY);
             return;
         }
     };
