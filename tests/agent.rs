@@ -14,13 +14,58 @@ use serde_json::Value;
 
 const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32";
 
-/// Kills the agent when the test ends, however it ends.
-struct Agent(Child);
+/// Kills the agent when the test ends, however it ends, and with it whatever its pods left:
+/// their processes (from the agent's pid files) and their cgroups.
+struct Agent(Child, std::path::PathBuf, &'static str);
 
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let pods = std::fs::read_dir(self.1.join("pods"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for pod in pods {
+            for f in std::fs::read_dir(pod.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if f.path().extension().is_some_and(|e| e == "pid") {
+                    if let Some(pid) = std::fs::read_to_string(f.path())
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok())
+                    {
+                        let _ = nix::sys::signal::killpg(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for controller in ["memory", "cpu"] {
+            let node = std::path::PathBuf::from(format!(
+                "/sys/fs/cgroup/{controller}/flotilla/{}",
+                self.2
+            ));
+            for pod in std::fs::read_dir(&node).into_iter().flatten().flatten() {
+                for c in std::fs::read_dir(pod.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    if c.path().is_dir() {
+                        let _ = std::fs::remove_dir(c.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(pod.path());
+            }
+            let _ = std::fs::remove_dir(&node);
+            let _ = std::fs::remove_dir(node.parent().unwrap());
+        }
     }
 }
 
@@ -129,6 +174,8 @@ async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
             .stderr(log)
             .spawn()
             .expect("the agent starts"),
+        data.clone(),
+        "a1",
     );
 
     // Registration: a Ready node describing the machine, with the agent's endpoint.
@@ -416,6 +463,99 @@ spec:
     )
     .await;
     assert_eq!(kubectl(&c, 2, &["logs", "envy"]), "blue s3cret L 64 here\n");
+
+    // Resource limits: enforced through the container's cgroups; a container that outgrows
+    // its memory limit is OOM-killed.
+    let limited = c.dir.path().join("limited.yaml");
+    std::fs::write(
+        &limited,
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: limited
+  labels:
+    app: limited
+spec:
+  containers:
+  - name: c
+    image: busybox
+    command: ["sleep", "300"]
+    resources:
+      limits:
+        cpu: 250m
+        memory: 64Mi
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: hog
+  labels:
+    app: hog
+spec:
+  restartPolicy: Never
+  containers:
+  - name: c
+    image: busybox
+    command: ["python3", "-c", "import time; b = bytearray(512 * 1024 * 1024); time.sleep(30)"]
+    resources:
+      limits:
+        memory: 64Mi
+"#,
+    )
+    .unwrap();
+    kubectl(&c, 2, &["apply", "-f", limited.to_str().unwrap()]);
+    let lim = wait_for(
+        Duration::from_secs(20),
+        "the limited pod to run",
+        || async {
+            live_pods(&c, 2, "limited")
+                .await
+                .into_iter()
+                .find(|p| p["status"]["phase"] == "Running")
+        },
+    )
+    .await;
+    let uid = lim["metadata"]["uid"].as_str().unwrap().to_string();
+    let lim_pid = pid_of(&lim).unwrap();
+    let cg = |controller: &str| {
+        std::path::PathBuf::from(format!("/sys/fs/cgroup/{controller}/flotilla/a1/{uid}/c"))
+    };
+    let read = |p: std::path::PathBuf| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read(cg("memory").join("memory.limit_in_bytes")), "67108864");
+    assert_eq!(read(cg("cpu").join("cpu.cfs_quota_us")), "25000");
+    assert!(
+        read(cg("memory").join("cgroup.procs"))
+            .lines()
+            .any(|l| l == lim_pid.to_string()),
+        "the container runs in its cgroup"
+    );
+    let hog = wait_for(
+        Duration::from_secs(30),
+        "the hog to be OOM-killed",
+        || async {
+            live_pods(&c, 2, "hog")
+                .await
+                .into_iter()
+                .find(|p| p["status"]["phase"] == "Failed")
+        },
+    )
+    .await;
+    assert_eq!(
+        hog["status"]["containerStatuses"][0]["state"]["terminated"]["reason"], "OOMKilled",
+        "{hog}"
+    );
+    kubectl(&c, 2, &["delete", "pod", "limited", "hog"]);
+    wait_for(
+        Duration::from_secs(20),
+        "the limited pod's cgroups to be removed",
+        || async { (!cg("memory").exists() && !cg("cpu").exists()).then_some(()) },
+    )
+    .await;
 
     // Jobs: one that succeeds completes; one that fails with backoffLimit 0 fails.
     let jobs = c.dir.path().join("jobs.yaml");

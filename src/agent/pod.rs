@@ -79,6 +79,8 @@ struct Container {
     env: Vec<(String, String)>,
     /// Its working directory (exec probes run there too).
     workdir: PathBuf,
+    /// Why it last terminated: `Completed`, `Error` or `OOMKilled`.
+    last_reason: &'static str,
 }
 
 impl Container {
@@ -147,7 +149,7 @@ impl Container {
         match self.last_exit {
             Some((code, started, finished)) => json!({"terminated": {
                 "exitCode": code,
-                "reason": if code == 0 { "Completed" } else { "Error" },
+                "reason": self.last_reason,
                 "startedAt": meta::rfc3339(started),
                 "finishedAt": meta::rfc3339(finished)}}),
             None => json!({"waiting": {"reason": "ContainerCreating"}}),
@@ -586,6 +588,14 @@ fn poll(c: &mut Container, restart: &str, init: bool, now: Instant) {
         return;
     };
     let started = c.started.map(|(_, s)| s).unwrap_or_else(meta::now_secs);
+    c.last_reason = if h.oom_killed() {
+        "OOMKilled"
+    } else if code == 0 {
+        "Completed"
+    } else {
+        "Error"
+    };
+    h.release();
     c.handle = None;
     c.last_exit = Some((code, started, meta::now_secs()));
     let restarts = match restart {
@@ -618,12 +628,21 @@ async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &s
     let argv = argv(spec).iter().map(|a| expand(a, &environment)).collect();
     c.env = environment.clone();
     c.workdir = workdir.clone();
+    let limit = |res: &str| {
+        spec.pointer(&format!("/resources/limits/{res}"))
+            .and_then(Value::as_str)
+            .and_then(crate::api::quantity::parse_milli)
+            .filter(|v| *v > 0)
+    };
     let s = Spec {
         name: &c.name,
         argv,
         env: environment,
         dir: workdir,
         log: dir.join(format!("{}.log", c.name)),
+        memory_limit: limit("memory").map(|m| (m / 1000) as u64),
+        cpu_limit: limit("cpu").map(|m| m as u64),
+        cgroup: format!("flotilla/{}/{}/{}", env.node, owner::uid(pod), c.name),
     };
     match env.runtime.start(&s) {
         Ok(h) => {
@@ -728,7 +747,7 @@ fn status_of(
                 }
                 if let (Some((code, st, fin)), true) = (c.last_exit, c.handle.is_some()) {
                     s["lastState"] = json!({"terminated": {"exitCode": code,
-                        "reason": if code == 0 { "Completed" } else { "Error" },
+                        "reason": c.last_reason,
                         "startedAt": meta::rfc3339(st), "finishedAt": meta::rfc3339(fin)}});
                 }
                 s
@@ -792,6 +811,7 @@ async fn stop_all(inits: &mut [Container], mains: &mut [Container], grace: Durat
         for c in inits.iter_mut().chain(mains.iter_mut()) {
             if let Some(h) = c.handle.as_mut() {
                 if h.try_wait().is_some() {
+                    h.release();
                     c.handle = None;
                 } else {
                     alive = true;

@@ -29,6 +29,13 @@ pub struct Spec<'a> {
     pub dir: PathBuf,
     /// Where stdout and stderr go.
     pub log: PathBuf,
+    /// Memory limit, bytes.
+    pub memory_limit: Option<u64>,
+    /// CPU limit, milli-cores.
+    pub cpu_limit: Option<u64>,
+    /// The container's cgroup, relative to each controller's root
+    /// (`flotilla/<node>/<pod uid>/<container>`), unique per agent and container.
+    pub cgroup: String,
 }
 
 /// A started container.
@@ -36,6 +43,8 @@ pub struct Handle {
     child: tokio::process::Child,
     /// Process (and process group) id.
     pub pid: u32,
+    /// The cgroup directories made for it (removed once it has exited).
+    cgroups: Vec<PathBuf>,
 }
 
 impl Handle {
@@ -56,6 +65,32 @@ impl Handle {
         }
     }
 
+    /// True if the kernel's OOM killer ended it (its memory cgroup counted a kill).
+    pub fn oom_killed(&self) -> bool {
+        self.cgroups.iter().any(|d| {
+            std::fs::read_to_string(d.join("memory.oom_control"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("oom_kill "))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                })
+                .is_some_and(|n| n > 0)
+        })
+    }
+
+    /// Removes its cgroups (after it has exited; a cgroup with processes stays).
+    pub fn release(&self) {
+        for d in &self.cgroups {
+            // The container's cgroup, then the pod's, the node's and `flotilla` if empty.
+            for dir in d.ancestors().take(4) {
+                if std::fs::remove_dir(dir).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
     /// Sends `sig` to the container's process group.
     pub fn signal(&self, sig: Signal) {
         let _ = killpg(Pid::from_raw(self.pid as i32), sig);
@@ -69,6 +104,11 @@ pub trait Runtime: Send + Sync {
     /// Starts a container.
     fn start(&self, spec: &Spec<'_>) -> Result<Handle, String>;
 }
+
+/// Where the cgroup v1 controllers are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+static SH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| "/bin/sh".to_string());
 
 /// Containers as host processes.
 pub struct ProcessRuntime;
@@ -86,9 +126,60 @@ impl Runtime for ProcessRuntime {
             ));
         };
         std::fs::create_dir_all(&spec.dir).map_err(|e| format!("{}: {e}", spec.dir.display()))?;
+        // Limits: a cgroup per controller (v1, as on this machine), entered by the
+        // container's first process before it execs the command, so nothing escapes.
+        let mut cgroups = Vec::new();
+        let mut limits: Vec<(&str, Vec<(&str, String)>)> = Vec::new();
+        if let Some(m) = spec.memory_limit {
+            limits.push(("memory", vec![("memory.limit_in_bytes", m.to_string())]));
+        }
+        if let Some(c) = spec.cpu_limit {
+            let period = 100_000u64;
+            let quota = (c * period / 1000).max(1000);
+            limits.push((
+                "cpu",
+                vec![
+                    ("cpu.cfs_period_us", period.to_string()),
+                    ("cpu.cfs_quota_us", quota.to_string()),
+                ],
+            ));
+        }
+        for (controller, files) in &limits {
+            let dir = Path::new(CGROUP_ROOT).join(controller).join(&spec.cgroup);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                format!(
+                    "cannot enforce the {controller} limit: {}: {e}",
+                    dir.display()
+                )
+            })?;
+            for (file, value) in files {
+                std::fs::write(dir.join(file), value)
+                    .map_err(|e| format!("cannot enforce the {controller} limit: {file}: {e}"))?;
+            }
+            cgroups.push(dir);
+        }
+        let (program, args): (&String, Vec<String>) = if cgroups.is_empty() {
+            (program, args.to_vec())
+        } else {
+            // sh -c 'echo $$ > "$1" && shift && ... exec "$@"' sh <procs files> argv...
+            let mut script = String::new();
+            for _ in &cgroups {
+                script.push_str("echo $$ > \"$1\" && shift && ");
+            }
+            script.push_str("exec \"$@\"");
+            let mut wrapped = vec!["-c".to_string(), script, "sh".to_string()];
+            wrapped.extend(
+                cgroups
+                    .iter()
+                    .map(|d| d.join("cgroup.procs").display().to_string()),
+            );
+            wrapped.push(program.clone());
+            wrapped.extend(args.iter().cloned());
+            (&SH, wrapped)
+        };
         let log = std::sync::Arc::new(std::sync::Mutex::new(open_log(&spec.log)?));
         let mut cmd = tokio::process::Command::new(program);
-        cmd.args(args)
+        cmd.args(&args)
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(&spec.dir)
@@ -107,7 +198,11 @@ impl Runtime for ProcessRuntime {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(copy_lines(err, "stderr", log));
         }
-        Ok(Handle { child, pid })
+        Ok(Handle {
+            child,
+            pid,
+            cgroups,
+        })
     }
 }
 
