@@ -609,6 +609,61 @@ spec:
     all.dedup();
     assert_eq!(all.len(), 3);
 
+    // The agent's metrics: lint-clean, and counting what happened.
+    let (code, text) = flotilla::client::Client::new(vec![], Duration::from_secs(5))
+        .get_text(&format!("127.0.0.1:{port}"), "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        value("flotilla_agent_container_starts_total{result=\"ok\"}") >= 5.0,
+        "{text}"
+    );
+    assert!(
+        value("flotilla_agent_container_exits_total{reason=\"OOMKilled\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value("flotilla_agent_probes_total{probe=\"liveness\",result=\"failure\"}") >= 2.0,
+        "{text}"
+    );
+    assert!(
+        value("flotilla_agent_lease_renewals_total{result=\"ok\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value("flotilla_agent_watch_restarts_total") >= 1.0,
+        "the killed replica's watch: {text}"
+    );
+    assert!(value("flotilla_agent_pods") >= 3.0, "{text}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Deleting the Deployment stops its processes and the pods go.
     kubectl(&c, 2, &["delete", "deploy/web", "--timeout=60s"]);
     wait_for(

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod logs;
+pub mod metrics;
 pub mod pod;
 pub mod probe;
 pub mod runtime;
@@ -87,7 +88,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let port = listener.local_addr()?.port();
-    tokio::spawn(serve(listener, pods_dir.clone()));
+    let metrics = Arc::new(metrics::AgentMetrics::new());
+    tokio::spawn(serve(listener, pods_dir.clone(), metrics.clone()));
     let api = Arc::new(Api::new(args.servers.clone(), Duration::from_secs(10)));
     register(&api, &args, runtime.as_ref(), port).await?;
     tracing::info!(node = args.node_name, port, "registered");
@@ -106,8 +108,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         pods_dir,
         capacity_cpu_milli: quantity("cpu"),
         capacity_memory_bytes: quantity("memory") / 1000,
+        metrics: metrics.clone(),
     });
-    tokio::spawn(heartbeat(api.clone(), args.clone()));
+    tokio::spawn(heartbeat(api.clone(), args.clone(), metrics));
     tokio::select! {
         r = sync_pods(env) => r,
         _ = shutdown_signal() => {
@@ -127,34 +130,40 @@ async fn shutdown_signal() {
 }
 
 /// `/healthz`, `/metrics` (`flotilla_agent_up`) and `/containerLogs/...` ([`logs::serve`]).
-async fn serve(listener: tokio::net::TcpListener, pods_dir: PathBuf) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    pods_dir: PathBuf,
+    metrics: Arc<metrics::AgentMetrics>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let pods_dir = pods_dir.clone();
+        let (pods_dir, metrics) = (pods_dir.clone(), metrics.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(
-                move |req: http::Request<hyper::body::Incoming>| {
-                    let pods_dir = pods_dir.clone();
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (pods_dir, metrics) = (pods_dir.clone(), metrics.clone());
                     async move {
                         let path = req.uri().path().to_string();
                         let query = req.uri().query().unwrap_or("").to_string();
                         let resp = match path.as_str() {
-                        "/healthz" | "/livez" | "/readyz" => {
-                            crate::http::text(http::StatusCode::OK, "ok\n")
-                        }
-                        "/metrics" => crate::http::text(
-                            http::StatusCode::OK,
-                            "# HELP flotilla_agent_up The agent is running.\n# TYPE flotilla_agent_up gauge\nflotilla_agent_up 1\n",
-                        ),
-                        p if p.starts_with("/containerLogs/") => logs::serve(&pods_dir, p, &query),
-                        _ => crate::http::text(http::StatusCode::NOT_FOUND, "not found\n"),
-                    };
+                            "/healthz" | "/livez" | "/readyz" => {
+                                crate::http::text(http::StatusCode::OK, "ok\n")
+                            }
+                            "/metrics" => http::Response::builder()
+                                .status(http::StatusCode::OK)
+                                .header(http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
+                                .body(crate::http::full(metrics.render()))
+                                .expect("static response parts are valid"),
+                            p if p.starts_with("/containerLogs/") => {
+                                logs::serve(&pods_dir, p, &query)
+                            }
+                            _ => crate::http::text(http::StatusCode::NOT_FOUND, "not found\n"),
+                        };
                         Ok::<_, std::convert::Infallible>(resp)
                     }
-                },
-            );
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                 .await;
@@ -297,7 +306,7 @@ async fn register(
 }
 
 /// Renews the node's Lease every `--heartbeat-seconds` (creating it when missing).
-async fn heartbeat(api: Arc<Api>, args: AgentArgs) {
+async fn heartbeat(api: Arc<Api>, args: AgentArgs, metrics: Arc<metrics::AgentMetrics>) {
     let path = format!(
         "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{}",
         args.node_name
@@ -316,6 +325,11 @@ async fn heartbeat(api: Arc<Api>, args: AgentArgs) {
                 Some(&json!({"spec": {"holderIdentity": args.node_name, "renewTime": now}})),
             )
             .await;
+        let ok = matches!(r, Ok((200, _)));
+        metrics
+            .lease_renewals
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
         match r {
             Ok((200, _)) => {}
             Ok((404, _)) => {
@@ -427,6 +441,12 @@ async fn sync_pods(env: Arc<pod::Env>) -> anyhow::Result<()> {
                 // (a partitioned replica): move on.
                 let frame = tokio::time::timeout(Duration::from_secs(90), body.frame()).await;
                 let Ok(Some(Ok(frame))) = frame else {
+                    let why = if matches!(frame, Ok(None)) {
+                        "ended"
+                    } else {
+                        "error"
+                    };
+                    env.metrics.watch_restarts.with_label_values(&[why]).inc();
                     env.api.fail_over();
                     break 'stream;
                 };
@@ -444,6 +464,10 @@ async fn sync_pods(env: Arc<pod::Env>) -> anyhow::Result<()> {
                         if obj.get("code").and_then(Value::as_u64) == Some(410) {
                             expired = true;
                         }
+                        env.metrics
+                            .watch_restarts
+                            .with_label_values(&[if expired { "expired" } else { "error" }])
+                            .inc();
                         break 'stream;
                     }
                     if let Some(v) = obj
@@ -464,6 +488,7 @@ async fn sync_pods(env: Arc<pod::Env>) -> anyhow::Result<()> {
                 }
             }
             workers.retain(|_, tx| !tx.is_closed());
+            env.metrics.pods.set(workers.len() as i64);
             if expired {
                 break;
             }
@@ -486,5 +511,6 @@ fn update(
     // finish a pending deletion.
     let (tx, rx) = watch::channel(Some(p));
     workers.insert(uid, tx);
+    env.metrics.pods.set(workers.len() as i64);
     tokio::spawn(pod::run(env.clone(), rx));
 }

@@ -55,6 +55,8 @@ pub struct Env {
     pub capacity_cpu_milli: i128,
     /// The node's memory (bytes), the default memory limit.
     pub capacity_memory_bytes: i128,
+    /// Metrics.
+    pub metrics: Arc<super::metrics::AgentMetrics>,
 }
 
 #[derive(Default)]
@@ -108,11 +110,19 @@ impl Container {
 
     /// Runs the probes that are due; a failed startup or liveness probe kills the
     /// container (it is then restarted per the restart policy).
-    async fn probe(&mut self, now: Instant, pod_ip: &str) {
+    async fn probe(&mut self, now: Instant, pod_ip: &str, m: &super::metrics::AgentMetrics) {
         let Some(h) = &self.handle else { return };
+        let count = |kind: &str, p: &Probe| {
+            let result = if p.last_ok { "success" } else { "failure" };
+            m.probes.with_label_values(&[kind, result]).inc();
+        };
         if !self.started_ok {
             if let Some(p) = self.startup.as_mut() {
+                let due = p.due(now);
                 p.run(now, pod_ip, &self.env, &self.workdir).await;
+                if due {
+                    count("startup", p);
+                }
                 if p.passing {
                     self.started_ok = true;
                 } else if p.failed() {
@@ -123,7 +133,11 @@ impl Container {
             return;
         }
         if let Some(p) = self.liveness.as_mut() {
+            let due = p.due(now);
             p.run(now, pod_ip, &self.env, &self.workdir).await;
+            if due {
+                count("liveness", p);
+            }
             if !p.passing {
                 tracing::info!(container = self.name, "liveness probe failed; killing");
                 h.signal(Signal::SIGKILL);
@@ -131,7 +145,11 @@ impl Container {
             }
         }
         if let Some(p) = self.readiness.as_mut() {
+            let due = p.due(now);
             p.run(now, pod_ip, &self.env, &self.workdir).await;
+            if due {
+                count("readiness", p);
+            }
         }
     }
 
@@ -444,6 +462,8 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
     let mut inits: Vec<Container> = inits_spec.iter().map(Container::new).collect();
     let mut mains: Vec<Container> = mains_spec.iter().map(Container::new).collect();
     let start_time = meta::now_secs();
+    let worker_started = Instant::now();
+    let mut started_reported = false;
     let mut reported = Value::Null;
     let mut failed_init = false;
     // Containers a previous run of this agent started are stopped first, so a pod never
@@ -496,7 +516,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                     continue;
                 }
                 inits_done = false;
-                poll(c, &restart, true, now);
+                poll(c, &restart, true, now, &env.metrics);
                 if c.handle.is_none() && c.not_before.is_none_or(|t| t <= now) {
                     if c.last_exit.is_some_and(|(code, _, _)| code != 0) && restart == "Never" {
                         failed_init = true;
@@ -511,7 +531,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
         }
         if inits_done && !failed_init {
             for (i, c) in mains.iter_mut().enumerate() {
-                poll(c, &restart, false, now);
+                poll(c, &restart, false, now, &env.metrics);
                 let never_started = c.last_exit.is_none() && c.handle.is_none();
                 let should_restart = c.handle.is_none()
                     && c.last_exit
@@ -523,8 +543,14 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                 if (never_started || should_restart) && c.not_before.is_none_or(|t| t <= now) {
                     launch(c, &pod, &mains_spec[i], &env, &dir).await;
                 }
-                c.probe(now, &env.node_ip).await;
+                c.probe(now, &env.node_ip, &env.metrics).await;
             }
+        }
+        if !started_reported && !mains.is_empty() && mains.iter().all(|c| c.handle.is_some()) {
+            started_reported = true;
+            env.metrics
+                .pod_start_seconds
+                .observe(worker_started.elapsed().as_secs_f64());
         }
         let status = status_of(
             &pod,
@@ -552,9 +578,24 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                 )
                 .await
             {
-                Ok((200, _)) => reported = status,
-                Ok((code, body)) => tracing::debug!(code, %body, "pod status not written"),
-                Err(e) => tracing::debug!(%e, "pod status not written"),
+                Ok((200, _)) => {
+                    env.metrics.status_writes.with_label_values(&["ok"]).inc();
+                    reported = status;
+                }
+                Ok((code, body)) => {
+                    env.metrics
+                        .status_writes
+                        .with_label_values(&["error"])
+                        .inc();
+                    tracing::debug!(code, %body, "pod status not written");
+                }
+                Err(e) => {
+                    env.metrics
+                        .status_writes
+                        .with_label_values(&["error"])
+                        .inc();
+                    tracing::debug!(%e, "pod status not written");
+                }
             }
         }
         let finished = matches!(
@@ -576,7 +617,13 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
 }
 
 /// Notes an exit of `c` and schedules its restart back-off.
-fn poll(c: &mut Container, restart: &str, init: bool, now: Instant) {
+fn poll(
+    c: &mut Container,
+    restart: &str,
+    init: bool,
+    now: Instant,
+    m: &super::metrics::AgentMetrics,
+) {
     let Some(h) = c.handle.as_mut() else { return };
     let Some(code) = h.try_wait() else {
         // Long enough running: the back-off starts over.
@@ -596,6 +643,7 @@ fn poll(c: &mut Container, restart: &str, init: bool, now: Instant) {
         "Error"
     };
     h.release();
+    m.container_exits.with_label_values(&[c.last_reason]).inc();
     c.handle = None;
     c.last_exit = Some((code, started, meta::now_secs()));
     let restarts = match restart {
@@ -614,6 +662,10 @@ async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &s
         Ok(e) => e,
         Err(e) => {
             // A configuration error (a missing ConfigMap, say) is tried again shortly.
+            env.metrics
+                .container_starts
+                .with_label_values(&["error"])
+                .inc();
             c.error = Some(e);
             c.not_before = Some(Instant::now() + CONFIG_RETRY);
             return;
@@ -644,7 +696,13 @@ async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &s
         cpu_limit: limit("cpu").map(|m| m as u64),
         cgroup: format!("flotilla/{}/{}/{}", env.node, owner::uid(pod), c.name),
     };
-    match env.runtime.start(&s) {
+    let started = env.runtime.start(&s);
+    let result = if started.is_ok() { "ok" } else { "error" };
+    env.metrics
+        .container_starts
+        .with_label_values(&[result])
+        .inc();
+    match started {
         Ok(h) => {
             let _ = std::fs::write(dir.join(format!("{}.pid", c.name)), h.pid.to_string());
             if c.last_exit.is_some() {

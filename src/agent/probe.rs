@@ -52,6 +52,8 @@ pub struct Probe {
     initial: bool,
     /// The current verdict.
     pub passing: bool,
+    /// The last try's result.
+    pub last_ok: bool,
 }
 
 fn secs(p: &Value, k: &str, default: u64, min: u64) -> Duration {
@@ -132,6 +134,7 @@ impl Probe {
             failures: 0,
             initial: key == "livenessProbe",
             passing: key == "livenessProbe",
+            last_ok: false,
         })
     }
 
@@ -169,6 +172,7 @@ impl Probe {
             .await
             .unwrap_or(false);
         let before = self.passing;
+        self.last_ok = ok;
         if ok {
             self.successes += 1;
             self.failures = 0;

@@ -1,0 +1,120 @@
+//! The agent's Prometheus metrics, served at `/metrics` on its `--listen` address.
+//!
+//! Owns one registry per agent process. Counters are updated where the events happen (the
+//! sync loop, the heartbeat, the pod workers); nothing here blocks.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Every agent metric.
+pub struct AgentMetrics {
+    registry: Registry,
+    /// Pods with a worker on this node.
+    pub pods: IntGauge,
+    /// Containers started, by result (`ok`, `error`).
+    pub container_starts: IntCounterVec,
+    /// Containers that ended, by reason (`Completed`, `Error`, `OOMKilled`).
+    pub container_exits: IntCounterVec,
+    /// Probe tries, by probe and result.
+    pub probes: IntCounterVec,
+    /// Pod watches that ended and were reopened, by why (`ended`, `error`, `expired`).
+    pub watch_restarts: IntCounterVec,
+    /// Lease renewals, by result.
+    pub lease_renewals: IntCounterVec,
+    /// Pod status writes, by result.
+    pub status_writes: IntCounterVec,
+    /// From a pod's worker starting to all its containers running.
+    pub pod_start_seconds: Histogram,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+impl Default for AgentMetrics {
+    fn default() -> AgentMetrics {
+        AgentMetrics::new()
+    }
+}
+
+impl AgentMetrics {
+    /// A fresh registry with every metric (and the process collector).
+    pub fn new() -> AgentMetrics {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics register once");
+        let pods = IntGauge::new("flotilla_agent_pods", "Pods with a worker on this node.")
+            .expect("valid metric");
+        registry
+            .register(Box::new(pods.clone()))
+            .expect("registered once");
+        let pod_start_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "flotilla_agent_pod_start_seconds",
+                "From a pod's worker starting to all its containers running.",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(pod_start_seconds.clone()))
+            .expect("registered once");
+        AgentMetrics {
+            container_starts: counter(
+                &registry,
+                "flotilla_agent_container_starts_total",
+                "Containers started, by result.",
+                &["result"],
+            ),
+            container_exits: counter(
+                &registry,
+                "flotilla_agent_container_exits_total",
+                "Containers that ended, by reason.",
+                &["reason"],
+            ),
+            probes: counter(
+                &registry,
+                "flotilla_agent_probes_total",
+                "Probe tries, by probe and result.",
+                &["probe", "result"],
+            ),
+            watch_restarts: counter(
+                &registry,
+                "flotilla_agent_watch_restarts_total",
+                "Pod watches that ended and were reopened, by why.",
+                &["reason"],
+            ),
+            lease_renewals: counter(
+                &registry,
+                "flotilla_agent_lease_renewals_total",
+                "Lease renewals, by result.",
+                &["result"],
+            ),
+            status_writes: counter(
+                &registry,
+                "flotilla_agent_pod_status_writes_total",
+                "Pod status writes, by result.",
+                &["result"],
+            ),
+            pods,
+            pod_start_seconds,
+            registry,
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("the exposition is UTF-8")
+    }
+}
