@@ -33,7 +33,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// Node agents to run (nodes `node-1`, `node-2`, ...; process runtime, data under
-    /// `--data-dir/agent-N`).
+    /// `--data-dir/agent-N`, agent N's endpoint on port base+2000+N-1).
     #[arg(long, default_value_t = 1)]
     pub agents: u64,
 }
@@ -81,7 +81,10 @@ fn spawn_agent(exe: &Path, args: &UpArgs, n: u64, servers: &str) -> anyhow::Resu
         .args(["--node-name", &format!("node-{n}")])
         .arg("--data-dir")
         .arg(&dir)
-        .args(["--listen", &format!("{}:0", args.host)])
+        .args([
+            "--listen",
+            &format!("{}:{}", args.host, args.base_port + 2000 + (n - 1) as u16),
+        ])
         .args(["--node-ip", &args.host])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

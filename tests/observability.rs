@@ -213,6 +213,23 @@ async fn a_real_prometheus_scrapes_the_cluster_and_sees_one_leader_and_a_leader_
     for id in 1..=3u64 {
         config = config.replace(&format!("127.0.0.1:644{id}"), &c.replica(id).api());
     }
+    // An agent, scraped under job flotilla-agent at the address the shipped config names.
+    let agent_listen = format!("{}.7:8441", c.prefix);
+    config = config.replace("127.0.0.1:8441", &agent_listen);
+    let servers: Vec<String> = (1..=3).map(|id| c.replica(id).api()).collect();
+    let agent_dir = c.dir.path().join("agent");
+    let _agent = Killed(
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["agent", "--servers", &servers.join(",")])
+            .args(["--node-name", "prom-node", "--heartbeat-seconds", "1"])
+            .args(["--listen", &agent_listen])
+            .arg("--data-dir")
+            .arg(&agent_dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(c.dir.path().join("agent.log")).unwrap())
+            .spawn()
+            .expect("the agent starts"),
+    );
     config = config.replace("scrape_interval: 5s", "scrape_interval: 1s");
     config = config.replace("evaluation_interval: 5s", "evaluation_interval: 1s");
     assert!(
@@ -244,12 +261,26 @@ async fn a_real_prometheus_scrapes_the_cluster_and_sees_one_leader_and_a_leader_
 
     wait_for(
         Duration::from_secs(60),
-        "Prometheus to scrape all three replicas",
+        "Prometheus to scrape all three replicas and the agent",
         || async {
             let (_, body) = prom.get_text(&listen, "/api/v1/targets").await.ok()?;
             let v: serde_json::Value = serde_json::from_str(&body).ok()?;
             let targets = v["data"]["activeTargets"].as_array()?;
-            (targets.len() == 3 && targets.iter().all(|t| t["health"] == "up")).then_some(())
+            (targets.len() == 4 && targets.iter().all(|t| t["health"] == "up")).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the agent's Lease renewals to reach Prometheus",
+        || async {
+            let n = query(
+                &prom,
+                &listen,
+                r#"sum(flotilla_agent_lease_renewals_total{job="flotilla-agent",result="ok"})"#,
+            )
+            .await?;
+            (n >= 1.0).then_some(())
         },
     )
     .await;
