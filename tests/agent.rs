@@ -684,3 +684,95 @@ spec:
     )
     .await;
 }
+
+/// A tmpfs mounted for a test, unmounted however the test ends.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn node_condition(n: &Value, kind: &str) -> String {
+    n["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == kind))
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn tainted(n: &Value, key: &str) -> bool {
+    n["spec"]["taints"].as_array().is_some_and(|ts| {
+        ts.iter()
+            .any(|t| t["key"] == key && t["effect"] == "NoSchedule")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_as_disk_pressure_and_taints_the_node() {
+    let c = Cluster::start(3, &[]).await;
+    c.wait_leader().await;
+    let disk = c.dir.path().join("small-disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a tmpfs (tests run as root)");
+    let _tmpfs = Tmpfs(disk.clone());
+    let servers: Vec<String> = (1..=3).map(|i| c.replica(i).api()).collect();
+    let log = std::fs::File::create(c.dir.path().join("agent-d1.log")).unwrap();
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["agent", "--servers", &servers.join(",")])
+            .args(["--node-name", "d1", "--heartbeat-seconds", "1"])
+            .arg("--data-dir")
+            .arg(disk.join("agent"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("the agent starts"),
+        disk.join("agent"),
+        "d1",
+    );
+    let node = || async { get(&c, 2, "/api/v1/nodes/d1").await.1 };
+    wait_for(
+        Duration::from_secs(30),
+        "d1 Ready without disk pressure",
+        || async {
+            let n = node().await;
+            (node_condition(&n, "Ready") == "True" && node_condition(&n, "DiskPressure") == "False")
+                .then_some(())
+        },
+    )
+    .await;
+    // Fill the disk past 90%.
+    std::fs::write(disk.join("ballast"), vec![0u8; 7_800_000]).unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "DiskPressure and its taint",
+        || async {
+            let n = node().await;
+            (node_condition(&n, "DiskPressure") == "True"
+                && tainted(&n, "node.kubernetes.io/disk-pressure"))
+            .then_some(())
+        },
+    )
+    .await;
+    std::fs::remove_file(disk.join("ballast")).unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the pressure and the taint to clear",
+        || async {
+            let n = node().await;
+            (node_condition(&n, "DiskPressure") == "False"
+                && !tainted(&n, "node.kubernetes.io/disk-pressure"))
+            .then_some(())
+        },
+    )
+    .await;
+}

@@ -81,6 +81,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         ),
         other => bail!("unknown runtime {other:?}: process or cri"),
     };
+    if args.servers.iter().all(|s| s.trim().is_empty()) {
+        bail!("--servers needs at least one host:port");
+    }
+    if args.node_name.is_empty()
+        || args.node_name.len() > 253
+        || !args
+            .node_name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    {
+        bail!(
+            "--node-name {:?} is not a valid node name (lowercase letters, digits, '-' and '.')",
+            args.node_name
+        );
+    }
     let pods_dir = args.data_dir.join("pods");
     std::fs::create_dir_all(&pods_dir)
         .with_context(|| format!("creating {}", pods_dir.display()))?;
@@ -306,13 +321,119 @@ async fn register(
 }
 
 /// Renews the node's Lease every `--heartbeat-seconds` (creating it when missing).
+/// The node's pressure conditions as the kubelet's default eviction thresholds judge them:
+/// memory when less than 100 MiB is available, disk when less than 10% of the data
+/// directory's filesystem is, PIDs when more than 95% of `pid_max` are in use.
+pub fn pressure(data_dir: &std::path::Path) -> [(&'static str, bool); 3] {
+    let meminfo = read("/proc/meminfo");
+    let available_kib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<u64>().ok());
+    let memory = available_kib.is_some_and(|k| k < 100 * 1024);
+    let disk = nix::sys::statvfs::statvfs(data_dir)
+        .ok()
+        .filter(|s| s.blocks() > 0)
+        .is_some_and(|s| (s.blocks_available() as f64) < 0.10 * s.blocks() as f64);
+    let pid_max = read("/proc/sys/kernel/pid_max").parse::<u64>().unwrap_or(0);
+    let procs = read("/proc/loadavg")
+        .split_whitespace()
+        .nth(3)
+        .and_then(|f| f.split_once('/'))
+        .and_then(|(_, total)| total.parse::<u64>().ok())
+        .unwrap_or(0);
+    let pids = pid_max > 0 && procs * 100 > pid_max * 95;
+    [
+        ("MemoryPressure", memory),
+        ("DiskPressure", disk),
+        ("PIDPressure", pids),
+    ]
+}
+
+/// The node's four conditions, each with the time it last changed.
+fn conditions(current: &[(&str, bool)], since: &HashMap<&'static str, String>, now: &str) -> Value {
+    let reasons = |kind: &str, on: bool| match (kind, on) {
+        ("MemoryPressure", false) => (
+            "KubeletHasSufficientMemory",
+            "kubelet has sufficient memory available",
+        ),
+        ("MemoryPressure", true) => (
+            "KubeletHasInsufficientMemory",
+            "kubelet has insufficient memory available",
+        ),
+        ("DiskPressure", false) => ("KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+        ("DiskPressure", true) => ("KubeletHasDiskPressure", "kubelet has disk pressure"),
+        ("PIDPressure", false) => (
+            "KubeletHasSufficientPID",
+            "kubelet has sufficient PID available",
+        ),
+        ("PIDPressure", true) => (
+            "KubeletHasInsufficientPID",
+            "kubelet has insufficient PID available",
+        ),
+        _ => ("KubeletReady", "kubelet is posting ready status"),
+    };
+    let mut out: Vec<Value> = current
+        .iter()
+        .map(|(kind, on)| {
+            let (reason, message) = reasons(kind, *on);
+            json!({"type": kind, "status": if *on { "True" } else { "False" }, "reason": reason,
+                   "message": message, "lastHeartbeatTime": now,
+                   "lastTransitionTime": since.get(kind).cloned().unwrap_or_else(|| now.to_string())})
+        })
+        .collect();
+    let (reason, message) = reasons("Ready", true);
+    out.push(json!({"type": "Ready", "status": "True", "reason": reason, "message": message,
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": since.get("Ready").cloned().unwrap_or_else(|| now.to_string())}));
+    json!(out)
+}
+
+/// Renews the Lease every `--heartbeat-seconds` (creating it when missing), and writes the
+/// node's conditions when a pressure condition changes.
 async fn heartbeat(api: Arc<Api>, args: AgentArgs, metrics: Arc<metrics::AgentMetrics>) {
     let path = format!(
         "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{}",
         args.node_name
     );
     let period = Duration::from_secs(args.heartbeat_seconds.max(1));
+    // Registration wrote every pressure condition False.
+    let started = meta::rfc3339(meta::now_secs());
+    let mut since: HashMap<&'static str, String> =
+        ["MemoryPressure", "DiskPressure", "PIDPressure", "Ready"]
+            .into_iter()
+            .map(|k| (k, started.clone()))
+            .collect();
+    let mut reported = [false; 3];
     loop {
+        let now_pressure = pressure(&args.data_dir);
+        let flags = now_pressure.map(|(_, on)| on);
+        if flags != reported {
+            let now = meta::rfc3339(meta::now_secs());
+            for (i, (kind, on)) in now_pressure.iter().enumerate() {
+                if *on != reported[i] {
+                    since.insert(kind, now.clone());
+                }
+            }
+            let status = json!({"status": {"conditions": conditions(&now_pressure, &since, &now)}});
+            match api
+                .call(
+                    http::Method::PATCH,
+                    &format!("/api/v1/nodes/{}/status", args.node_name),
+                    "application/merge-patch+json",
+                    Some(&status),
+                )
+                .await
+            {
+                Ok((200, _)) => {
+                    tracing::info!(?now_pressure, "node conditions changed");
+                    reported = flags;
+                }
+                Ok((code, b)) => tracing::warn!(code, %b, "node conditions not written"),
+                Err(e) => tracing::warn!(%e, "node conditions not written"),
+            }
+        }
         let now = chrono_micro();
         let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": args.node_name, "namespace": "kube-node-lease"},

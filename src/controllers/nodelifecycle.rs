@@ -34,6 +34,12 @@ pub const MANAGER: &str = "node-controller";
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 /// The taint of a node that reports itself not ready.
 pub const NOT_READY: &str = "node.kubernetes.io/not-ready";
+/// The NoSchedule taint for each pressure condition (Kubernetes' TaintNodesByCondition).
+const CONDITION_TAINTS: [(&str, &str); 3] = [
+    ("MemoryPressure", "node.kubernetes.io/memory-pressure"),
+    ("DiskPressure", "node.kubernetes.io/disk-pressure"),
+    ("PIDPressure", "node.kubernetes.io/pid-pressure"),
+];
 /// How often nodes are checked.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -65,6 +71,38 @@ fn taints(node: &Value) -> Vec<Value> {
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default()
+}
+
+/// The node's taints with a NoSchedule taint for each pressure condition that is True (and
+/// none for the others); `None` when they are already so.
+pub fn condition_taints(node: &Value) -> Option<Vec<Value>> {
+    let current = taints(node);
+    let is_true = |kind: &str| {
+        node.pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c.get("type").and_then(Value::as_str) == Some(kind)
+                        && c.get("status").and_then(Value::as_str) == Some("True")
+                })
+            })
+    };
+    let mut next: Vec<Value> = current
+        .iter()
+        .filter(|t| {
+            let key = t.get("key").and_then(Value::as_str).unwrap_or("");
+            !CONDITION_TAINTS
+                .iter()
+                .any(|(kind, k)| *k == key && !is_true(kind))
+        })
+        .cloned()
+        .collect();
+    for (kind, key) in CONDITION_TAINTS {
+        if is_true(kind) && !has_taint(node, key, "NoSchedule") {
+            next.push(json!({"key": key, "effect": "NoSchedule"}));
+        }
+    }
+    (next != current).then_some(next)
 }
 
 fn has_taint(node: &Value, key: &str, effect: &str) -> bool {
@@ -218,6 +256,16 @@ impl NodeLifecycle {
             {
                 self.set_taints(ctx, n, false, false).await?;
                 continue;
+            }
+            if fresh {
+                if let Some(ts) = condition_taints(n) {
+                    let mut next = (**n).clone();
+                    next["spec"]["taints"] = json!(ts);
+                    let call =
+                        Call::internal(ctx.nodes.resource(), None, Some(name), None, MANAGER);
+                    ignore_conflict(ctx.api.update_value(&call, next).await)?;
+                    continue;
+                }
             }
             self.evict(ctx, n).await?;
         }
@@ -379,6 +427,32 @@ mod tests {
             eviction_due(&pod(other), &taint, 100),
             Some(0),
             "another taint's toleration does not count"
+        );
+    }
+
+    #[test]
+    fn pressure_conditions_taint_and_untaint_nodes() {
+        let node = |disk: &str, taints: Value| {
+            json!({"metadata": {"name": "n"}, "spec": {"taints": taints},
+                   "status": {"conditions": [{"type": "Ready", "status": "True"},
+                                             {"type": "DiskPressure", "status": disk}]}})
+        };
+        let other = json!({"key": "dedicated", "value": "db", "effect": "NoSchedule"});
+        let pressured = condition_taints(&node("True", json!([other.clone()]))).unwrap();
+        assert_eq!(
+            pressured,
+            vec![
+                other.clone(),
+                json!({"key": "node.kubernetes.io/disk-pressure", "effect": "NoSchedule"})
+            ]
+        );
+        assert_eq!(
+            condition_taints(&node("True", json!(pressured.clone()))),
+            None
+        );
+        assert_eq!(
+            condition_taints(&node("False", json!(pressured))).unwrap(),
+            vec![other]
         );
     }
 }
