@@ -12,8 +12,6 @@ use common::*;
 use http_body_util::BodyExt;
 use serde_json::Value;
 
-const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32";
-
 /// Kills the agent when the test ends, however it ends, and with it whatever its pods left:
 /// their processes (from the agent's pid files) and their cgroups.
 struct Agent(Child, std::path::PathBuf, &'static str);
@@ -70,23 +68,7 @@ impl Drop for Agent {
 }
 
 fn kubectl(c: &Cluster, id: u64, args: &[&str]) -> String {
-    let out = Command::new(KUBECTL)
-        .arg(format!("--server=http://{}", c.replica(id).api()))
-        .arg(format!(
-            "--cache-dir={}",
-            c.dir.path().join(format!("kube-cache-{id}")).display()
-        ))
-        .args(args)
-        .env("HOME", c.dir.path())
-        .output()
-        .expect("kubectl 1.32 is installed");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Kubectl::new(c, id).ok(args)
 }
 
 /// GET `path` from replica `id`: status and JSON.

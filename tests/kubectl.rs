@@ -3,63 +3,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32";
-
-struct Kubectl {
-    server: String,
-    cache: PathBuf,
-    dir: PathBuf,
-}
-
-impl Kubectl {
-    fn new(c: &Cluster, id: u64) -> Kubectl {
-        Kubectl {
-            server: format!("http://{}", c.replica(id).api()),
-            cache: c.dir.path().join(format!("kube-cache-{id}")),
-            dir: c.dir.path().to_path_buf(),
-        }
-    }
-
-    /// Runs kubectl; returns (success, stdout, stderr).
-    fn run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(KUBECTL)
-            .arg(format!("--server={}", self.server))
-            .arg(format!("--cache-dir={}", self.cache.display()))
-            .args(args)
-            .env("HOME", &self.dir)
-            .output()
-            .expect("kubectl 1.32 is installed");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.run(args);
-        assert!(ok, "kubectl {args:?} failed:\n{out}{err}");
-        out
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.run(args);
-        assert!(!ok, "kubectl {args:?} should fail:\n{out}{err}");
-        err
-    }
-
-    fn file(&self, name: &str, content: &str) -> String {
-        let p = self.dir.join(name);
-        std::fs::write(&p, content).unwrap();
-        p.display().to_string()
-    }
-}
 
 const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm1\n  labels: {app: web}\ndata:\n  a: \"1\"\n";
 

@@ -478,51 +478,6 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
         let ctx = ctx.clone();
         set.spawn(async move { ensure_system_namespaces(&ctx).await });
     }
-    {
-        let rs2 = rs.clone();
-        spawn_controller(
-            set,
-            ctx,
-            "replicaset",
-            rs.queue.clone(),
-            ctx.replicasets.clone(),
-            4,
-            move |ctx, key| {
-                let rs = rs2.clone();
-                async move { rs.reconcile(&ctx, &key).await }
-            },
-        );
-    }
-    {
-        let d2 = deploy.clone();
-        spawn_controller(
-            set,
-            ctx,
-            "deployment",
-            deploy.queue.clone(),
-            ctx.deployments.clone(),
-            2,
-            move |ctx, key| {
-                let d = d2.clone();
-                async move { d.reconcile(&ctx, &key).await }
-            },
-        );
-    }
-    {
-        let j2 = jobs.clone();
-        spawn_controller(
-            set,
-            ctx,
-            "job",
-            jobs.queue.clone(),
-            ctx.jobs.clone(),
-            2,
-            move |ctx, key| {
-                let j = j2.clone();
-                async move { j.reconcile(&ctx, &key).await }
-            },
-        );
-    }
     macro_rules! controller {
         ($name:literal, $c:expr, $primary:expr, $workers:expr) => {{
             let c2 = $c.clone();
@@ -540,25 +495,14 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
             );
         }};
     }
+    controller!("replicaset", rs, ctx.replicasets, 4);
+    controller!("deployment", deploy, ctx.deployments, 2);
+    controller!("job", jobs, ctx.jobs, 2);
     controller!("daemonset", daemons, ctx.daemonsets, 2);
     controller!("namespace", namespaces, ctx.namespaces, 2);
     controller!("serviceaccount", accounts, ctx.namespaces, 1);
     controller!("endpoints", endpoints, ctx.services, 4);
-    {
-        let gc2 = gc.clone();
-        spawn_controller(
-            set,
-            ctx,
-            "garbage-collector",
-            gc.queue.clone(),
-            ctx.pods.clone(),
-            2,
-            move |ctx, key| {
-                let gc = gc2.clone();
-                async move { gc.reconcile(&ctx, &key).await }
-            },
-        );
-    }
+    controller!("garbage-collector", gc, ctx.pods, 2);
     {
         let ctx = ctx.clone();
         set.spawn(async move {

@@ -137,12 +137,9 @@ impl Queue {
         self.len() == 0
     }
 
-    /// The next ready key, without waiting (delayed keys that are due count as ready).
-    pub fn try_next(&self) -> Option<String> {
-        let mut s = self.state.lock().expect("not poisoned");
-        if s.shut {
-            return None;
-        }
+    /// Moves delayed keys that are due to the ready queue (an entry superseded by an earlier
+    /// due time for the same key is dropped).
+    fn promote_due(s: &mut State) {
         let now = Instant::now();
         while let Some(Reverse((at, _))) = s.delayed.peek() {
             if *at > now {
@@ -151,9 +148,18 @@ impl Queue {
             let Reverse((at, key)) = s.delayed.pop().expect("peeked");
             if s.due.get(&key) == Some(&at) {
                 s.due.remove(&key);
-                Self::add_locked(&mut s, &key);
+                Self::add_locked(s, &key);
             }
         }
+    }
+
+    /// The next ready key, without waiting (delayed keys that are due count as ready).
+    pub fn try_next(&self) -> Option<String> {
+        let mut s = self.state.lock().expect("not poisoned");
+        if s.shut {
+            return None;
+        }
+        Self::promote_due(&mut s);
         let key = s.ready.pop_front()?;
         s.queued.remove(&key);
         s.processing.insert(key.clone());
@@ -168,17 +174,7 @@ impl Queue {
                 if s.shut {
                     return None;
                 }
-                let now = Instant::now();
-                while let Some(Reverse((at, _))) = s.delayed.peek() {
-                    if *at > now {
-                        break;
-                    }
-                    let Reverse((at, key)) = s.delayed.pop().expect("peeked");
-                    if s.due.get(&key) == Some(&at) {
-                        s.due.remove(&key);
-                        Self::add_locked(&mut s, &key);
-                    }
-                }
+                Self::promote_due(&mut s);
                 if let Some(key) = s.ready.pop_front() {
                     s.queued.remove(&key);
                     s.processing.insert(key.clone());

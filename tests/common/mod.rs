@@ -6,6 +6,10 @@
 
 #![allow(dead_code)]
 
+pub mod kubectl;
+#[allow(unused_imports)]
+pub use kubectl::{Kubectl, KUBECTL};
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

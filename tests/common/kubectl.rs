@@ -1,0 +1,67 @@
+//! kubectl 1.32, run against one replica of a test cluster with its own cache and HOME.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use super::Cluster;
+
+/// The kubectl the tests drive (the dispatcher at /usr/bin/kubectl picks it for 1.32).
+pub const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32";
+
+/// kubectl pointed at one replica.
+pub struct Kubectl {
+    /// `http://host:port` of the replica.
+    pub server: String,
+    /// kubectl's discovery cache.
+    pub cache: PathBuf,
+    /// HOME and where `file` writes.
+    pub dir: PathBuf,
+}
+
+impl Kubectl {
+    /// kubectl for replica `id` of `c`.
+    pub fn new(c: &Cluster, id: u64) -> Kubectl {
+        Kubectl {
+            server: format!("http://{}", c.replica(id).api()),
+            cache: c.dir.path().join(format!("kube-cache-{id}")),
+            dir: c.dir.path().to_path_buf(),
+        }
+    }
+
+    /// Runs kubectl; returns (success, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(KUBECTL)
+            .arg(format!("--server={}", self.server))
+            .arg(format!("--cache-dir={}", self.cache.display()))
+            .args(args)
+            .env("HOME", &self.dir)
+            .output()
+            .expect("kubectl 1.32 is installed");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs kubectl, which must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args);
+        assert!(ok, "kubectl {args:?} failed:\n{out}{err}");
+        out
+    }
+
+    /// Runs kubectl, which must fail; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args);
+        assert!(!ok, "kubectl {args:?} should fail:\n{out}{err}");
+        err
+    }
+
+    /// Writes `content` to `name` in the cluster's directory; returns its path.
+    pub fn file(&self, name: &str, content: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        p.display().to_string()
+    }
+}
