@@ -60,6 +60,24 @@ async fn call(
     req(&[c.replica(id).api()], method, path, ctype, &body).await
 }
 
+/// GET `path` from replica `id`: the JSON body (`Null` if none).
+async fn get_json(c: &Cluster, id: u64, path: &str) -> Value {
+    get_status(c, id, path).await.1
+}
+
+/// GET `path` from replica `id`: status and JSON body.
+async fn get_status(c: &Cluster, id: u64, path: &str) -> (u16, Value) {
+    call(
+        c,
+        id,
+        http::Method::GET,
+        path,
+        "application/json",
+        Value::Null,
+    )
+    .await
+}
+
 /// Registers a Ready node with the given allocatable resources.
 async fn add_node(c: &Cluster, id: u64, name: &str, cpu: &str, memory: &str) {
     let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}}});
@@ -176,15 +194,7 @@ fn apis(c: &Cluster) -> Vec<String> {
 
 /// The pods of a namespace: name → (node, image, owner kind/name, phase).
 async fn pods(c: &Cluster, id: u64, ns: &str) -> BTreeMap<String, Value> {
-    let (s, list) = call(
-        c,
-        id,
-        http::Method::GET,
-        &format!("/api/v1/namespaces/{ns}/pods"),
-        "application/json",
-        Value::Null,
-    )
-    .await;
+    let (s, list) = get_status(c, id, &format!("/api/v1/namespaces/{ns}/pods")).await;
     if s != 200 {
         return BTreeMap::new();
     }
@@ -344,22 +354,12 @@ async fn a_deployment_is_created_spread_scaled_rolled_out_undone_and_deleted() {
         Duration::from_secs(30),
         "the orphaned ReplicaSets",
         || async {
-            let (s, rs) = call(
+            let (s, rs) =
+                get_status(&c, follower, "/apis/apps/v1/namespaces/apps/replicasets").await;
+            let (ds, _) = get_status(
                 &c,
                 follower,
-                http::Method::GET,
-                "/apis/apps/v1/namespaces/apps/replicasets",
-                "application/json",
-                Value::Null,
-            )
-            .await;
-            let (ds, _) = call(
-                &c,
-                follower,
-                http::Method::GET,
                 "/apis/apps/v1/namespaces/apps/deployments/web",
-                "application/json",
-                Value::Null,
             )
             .await;
             let items = rs["items"].as_array().cloned().unwrap_or_default();
@@ -402,13 +402,10 @@ async fn a_deployment_is_created_spread_scaled_rolled_out_undone_and_deleted() {
         "--cascade=foreground",
         "--wait=false",
     ]);
-    let (s, d) = call(
+    let (s, d) = get_status(
         &c,
         follower,
-        http::Method::GET,
         "/apis/apps/v1/namespaces/apps/deployments/web",
-        "application/json",
-        Value::Null,
     )
     .await;
     if s == 200 {
@@ -424,22 +421,12 @@ async fn a_deployment_is_created_spread_scaled_rolled_out_undone_and_deleted() {
         "the foreground cascade",
         || async {
             let ps = pods(&c, follower, "apps").await;
-            let (s, rs) = call(
+            let (s, rs) =
+                get_status(&c, follower, "/apis/apps/v1/namespaces/apps/replicasets").await;
+            let (ds, _) = get_status(
                 &c,
                 follower,
-                http::Method::GET,
-                "/apis/apps/v1/namespaces/apps/replicasets",
-                "application/json",
-                Value::Null,
-            )
-            .await;
-            let (ds, _) = call(
-                &c,
-                follower,
-                http::Method::GET,
                 "/apis/apps/v1/namespaces/apps/deployments/web",
-                "application/json",
-                Value::Null,
             )
             .await;
             (s == 200
@@ -532,15 +519,7 @@ async fn a_new_leader_resumes_scaling_and_rollouts_without_duplicates_or_overcom
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n",
     );
     k.ok(&["create", "-f", &ns]);
-    let (_, list) = call(
-        &c,
-        follower,
-        http::Method::GET,
-        "/api/v1/namespaces/apps/pods",
-        "application/json",
-        Value::Null,
-    )
-    .await;
+    let (_, list) = get_status(&c, follower, "/api/v1/namespaces/apps/pods").await;
     let start_rv = list["metadata"]["resourceVersion"]
         .as_str()
         .unwrap()
@@ -830,16 +809,7 @@ async fn a_silent_node_goes_unready_its_pods_move_and_it_comes_back() {
     // Healthy nodes stay Ready well past the grace period (a condition that must keep
     // holding, checked after the time it would have taken to fail).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let n3 = call(
-        &c,
-        follower,
-        http::Method::GET,
-        "/api/v1/nodes/n3",
-        "application/json",
-        Value::Null,
-    )
-    .await
-    .1;
+    let n3 = get_json(&c, follower, "/api/v1/nodes/n3").await;
     assert_eq!(n3["status"]["conditions"][0]["status"], "True", "{n3}");
 
     // n3 dies: no more heartbeats, its pods are left alone.
@@ -848,16 +818,7 @@ async fn a_silent_node_goes_unready_its_pods_move_and_it_comes_back() {
         Duration::from_secs(20),
         "n3 to be marked unreachable",
         || async {
-            let n = call(
-                &c,
-                follower,
-                http::Method::GET,
-                "/api/v1/nodes/n3",
-                "application/json",
-                Value::Null,
-            )
-            .await
-            .1;
+            let n = get_json(&c, follower, "/api/v1/nodes/n3").await;
             let unknown = n["status"]["conditions"].as_array().is_some_and(|cs| {
                 cs.iter()
                     .any(|c| c["type"] == "Ready" && c["status"] == "Unknown")
@@ -918,16 +879,7 @@ async fn a_silent_node_goes_unready_its_pods_move_and_it_comes_back() {
         Duration::from_secs(20),
         "n3 to be Ready and untainted",
         || async {
-            let n = call(
-                &c,
-                follower,
-                http::Method::GET,
-                "/api/v1/nodes/n3",
-                "application/json",
-                Value::Null,
-            )
-            .await
-            .1;
+            let n = get_json(&c, follower, "/api/v1/nodes/n3").await;
             let ready = n["status"]["conditions"].as_array().is_some_and(|cs| {
                 cs.iter()
                     .any(|c| c["type"] == "Ready" && c["status"] == "True")
@@ -971,15 +923,7 @@ async fn finish_job_pods(c: &Cluster, id: u64, job: &str, phase: &str, how_many:
 }
 
 async fn job_condition(c: &Cluster, id: u64, job: &str) -> Option<(String, String)> {
-    let (s, j) = call(
-        c,
-        id,
-        http::Method::GET,
-        &format!("/apis/batch/v1/namespaces/apps/jobs/{job}"),
-        "application/json",
-        Value::Null,
-    )
-    .await;
+    let (s, j) = get_status(c, id, &format!("/apis/batch/v1/namespaces/apps/jobs/{job}")).await;
     if s != 200 {
         return None;
     }
@@ -1062,15 +1006,7 @@ async fn jobs_complete_retry_up_to_their_backoff_limit_and_respect_deadlines() {
         Duration::from_secs(30),
         "the finished job and its pods to be deleted (TTL)",
         || async {
-            let (s, _) = call(
-                &c,
-                f,
-                http::Method::GET,
-                "/apis/batch/v1/namespaces/apps/jobs/pi",
-                "application/json",
-                Value::Null,
-            )
-            .await;
+            let (s, _) = get_status(&c, f, "/apis/batch/v1/namespaces/apps/jobs/pi").await;
             let left = pods(&c, f, "apps")
                 .await
                 .values()
@@ -1122,15 +1058,7 @@ async fn jobs_complete_retry_up_to_their_backoff_limit_and_respect_deadlines() {
 
 /// The addresses (ready, not ready) of Endpoints `name` in `apps`, sorted.
 async fn endpoint_ips(c: &Cluster, id: u64, name: &str) -> (Vec<String>, Vec<String>) {
-    let (s, ep) = call(
-        c,
-        id,
-        http::Method::GET,
-        &format!("/api/v1/namespaces/apps/endpoints/{name}"),
-        "application/json",
-        Value::Null,
-    )
-    .await;
+    let (s, ep) = get_status(c, id, &format!("/api/v1/namespaces/apps/endpoints/{name}")).await;
     let (mut ready, mut not_ready) = (Vec::new(), Vec::new());
     if s == 200 {
         for subset in ep["subsets"].as_array().cloned().unwrap_or_default() {
@@ -1169,15 +1097,7 @@ async fn daemonsets_endpoints_service_accounts_and_namespace_deletion() {
     // The service-account controller gives the new namespace its default account, and
     // brings it back when it is deleted.
     let has_default_sa = || async {
-        let (s, _) = call(
-            &c,
-            f,
-            http::Method::GET,
-            "/api/v1/namespaces/apps/serviceaccounts/default",
-            "application/json",
-            Value::Null,
-        )
-        .await;
+        let (s, _) = get_status(&c, f, "/api/v1/namespaces/apps/serviceaccounts/default").await;
         (s == 200).then_some(())
     };
     wait_for(
@@ -1337,15 +1257,7 @@ async fn daemonsets_endpoints_service_accounts_and_namespace_deletion() {
     // their node), then the namespace itself; kubectl waits for all of it.
     let out = k.ok(&["delete", "ns", "apps", "--timeout=60s"]);
     assert!(out.contains("namespace \"apps\" deleted"), "{out}");
-    let (s, _) = call(
-        &c,
-        f,
-        http::Method::GET,
-        "/api/v1/namespaces/apps",
-        "application/json",
-        Value::Null,
-    )
-    .await;
+    let (s, _) = get_status(&c, f, "/api/v1/namespaces/apps").await;
     assert_eq!(s, 404, "the namespace is gone");
     for path in [
         "/api/v1/pods",
@@ -1356,15 +1268,7 @@ async fn daemonsets_endpoints_service_accounts_and_namespace_deletion() {
         "/apis/discovery.k8s.io/v1/endpointslices",
         "/api/v1/serviceaccounts",
     ] {
-        let (s, list) = call(
-            &c,
-            f,
-            http::Method::GET,
-            path,
-            "application/json",
-            Value::Null,
-        )
-        .await;
+        let (s, list) = get_status(&c, f, path).await;
         assert_eq!(s, 200);
         let left: Vec<&Value> = list["items"]
             .as_array()
