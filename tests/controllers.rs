@@ -888,6 +888,30 @@ async fn a_silent_node_goes_unready_its_pods_move_and_it_comes_back() {
         },
     )
     .await;
+
+    // n2 is deleted while its pods run: nobody will ever confirm them, so the pod garbage
+    // collector deletes them for good and their ReplicaSet replaces them on n1 and n3.
+    let on_n2 = pods(&c, follower, "apps")
+        .await
+        .values()
+        .filter(|p| p["spec"]["nodeName"] == "n2")
+        .count();
+    assert!(on_n2 > 0, "n2 runs some of the pods");
+    down.lock().unwrap().insert("n2".into());
+    k.ok(&["delete", "node", "n2"]);
+    wait_for(
+        Duration::from_secs(30),
+        "the orphans of n2 to be collected and replaced",
+        || async {
+            let ps = pods(&c, follower, "apps").await;
+            let ok = ps.len() == 6
+                && ps
+                    .values()
+                    .all(|p| p["spec"]["nodeName"] != "n2" && p["status"]["phase"] == "Running");
+            ok.then_some(())
+        },
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
     kubelet.await.unwrap();
     beats.await.unwrap();

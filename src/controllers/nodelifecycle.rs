@@ -15,7 +15,12 @@
 //!   full disruption is more likely the control plane's own partition than dead nodes);
 //! - a node heard again, reporting `Ready=True`, loses both taints;
 //! - pods on a node with a NoExecute taint are evicted (deleted gracefully) once their
-//!   toleration of it runs out (at once without one); their owners replace them elsewhere.
+//!   toleration of it runs out (at once without one); their owners replace them elsewhere;
+//! - a node's pressure conditions become NoSchedule taints (TaintNodesByCondition);
+//! - pods bound to a node that no longer exists are deleted for good once it has been gone
+//!   for the grace period (the pod garbage collector's orphans).
+//!
+//! Also owns, per orphaned pod, when this leader first saw it orphaned.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,6 +52,8 @@ const TICK: Duration = Duration::from_millis(500);
 pub struct NodeLifecycle {
     /// node name → when this leader last saw it heartbeat.
     seen: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Pods bound to a node that does not exist → when this leader first saw them so.
+    orphans: Mutex<HashMap<String, Instant>>,
 }
 
 fn ready_status(node: &Value) -> Option<&str> {
@@ -179,7 +186,10 @@ impl NodeLifecycle {
                 }
             });
         }
-        NodeLifecycle { seen }
+        NodeLifecycle {
+            seen,
+            orphans: Mutex::default(),
+        }
     }
 
     /// Checks the nodes until the term ends.
@@ -268,6 +278,62 @@ impl NodeLifecycle {
                 }
             }
             self.evict(ctx, n).await?;
+        }
+        self.collect_orphans(ctx, &nodes, now, grace).await
+    }
+
+    /// Kubernetes' pod garbage collection of orphans: a pod bound to a node that does not
+    /// exist is deleted for good (grace 0: no agent will confirm it) once the node has been
+    /// missing for the grace period, so its owner replaces it elsewhere.
+    async fn collect_orphans(
+        &self,
+        ctx: &Ctx,
+        nodes: &[Arc<Value>],
+        now: Instant,
+        grace: Duration,
+    ) -> Result<(), crate::api::status::KubeError> {
+        let names: std::collections::HashSet<&str> = nodes.iter().map(|n| owner::name(n)).collect();
+        let orphaned = ctx
+            .pods
+            .filter(|p| pod::node(p).is_some_and(|n| !names.contains(n)));
+        let pod_res = ctx.pods.resource();
+        let due: Vec<Arc<Value>> = {
+            let mut orphans = self.orphans.lock().expect("not poisoned");
+            let keys: std::collections::HashSet<String> = orphaned
+                .iter()
+                .map(|p| pod_res.key(owner::namespace(p), owner::name(p)))
+                .collect();
+            orphans.retain(|k, _| keys.contains(k));
+            orphaned
+                .into_iter()
+                .filter(|p| {
+                    let first = *orphans
+                        .entry(pod_res.key(owner::namespace(p), owner::name(p)))
+                        .or_insert(now);
+                    now.duration_since(first) >= grace
+                })
+                .collect()
+        };
+        for p in due {
+            let call = Call::internal(
+                pod_res,
+                owner::namespace(&p),
+                Some(owner::name(&p)),
+                None,
+                MANAGER,
+            );
+            let options =
+                json!({"gracePeriodSeconds": 0, "preconditions": {"uid": owner::uid(&p)}});
+            ignore_conflict(ctx.api.delete_value(&call, Some(options)).await)?;
+            ctx.events.normal(
+                &p,
+                "PodGC",
+                &format!(
+                    "Deleted pod {}: its node {} no longer exists",
+                    owner::name(&p),
+                    pod::node(&p).unwrap_or("")
+                ),
+            );
         }
         Ok(())
     }
