@@ -758,3 +758,69 @@ async fn a_full_disk_is_reported_as_disk_pressure_and_taints_the_node() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cut_off_from_its_replica_fails_over_and_keeps_running_pods() {
+    let c = Cluster::start(3, &[]).await;
+    c.wait_leader().await;
+    let servers: Vec<String> = (1..=3).map(|i| c.replica(i).api()).collect();
+    let data = c.dir.path().join("agent-p1");
+    let log = std::fs::File::create(c.dir.path().join("agent-p1.log")).unwrap();
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["agent", "--servers", &servers.join(",")])
+            .args(["--node-name", "p1", "--heartbeat-seconds", "1"])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("the agent starts"),
+        data.clone(),
+        "p1",
+    );
+    let running = |name: &'static str| {
+        let c = &c;
+        async move {
+            wait_for(
+                Duration::from_secs(60),
+                &format!("pod {name} to run"),
+                || async {
+                    let (_, p) =
+                        get(c, 2, &format!("/api/v1/namespaces/default/pods/{name}")).await;
+                    (p["status"]["phase"] == "Running").then_some(p)
+                },
+            )
+            .await
+        }
+    };
+    let pod = |name: &str| {
+        let f = c.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &f,
+            format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: busybox\n    command: [\"sleep\", \"300\"]\n"),
+        )
+        .unwrap();
+        kubectl(&c, 2, &["apply", "-f", f.to_str().unwrap()]);
+    };
+    pod("before");
+    let before = running("before").await;
+    // The agent starts on the first replica it was given; iptables cuts it off from there.
+    let cut = c.cut_off_local_clients(1);
+    pod("after");
+    let after = running("after").await;
+    assert_eq!(after["spec"]["nodeName"], "p1");
+    // The first pod kept its process (nothing started twice) and the node stays Ready.
+    let (_, now) = get(&c, 2, "/api/v1/namespaces/default/pods/before").await;
+    assert_eq!(pid_of(&now), pid_of(&before));
+    assert!(alive(pid_of(&now).unwrap()));
+    let (_, node) = get(&c, 2, "/api/v1/nodes/p1").await;
+    let ready = node["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|x| x["type"] == "Ready" && x["status"] == "True")
+    });
+    assert!(ready, "{node}");
+    drop(cut);
+    kubectl(&c, 2, &["delete", "pod", "before", "after"]);
+}

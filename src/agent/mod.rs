@@ -557,10 +557,24 @@ async fn sync_pods(env: Arc<pod::Env>) -> anyhow::Result<()> {
             let mut body = resp.into_body();
             let mut buf: Vec<u8> = Vec::new();
             let mut expired = false;
+            let watching = env.api.server();
+            let mut last_data = tokio::time::Instant::now();
             'stream: loop {
-                // A silent stream for longer than the server's bookmark period is dead
-                // (a partitioned replica): move on.
-                let frame = tokio::time::timeout(Duration::from_secs(90), body.frame()).await;
+                // A stream silent for longer than the server's bookmark period is dead (a
+                // partitioned replica), and so is one on a replica the agent's other
+                // requests (its Lease) have given up on: move on.
+                let frame = match tokio::time::timeout(Duration::from_secs(1), body.frame()).await {
+                    Err(_) if env.api.server() != watching => {
+                        env.metrics
+                            .watch_restarts
+                            .with_label_values(&["failover"])
+                            .inc();
+                        break 'stream;
+                    }
+                    Err(_) if last_data.elapsed() < Duration::from_secs(90) => continue,
+                    other => other,
+                };
+                last_data = tokio::time::Instant::now();
                 let Ok(Some(Ok(frame))) = frame else {
                     let why = if matches!(frame, Ok(None)) {
                         "ended"

@@ -489,6 +489,26 @@ impl Drop for Partition {
 }
 
 impl Cluster {
+    /// Drops every packet between 127.0.0.1 (where local clients such as agents connect
+    /// from) and replica `id`, both directions; the replicas still reach each other.
+    pub fn cut_off_local_clients(&self, id: u64) -> Partition {
+        let me = self.replica(id).ip.clone();
+        let local = "127.0.0.1".to_string();
+        let mut p = Partition { rules: Vec::new() };
+        for (s, d) in [(&me, &local), (&local, &me)] {
+            let rule: Vec<String> = ["-i", "lo", "-s", s, "-d", d, "-j", "DROP"]
+                .iter()
+                .map(|x| x.to_string())
+                .collect();
+            assert!(
+                Partition::iptables("-I", &rule),
+                "iptables -I INPUT {rule:?} failed"
+            );
+            p.rules.push(rule);
+        }
+        p
+    }
+
     /// Drops every packet between replica `id` and the other replicas (both directions);
     /// clients on 127.0.0.1 still reach it.
     pub fn isolate(&self, id: u64) -> Partition {
