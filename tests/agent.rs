@@ -148,7 +148,7 @@ async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
         Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .args(["agent", "--servers", &servers.join(",")])
             .args(["--node-name", "a1", "--heartbeat-seconds", "1"])
-            .args(["--labels", "disk=ssd"])
+            .args(["--labels", "disk=ssd", "--reserved", "cpu=100m,memory=64Mi"])
             .arg("--data-dir")
             .arg(&data)
             .stdin(Stdio::null())
@@ -173,13 +173,26 @@ async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
     assert_eq!(node["metadata"]["labels"]["disk"], "ssd");
     assert_eq!(node["metadata"]["labels"]["kubernetes.io/os"], "linux");
     assert_eq!(node["status"]["nodeInfo"]["operatingSystem"], "linux");
-    assert!(
-        node["status"]["capacity"]["cpu"]
-            .as_str()
-            .unwrap()
-            .parse::<u32>()
-            .unwrap()
-            >= 1
+    let cpus: i64 = node["status"]["capacity"]["cpu"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(cpus >= 1);
+    // Allocatable is capacity less what --reserved keeps back.
+    assert_eq!(
+        node["status"]["allocatable"]["cpu"],
+        format!("{}m", cpus * 1000 - 100)
+    );
+    let kib: i64 = node["status"]["capacity"]["memory"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("Ki")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        node["status"]["allocatable"]["memory"],
+        (kib * 1024 - 64 * 1024 * 1024).to_string()
     );
     let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
         .as_u64()
@@ -190,6 +203,15 @@ async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
         .await
         .unwrap();
     assert_eq!(health.0, 200);
+    let ready = wait_for(Duration::from_secs(10), "the agent to be ready", || async {
+        let r = flotilla::client::Client::new(vec![], Duration::from_secs(5))
+            .get_text(&format!("127.0.0.1:{port}"), "/readyz")
+            .await
+            .ok()?;
+        (r.0 == 200).then_some(r.1)
+    })
+    .await;
+    assert_eq!(ready, "ok\n");
     // Heartbeats: the Lease is renewed.
     let renew = |v: &Value| v["spec"]["renewTime"].as_str().unwrap_or("").to_string();
     let first = wait_for(Duration::from_secs(10), "the node's Lease", || async {

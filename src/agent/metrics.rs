@@ -26,6 +26,8 @@ pub struct AgentMetrics {
     pub status_writes: IntCounterVec,
     /// From a pod's worker starting to all its containers running.
     pub pod_start_seconds: Histogram,
+    /// The node is registered and its pods have been listed once (what `/readyz` reports).
+    synced: std::sync::atomic::AtomicBool,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -106,7 +108,19 @@ impl AgentMetrics {
             pods,
             pod_start_seconds,
             registry,
+            synced: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the agent ready (registered, pods listed).
+    pub fn set_synced(&self) {
+        self.synced
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the agent is ready.
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The text exposition.

@@ -69,6 +69,10 @@ pub struct AgentArgs {
     /// Most pods this node takes.
     #[arg(long, default_value_t = 110)]
     pub max_pods: u64,
+    /// Resources kept back from pods (`cpu=500m,memory=1Gi,ephemeral-storage=1Gi`, like the
+    /// kubelet's `--system-reserved`): allocatable is capacity less these.
+    #[arg(long, value_delimiter = ',')]
+    pub reserved: Vec<String>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -156,16 +160,23 @@ async fn serve(
         };
         let (pods_dir, metrics) = (pods_dir.clone(), metrics.clone());
         tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let svc = hyper::service::service_fn(
+                move |req: http::Request<hyper::body::Incoming>| {
                     let (pods_dir, metrics) = (pods_dir.clone(), metrics.clone());
                     async move {
                         let path = req.uri().path().to_string();
                         let query = req.uri().query().unwrap_or("").to_string();
                         let resp = match path.as_str() {
-                            "/healthz" | "/livez" | "/readyz" => {
+                            "/healthz" | "/livez" => {
                                 crate::http::text(http::StatusCode::OK, "ok\n")
                             }
+                            "/readyz" if metrics.synced() => {
+                                crate::http::text(http::StatusCode::OK, "ok\n")
+                            }
+                            "/readyz" => crate::http::text(
+                                http::StatusCode::SERVICE_UNAVAILABLE,
+                                "not ready: the node is not registered or its pods are not listed yet\n",
+                            ),
                             "/metrics" => http::Response::builder()
                                 .status(http::StatusCode::OK)
                                 .header(http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
@@ -178,7 +189,8 @@ async fn serve(
                         };
                         Ok::<_, std::convert::Infallible>(resp)
                     }
-                });
+                },
+            );
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                 .await;
@@ -207,6 +219,34 @@ fn capacity(args: &AgentArgs) -> Value {
         .unwrap_or(0);
     json!({"cpu": cpus.to_string(), "memory": format!("{mem_kib}Ki"),
            "pods": args.max_pods.to_string(), "ephemeral-storage": storage.to_string()})
+}
+
+/// `capacity` less `reserved` (`name=quantity` pairs), never below zero.
+pub fn allocatable(capacity: &Value, reserved: &[String]) -> anyhow::Result<Value> {
+    use crate::api::quantity::parse_milli;
+    let mut out = capacity.clone();
+    for r in reserved.iter().filter(|r| !r.is_empty()) {
+        let Some((name, q)) = r.split_once('=') else {
+            bail!("--reserved takes name=quantity pairs, not {r:?}");
+        };
+        let Some(want) = parse_milli(q) else {
+            bail!("--reserved {name}: {q:?} is not a quantity");
+        };
+        let Some(have) = capacity
+            .get(name)
+            .and_then(Value::as_str)
+            .and_then(parse_milli)
+        else {
+            bail!("--reserved {name}: the node has no such resource");
+        };
+        let left = (have - want).max(0);
+        out[name] = json!(if name == "cpu" {
+            format!("{left}m")
+        } else {
+            ((left + 999) / 1000).to_string()
+        });
+    }
+    Ok(out)
 }
 
 fn node_info(runtime: &dyn runtime::Runtime) -> Value {
@@ -286,13 +326,14 @@ async fn register(
     }
     let now = meta::rfc3339(meta::now_secs());
     let cap = capacity(args);
+    let allocatable = allocatable(&cap, &args.reserved)?;
     let condition = |kind: &str, status: &str, reason: &str, message: &str| {
         json!({"type": kind, "status": status, "reason": reason, "message": message,
                "lastHeartbeatTime": now, "lastTransitionTime": now})
     };
     let status = json!({"status": {
         "capacity": cap,
-        "allocatable": cap,
+        "allocatable": allocatable,
         "conditions": [
             condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
             condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
@@ -530,6 +571,7 @@ async fn sync_pods(env: Arc<pod::Env>) -> anyhow::Result<()> {
         for p in items {
             update(&env, &mut workers, p);
         }
+        env.metrics.set_synced();
         // Watch from there until it ends; then resume (or relist after a 410).
         loop {
             let path = format!(
@@ -648,4 +690,22 @@ fn update(
     workers.insert(uid, tx);
     env.metrics.pods.set(workers.len() as i64);
     tokio::spawn(pod::run(env.clone(), rx));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_resources_come_off_allocatable() {
+        let cap = json!({"cpu": "2", "memory": "1024Ki", "pods": "110"});
+        let a = allocatable(&cap, &["cpu=250m".into(), "memory=1Ki".into()]).unwrap();
+        assert_eq!(
+            a,
+            json!({"cpu": "1750m", "memory": "1047552", "pods": "110"})
+        );
+        assert!(allocatable(&cap, &["gpu=1".into()]).is_err());
+        assert!(allocatable(&cap, &["cpu".into()]).is_err());
+        assert_eq!(allocatable(&cap, &["cpu=5".into()]).unwrap()["cpu"], "0m");
+    }
 }
