@@ -361,6 +361,21 @@ async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
     )
     .await;
     assert!(!pod_ready(&killed));
+    // The agent's events show in `kubectl describe`.
+    let described = wait_for(Duration::from_secs(10), "the agent's events", || async {
+        let out = kubectl(&c, 2, &["describe", "pod", "unhealthy"]);
+        (out.contains("Liveness probe failed")
+            && out.contains("failed liveness probe, will be restarted"))
+        .then_some(out)
+    })
+    .await;
+    assert!(described.contains("Started container c"), "{described}");
+    assert!(described.contains("Unhealthy"), "{described}");
+    let crashing = kubectl(&c, 2, &["describe", "pod", "crash"]);
+    assert!(
+        crashing.contains("Back-off restarting failed container c"),
+        "{crashing}"
+    );
     kubectl(
         &c,
         2,

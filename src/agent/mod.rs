@@ -12,6 +12,7 @@
 //! Several agents on one machine differ in `--node-name`, `--data-dir` and `--listen`.
 
 pub mod api;
+pub mod events;
 pub mod logs;
 pub mod metrics;
 pub mod pod;
@@ -128,6 +129,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         capacity_cpu_milli: quantity("cpu"),
         capacity_memory_bytes: quantity("memory") / 1000,
         metrics: metrics.clone(),
+        events: events::Events::start(api.clone(), args.node_name.clone()),
     });
     tokio::spawn(heartbeat(api.clone(), args.clone(), metrics));
     tokio::select! {

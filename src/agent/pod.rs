@@ -57,6 +57,8 @@ pub struct Env {
     pub capacity_memory_bytes: i128,
     /// Metrics.
     pub metrics: Arc<super::metrics::AgentMetrics>,
+    /// The event recorder.
+    pub events: super::events::Events,
 }
 
 #[derive(Default)]
@@ -110,11 +112,24 @@ impl Container {
 
     /// Runs the probes that are due; a failed startup or liveness probe kills the
     /// container (it is then restarted per the restart policy).
-    async fn probe(&mut self, now: Instant, pod_ip: &str, m: &super::metrics::AgentMetrics) {
-        let Some(h) = &self.handle else { return };
-        let count = |kind: &str, p: &Probe| {
+    /// Returns the events to record: (warning, reason, message).
+    async fn probe(
+        &mut self,
+        now: Instant,
+        pod_ip: &str,
+        m: &super::metrics::AgentMetrics,
+    ) -> Vec<(bool, &'static str, String)> {
+        let mut events = Vec::new();
+        let Some(h) = &self.handle else {
+            return events;
+        };
+        let mut count = |kind: &str, p: &Probe| {
             let result = if p.last_ok { "success" } else { "failure" };
             m.probes.with_label_values(&[kind, result]).inc();
+            if !p.last_ok {
+                let title = format!("{}{}", kind[..1].to_uppercase(), &kind[1..]);
+                events.push((true, "Unhealthy", format!("{title} probe failed")));
+            }
         };
         if !self.started_ok {
             if let Some(p) = self.startup.as_mut() {
@@ -128,9 +143,17 @@ impl Container {
                 } else if p.failed() {
                     tracing::info!(container = self.name, "startup probe failed; killing");
                     h.signal(Signal::SIGKILL);
+                    events.push((
+                        false,
+                        "Killing",
+                        format!(
+                            "Container {} failed startup probe, will be restarted",
+                            self.name
+                        ),
+                    ));
                 }
             }
-            return;
+            return events;
         }
         if let Some(p) = self.liveness.as_mut() {
             let due = p.due(now);
@@ -141,7 +164,15 @@ impl Container {
             if !p.passing {
                 tracing::info!(container = self.name, "liveness probe failed; killing");
                 h.signal(Signal::SIGKILL);
-                return;
+                events.push((
+                    false,
+                    "Killing",
+                    format!(
+                        "Container {} failed liveness probe, will be restarted",
+                        self.name
+                    ),
+                ));
+                return events;
             }
         }
         if let Some(p) = self.readiness.as_mut() {
@@ -151,6 +182,7 @@ impl Container {
                 count("readiness", p);
             }
         }
+        events
     }
 
     fn state(&self) -> Value {
@@ -500,6 +532,20 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                 .and_then(|p| p.pointer("/metadata/deletionGracePeriodSeconds"))
                 .and_then(Value::as_u64)
                 .unwrap_or(30);
+            if let Some(p) = &pod {
+                for c in inits
+                    .iter()
+                    .chain(mains.iter())
+                    .filter(|c| c.handle.is_some())
+                {
+                    env.events.normal(
+                        p,
+                        Some(&c.name),
+                        "Killing",
+                        format!("Stopping container {}", c.name),
+                    );
+                }
+            }
             stop_all(&mut inits, &mut mains, Duration::from_secs(grace)).await;
             if let Some(p) = pod.filter(|p| owner::uid(p) == uid) {
                 finish(&env, &p, &uid).await;
@@ -523,7 +569,9 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                         break;
                     }
                     if c.last_exit.is_none_or(|(code, _, _)| code != 0) {
+                        let had_error = c.error.clone();
                         launch(c, &pod, &inits_spec[i], &env, &dir).await;
+                        report_launch(&env, &pod, c, had_error);
                     }
                 }
                 break;
@@ -531,7 +579,20 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
         }
         if inits_done && !failed_init {
             for (i, c) in mains.iter_mut().enumerate() {
+                let was_running = c.handle.is_some();
                 poll(c, &restart, false, now, &env.metrics);
+                if was_running && c.handle.is_none() && c.not_before.is_some_and(|t| t > now) {
+                    env.events.warning(
+                        &pod,
+                        Some(&c.name),
+                        "BackOff",
+                        format!(
+                            "Back-off restarting failed container {} in pod {}",
+                            c.name,
+                            owner::name(&pod)
+                        ),
+                    );
+                }
                 let never_started = c.last_exit.is_none() && c.handle.is_none();
                 let should_restart = c.handle.is_none()
                     && c.last_exit
@@ -541,9 +602,17 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                             _ => false,
                         });
                 if (never_started || should_restart) && c.not_before.is_none_or(|t| t <= now) {
+                    let had_error = c.error.clone();
                     launch(c, &pod, &mains_spec[i], &env, &dir).await;
+                    report_launch(&env, &pod, c, had_error);
                 }
-                c.probe(now, &env.node_ip, &env.metrics).await;
+                for (warning, reason, message) in c.probe(now, &env.node_ip, &env.metrics).await {
+                    if warning {
+                        env.events.warning(&pod, Some(&c.name), reason, message);
+                    } else {
+                        env.events.normal(&pod, Some(&c.name), reason, message);
+                    }
+                }
             }
         }
         if !started_reported && !mains.is_empty() && mains.iter().all(|c| c.handle.is_some()) {
@@ -613,6 +682,21 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
             }
             _ = tokio::time::sleep(if finished { Duration::from_secs(5) } else { TICK }) => {}
         }
+    }
+}
+
+/// Records `Started`, or `Failed` with a new configuration or runtime error.
+fn report_launch(env: &Env, pod: &Arc<Value>, c: &Container, had_error: Option<String>) {
+    if c.handle.is_some() {
+        env.events.normal(
+            pod,
+            Some(&c.name),
+            "Started",
+            format!("Started container {}", c.name),
+        );
+    } else if let Some(e) = c.error.as_ref().filter(|e| had_error.as_ref() != Some(*e)) {
+        env.events
+            .warning(pod, Some(&c.name), "Failed", format!("Error: {e}"));
     }
 }
 
