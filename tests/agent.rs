@@ -67,6 +67,27 @@ impl Drop for Agent {
     }
 }
 
+impl Agent {
+    /// Starts `flotilla agent` for node `node` against every replica of `c`, with data in
+    /// `data`, a 1 s heartbeat and `extra` flags; its log goes to `<node>.log` beside it.
+    fn start(c: &Cluster, node: &'static str, data: &std::path::Path, extra: &[&str]) -> Agent {
+        let servers: Vec<String> = (1..=3).map(|i| c.replica(i).api()).collect();
+        let log = std::fs::File::create(c.dir.path().join(format!("{node}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["agent", "--servers", &servers.join(",")])
+            .args(["--node-name", node, "--heartbeat-seconds", "1"])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(data)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("the agent starts");
+        Agent(child, data.to_path_buf(), node)
+    }
+}
+
 fn kubectl(c: &Cluster, id: u64, args: &[&str]) -> String {
     Kubectl::new(c, id).ok(args)
 }
@@ -141,23 +162,12 @@ fn alive(pid: i32) -> bool {
 async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
     let mut c = Cluster::start(3, &[]).await;
     c.wait_leader().await;
-    let servers: Vec<String> = (1..=3).map(|i| c.replica(i).api()).collect();
     let data = c.dir.path().join("agent-a1");
-    let log = std::fs::File::create(c.dir.path().join("agent-a1.log")).unwrap();
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args(["agent", "--servers", &servers.join(",")])
-            .args(["--node-name", "a1", "--heartbeat-seconds", "1"])
-            .args(["--labels", "disk=ssd", "--reserved", "cpu=100m,memory=64Mi"])
-            .arg("--data-dir")
-            .arg(&data)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("the agent starts"),
-        data.clone(),
+    let _agent = Agent::start(
+        &c,
         "a1",
+        &data,
+        &["--labels", "disk=ssd", "--reserved", "cpu=100m,memory=64Mi"],
     );
 
     // Registration: a Ready node describing the machine, with the agent's endpoint.
@@ -742,22 +752,7 @@ async fn a_full_disk_is_reported_as_disk_pressure_and_taints_the_node() {
         .unwrap();
     assert!(mounted.success(), "mounting a tmpfs (tests run as root)");
     let _tmpfs = Tmpfs(disk.clone());
-    let servers: Vec<String> = (1..=3).map(|i| c.replica(i).api()).collect();
-    let log = std::fs::File::create(c.dir.path().join("agent-d1.log")).unwrap();
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args(["agent", "--servers", &servers.join(",")])
-            .args(["--node-name", "d1", "--heartbeat-seconds", "1"])
-            .arg("--data-dir")
-            .arg(disk.join("agent"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("the agent starts"),
-        disk.join("agent"),
-        "d1",
-    );
+    let _agent = Agent::start(&c, "d1", &disk.join("agent"), &[]);
     let node = || async { get(&c, 2, "/api/v1/nodes/d1").await.1 };
     wait_for(
         Duration::from_secs(30),
@@ -800,23 +795,8 @@ async fn a_full_disk_is_reported_as_disk_pressure_and_taints_the_node() {
 async fn an_agent_cut_off_from_its_replica_fails_over_and_keeps_running_pods() {
     let c = Cluster::start(3, &[]).await;
     c.wait_leader().await;
-    let servers: Vec<String> = (1..=3).map(|i| c.replica(i).api()).collect();
     let data = c.dir.path().join("agent-p1");
-    let log = std::fs::File::create(c.dir.path().join("agent-p1.log")).unwrap();
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args(["agent", "--servers", &servers.join(",")])
-            .args(["--node-name", "p1", "--heartbeat-seconds", "1"])
-            .arg("--data-dir")
-            .arg(&data)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("the agent starts"),
-        data.clone(),
-        "p1",
-    );
+    let _agent = Agent::start(&c, "p1", &data, &[]);
     let running = |name: &'static str| {
         let c = &c;
         async move {
