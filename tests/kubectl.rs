@@ -282,6 +282,76 @@ async fn kubectl_watch_pages_namespaces_and_validation_behave_as_kubernetes() {
     let err = kl.fails(&["delete", "ns", "default"]);
     assert!(err.contains("this namespace may not be deleted"), "{err}");
 
+    // The imperative generators send protobuf: namespaces, configmaps and secrets are read;
+    // other kinds get a 415 that asks for JSON.
+    assert_eq!(
+        kf.ok(&["create", "namespace", "team-b"]).trim(),
+        "namespace/team-b created"
+    );
+    assert_eq!(
+        kf.ok(&[
+            "create",
+            "configmap",
+            "settings",
+            "-n",
+            "team-b",
+            "--from-literal=color=blue",
+            "--from-literal=size=L"
+        ])
+        .trim(),
+        "configmap/settings created"
+    );
+    assert_eq!(
+        kf.ok(&[
+            "get",
+            "cm",
+            "settings",
+            "-n",
+            "team-b",
+            "-o",
+            "jsonpath={.data.color}/{.data.size}"
+        ]),
+        "blue/L"
+    );
+    assert_eq!(
+        kf.ok(&[
+            "create",
+            "secret",
+            "generic",
+            "creds",
+            "-n",
+            "team-b",
+            "--from-literal=password=s3cret"
+        ])
+        .trim(),
+        "secret/creds created"
+    );
+    assert_eq!(
+        kf.ok(&[
+            "get",
+            "secret",
+            "creds",
+            "-n",
+            "team-b",
+            "-o",
+            "jsonpath={.data.password}"
+        ]),
+        "czNjcmV0"
+    );
+    let err = kf.fails(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=nginx",
+        "-n",
+        "team-b",
+    ]);
+    assert!(
+        err.contains("protobuf is read only for Namespace, ConfigMap and Secret: send JSON"),
+        "{err}"
+    );
+    kl.ok(&["delete", "ns", "team-b"]);
+
     // Validation: a 422 with causes, printed as Kubernetes prints it.
     let bad = kl.file("bad.yaml", &CM.replace("cm1", "Bad_Name"));
     let err = kl.fails(&["create", "-f", &bad]);

@@ -366,7 +366,8 @@ async fn register(
 /// Renews the node's Lease every `--heartbeat-seconds` (creating it when missing).
 /// The node's pressure conditions as the kubelet's default eviction thresholds judge them:
 /// memory when less than 100 MiB is available, disk when less than 10% of the data
-/// directory's filesystem is, PIDs when more than 95% of `pid_max` are in use.
+/// directory's filesystem is (as `df` counts: available out of used plus available), PIDs
+/// when more than 95% of `pid_max` are in use.
 pub fn pressure(data_dir: &std::path::Path) -> [(&'static str, bool); 3] {
     let meminfo = read("/proc/meminfo");
     let available_kib = meminfo
@@ -375,10 +376,13 @@ pub fn pressure(data_dir: &std::path::Path) -> [(&'static str, bool); 3] {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|k| k.parse::<u64>().ok());
     let memory = available_kib.is_some_and(|k| k < 100 * 1024);
-    let disk = nix::sys::statvfs::statvfs(data_dir)
-        .ok()
-        .filter(|s| s.blocks() > 0)
-        .is_some_and(|s| (s.blocks_available() as f64) < 0.10 * s.blocks() as f64);
+    // As `df` counts it: available out of what is in use or available (blocks reserved for
+    // root, or never usable on a thin volume, count for neither).
+    let disk = nix::sys::statvfs::statvfs(data_dir).ok().is_some_and(|s| {
+        let available = s.blocks_available() as f64;
+        let used = s.blocks().saturating_sub(s.blocks_free()) as f64;
+        used + available > 0.0 && available < 0.10 * (used + available)
+    });
     let pid_max = read("/proc/sys/kernel/pid_max").parse::<u64>().unwrap_or(0);
     let procs = read("/proc/loadavg")
         .split_whitespace()

@@ -21,6 +21,7 @@ pub mod managed;
 pub mod meta;
 pub mod objects;
 pub mod patch;
+pub mod proto;
 pub mod quantity;
 pub mod resources;
 pub mod selector;
@@ -2391,6 +2392,14 @@ async fn read_json(
     accepted: &[&str],
 ) -> Result<Value, KubeError> {
     let base = content_type.split(';').next().unwrap_or("").trim();
+    if base == "application/vnd.kubernetes.protobuf" && accepted == JSON_OR_YAML {
+        // kubectl's imperative `create namespace|configmap|secret` send protobuf; those
+        // kinds are read, anything else gets the 415 that asks for JSON.
+        let bytes = read_body(body).await?;
+        return proto::decode(&bytes).ok_or_else(|| {
+            KubeError::unsupported_media(base, &["application/json", "application/yaml"])
+        });
+    }
     if !base.is_empty() && !accepted.is_empty() && !accepted.contains(&base) {
         return Err(KubeError::unsupported_media(
             base,

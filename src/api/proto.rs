@@ -1,0 +1,216 @@
+//! Just enough of Kubernetes' protobuf encoding to read what kubectl's imperative generators
+//! send (`kubectl create namespace|configmap|secret generic`): the `k8s\0` envelope
+//! (`runtime.Unknown`) around a Namespace, ConfigMap or Secret, turned into the JSON object
+//! the rest of the API handles. Anything else is refused (the caller answers 415 and asks
+//! for JSON). Every length is checked against the input: malformed bytes give `None`,
+//! never a panic.
+
+use base64::Engine;
+use serde_json::{json, Map, Value};
+
+/// One field of a message.
+enum Field<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let mut out = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        out |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(out);
+        }
+    }
+    None
+}
+
+/// The fields of a message, in order.
+fn fields(b: &[u8]) -> Option<Vec<(u64, Field<'_>)>> {
+    let mut at = 0;
+    let mut out = Vec::new();
+    while at < b.len() {
+        let tag = varint(b, &mut at)?;
+        let (number, wire) = (tag >> 3, tag & 7);
+        let f = match wire {
+            0 => Field::Varint(varint(b, &mut at)?),
+            1 => {
+                at = at.checked_add(8).filter(|e| *e <= b.len())?;
+                Field::Fixed
+            }
+            2 => {
+                let len = usize::try_from(varint(b, &mut at)?).ok()?;
+                let end = at.checked_add(len).filter(|e| *e <= b.len())?;
+                let v = &b[at..end];
+                at = end;
+                Field::Bytes(v)
+            }
+            5 => {
+                at = at.checked_add(4).filter(|e| *e <= b.len())?;
+                Field::Fixed
+            }
+            _ => return None,
+        };
+        out.push((number, f));
+    }
+    Some(out)
+}
+
+fn text(b: &[u8]) -> Option<String> {
+    String::from_utf8(b.to_vec()).ok()
+}
+
+/// A `map<string, string|bytes>` entry list; bytes values are base64-encoded when `binary`.
+fn map_entry(b: &[u8], binary: bool) -> Option<(String, Value)> {
+    let mut key = String::new();
+    let mut value = Value::String(String::new());
+    for (n, f) in fields(b)? {
+        if let Field::Bytes(v) = f {
+            match n {
+                1 => key = text(v)?,
+                2 if binary => value = json!(base64::engine::general_purpose::STANDARD.encode(v)),
+                2 => value = json!(text(v)?),
+                _ => {}
+            }
+        }
+    }
+    Some((key, value))
+}
+
+fn object_meta(b: &[u8]) -> Option<Value> {
+    let mut m = Map::new();
+    let mut labels = Map::new();
+    let mut annotations = Map::new();
+    for (n, f) in fields(b)? {
+        let Field::Bytes(v) = f else { continue };
+        match n {
+            1 => {
+                m.insert("name".into(), json!(text(v)?));
+            }
+            2 => {
+                m.insert("generateName".into(), json!(text(v)?));
+            }
+            3 => {
+                m.insert("namespace".into(), json!(text(v)?));
+            }
+            11 => {
+                let (k, val) = map_entry(v, false)?;
+                labels.insert(k, val);
+            }
+            12 => {
+                let (k, val) = map_entry(v, false)?;
+                annotations.insert(k, val);
+            }
+            _ => {}
+        }
+    }
+    if !labels.is_empty() {
+        m.insert("labels".into(), Value::Object(labels));
+    }
+    if !annotations.is_empty() {
+        m.insert("annotations".into(), Value::Object(annotations));
+    }
+    Some(Value::Object(m))
+}
+
+/// The object in a `k8s\0`-prefixed protobuf body, as JSON; `None` if it is malformed or
+/// of a kind this server does not read as protobuf.
+pub fn decode(body: &[u8]) -> Option<Value> {
+    let envelope = body.strip_prefix(b"k8s\0")?;
+    let mut api_version = String::new();
+    let mut kind = String::new();
+    let mut raw: &[u8] = &[];
+    for (n, f) in fields(envelope)? {
+        let Field::Bytes(v) = f else { continue };
+        match n {
+            1 => {
+                for (m, g) in fields(v)? {
+                    if let Field::Bytes(s) = g {
+                        match m {
+                            1 => api_version = text(s)?,
+                            2 => kind = text(s)?,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            2 => raw = v,
+            _ => {}
+        }
+    }
+    let mut obj = json!({"apiVersion": api_version, "kind": kind});
+    let (data_field, binary) = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Namespace") => (None, false),
+        ("v1", "ConfigMap") => (Some("data"), false),
+        ("v1", "Secret") => (Some("data"), true),
+        _ => return None,
+    };
+    for (n, f) in fields(raw)? {
+        match (n, f) {
+            (1, Field::Bytes(v)) => obj["metadata"] = object_meta(v)?,
+            (2, Field::Bytes(v)) if data_field.is_some() => {
+                let (k, val) = map_entry(v, binary)?;
+                obj["data"][k] = val;
+            }
+            (3, Field::Bytes(v)) if kind == "ConfigMap" => {
+                let (k, val) = map_entry(v, true)?;
+                obj["binaryData"][k] = val;
+            }
+            (3, Field::Bytes(v)) if kind == "Secret" => obj["type"] = json!(text(v)?),
+            (4, Field::Bytes(v)) if kind == "Secret" => {
+                let (k, val) = map_entry(v, false)?;
+                obj["stringData"][k] = val;
+            }
+            (4, Field::Varint(b)) if kind == "ConfigMap" => obj["immutable"] = json!(b != 0),
+            (5, Field::Varint(b)) if kind == "Secret" => obj["immutable"] = json!(b != 0),
+            _ => {}
+        }
+    }
+    Some(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(n: u64, bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![(n << 3 | 2) as u8, bytes.len() as u8];
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    #[test]
+    fn a_configmap_from_kubectl_create_decodes_and_garbage_does_not() {
+        let meta = [
+            field(1, b"cm1"),
+            field(3, b"team"),
+            field(11, &[field(1, b"app"), field(2, b"web")].concat()),
+        ]
+        .concat();
+        let raw = [
+            field(1, &meta),
+            field(2, &[field(1, b"a"), field(2, b"1")].concat()),
+        ]
+        .concat();
+        let type_meta = [field(1, b"v1"), field(2, b"ConfigMap")].concat();
+        let body = [b"k8s\0".to_vec(), field(1, &type_meta), field(2, &raw)].concat();
+        assert_eq!(
+            decode(&body).unwrap(),
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "cm1", "namespace": "team", "labels": {"app": "web"}},
+                   "data": {"a": "1"}})
+        );
+        // Truncated, unprefixed and unsupported bodies are refused.
+        assert!(decode(&body[..body.len() - 3]).is_none());
+        assert!(decode(b"\x0a\x02v1").is_none());
+        let deploy = [
+            b"k8s\0".to_vec(),
+            field(1, &[field(1, b"apps/v1"), field(2, b"Deployment")].concat()),
+        ]
+        .concat();
+        assert!(decode(&deploy).is_none());
+    }
+}
