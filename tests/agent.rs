@@ -94,30 +94,14 @@ fn kubectl(c: &Cluster, id: u64, args: &[&str]) -> String {
 
 /// GET `path` from replica `id`: status and JSON.
 async fn get(c: &Cluster, id: u64, path: &str) -> (u16, Value) {
-    let client = flotilla::client::Client::new(vec![c.replica(id).api()], Duration::from_secs(5));
-    match client
-        .send_raw(
-            http::Method::GET,
-            &c.replica(id).api(),
-            path,
-            "application/json",
-            Vec::new(),
-            None,
-        )
-        .await
-    {
-        Ok(resp) => {
-            let status = resp.status().as_u16();
-            let b = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
-        }
-        Err(_) => (0, Value::Null),
-    }
+    req(
+        &[c.replica(id).api()],
+        http::Method::GET,
+        path,
+        "application/json",
+        &Value::Null,
+    )
+    .await
 }
 
 /// The pods of `default` labelled `app=<app>`, not terminating.
@@ -840,4 +824,43 @@ async fn an_agent_cut_off_from_its_replica_fails_over_and_keeps_running_pods() {
     assert!(ready, "{node}");
     drop(cut);
     kubectl(&c, 2, &["delete", "pod", "before", "after"]);
+}
+
+#[test]
+fn bad_agent_flags_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, reason) in [
+        (
+            vec!["--servers", "127.0.0.1:1", "--node-name", "Bad_Name"],
+            "is not a valid node name",
+        ),
+        (
+            vec!["--servers", ",", "--node-name", "n1"],
+            "--servers needs at least one host:port",
+        ),
+        (
+            vec![
+                "--servers",
+                "127.0.0.1:1",
+                "--node-name",
+                "n1",
+                "--runtime",
+                "vm",
+            ],
+            "unknown runtime \"vm\"",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .arg("agent")
+            .args(&args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(reason),
+            "{args:?}: {err}"
+        );
+    }
 }

@@ -15,39 +15,6 @@ use common::*;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
-/// Sends one request to the first of `servers` that answers; returns status and JSON body
-/// (status 0 if none answered).
-async fn req(
-    servers: &[String],
-    method: http::Method,
-    path: &str,
-    ctype: &str,
-    body: &Value,
-) -> (u16, Value) {
-    let bytes = if body.is_null() {
-        Vec::new()
-    } else {
-        serde_json::to_vec(body).unwrap()
-    };
-    let client = flotilla::client::Client::new(servers.to_vec(), Duration::from_secs(5));
-    for server in servers {
-        if let Ok(resp) = client
-            .send_raw(method.clone(), server, path, ctype, bytes.clone(), None)
-            .await
-        {
-            let status = resp.status().as_u16();
-            let b = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            return (status, serde_json::from_slice(&b).unwrap_or(Value::Null));
-        }
-    }
-    (0, Value::Null)
-}
-
 /// Sends one request to replica `id`; returns status and JSON body.
 async fn call(
     c: &Cluster,

@@ -31,6 +31,19 @@ fn render(line: &str, timestamps: bool) -> Option<String> {
     })
 }
 
+/// Most bytes a followed log reads per look.
+const FOLLOW_CHUNK: u64 = 1 << 20;
+
+/// Up to [`FOLLOW_CHUNK`] bytes of `file` from `offset` (`None` if it cannot be read).
+fn read_from(file: &Path, offset: usize) -> Option<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(file).ok()?;
+    f.seek(SeekFrom::Start(offset as u64)).ok()?;
+    let mut out = Vec::new();
+    f.take(FOLLOW_CHUNK).read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
 /// The newest directory of pod `ns/name` under `pods_dir`.
 fn pod_dir(pods_dir: &Path, ns: &str, name: &str) -> Option<PathBuf> {
     let prefix = format!("{ns}_{name}_");
@@ -104,21 +117,18 @@ pub fn serve(pods_dir: &Path, path: &str, query: &str) -> http::Response<Body> {
             if !dir.exists() || tx.is_closed() {
                 return;
             }
-            let Ok(content) = std::fs::read(&file) else {
+            // Only what was appended since the last look (at most a bounded chunk).
+            let Some(fresh) = read_from(&file, offset) else {
                 return;
             };
-            if content.len() <= offset {
+            let Some(last) = fresh.iter().rposition(|b| *b == b'\n') else {
                 continue;
-            }
-            let end = content[offset..]
-                .iter()
-                .rposition(|b| *b == b'\n')
-                .map_or(offset, |i| offset + i + 1);
-            let chunk: String = String::from_utf8_lossy(&content[offset..end])
+            };
+            let chunk: String = String::from_utf8_lossy(&fresh[..=last])
                 .lines()
                 .filter_map(|l| render(l, timestamps))
                 .collect();
-            offset = end;
+            offset += last + 1;
             if !chunk.is_empty() && tx.send(Bytes::from(chunk)).await.is_err() {
                 return;
             }
@@ -144,5 +154,22 @@ mod tests {
             "2026-11-25T10:00:00.000000001Z hello world\n"
         );
         assert_eq!(render("t stderr P part", false).unwrap(), "part");
+    }
+
+    #[test]
+    fn a_follower_reads_only_what_was_appended() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        std::fs::write(&path, "a\n").unwrap();
+        assert_eq!(read_from(&path, 0).unwrap(), b"a\n");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"b\nc").unwrap();
+        assert_eq!(read_from(&path, 2).unwrap(), b"b\nc");
+        assert_eq!(read_from(&path, 5).unwrap(), b"");
+        assert!(read_from(&dir.path().join("missing.log"), 0).is_none());
     }
 }

@@ -111,9 +111,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::AgentMetrics::new());
     tokio::spawn(serve(listener, pods_dir.clone(), metrics.clone()));
     let api = Arc::new(Api::new(args.servers.clone(), Duration::from_secs(10)));
-    register(&api, &args, runtime.as_ref(), port).await?;
-    tracing::info!(node = args.node_name, port, "registered");
     let cap = capacity(&args);
+    register(&api, &args, runtime.as_ref(), port, &cap).await?;
+    tracing::info!(node = args.node_name, port, "registered");
     let quantity = |k: &str| {
         cap.get(k)
             .and_then(Value::as_str)
@@ -282,6 +282,7 @@ async fn register(
     args: &AgentArgs,
     runtime: &dyn runtime::Runtime,
     port: u16,
+    cap: &Value,
 ) -> anyhow::Result<()> {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -327,8 +328,7 @@ async fn register(
         _ => bail!("registering the node: {code} {body}"),
     }
     let now = meta::rfc3339(meta::now_secs());
-    let cap = capacity(args);
-    let allocatable = allocatable(&cap, &args.reserved)?;
+    let allocatable = allocatable(cap, &args.reserved)?;
     let condition = |kind: &str, status: &str, reason: &str, message: &str| {
         json!({"type": kind, "status": status, "reason": reason, "message": message,
                "lastHeartbeatTime": now, "lastTransitionTime": now})

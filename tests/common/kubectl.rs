@@ -1,7 +1,12 @@
-//! kubectl 1.32, run against one replica of a test cluster with its own cache and HOME.
+//! kubectl 1.32, run against one replica of a test cluster with its own cache and HOME, and
+//! raw requests to the Kubernetes API.
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use serde_json::Value;
 
 use super::Cluster;
 
@@ -64,4 +69,37 @@ impl Kubectl {
         std::fs::write(&p, content).unwrap();
         p.display().to_string()
     }
+}
+
+/// Sends one request to the first of `servers` that answers; returns status and JSON body
+/// (`Null` if it was not JSON; status 0 if none answered).
+pub async fn req(
+    servers: &[String],
+    method: http::Method,
+    path: &str,
+    ctype: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(body).unwrap()
+    };
+    let client = flotilla::client::Client::new(servers.to_vec(), Duration::from_secs(5));
+    for server in servers {
+        if let Ok(resp) = client
+            .send_raw(method.clone(), server, path, ctype, bytes.clone(), None)
+            .await
+        {
+            let status = resp.status().as_u16();
+            let b = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return (status, serde_json::from_slice(&b).unwrap_or(Value::Null));
+        }
+    }
+    (0, Value::Null)
 }

@@ -8,7 +8,7 @@
 
 pub mod kubectl;
 #[allow(unused_imports)]
-pub use kubectl::{Kubectl, KUBECTL};
+pub use kubectl::{req, Kubectl, KUBECTL};
 
 use std::future::Future;
 use std::path::PathBuf;
