@@ -32,6 +32,12 @@ enum Cmd {
     Agent(flotilla::agent::AgentArgs),
     /// Run a local cluster as child processes until Ctrl-C.
     Up(flotilla::up::UpArgs),
+    /// Supervise one container of the process runtime (started by the agent).
+    #[command(hide = true)]
+    Shim {
+        /// The container's spec, written by the agent.
+        spec: std::path::PathBuf,
+    },
     /// Print a kubeconfig for a cluster.
     Kubeconfig {
         /// The API URL of a replica.
@@ -61,6 +67,10 @@ fn init_tracing(level: Option<&str>, json: bool, default: &str) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Shim { spec } = &cli.command {
+        // No async runtime and no logging: the shim is small and outlives the agent.
+        return std::process::ExitCode::from(flotilla::agent::shim::run(spec) as u8);
+    }
     let (default_log, threads) = match &cli.command {
         // openraft logs every failed replication RPC at error level; the replica logs peer
         // reachability changes itself.
@@ -85,6 +95,8 @@ fn main() -> std::process::ExitCode {
             Cmd::Ctl(a) => flotilla::ctl::run(a).await,
             Cmd::Up(a) => flotilla::up::run(a).await,
             Cmd::Agent(a) => flotilla::agent::run(a).await,
+            // Handled above, before the async runtime starts.
+            Cmd::Shim { .. } => Ok(()),
             Cmd::Kubeconfig { server } => {
                 print!("{}", flotilla::up::kubeconfig(&server));
                 Ok(())

@@ -68,6 +68,12 @@ impl Drop for Agent {
 }
 
 impl Agent {
+    /// `kill -9` of the agent alone: its pods' processes (under their shims) live on.
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
     /// Starts `flotilla agent` for node `node` against every replica of `c`, with data in
     /// `data`, a 1 s heartbeat and `extra` flags; its log goes to `<node>.log` beside it.
     fn start(c: &Cluster, node: &'static str, data: &std::path::Path, extra: &[&str]) -> Agent {
@@ -824,6 +830,200 @@ async fn an_agent_cut_off_from_its_replica_fails_over_and_keeps_running_pods() {
     assert!(ready, "{node}");
     drop(cut);
     kubectl(&c, 2, &["delete", "pod", "before", "after"]);
+}
+
+/// The pod `name` of `default` as replica 2 serves it.
+async fn pod(c: &Cluster, name: &str) -> Value {
+    get(c, 2, &format!("/api/v1/namespaces/default/pods/{name}"))
+        .await
+        .1
+}
+
+fn restarts(p: &Value) -> u64 {
+    p["status"]["containerStatuses"][0]["restartCount"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhile() {
+    let c = Cluster::start(3, &[]).await;
+    c.wait_leader().await;
+    let data = c.dir.path().join("agent-r1");
+    let mut first = Agent::start(&c, "r1", &data, &[]);
+    let manifest = c.dir.path().join("pods.yaml");
+    let spec = |name: &str, script: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: busybox\n    command: [\"sh\", \"-c\", {script:?}]\n    readinessProbe:\n      exec:\n        command: [\"true\"]\n      periodSeconds: 1\n")
+    };
+    std::fs::write(
+        &manifest,
+        [
+            spec(
+                "steady",
+                "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done",
+            ),
+            spec("gone", "exec sleep 300"),
+            spec("crasher", "echo run-output; exit 3"),
+        ]
+        .join("---\n"),
+    )
+    .unwrap();
+    kubectl(&c, 2, &["apply", "-f", manifest.to_str().unwrap()]);
+    let ready = |p: &Value| {
+        p["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|x| x["type"] == "Ready" && x["status"] == "True")
+        })
+    };
+    let steady = wait_for(
+        Duration::from_secs(60),
+        "pods steady and gone to run and be ready",
+        || async {
+            let (s, g) = (pod(&c, "steady").await, pod(&c, "gone").await);
+            (ready(&s) && ready(&g)).then_some(s)
+        },
+    )
+    .await;
+    let steady_pid = pid_of(&steady).expect("a process container id");
+    let gone_pid = pid_of(&pod(&c, "gone").await).expect("a process container id");
+
+    // One log per run: `--previous` shows the crashed run's output.
+    wait_for(
+        Duration::from_secs(60),
+        "the crasher to restart",
+        || async { (restarts(&pod(&c, "crasher").await) >= 1).then_some(()) },
+    )
+    .await;
+    let previous = kubectl(&c, 2, &["logs", "crasher", "--previous"]);
+    assert_eq!(previous, "run-output\n");
+    let (ok, _, err) = Kubectl::new(&c, 2).run(&["logs", "steady", "--previous"]);
+    assert!(
+        !ok && err.contains("previous terminated container"),
+        "{err}"
+    );
+    // `--since`: everything in the last hour; nothing after a time to come.
+    assert!(kubectl(&c, 2, &["logs", "steady", "--since=1h"]).contains("tick 0\n"));
+    let future = "2099-01-01T00:00:00Z";
+    assert_eq!(
+        kubectl(
+            &c,
+            2,
+            &["logs", "steady", &format!("--since-time={future}")]
+        ),
+        ""
+    );
+
+    // The agent dies; its containers do not, and go on logging.
+    let endpoint = |n: &Value| n["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64();
+    let first_port = endpoint(&get(&c, 2, "/api/v1/nodes/r1").await.1);
+    first.kill9();
+    assert!(
+        alive(steady_pid) && alive(gone_pid),
+        "the containers outlive the agent"
+    );
+    let ticks = |c: &Cluster| {
+        let log = std::fs::read_dir(data.join("pods"))
+            .unwrap()
+            .flatten()
+            .find(|d| {
+                d.file_name()
+                    .to_string_lossy()
+                    .starts_with("default_steady_")
+            })
+            .map(|d| std::fs::read_to_string(d.path().join("c/0.log")).unwrap_or_default())
+            .unwrap_or_default();
+        let _ = c;
+        log.lines().filter(|l| l.contains(" tick ")).count()
+    };
+    let before = ticks(&c);
+    wait_for(
+        Duration::from_secs(10),
+        "the container's output to be logged with the agent down",
+        || async { (ticks(&c) > before + 2).then_some(()) },
+    )
+    .await;
+    // Meanwhile `gone` is deleted for good (no agent to wait for).
+    kubectl(
+        &c,
+        2,
+        &["delete", "pod", "gone", "--grace-period=0", "--force"],
+    );
+
+    let _second = Agent::start(&c, "r1", &data, &[]);
+    // `gone`'s process and directory go; `steady` keeps its process, count and readiness.
+    wait_for(
+        Duration::from_secs(30),
+        "the restarted agent to stop the pod deleted while it was down",
+        || async {
+            let dir_left = std::fs::read_dir(data.join("pods"))
+                .unwrap()
+                .flatten()
+                .any(|d| d.file_name().to_string_lossy().starts_with("default_gone_"));
+            (!alive(gone_pid) && !dir_left).then_some(())
+        },
+    )
+    .await;
+    let metric = |text: &str, prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // The restarted agent reports again (its status writes) without restarting anything.
+    let port = wait_for(
+        Duration::from_secs(30),
+        "the restarted agent's endpoint",
+        || async {
+            endpoint(&get(&c, 2, "/api/v1/nodes/r1").await.1).filter(|p| Some(*p) != first_port)
+        },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the restarted agent to take steady back",
+        || async {
+            let (code, text) = flotilla::client::Client::new(vec![], Duration::from_secs(5))
+                .get_text(&format!("127.0.0.1:{port}"), "/metrics")
+                .await
+                .ok()?;
+            (code == 200
+                && metric(
+                    &text,
+                    "flotilla_agent_pod_status_writes_total{result=\"ok\"}",
+                ) >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let now = pod(&c, "steady").await;
+    assert_eq!(
+        pid_of(&now),
+        Some(steady_pid),
+        "steady was not restarted: {now}"
+    );
+    assert_eq!(restarts(&now), 0, "{now}");
+    assert!(ready(&now), "{now}");
+    assert!(alive(steady_pid));
+    // The adopted container is supervised: when it dies, it is restarted and counted.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(steady_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let again = wait_for(
+        Duration::from_secs(30),
+        "the adopted container's death to be seen and the container restarted",
+        || async {
+            let p = pod(&c, "steady").await;
+            (restarts(&p) == 1 && pid_of(&p).is_some_and(|x| x != steady_pid)).then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(
+        again["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"], 137,
+        "{again}"
+    );
+    kubectl(&c, 2, &["delete", "pod", "steady", "crasher"]);
 }
 
 #[test]

@@ -44,6 +44,22 @@ fn read_from(file: &Path, offset: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// A container's run logs (`<n>.log` in its log directory), oldest first.
+fn runs(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = name.strip_suffix(".log")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// The newest directory of pod `ns/name` under `pods_dir`.
 fn pod_dir(pods_dir: &Path, ns: &str, name: &str) -> Option<PathBuf> {
     let prefix = format!("{ns}_{name}_");
@@ -78,19 +94,52 @@ pub fn serve(pods_dir: &Path, path: &str, query: &str) -> http::Response<Body> {
             format!("pod {ns}/{pod} has not run on this node\n"),
         );
     };
-    let file = dir.join(format!("{container}.log"));
+    let all_runs = runs(&dir.join(container));
+    let previous = flag("previous");
+    let file =
+        if previous {
+            match all_runs.len() {
+                n if n >= 2 => all_runs[n - 2].1.clone(),
+                _ => return text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "previous terminated container {container:?} in pod {pod:?} not found\n"
+                    ),
+                ),
+            }
+        } else {
+            match all_runs.last() {
+                Some((_, f)) => f.clone(),
+                None => {
+                    return text(
+                        StatusCode::NOT_FOUND,
+                        format!("container {container:?} in pod {ns}/{pod} has not started\n"),
+                    )
+                }
+            }
+        };
     let Ok(content) = std::fs::read(&file) else {
         return text(
             StatusCode::NOT_FOUND,
             format!("container {container:?} in pod {ns}/{pod} has not started\n"),
         );
     };
+    // `sinceSeconds` or `sinceTime` (RFC 3339): lines logged at or after that second.
+    let since = number("sinceSeconds")
+        .map(|n| crate::api::meta::rfc3339(crate::api::meta::now_secs().saturating_sub(n)))
+        .or_else(|| params.get("sinceTime").map(|t| t.replace("%3A", ":")));
+    let since = since.map(|t| t.chars().take(19).collect::<String>());
     let complete = content
         .iter()
         .rposition(|b| *b == b'\n')
         .map_or(0, |i| i + 1);
     let lines: Vec<String> = String::from_utf8_lossy(&content[..complete])
         .lines()
+        .filter(|l| {
+            since
+                .as_ref()
+                .is_none_or(|t| l.get(..19).is_some_and(|ts| ts >= t.as_str()))
+        })
         .filter_map(|l| render(l, timestamps))
         .collect();
     let skip = number("tailLines").map_or(0, |n| lines.len().saturating_sub(n as usize));
@@ -103,9 +152,12 @@ pub fn serve(pods_dir: &Path, path: &str, query: &str) -> http::Response<Body> {
         }
         out.truncate(cut);
     }
-    if !follow {
+    if !follow || previous {
         return text(StatusCode::OK, out);
     }
+    let exit_file = dir.join(format!("{container}.exit"));
+    let container_dir = dir.join(container);
+    let run = all_runs.last().map_or(0, |(n, _)| *n);
     let (tx, body) = channel_body(16);
     let mut offset = complete;
     tokio::spawn(async move {
@@ -117,11 +169,22 @@ pub fn serve(pods_dir: &Path, path: &str, query: &str) -> http::Response<Body> {
             if !dir.exists() || tx.is_closed() {
                 return;
             }
+            // The stream ends with the container: once it has exited (or run again) and
+            // everything it wrote has been sent.
+            let ended =
+                exit_file.exists() || runs(&container_dir).last().is_some_and(|(n, _)| *n > run);
+            // A rotated log starts over from its beginning.
+            if std::fs::metadata(&file).is_ok_and(|m| (m.len() as usize) < offset) {
+                offset = 0;
+            }
             // Only what was appended since the last look (at most a bounded chunk).
             let Some(fresh) = read_from(&file, offset) else {
                 return;
             };
             let Some(last) = fresh.iter().rposition(|b| *b == b'\n') else {
+                if ended {
+                    return;
+                }
                 continue;
             };
             let chunk: String = String::from_utf8_lossy(&fresh[..=last])

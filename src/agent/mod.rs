@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pod;
 pub mod probe;
 pub mod runtime;
+pub mod shim;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -70,6 +71,10 @@ pub struct AgentArgs {
     /// Most pods this node takes.
     #[arg(long, default_value_t = 110)]
     pub max_pods: u64,
+    /// A container log's size bound in bytes (like the kubelet's `containerLogMaxSize`): past
+    /// it the log is rotated, keeping one rotated file.
+    #[arg(long, default_value_t = 10 << 20)]
+    pub container_log_max_bytes: u64,
     /// Resources kept back from pods (`cpu=500m,memory=1Gi,ephemeral-storage=1Gi`, like the
     /// kubelet's `--system-reserved`): allocatable is capacity less these.
     #[arg(long, value_delimiter = ',')]
@@ -79,7 +84,10 @@ pub struct AgentArgs {
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let runtime: Arc<dyn runtime::Runtime> = match args.runtime.as_str() {
-        "process" => Arc::new(runtime::ProcessRuntime),
+        "process" => Arc::new(
+            runtime::ProcessRuntime::new()
+                .context("finding the flotilla executable for the shim")?,
+        ),
         "cri" => bail!(
             "--runtime cri is not built yet; use --runtime process (endpoint {:?})",
             args.cri_endpoint
@@ -126,6 +134,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         node: args.node_name.clone(),
         node_ip: args.node_ip.clone(),
         pods_dir,
+        log_max_bytes: args.container_log_max_bytes,
         capacity_cpu_milli: quantity("cpu"),
         capacity_memory_bytes: quantity("memory") / 1000,
         metrics: metrics.clone(),
@@ -574,6 +583,23 @@ async fn sync_pods(env: Arc<pod::Env>) -> anyhow::Result<()> {
             }
         }
         workers.retain(|uid, tx| present.contains(uid) || !tx.is_closed());
+        // Pods deleted while the agent was down (or gone while it was not watching) leave
+        // directories no worker owns: what still runs there is stopped and removed.
+        for dir in std::fs::read_dir(&env.pods_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = dir.file_name().to_string_lossy().into_owned();
+            let Some((_, uid)) = name.rsplit_once('_') else {
+                continue;
+            };
+            if !present.contains(uid) && !workers.contains_key(uid) {
+                tracing::info!(pod = name, "removing a pod that is no longer bound here");
+                let env = env.clone();
+                tokio::task::spawn_blocking(move || env.runtime.remove_pod(&dir.path()));
+            }
+        }
         for p in items {
             update(&env, &mut workers, p);
         }

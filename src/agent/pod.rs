@@ -51,6 +51,8 @@ pub struct Env {
     pub node_ip: String,
     /// Where pods keep their directories and logs.
     pub pods_dir: PathBuf,
+    /// A container log's size bound (rotated past it).
+    pub log_max_bytes: u64,
     /// The node's cpu (milli-cores), the default cpu limit.
     pub capacity_cpu_milli: i128,
     /// The node's memory (bytes), the default memory limit.
@@ -495,12 +497,15 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
     let mut mains: Vec<Container> = mains_spec.iter().map(Container::new).collect();
     let start_time = meta::now_secs();
     let worker_started = Instant::now();
-    let mut started_reported = false;
+    let mut started_reported;
     let mut reported = Value::Null;
     let mut failed_init = false;
-    // Containers a previous run of this agent started are stopped first, so a pod never
-    // runs twice.
-    kill_leftovers(&dir);
+    // Containers a previous run of this agent started are adopted, running or ended, so a
+    // pod never runs twice and an agent restart restarts nothing.
+    for c in inits.iter_mut().chain(mains.iter_mut()) {
+        adopt(c, &first, &dir, &env);
+    }
+    started_reported = mains.iter().any(|c| c.handle.is_some());
     // A pod that already finished is not run again: it only waits to be deleted.
     if matches!(
         first.pointer("/status/phase").and_then(Value::as_str),
@@ -512,9 +517,13 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                 Some(p) if owner::uid(&p) == uid && !owner::is_deleting(&p) => {}
                 Some(p) if owner::uid(&p) == uid => {
                     finish(&env, &p, &uid).await;
+                    remove(&env, dir).await;
                     return;
                 }
-                _ => return,
+                _ => {
+                    remove(&env, dir).await;
+                    return;
+                }
             }
             if rx.changed().await.is_err() {
                 return;
@@ -550,6 +559,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
             if let Some(p) = pod.filter(|p| owner::uid(p) == uid) {
                 finish(&env, &p, &uid).await;
             }
+            remove(&env, dir).await;
             return;
         }
         let pod = pod.expect("not deleting");
@@ -770,17 +780,34 @@ async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &s
             .and_then(crate::api::quantity::parse_milli)
             .filter(|v| *v > 0)
     };
+    // One log per run, `<container>/<restart count>.log`, as the kubelet keeps them; only
+    // the previous run's stays (for `kubectl logs --previous`).
+    let run = c.restarts + u64::from(c.last_exit.is_some());
+    let logs = dir.join(&c.name);
+    for e in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+        let n = e
+            .file_name()
+            .to_string_lossy()
+            .split('.')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok());
+        if n.is_none_or(|n| n + 1 < run) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     let s = Spec {
         name: &c.name,
         argv,
         env: environment,
         dir: workdir,
-        log: dir.join(format!("{}.log", c.name)),
+        state_dir: dir.to_path_buf(),
+        log: logs.join(format!("{run}.log")),
+        log_max_bytes: env.log_max_bytes,
         memory_limit: limit("memory").map(|m| (m / 1000) as u64),
         cpu_limit: limit("cpu").map(|m| m as u64),
         cgroup: format!("flotilla/{}/{}/{}", env.node, owner::uid(pod), c.name),
     };
-    let started = env.runtime.start(&s);
+    let started = env.runtime.start(&s).await;
     let result = if started.is_ok() { "ok" } else { "error" };
     env.metrics
         .container_starts
@@ -788,13 +815,20 @@ async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &s
         .inc();
     match started {
         Ok(h) => {
-            let _ = std::fs::write(dir.join(format!("{}.pid", c.name)), h.pid.to_string());
-            if c.last_exit.is_some() {
-                c.restarts += 1;
-            }
+            c.restarts = run;
             c.handle = Some(h);
             let now = Instant::now();
             c.started = Some((now, meta::now_secs()));
+            let record = Record {
+                restarts: c.restarts,
+                started_at: meta::now_secs(),
+            };
+            let bytes = serde_json::to_vec(&record).expect("a record serializes");
+            if let Err(e) =
+                super::shim::write_whole(&dir.join(format!("{}.status", c.name)), &bytes)
+            {
+                tracing::warn!(%e, container = c.name, "the container's record is not written; an agent restart will not know its restarts");
+            }
             c.error = None;
             c.started_ok = c.startup.is_none();
             for p in [&mut c.liveness, &mut c.readiness, &mut c.startup]
@@ -918,25 +952,60 @@ fn status_of(
     status
 }
 
-/// SIGKILL to the process groups recorded in `dir` by an earlier run of the agent.
-fn kill_leftovers(dir: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+/// What the pod worker remembers of a container across agent restarts (`<name>.status`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    restarts: u64,
+    started_at: u64,
+}
+
+/// Takes back container `c` if an earlier run of the agent started it: its handle, restart
+/// count and start time; its probes start over, readiness from what the API last showed.
+fn adopt(c: &mut Container, pod: &Value, dir: &std::path::Path, env: &Env) {
+    let Some(h) = env.runtime.adopt(dir, &c.name) else {
         return;
     };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.extension().and_then(|x| x.to_str()) != Some("pid") {
-            continue;
-        }
-        if let Some(pid) = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-            .filter(|p| *p > 1)
-        {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        let _ = std::fs::remove_file(&path);
+    let record: Option<Record> = std::fs::read(dir.join(format!("{}.status", c.name)))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let (restarts, started_at) =
+        record.map_or((0, meta::now_secs()), |r| (r.restarts, r.started_at));
+    let shown = ["containerStatuses", "initContainerStatuses"]
+        .iter()
+        .filter_map(|k| {
+            pod.pointer(&format!("/status/{k}"))
+                .and_then(Value::as_array)
+        })
+        .flatten()
+        .find(|s| s.get("name").and_then(Value::as_str) == Some(c.name.as_str()))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let now = Instant::now();
+    c.restarts = restarts;
+    c.started = Some((now, started_at));
+    c.started_ok = c.startup.is_none() || shown.get("started") == Some(&json!(true));
+    for p in [&mut c.liveness, &mut c.readiness, &mut c.startup]
+        .into_iter()
+        .flatten()
+    {
+        p.resume(now);
     }
+    if let Some(p) = c.readiness.as_mut() {
+        p.passing = shown.get("ready") == Some(&json!(true));
+    }
+    tracing::info!(
+        container = c.name,
+        pid = h.pid,
+        restarts,
+        "adopted a container started before the agent restarted"
+    );
+    c.handle = Some(h);
+}
+
+/// Removes what the pod left on the node: leftover processes, cgroups, its directory.
+async fn remove(env: &Arc<Env>, dir: PathBuf) {
+    let env = env.clone();
+    let _ = tokio::task::spawn_blocking(move || env.runtime.remove_pod(&dir)).await;
 }
 
 /// SIGTERM to every container, SIGKILL to what is left after `grace`.

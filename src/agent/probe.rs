@@ -146,6 +146,13 @@ impl Probe {
         self.passing = self.initial;
     }
 
+    /// Starts over for a container already running (adopted after an agent restart): no
+    /// initial delay.
+    pub fn resume(&mut self, now: Instant) {
+        self.reset(now);
+        self.next = Some(now);
+    }
+
     /// `failureThreshold` consecutive failures.
     pub fn failed(&self) -> bool {
         self.failures >= self.failure_threshold

@@ -3,19 +3,33 @@
 //! A runtime starts one container and hands back a [`Handle`]; the pod worker polls it and
 //! signals it. The process runtime runs a container's `command` and `args` as a host process
 //! in its own process group (so a signal reaches everything it started), with the given
-//! environment only, in `workingDir` or the pod's directory, output appended to a log file.
-//! There is no image: a container without `command` cannot start here. Containers share the
-//! host's network (the pod IP is the node's).
+//! environment only, in `workingDir` or the pod's directory. There is no image: a container
+//! without `command` cannot start here. Containers share the host's network (the pod IP is
+//! the node's).
+//!
+//! Each container runs under a `flotilla shim` ([`super::shim`]), not under the agent, so
+//! the agent can die and come back: [`Runtime::adopt`] finds the container again from the
+//! files in the pod's directory. Per container `c` the pod directory holds `c.pid` (written
+//! by the shim), `c.exit` (written by the shim when it ends) and `c.container` (the
+//! [`Record`], written by the runtime once the shim reports the container started). A
+//! process is only taken for the container if its start time matches the record, so a
+//! recycled pid is never signalled.
 //!
 //! Output is written in the CRI log format, one line per line of output:
 //! `<RFC 3339 time with nanoseconds> <stdout|stderr> F <line>`, which is what lets the agent
-//! serve `kubectl logs --timestamps`.
+//! serve `kubectl logs --timestamps` and `--since`.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Stdio;
+use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use super::shim::{write_whole, Exit, ShimSpec};
 
 /// What to start.
 pub struct Spec<'a> {
@@ -27,8 +41,13 @@ pub struct Spec<'a> {
     pub env: Vec<(String, String)>,
     /// Working directory.
     pub dir: PathBuf,
+    /// The pod's directory, where the runtime keeps what it needs to find the container
+    /// again.
+    pub state_dir: PathBuf,
     /// Where stdout and stderr go.
     pub log: PathBuf,
+    /// The log's size bound (it is rotated past it).
+    pub log_max_bytes: u64,
     /// Memory limit, bytes.
     pub memory_limit: Option<u64>,
     /// CPU limit, milli-cores.
@@ -38,94 +57,235 @@ pub struct Spec<'a> {
     pub cgroup: String,
 }
 
+/// What the runtime remembers of a started container, to adopt it after an agent restart.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    pid: u32,
+    pid_start: u64,
+    shim_pid: u32,
+    shim_start: u64,
+    cgroups: Vec<PathBuf>,
+}
+
 /// A started container.
 pub struct Handle {
-    child: tokio::process::Child,
     /// Process (and process group) id.
     pub pid: u32,
+    pid_start: u64,
+    shim_pid: u32,
+    shim_start: u64,
+    /// The shim, when this agent started it (so it is reaped).
+    shim: Option<tokio::process::Child>,
+    exit_file: PathBuf,
+    exit: Option<Exit>,
     /// The cgroup directories made for it (removed once it has exited).
     cgroups: Vec<PathBuf>,
 }
 
+/// The start time (clock ticks since boot) of live, non-zombie process `pid`.
+fn proc_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn read_exit(path: &Path) -> Option<Exit> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
 impl Handle {
-    /// The exit code once it has exited (128 + signal for a signal).
-    pub fn try_wait(&mut self) -> Option<i32> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => {
-                use std::os::unix::process::ExitStatusExt;
-                Some(
-                    status
-                        .code()
-                        .or_else(|| status.signal().map(|s| 128 + s))
-                        .unwrap_or(255),
-                )
-            }
-            Ok(None) => None,
-            Err(_) => Some(255),
+    /// How it ended, once it has.
+    pub fn exit(&mut self) -> Option<Exit> {
+        if self.exit.is_none() {
+            self.exit = self.poll_exit();
         }
+        self.exit.clone()
     }
 
-    /// True if the kernel's OOM killer ended it (its memory cgroup counted a kill).
-    pub fn oom_killed(&self) -> bool {
-        self.cgroups.iter().any(|d| {
-            std::fs::read_to_string(d.join("memory.oom_control"))
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("oom_kill "))
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                })
-                .is_some_and(|n| n > 0)
+    fn poll_exit(&mut self) -> Option<Exit> {
+        if let Some(e) = read_exit(&self.exit_file) {
+            if let Some(shim) = self.shim.as_mut() {
+                let _ = shim.try_wait();
+            }
+            return Some(e);
+        }
+        let shim_gone = match self.shim.as_mut() {
+            Some(shim) => !matches!(shim.try_wait(), Ok(None)),
+            None => proc_start(self.shim_pid) != Some(self.shim_start),
+        };
+        if !shim_gone {
+            return None;
+        }
+        // The shim may have written the exit file just before it went.
+        if let Some(e) = read_exit(&self.exit_file) {
+            return Some(e);
+        }
+        // The shim was killed: the container is no longer supervised, so it goes too.
+        if proc_start(self.pid) == Some(self.pid_start) {
+            let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+        Some(Exit {
+            code: 255,
+            finished_at: crate::api::meta::now_secs(),
+            oom_killed: false,
         })
+    }
+
+    /// The exit code once it has exited (128 + signal for a signal).
+    pub fn try_wait(&mut self) -> Option<i32> {
+        self.exit().map(|e| e.code)
+    }
+
+    /// True if the kernel's OOM killer ended it.
+    pub fn oom_killed(&mut self) -> bool {
+        self.exit().is_some_and(|e| e.oom_killed)
     }
 
     /// Removes its cgroups (after it has exited; a cgroup with processes stays).
     pub fn release(&self) {
-        for d in &self.cgroups {
-            // The container's cgroup, then the pod's, the node's and `flotilla` if empty.
-            for dir in d.ancestors().take(4) {
-                if std::fs::remove_dir(dir).is_err() {
-                    break;
-                }
+        remove_cgroups(&self.cgroups);
+    }
+
+    /// Sends `sig` to the container's process group (if it is still the container's).
+    pub fn signal(&self, sig: Signal) {
+        if self.exit.is_none() && proc_start(self.pid) == Some(self.pid_start) {
+            let _ = killpg(Pid::from_raw(self.pid as i32), sig);
+        }
+    }
+}
+
+fn remove_cgroups(cgroups: &[PathBuf]) {
+    for d in cgroups {
+        // The container's cgroup, then the pod's, the node's and `flotilla` if empty.
+        for dir in d.ancestors().take(4) {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
             }
         }
     }
-
-    /// Sends `sig` to the container's process group.
-    pub fn signal(&self, sig: Signal) {
-        let _ = killpg(Pid::from_raw(self.pid as i32), sig);
-    }
 }
+
+/// A boxed future, for the object-safe [`Runtime`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A container runtime.
 pub trait Runtime: Send + Sync {
     /// The runtime's name and version, for the Node's `nodeInfo.containerRuntimeVersion`.
     fn version(&self) -> String;
     /// Starts a container.
-    fn start(&self, spec: &Spec<'_>) -> Result<Handle, String>;
+    fn start<'a>(&'a self, spec: &'a Spec<'a>) -> BoxFuture<'a, Result<Handle, String>>;
+    /// The container `name` that an earlier run of the agent started for the pod whose
+    /// directory is `state_dir`, running or ended; `None` if there is none.
+    fn adopt(&self, state_dir: &Path, name: &str) -> Option<Handle>;
+    /// Stops whatever still runs for the pod whose directory is `state_dir` (SIGKILL), and
+    /// removes what the runtime made for it: its cgroups and the directory.
+    fn remove_pod(&self, state_dir: &Path);
 }
 
 /// Where the cgroup v1 controllers are mounted.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-static SH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| "/bin/sh".to_string());
+/// Containers as host processes, each under a `flotilla shim`.
+pub struct ProcessRuntime {
+    /// The `flotilla` executable (run as `flotilla shim`).
+    exe: PathBuf,
+}
 
-/// Containers as host processes.
-pub struct ProcessRuntime;
+impl ProcessRuntime {
+    /// The process runtime, starting shims from the running executable.
+    pub fn new() -> std::io::Result<ProcessRuntime> {
+        Ok(ProcessRuntime {
+            exe: std::env::current_exe()?,
+        })
+    }
+}
+
+fn files(state_dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        state_dir.join(format!("{name}.pid")),
+        state_dir.join(format!("{name}.exit")),
+        state_dir.join(format!("{name}.container")),
+    )
+}
 
 impl Runtime for ProcessRuntime {
     fn version(&self) -> String {
         format!("process://{}", env!("CARGO_PKG_VERSION"))
     }
 
-    fn start(&self, spec: &Spec<'_>) -> Result<Handle, String> {
-        let Some((program, args)) = spec.argv.split_first() else {
+    fn start<'a>(&'a self, spec: &'a Spec<'a>) -> BoxFuture<'a, Result<Handle, String>> {
+        Box::pin(self.start_container(spec))
+    }
+
+    fn adopt(&self, state_dir: &Path, name: &str) -> Option<Handle> {
+        let (_, exit_file, record_file) = files(state_dir, name);
+        let r: Record = serde_json::from_slice(&std::fs::read(record_file).ok()?).ok()?;
+        let mut h = Handle {
+            pid: r.pid,
+            pid_start: r.pid_start,
+            shim_pid: r.shim_pid,
+            shim_start: r.shim_start,
+            shim: None,
+            exit_file,
+            exit: None,
+            cgroups: r.cgroups,
+        };
+        h.exit();
+        Some(h)
+    }
+
+    fn remove_pod(&self, state_dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(state_dir) else {
+            return;
+        };
+        let mut cgroups = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) != Some("container") {
+                continue;
+            }
+            let Some(r) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+            else {
+                continue;
+            };
+            if proc_start(r.pid) == Some(r.pid_start) {
+                let _ = killpg(Pid::from_raw(r.pid as i32), Signal::SIGKILL);
+            }
+            cgroups.extend(r.cgroups);
+        }
+        // The shims record the exits and go; the cgroups empty as the processes die.
+        for _ in 0..50 {
+            remove_cgroups(&cgroups);
+            if cgroups.iter().all(|d| !d.exists()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir_all(state_dir);
+    }
+}
+
+impl ProcessRuntime {
+    async fn start_container(&self, spec: &Spec<'_>) -> Result<Handle, String> {
+        if spec.argv.is_empty() {
             return Err(format!(
                 "container {:?} has no command: the process runtime runs commands, not images",
                 spec.name
             ));
-        };
+        }
         std::fs::create_dir_all(&spec.dir).map_err(|e| format!("{}: {e}", spec.dir.display()))?;
+        std::fs::create_dir_all(&spec.state_dir)
+            .map_err(|e| format!("{}: {e}", spec.state_dir.display()))?;
+        let (pid_file, exit_file, record_file) = files(&spec.state_dir, spec.name);
+        for f in [&pid_file, &exit_file, &record_file] {
+            let _ = std::fs::remove_file(f);
+        }
         // Limits: a cgroup per controller (v1, as on this machine), entered by the
         // container's first process before it execs the command, so nothing escapes.
         let mut cgroups = Vec::new();
@@ -146,20 +306,26 @@ impl Runtime for ProcessRuntime {
         }
         for (controller, files) in &limits {
             let dir = Path::new(CGROUP_ROOT).join(controller).join(&spec.cgroup);
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                format!(
-                    "cannot enforce the {controller} limit: {}: {e}",
-                    dir.display()
-                )
-            })?;
-            for (file, value) in files {
-                std::fs::write(dir.join(file), value)
-                    .map_err(|e| format!("cannot enforce the {controller} limit: {file}: {e}"))?;
+            let made = std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))
+                .and_then(|()| {
+                    files.iter().try_for_each(|(file, value)| {
+                        std::fs::write(dir.join(file), value).map_err(|e| format!("{file}: {e}"))
+                    })
+                });
+            if let Err(e) = made {
+                remove_cgroups(&cgroups);
+                remove_cgroups(std::slice::from_ref(&dir));
+                return Err(format!("cannot enforce the {controller} limit: {e}"));
             }
             cgroups.push(dir);
         }
-        let (program, args): (&String, Vec<String>) = if cgroups.is_empty() {
-            (program, args.to_vec())
+        let memory_cgroup = spec
+            .memory_limit
+            .and_then(|_| cgroups.first().cloned())
+            .filter(|d| d.starts_with(Path::new(CGROUP_ROOT).join("memory")));
+        let argv = if cgroups.is_empty() {
+            spec.argv.clone()
         } else {
             // sh -c 'echo $$ > "$1" && shift && ... exec "$@"' sh <procs files> argv...
             let mut script = String::new();
@@ -167,79 +333,117 @@ impl Runtime for ProcessRuntime {
                 script.push_str("echo $$ > \"$1\" && shift && ");
             }
             script.push_str("exec \"$@\"");
-            let mut wrapped = vec!["-c".to_string(), script, "sh".to_string()];
+            let mut wrapped = vec![
+                "/bin/sh".to_string(),
+                "-c".to_string(),
+                script,
+                "sh".to_string(),
+            ];
             wrapped.extend(
                 cgroups
                     .iter()
                     .map(|d| d.join("cgroup.procs").display().to_string()),
             );
-            wrapped.push(program.clone());
-            wrapped.extend(args.iter().cloned());
-            (&SH, wrapped)
+            wrapped.extend(spec.argv.iter().cloned());
+            wrapped
         };
-        let log = std::sync::Arc::new(std::sync::Mutex::new(open_log(&spec.log)?));
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(&args)
-            .env_clear()
-            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .current_dir(&spec.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(false);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("starting {program:?}: {e}"))?;
-        let pid = child.id().ok_or("the process exited at once")?;
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(copy_lines(out, "stdout", log.clone()));
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(copy_lines(err, "stderr", log));
+        let shim_spec = ShimSpec {
+            argv,
+            env: spec.env.clone(),
+            dir: spec.dir.clone(),
+            log: spec.log.clone(),
+            log_max_bytes: spec.log_max_bytes,
+            pid_file,
+            exit_file: exit_file.clone(),
+            memory_cgroup,
+        };
+        let result = self.spawn_shim(spec, &shim_spec).await;
+        let (shim, pid) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                remove_cgroups(&cgroups);
+                return Err(e);
+            }
+        };
+        let shim_pid = shim.id().unwrap_or(0);
+        let record = Record {
+            pid,
+            pid_start: proc_start(pid).unwrap_or(0),
+            shim_pid,
+            shim_start: proc_start(shim_pid).unwrap_or(0),
+            cgroups: cgroups.clone(),
+        };
+        let bytes = serde_json::to_vec(&record).expect("a record serializes");
+        if let Err(e) = write_whole(&record_file, &bytes) {
+            // Not findable after a restart: better not run at all.
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            return Err(format!("{}: {e}", record_file.display()));
         }
         Ok(Handle {
-            child,
             pid,
+            pid_start: record.pid_start,
+            shim_pid,
+            shim_start: record.shim_start,
+            shim: Some(shim),
+            exit_file,
+            exit: None,
             cgroups,
         })
     }
-}
 
-/// Copies `from` line by line into the log in the CRI format (a line longer than 16 KiB is
-/// split into partial lines, marked `P`).
-async fn copy_lines(
-    from: impl tokio::io::AsyncRead + Unpin,
-    stream: &'static str,
-    log: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
-) {
-    use std::io::Write;
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
-    const MAX_LINE: usize = 16 * 1024;
-    let mut reader = tokio::io::BufReader::new(from);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let n = match (&mut reader)
-            .take(MAX_LINE as u64)
-            .read_until(b'\n', &mut line)
-            .await
+    /// Starts the shim and waits (bounded) for it to report the container's pid.
+    async fn spawn_shim(
+        &self,
+        spec: &Spec<'_>,
+        shim_spec: &ShimSpec,
+    ) -> Result<(tokio::process::Child, u32), String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use tokio::io::AsyncBufReadExt;
+        let spec_file = spec.state_dir.join(format!("{}.spec", spec.name));
         {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let full = line.last() == Some(&b'\n');
-        if full {
-            line.pop();
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&spec_file)
+                .map_err(|e| format!("{}: {e}", spec_file.display()))?;
+            f.write_all(&serde_json::to_vec(shim_spec).expect("a spec serializes"))
+                .map_err(|e| format!("{}: {e}", spec_file.display()))?;
         }
-        let tag = if full || n < MAX_LINE { "F" } else { "P" };
-        let mut entry = format!("{} {stream} {tag} ", timestamp()).into_bytes();
-        entry.extend_from_slice(&line);
-        entry.push(b'\n');
-        let mut f = log.lock().expect("not poisoned");
-        if f.write_all(&entry).is_err() {
-            return;
+        let mut shim = tokio::process::Command::new(&self.exe)
+            .arg("shim")
+            .arg(&spec_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("starting the shim {}: {e}", self.exe.display()))?;
+        let out = shim.stdout.take().expect("piped");
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::BufReader::new(out).read_line(&mut line),
+        )
+        .await;
+        let _ = std::fs::remove_file(&spec_file);
+        if let Some(pid) = line
+            .trim()
+            .strip_prefix("pid ")
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            return Ok((shim, pid));
         }
+        let _ = shim.start_kill();
+        let _ = shim.wait().await;
+        Err(match (read, line.trim().strip_prefix("error: ")) {
+            (_, Some(why)) => why.to_string(),
+            (Err(_), _) => "the shim did not report within 10 s".to_string(),
+            _ => format!("the shim failed: {:?}", line.trim()),
+        })
     }
 }
 
@@ -250,15 +454,4 @@ pub fn timestamp() -> String {
         .unwrap_or_default();
     let base = crate::api::meta::rfc3339(d.as_secs());
     format!("{}.{:09}Z", base.trim_end_matches('Z'), d.subsec_nanos())
-}
-
-fn open_log(path: &Path) -> Result<std::fs::File, String> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-    }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -1407,7 +1407,15 @@ impl Kube {
             )));
         };
         let mut query = Vec::new();
-        for k in ["follow", "tailLines", "timestamps", "limitBytes"] {
+        for k in [
+            "follow",
+            "tailLines",
+            "timestamps",
+            "limitBytes",
+            "previous",
+            "sinceSeconds",
+            "sinceTime",
+        ] {
             if let Some(v) = call.param(k) {
                 query.push(format!("{k}={v}"));
             }
