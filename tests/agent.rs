@@ -1026,6 +1026,212 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
     kubectl(&c, 2, &["delete", "pod", "steady", "crasher"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_are_made_ready_before_containers_start_and_kept_in_sync() {
+    let c = Cluster::start(3, &[]).await;
+    c.wait_leader().await;
+    let data = c.dir.path().join("agent-v1");
+    let _agent = Agent::start(&c, "v1", &data, &["--volume-sync-seconds", "1"]);
+    let host = c.dir.path().join("host-dir");
+    let manifest = c.dir.path().join("volumes.yaml");
+    // The ConfigMap does not exist yet: the pod waits, with a FailedMount event.
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata:
+  name: creds
+stringData:
+  password: hunter2
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: vols
+  labels:
+    tier: web
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes:
+  - name: config
+    configMap:
+      name: settings
+      items:
+      - key: greeting
+        path: greeting.txt
+        mode: 0400
+  - name: secret
+    secret:
+      secretName: creds
+  - name: info
+    downwardAPI:
+      items:
+      - path: labels
+        fieldRef:
+          fieldPath: metadata.labels
+  - name: scratch
+    emptyDir: {{}}
+  - name: host
+    hostPath:
+      path: {host}
+      type: DirectoryOrCreate
+  initContainers:
+  - name: init
+    image: busybox
+    command: ["sh", "-c", "echo from-init > shared/note && echo host-file > h/made-by-pod"]
+    volumeMounts:
+    - name: scratch
+      mountPath: /shared
+    - name: host
+      mountPath: /h
+  containers:
+  - name: c
+    image: busybox
+    workingDir: /work
+    command: ["sh", "-c", "echo sub > ../sub/f; cat ../shared/note ../etc/secret/password ../etc/info/labels; stat -c %a ../etc/config/greeting.txt; while :; do cat ../etc/config/greeting.txt; echo; sleep 0.3; done"]
+    volumeMounts:
+    - name: config
+      mountPath: /etc/config
+    - name: secret
+      mountPath: /etc/secret
+    - name: info
+      mountPath: /etc/info
+    - name: scratch
+      mountPath: /shared
+    - name: scratch
+      mountPath: /sub
+      subPath: deeper
+"#,
+            host = host.display()
+        ),
+    )
+    .unwrap();
+    kubectl(&c, 2, &["apply", "-f", manifest.to_str().unwrap()]);
+    wait_for(
+        Duration::from_secs(30),
+        "a FailedMount event naming the missing ConfigMap",
+        || async {
+            let (_, evs) = get(&c, 2, "/api/v1/namespaces/default/events").await;
+            evs["items"]
+                .as_array()?
+                .iter()
+                .find(|e| {
+                    e["reason"] == "FailedMount"
+                        && e["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("configmap \"settings\" not found"))
+                })
+                .cloned()
+        },
+    )
+    .await;
+    let waiting = pod(&c, "vols").await;
+    assert_eq!(waiting["status"]["phase"], "Pending", "{waiting}");
+    assert_eq!(
+        waiting["status"]["initContainerStatuses"][0]["state"]["waiting"]["reason"],
+        "ContainerCreating",
+        "{waiting}"
+    );
+    kubectl(
+        &c,
+        2,
+        &[
+            "create",
+            "configmap",
+            "settings",
+            "--from-literal=greeting=hello",
+        ],
+    );
+    wait_for(Duration::from_secs(60), "the pod to run", || async {
+        (pod(&c, "vols").await["status"]["phase"] == "Running").then_some(())
+    })
+    .await;
+    let logs = wait_for(
+        Duration::from_secs(30),
+        "the container's first output",
+        || async {
+            let (ok, out, _) = Kubectl::new(&c, 2).run(&["logs", "vols"]);
+            (ok && out.contains("hello\n")).then_some(out)
+        },
+    )
+    .await;
+    assert!(
+        logs.starts_with("from-init\nhunter2tier=\"web\"\n400\nhello\n"),
+        "{logs}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.join("made-by-pod")).unwrap(),
+        "host-file\n",
+        "the hostPath is the host's directory"
+    );
+    let pod_dir = std::fs::read_dir(data.join("pods"))
+        .unwrap()
+        .flatten()
+        .next()
+        .expect("the pod's directory")
+        .path();
+    assert_eq!(
+        std::fs::read_to_string(pod_dir.join("volumes/scratch/deeper/f")).unwrap(),
+        "sub\n",
+        "a subPath mount is a directory inside its volume"
+    );
+    // An edited ConfigMap reaches the running container.
+    kubectl(
+        &c,
+        2,
+        &[
+            "patch",
+            "configmap",
+            "settings",
+            "-p",
+            r#"{"data":{"greeting":"changed"}}"#,
+        ],
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the edited key in the volume",
+        || async {
+            let (ok, out, _) = Kubectl::new(&c, 2).run(&["logs", "vols", "--tail=1"]);
+            (ok && out == "changed\n").then_some(())
+        },
+    )
+    .await;
+    // Specs the API would never run are refused with the field at fault.
+    let bad = c.dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\nspec:\n  containers:\n  - name: c\n    image: busybox\n    command: [\"true\"]\n    volumeMounts:\n    - name: nope\n      mountPath: /x\n    livenessProbe:\n      periodSeconds: 1\n",
+    )
+    .unwrap();
+    let (ok, _, err) = Kubectl::new(&c, 2).run(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("spec.containers[0].volumeMounts[0].name: Not found: \"nope\""),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "spec.containers[0].livenessProbe: Required value: must specify a handler type"
+        ),
+        "{err}"
+    );
+    kubectl(&c, 2, &["delete", "pod", "vols"]);
+    wait_for(
+        Duration::from_secs(30),
+        "the pod's directory to be removed",
+        || async {
+            let left = std::fs::read_dir(data.join("pods")).ok()?.flatten().count();
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        host.join("made-by-pod").exists(),
+        "a hostPath outlives the pod"
+    );
+}
+
 #[test]
 fn bad_agent_flags_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();

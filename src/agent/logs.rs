@@ -96,28 +96,29 @@ pub fn serve(pods_dir: &Path, path: &str, query: &str) -> http::Response<Body> {
     };
     let all_runs = runs(&dir.join(container));
     let previous = flag("previous");
-    let file =
-        if previous {
-            match all_runs.len() {
-                n if n >= 2 => all_runs[n - 2].1.clone(),
-                _ => return text(
+    let file = if previous {
+        match all_runs.len() {
+            n if n >= 2 => all_runs[n - 2].1.clone(),
+            _ => {
+                return text(
                     StatusCode::BAD_REQUEST,
                     format!(
                         "previous terminated container {container:?} in pod {pod:?} not found\n"
                     ),
-                ),
+                )
             }
-        } else {
-            match all_runs.last() {
-                Some((_, f)) => f.clone(),
-                None => {
-                    return text(
-                        StatusCode::NOT_FOUND,
-                        format!("container {container:?} in pod {ns}/{pod} has not started\n"),
-                    )
-                }
+        }
+    } else {
+        match all_runs.last() {
+            Some((_, f)) => f.clone(),
+            None => {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    format!("container {container:?} in pod {ns}/{pod} has not started\n"),
+                )
             }
-        };
+        }
+    };
     let Ok(content) = std::fs::read(&file) else {
         return text(
             StatusCode::NOT_FOUND,

@@ -19,6 +19,7 @@ pub mod pod;
 pub mod probe;
 pub mod runtime;
 pub mod shim;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -75,6 +76,10 @@ pub struct AgentArgs {
     /// it the log is rotated, keeping one rotated file.
     #[arg(long, default_value_t = 10 << 20)]
     pub container_log_max_bytes: u64,
+    /// Seconds between rewrites of ConfigMap, Secret and downward API volumes from the API
+    /// (the kubelet's `--sync-frequency`).
+    #[arg(long, default_value_t = 60)]
+    pub volume_sync_seconds: u64,
     /// Resources kept back from pods (`cpu=500m,memory=1Gi,ephemeral-storage=1Gi`, like the
     /// kubelet's `--system-reserved`): allocatable is capacity less these.
     #[arg(long, value_delimiter = ',')]
@@ -135,6 +140,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         node_ip: args.node_ip.clone(),
         pods_dir,
         log_max_bytes: args.container_log_max_bytes,
+        volume_sync: Duration::from_secs(args.volume_sync_seconds.max(1)),
         capacity_cpu_milli: quantity("cpu"),
         capacity_memory_bytes: quantity("memory") / 1000,
         metrics: metrics.clone(),

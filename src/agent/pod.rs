@@ -53,6 +53,8 @@ pub struct Env {
     pub pods_dir: PathBuf,
     /// A container log's size bound (rotated past it).
     pub log_max_bytes: u64,
+    /// How often ConfigMap, Secret and downward API volumes are written again.
+    pub volume_sync: Duration,
     /// The node's cpu (milli-cores), the default cpu limit.
     pub capacity_cpu_milli: i128,
     /// The node's memory (bytes), the default memory limit.
@@ -336,14 +338,14 @@ async fn environment(pod: &Value, c: &Value, env: &Env) -> Result<Vec<(String, S
 
 /// ConfigMaps and Secrets read for one container (each at most once).
 #[derive(Default)]
-struct Sources {
+pub(super) struct Sources {
     read: HashMap<(String, String), Option<BTreeMap<String, String>>>,
 }
 
 impl Sources {
     /// The data of ConfigMap or Secret (`kind` is the plural) `ns/name`, decoded; `None`
     /// if it does not exist.
-    async fn data(
+    pub(super) async fn data(
         &mut self,
         env: &Env,
         ns: &str,
@@ -404,7 +406,7 @@ fn singular(kind: &str) -> &'static str {
 
 /// A `resourceFieldRef`: the container's limit or request of cpu or memory (a limit
 /// defaults to the node's capacity), divided by `divisor` and rounded up.
-fn resource_field(c: &Value, r: &Value, env: &Env) -> Result<String, String> {
+pub(super) fn resource_field(c: &Value, r: &Value, env: &Env) -> Result<String, String> {
     use crate::api::quantity::parse_milli;
     let field = r.get("resource").and_then(Value::as_str).unwrap_or("");
     let (which, res) = field
@@ -434,7 +436,7 @@ fn resource_field(c: &Value, r: &Value, env: &Env) -> Result<String, String> {
 }
 
 /// `$(NAME)` → its value among `vars`; `$$` → `$`; unknown references stay as written.
-fn expand(s: &str, vars: &[(String, String)]) -> String {
+pub(super) fn expand(s: &str, vars: &[(String, String)]) -> String {
     let mut out = String::new();
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -500,6 +502,10 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
     let mut started_reported;
     let mut reported = Value::Null;
     let mut failed_init = false;
+    // Volumes: made ready before any container starts, then kept in sync.
+    let mut volumes_synced: Option<Instant> = None;
+    let mut next_volume_try = Instant::now();
+    let mut mount_error: Option<String> = None;
     // Containers a previous run of this agent started are adopted, running or ended, so a
     // pod never runs twice and an agent restart restarts nothing.
     for c in inits.iter_mut().chain(mains.iter_mut()) {
@@ -564,9 +570,29 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
         }
         let pod = pod.expect("not deleting");
         let now = Instant::now();
+        let sync_due = volumes_synced.is_none_or(|t| now.duration_since(t) >= env.volume_sync);
+        if sync_due && now >= next_volume_try {
+            match super::volumes::prepare(&pod, &dir, &env).await {
+                Ok(()) => {
+                    volumes_synced = Some(now);
+                    mount_error = None;
+                }
+                Err(e) => {
+                    if mount_error.as_ref() != Some(&e) {
+                        env.events.warning(&pod, None, "FailedMount", e.clone());
+                    }
+                    tracing::debug!(%e, "volumes not ready");
+                    mount_error = Some(e);
+                    next_volume_try = now + CONFIG_RETRY;
+                }
+            }
+        }
+        let volumes_ready = volumes_synced.is_some();
         // Init containers, in order.
         let mut inits_done = true;
-        if !failed_init {
+        if !volumes_ready {
+            inits_done = false;
+        } else if !failed_init {
             for (i, c) in inits.iter_mut().enumerate() {
                 if c.last_exit.is_some_and(|(code, _, _)| code == 0) && c.handle.is_none() {
                     continue;
@@ -587,7 +613,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                 break;
             }
         }
-        if inits_done && !failed_init {
+        if volumes_ready && inits_done && !failed_init {
             for (i, c) in mains.iter_mut().enumerate() {
                 let was_running = c.handle.is_some();
                 poll(c, &restart, false, now, &env.metrics);
@@ -765,11 +791,22 @@ async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &s
             return;
         }
     };
+    // No image: the container's root is a directory of its own in the pod's directory;
+    // its volumes are mounted and its workingDir made there.
+    let root = dir.join(&c.name).join("rootfs");
+    if let Err(e) = super::volumes::mount(pod, spec, dir, &root, &environment) {
+        env.metrics
+            .container_starts
+            .with_label_values(&["error"])
+            .inc();
+        c.error = Some(e);
+        c.not_before = Some(Instant::now() + CONFIG_RETRY);
+        return;
+    }
     let workdir = spec
         .get("workingDir")
         .and_then(Value::as_str)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| dir.join("root"));
+        .map_or_else(|| root.clone(), |w| super::volumes::under(&root, w));
     // `$(VAR)` in command and args expands from the container's environment.
     let argv = argv(spec).iter().map(|a| expand(a, &environment)).collect();
     c.env = environment.clone();

@@ -150,10 +150,193 @@ pub fn default_pod(map: &mut Map<String, Value>) {
     );
 }
 
+/// The volume source types a pod may name (one per volume).
+const VOLUME_SOURCES: &[&str] = &[
+    "emptyDir",
+    "hostPath",
+    "configMap",
+    "secret",
+    "downwardAPI",
+    "projected",
+    "persistentVolumeClaim",
+    "nfs",
+    "iscsi",
+    "csi",
+    "ephemeral",
+    "image",
+    "gitRepo",
+    "awsElasticBlockStore",
+    "gcePersistentDisk",
+    "azureDisk",
+    "azureFile",
+    "cephfs",
+    "cinder",
+    "fc",
+    "flexVolume",
+    "flocker",
+    "glusterfs",
+    "photonPersistentDisk",
+    "portworxVolume",
+    "quobyte",
+    "rbd",
+    "scaleIO",
+    "storageos",
+    "vsphereVolume",
+];
+
+/// The pod's volumes: named (DNS labels, unique), each with exactly one source. Returns
+/// their names.
+fn validate_volumes(spec: &Value, causes: &mut Vec<Cause>) -> Vec<String> {
+    let mut names = Vec::new();
+    for (i, v) in spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let path = format!("spec.volumes[{i}]");
+        let name = v.get("name").and_then(Value::as_str).unwrap_or("");
+        if name.is_empty() {
+            causes.push(required(format!("{path}.name")));
+        } else if let Some(cause) = meta::check_dns1123_label(&format!("{path}.name"), name) {
+            causes.push(cause);
+        } else if names.iter().any(|n| n == name) {
+            causes.push(Cause {
+                reason: "FieldValueDuplicate".into(),
+                message: format!("Duplicate value: \"{name}\""),
+                field: format!("{path}.name"),
+            });
+        }
+        names.push(name.to_string());
+        let kinds = VOLUME_SOURCES
+            .iter()
+            .filter(|k| v.get(**k).is_some_and(|x| !x.is_null()))
+            .count();
+        if kinds == 0 {
+            causes.push(required_msg(&path, "must specify a volume type"));
+        } else if kinds > 1 {
+            causes.push(Cause {
+                reason: "FieldValueForbidden".into(),
+                message: "Forbidden: may not specify more than 1 volume type".into(),
+                field: path.clone(),
+            });
+        }
+        if v.pointer("/hostPath/path")
+            .and_then(Value::as_str)
+            .is_some_and(str::is_empty)
+            || v.get("hostPath").is_some_and(|h| h.get("path").is_none())
+        {
+            causes.push(required(format!("{path}.hostPath.path")));
+        }
+    }
+    names
+}
+
+fn required_msg(field: &str, message: &str) -> Cause {
+    Cause {
+        reason: "FieldValueRequired".into(),
+        message: format!("Required value: {message}"),
+        field: field.into(),
+    }
+}
+
+/// A relative path without `..` (`subPath`, volume item paths).
+fn check_relative(field: String, p: &str, causes: &mut Vec<Cause>) {
+    if p.starts_with('/') {
+        causes.push(invalid(
+            field,
+            format!("Invalid value: \"{p}\": must be a relative path"),
+        ));
+    } else if p.split('/').any(|c| c == "..") {
+        causes.push(invalid(
+            field,
+            format!("Invalid value: \"{p}\": must not contain '..'"),
+        ));
+    }
+}
+
+/// A probe: one handler, non-negative timings, `successThreshold` 1 unless readiness.
+fn validate_probe(path: &str, p: &Value, readiness: bool, causes: &mut Vec<Cause>) {
+    let handlers = ["exec", "httpGet", "tcpSocket", "grpc"]
+        .iter()
+        .filter(|k| p.get(**k).is_some_and(|x| !x.is_null()))
+        .count();
+    if handlers == 0 {
+        causes.push(required_msg(path, "must specify a handler type"));
+    } else if handlers > 1 {
+        causes.push(Cause {
+            reason: "FieldValueForbidden".into(),
+            message: "Forbidden: may not specify more than 1 handler type".into(),
+            field: path.into(),
+        });
+    }
+    for k in [
+        "initialDelaySeconds",
+        "timeoutSeconds",
+        "periodSeconds",
+        "successThreshold",
+        "failureThreshold",
+        "terminationGracePeriodSeconds",
+    ] {
+        if let Some(v) = p.get(k).filter(|v| !v.is_null()) {
+            if v.as_i64().is_none_or(|n| n < 0) {
+                causes.push(invalid(
+                    format!("{path}.{k}"),
+                    format!("Invalid value: {v}: must be greater than or equal to 0"),
+                ));
+            }
+        }
+    }
+    if !readiness {
+        if let Some(n) = p.get("successThreshold").and_then(Value::as_i64) {
+            if n != 1 {
+                causes.push(invalid(
+                    format!("{path}.successThreshold"),
+                    format!("Invalid value: {n}: must be 1"),
+                ));
+            }
+        }
+    }
+    for (handler, what) in [("httpGet", "port"), ("tcpSocket", "port")] {
+        if let Some(h) = p.get(handler).filter(|h| !h.is_null()) {
+            let ok = match h.get(what) {
+                Some(Value::Number(n)) => n.as_i64().is_some_and(|n| (1..=65535).contains(&n)),
+                Some(Value::String(name)) => {
+                    !name.is_empty()
+                        && name.len() <= 15
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                        && name.chars().any(|c| c.is_ascii_lowercase())
+                }
+                _ => false,
+            };
+            if !ok {
+                causes.push(invalid(
+                    format!("{path}.{handler}.{what}"),
+                    format!(
+                        "Invalid value: {}: must be a port number between 1 and 65535 or a port name",
+                        h.get(what).unwrap_or(&Value::Null)
+                    ),
+                ));
+            }
+        }
+    }
+    if p.pointer("/exec/command")
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty)
+        || p.get("exec").is_some_and(|e| e.get("command").is_none())
+    {
+        causes.push(required(format!("{path}.exec.command")));
+    }
+}
+
 fn validate_containers(
     spec: &Value,
     field: &str,
     required_nonempty: bool,
+    volumes: &[String],
     causes: &mut Vec<Cause>,
 ) {
     let list = spec.get(field);
@@ -193,6 +376,48 @@ fn validate_containers(
         {
             causes.push(required(format!("{path}.image")));
         }
+        let mut mount_paths = Vec::new();
+        for (j, m) in c
+            .get("volumeMounts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let mpath = format!("{path}.volumeMounts[{j}]");
+            let name = m.get("name").and_then(Value::as_str).unwrap_or("");
+            if name.is_empty() {
+                causes.push(required(format!("{mpath}.name")));
+            } else if !volumes.iter().any(|v| v == name) {
+                causes.push(Cause {
+                    reason: "FieldValueNotFound".into(),
+                    message: format!("Not found: \"{name}\""),
+                    field: format!("{mpath}.name"),
+                });
+            }
+            let at = m.get("mountPath").and_then(Value::as_str).unwrap_or("");
+            if at.is_empty() {
+                causes.push(required(format!("{mpath}.mountPath")));
+            } else if mount_paths.contains(&at) {
+                causes.push(invalid(
+                    format!("{mpath}.mountPath"),
+                    format!("Invalid value: \"{at}\": must be unique"),
+                ));
+            }
+            mount_paths.push(at);
+            if let Some(sub) = m.get("subPath").and_then(Value::as_str) {
+                check_relative(format!("{mpath}.subPath"), sub, causes);
+            }
+        }
+        for (key, readiness) in [
+            ("livenessProbe", false),
+            ("readinessProbe", true),
+            ("startupProbe", false),
+        ] {
+            if let Some(p) = c.get(key).filter(|p| !p.is_null()) {
+                validate_probe(&format!("{path}.{key}"), p, readiness, causes);
+            }
+        }
         if let Some(ports) = c.get("ports").and_then(Value::as_array) {
             for (j, p) in ports.iter().enumerate() {
                 let port = p.get("containerPort").and_then(Value::as_i64);
@@ -214,8 +439,9 @@ fn validate_containers(
 pub fn validate_pod(obj: &Value) -> Vec<Cause> {
     let mut causes = Vec::new();
     let spec = obj.get("spec").unwrap_or(&Value::Null);
-    validate_containers(spec, "containers", true, &mut causes);
-    validate_containers(spec, "initContainers", false, &mut causes);
+    let volumes = validate_volumes(spec, &mut causes);
+    validate_containers(spec, "containers", true, &volumes, &mut causes);
+    validate_containers(spec, "initContainers", false, &volumes, &mut causes);
     if let Some(rp) = spec.get("restartPolicy").and_then(Value::as_str) {
         if !matches!(rp, "Always" | "OnFailure" | "Never") {
             causes.push(Cause {
