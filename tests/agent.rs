@@ -1255,6 +1255,19 @@ fn bad_agent_flags_are_refused_with_a_reason() {
             ],
             "unknown runtime \"vm\"",
         ),
+        (
+            vec![
+                "--servers",
+                "127.0.0.1:1",
+                "--node-name",
+                "n1",
+                "--runtime",
+                "cri",
+                "--cri-endpoint",
+                "unix:///nonexistent/containerd.sock",
+            ],
+            "cannot reach the CRI runtime at /nonexistent/containerd.sock",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .arg("agent")

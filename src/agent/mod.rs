@@ -12,6 +12,7 @@
 //! Several agents on one machine differ in `--node-name`, `--data-dir` and `--listen`.
 
 pub mod api;
+pub mod cri;
 pub mod events;
 pub mod logs;
 pub mod metrics;
@@ -53,8 +54,8 @@ pub struct AgentArgs {
     #[arg(long, default_value = "process")]
     pub runtime: String,
     /// The CRI socket (with `--runtime cri`).
-    #[arg(long)]
-    pub cri_endpoint: Option<String>,
+    #[arg(long, default_value = "unix:///run/containerd/containerd.sock")]
+    pub cri_endpoint: String,
     /// Extra node labels (`k=v,...`).
     #[arg(long, value_delimiter = ',')]
     pub labels: Vec<String>,
@@ -93,10 +94,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             runtime::ProcessRuntime::new()
                 .context("finding the flotilla executable for the shim")?,
         ),
-        "cri" => bail!(
-            "--runtime cri is not built yet; use --runtime process (endpoint {:?})",
-            args.cri_endpoint
-        ),
+        "cri" => Arc::new(cri::CriRuntime::connect(&args.cri_endpoint).await?),
         other => bail!("unknown runtime {other:?}: process or cri"),
     };
     if args.servers.iter().all(|s| s.trim().is_empty()) {
@@ -603,7 +601,7 @@ async fn sync_pods(env: Arc<pod::Env>) -> anyhow::Result<()> {
             if !present.contains(uid) && !workers.contains_key(uid) {
                 tracing::info!(pod = name, "removing a pod that is no longer bound here");
                 let env = env.clone();
-                tokio::task::spawn_blocking(move || env.runtime.remove_pod(&dir.path()));
+                tokio::spawn(async move { env.runtime.remove_pod(&dir.path()).await });
             }
         }
         for p in items {

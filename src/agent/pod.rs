@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use super::api::Api;
 use super::probe::Probe;
-use super::runtime::{Handle, Runtime, Spec};
+use super::runtime::{Handle, PodRef, Runtime, Spec, StartError};
 use crate::api::meta;
 use crate::controllers::owner;
 
@@ -76,17 +76,13 @@ struct Container {
     /// Not before this instant (crash-loop back-off).
     not_before: Option<Instant>,
     backoff: Duration,
-    /// Why it cannot start (a config error).
-    error: Option<String>,
+    /// Why it cannot start.
+    error: Option<StartError>,
     liveness: Option<Probe>,
     readiness: Option<Probe>,
     startup: Option<Probe>,
     /// The startup probe has passed (or there is none).
     started_ok: bool,
-    /// The environment it runs with (exec probes get it too).
-    env: Vec<(String, String)>,
-    /// Its working directory (exec probes run there too).
-    workdir: PathBuf,
     /// Why it last terminated: `Completed`, `Error` or `OOMKilled`.
     last_reason: &'static str,
 }
@@ -138,7 +134,7 @@ impl Container {
         if !self.started_ok {
             if let Some(p) = self.startup.as_mut() {
                 let due = p.due(now);
-                p.run(now, pod_ip, &self.env, &self.workdir).await;
+                p.run(now, pod_ip, h.as_ref()).await;
                 if due {
                     count("startup", p);
                 }
@@ -161,7 +157,7 @@ impl Container {
         }
         if let Some(p) = self.liveness.as_mut() {
             let due = p.due(now);
-            p.run(now, pod_ip, &self.env, &self.workdir).await;
+            p.run(now, pod_ip, h.as_ref()).await;
             if due {
                 count("liveness", p);
             }
@@ -181,7 +177,7 @@ impl Container {
         }
         if let Some(p) = self.readiness.as_mut() {
             let due = p.due(now);
-            p.run(now, pod_ip, &self.env, &self.workdir).await;
+            p.run(now, pod_ip, h.as_ref()).await;
             if due {
                 count("readiness", p);
             }
@@ -194,7 +190,7 @@ impl Container {
             return json!({"running": {"startedAt": meta::rfc3339(at)}});
         }
         if let Some(e) = &self.error {
-            return json!({"waiting": {"reason": "CreateContainerConfigError", "message": e}});
+            return json!({"waiting": {"reason": e.reason, "message": e.message}});
         }
         if self.not_before.is_some_and(|t| t > Instant::now()) {
             return json!({"waiting": {"reason": "CrashLoopBackOff",
@@ -209,23 +205,6 @@ impl Container {
             None => json!({"waiting": {"reason": "ContainerCreating"}}),
         }
     }
-}
-
-/// The argv of a container (`command` then `args`).
-fn argv(c: &Value) -> Vec<String> {
-    let strings = |k: &str| -> Vec<String> {
-        c.get(k)
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let mut v = strings("command");
-    v.extend(strings("args"));
-    v
 }
 
 /// The environment of a container: `value` and the `fieldRef`s the process runtime can
@@ -722,7 +701,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
 }
 
 /// Records `Started`, or `Failed` with a new configuration or runtime error.
-fn report_launch(env: &Env, pod: &Arc<Value>, c: &Container, had_error: Option<String>) {
+fn report_launch(env: &Env, pod: &Arc<Value>, c: &Container, had_error: Option<StartError>) {
     if c.handle.is_some() {
         env.events.normal(
             pod,
@@ -731,8 +710,12 @@ fn report_launch(env: &Env, pod: &Arc<Value>, c: &Container, had_error: Option<S
             format!("Started container {}", c.name),
         );
     } else if let Some(e) = c.error.as_ref().filter(|e| had_error.as_ref() != Some(*e)) {
-        env.events
-            .warning(pod, Some(&c.name), "Failed", format!("Error: {e}"));
+        env.events.warning(
+            pod,
+            Some(&c.name),
+            "Failed",
+            format!("Error: {}: {}", e.reason, e.message),
+        );
     }
 }
 
@@ -786,31 +769,34 @@ async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &s
                 .container_starts
                 .with_label_values(&["error"])
                 .inc();
-            c.error = Some(e);
+            c.error = Some(StartError::config(e));
             c.not_before = Some(Instant::now() + CONFIG_RETRY);
             return;
         }
     };
-    // No image: the container's root is a directory of its own in the pod's directory;
-    // its volumes are mounted and its workingDir made there.
-    let root = dir.join(&c.name).join("rootfs");
-    if let Err(e) = super::volumes::mount(pod, spec, dir, &root, &environment) {
-        env.metrics
-            .container_starts
-            .with_label_values(&["error"])
-            .inc();
-        c.error = Some(e);
-        c.not_before = Some(Instant::now() + CONFIG_RETRY);
-        return;
-    }
-    let workdir = spec
-        .get("workingDir")
-        .and_then(Value::as_str)
-        .map_or_else(|| root.clone(), |w| super::volumes::under(&root, w));
+    let mounts = match super::volumes::mounts(pod, spec, dir, &environment) {
+        Ok(m) => m,
+        Err(e) => {
+            env.metrics
+                .container_starts
+                .with_label_values(&["error"])
+                .inc();
+            c.error = Some(StartError::config(e));
+            c.not_before = Some(Instant::now() + CONFIG_RETRY);
+            return;
+        }
+    };
     // `$(VAR)` in command and args expands from the container's environment.
-    let argv = argv(spec).iter().map(|a| expand(a, &environment)).collect();
-    c.env = environment.clone();
-    c.workdir = workdir.clone();
+    let strings = |k: &str| -> Vec<String> {
+        spec.get(k)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|a| expand(a, &environment))
+            .collect()
+    };
+    let (command, args) = (strings("command"), strings("args"));
     let limit = |res: &str| {
         spec.pointer(&format!("/resources/limits/{res}"))
             .and_then(Value::as_str)
@@ -832,11 +818,35 @@ async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &s
             let _ = std::fs::remove_file(e.path());
         }
     }
+    let labels = pod
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let text = |k: &str| spec.get(k).and_then(Value::as_str).map(str::to_string);
     let s = Spec {
         name: &c.name,
-        argv,
+        pod: PodRef {
+            name: owner::name(pod).to_string(),
+            namespace: owner::namespace(pod).unwrap_or("").to_string(),
+            uid: owner::uid(pod).to_string(),
+            labels,
+        },
+        image: text("image").unwrap_or_default(),
+        pull_policy: text("imagePullPolicy").unwrap_or_else(|| "IfNotPresent".into()),
+        command,
+        args,
         env: environment,
-        dir: workdir,
+        // No image under the process runtime: the container's root is a directory of its
+        // own in the pod's directory, where its volumes and workingDir are.
+        root: dir.join(&c.name).join("rootfs"),
+        working_dir: text("workingDir"),
+        mounts,
+        attempt: run as u32,
         state_dir: dir.to_path_buf(),
         log: logs.join(format!("{run}.log")),
         log_max_bytes: env.log_max_bytes,
@@ -875,7 +885,18 @@ async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &s
                 p.reset(now);
             }
         }
-        Err(e) => c.error = Some(e),
+        Err(e) => {
+            // Tried again after a back-off, as a crashed container is.
+            tracing::debug!(
+                container = c.name,
+                reason = e.reason,
+                message = e.message,
+                "container not started"
+            );
+            c.error = Some(e);
+            c.not_before = Some(Instant::now() + c.backoff);
+            c.backoff = (c.backoff * 2).min(BACKOFF_MAX);
+        }
     }
 }
 
@@ -956,7 +977,7 @@ fn status_of(
                     "state": c.state(),
                 });
                 if let Some(h) = &c.handle {
-                    s["containerID"] = json!(format!("process://{}", h.pid));
+                    s["containerID"] = json!(h.id());
                 }
                 if let (Some((code, st, fin)), true) = (c.last_exit, c.handle.is_some()) {
                     s["lastState"] = json!({"terminated": {"exitCode": code,
@@ -1032,7 +1053,7 @@ fn adopt(c: &mut Container, pod: &Value, dir: &std::path::Path, env: &Env) {
     }
     tracing::info!(
         container = c.name,
-        pid = h.pid,
+        id = h.id(),
         restarts,
         "adopted a container started before the agent restarted"
     );
@@ -1041,8 +1062,7 @@ fn adopt(c: &mut Container, pod: &Value, dir: &std::path::Path, env: &Env) {
 
 /// Removes what the pod left on the node: leftover processes, cgroups, its directory.
 async fn remove(env: &Arc<Env>, dir: PathBuf) {
-    let env = env.clone();
-    let _ = tokio::task::spawn_blocking(move || env.runtime.remove_pod(&dir)).await;
+    env.runtime.remove_pod(&dir).await;
 }
 
 /// SIGTERM to every container, SIGKILL to what is left after `grace`.

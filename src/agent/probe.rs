@@ -168,16 +168,18 @@ impl Probe {
         &mut self,
         now: Instant,
         pod_ip: &str,
-        env: &[(String, String)],
-        cwd: &std::path::Path,
+        container: &dyn super::runtime::Container,
     ) -> bool {
         if !self.due(now) {
             return false;
         }
         self.next = Some(now + self.period);
-        let ok = tokio::time::timeout(self.timeout, attempt(&self.check, pod_ip, env, cwd))
-            .await
-            .unwrap_or(false);
+        let ok = tokio::time::timeout(
+            self.timeout,
+            attempt(&self.check, pod_ip, container, self.timeout),
+        )
+        .await
+        .unwrap_or(false);
         let before = self.passing;
         self.last_ok = ok;
         if ok {
@@ -200,8 +202,8 @@ impl Probe {
 async fn attempt(
     check: &Check,
     pod_ip: &str,
-    env: &[(String, String)],
-    cwd: &std::path::Path,
+    container: &dyn super::runtime::Container,
+    timeout: Duration,
 ) -> bool {
     let host = |h: &str| {
         if h.is_empty() {
@@ -211,23 +213,7 @@ async fn attempt(
         }
     };
     match check {
-        Check::Exec(argv) => {
-            let Some((program, args)) = argv.split_first() else {
-                return false;
-            };
-            tokio::process::Command::new(program)
-                .args(args)
-                .env_clear()
-                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .current_dir(cwd)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .status()
-                .await
-                .is_ok_and(|s| s.success())
-        }
+        Check::Exec(argv) => container.exec(argv.clone(), timeout).await == Ok(0),
         Check::Tcp { host: h, port } => tokio::net::TcpStream::connect((host(h).as_str(), *port))
             .await
             .is_ok(),
@@ -253,6 +239,26 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::agent::runtime::{BoxFuture, Container};
+    use crate::agent::shim::Exit;
+
+    /// A container whose exec always ends with the given code.
+    struct Fixed(i32);
+
+    impl Container for Fixed {
+        fn id(&self) -> String {
+            "test://fixed".into()
+        }
+        fn exit(&mut self) -> Option<Exit> {
+            None
+        }
+        fn signal(&self, _: nix::sys::signal::Signal) {}
+        fn release(&self) {}
+        fn exec(&self, _: Vec<String>, _: Duration) -> BoxFuture<'static, Result<i32, String>> {
+            let code = self.0;
+            Box::pin(async move { Ok(code) })
+        }
+    }
 
     #[tokio::test]
     async fn verdicts_flip_only_after_their_thresholds() {
@@ -261,37 +267,35 @@ mod tests {
         let c = json!({"name": "c", "ports": [{"name": "web", "containerPort": port}],
             "readinessProbe": {"tcpSocket": {"port": "web"}, "periodSeconds": 1, "successThreshold": 2, "failureThreshold": 2}});
         let mut p = Probe::parse(&c, "readinessProbe").unwrap();
-        let cwd = std::env::temp_dir();
         let t0 = Instant::now();
         p.reset(t0);
         assert!(!p.passing, "readiness starts unready");
         assert!(
-            !p.run(t0, "127.0.0.1", &[], &cwd).await,
+            !p.run(t0, "127.0.0.1", &Fixed(0)).await,
             "one success is not enough"
         );
         assert!(
-            !p.run(t0, "127.0.0.1", &[], &cwd).await,
+            !p.run(t0, "127.0.0.1", &Fixed(0)).await,
             "not due again yet"
         );
         let t1 = t0 + Duration::from_secs(1);
-        assert!(p.run(t1, "127.0.0.1", &[], &cwd).await && p.passing);
+        assert!(p.run(t1, "127.0.0.1", &Fixed(0)).await && p.passing);
         drop(listener);
         let t2 = t1 + Duration::from_secs(1);
-        assert!(!p.run(t2, "127.0.0.1", &[], &cwd).await && p.passing);
+        assert!(!p.run(t2, "127.0.0.1", &Fixed(0)).await && p.passing);
         let t3 = t2 + Duration::from_secs(1);
-        assert!(p.run(t3, "127.0.0.1", &[], &cwd).await && !p.passing && p.failed());
-        // A liveness probe starts as passing; an exec probe runs in the given directory.
-        let l = json!({"livenessProbe": {"exec": {"command": ["test", "-d", "."]}}});
+        assert!(p.run(t3, "127.0.0.1", &Fixed(0)).await && !p.passing && p.failed());
+        // A liveness probe starts as passing; an exec probe's verdict is its exit code.
+        let l = json!({"livenessProbe": {"exec": {"command": ["check"]}, "periodSeconds": 1}});
         let mut live = Probe::parse(&l, "livenessProbe").unwrap();
         live.reset(t0);
         assert!(live.passing);
-        live.run(
-            t0,
-            "127.0.0.1",
-            &[("PATH".into(), "/usr/bin:/bin".into())],
-            &cwd,
-        )
-        .await;
+        live.run(t0, "127.0.0.1", &Fixed(0)).await;
         assert!(live.passing && !live.failed());
+        for i in 1..=3 {
+            live.run(t0 + Duration::from_secs(i), "127.0.0.1", &Fixed(1))
+                .await;
+        }
+        assert!(!live.passing && live.failed());
     }
 }

@@ -31,23 +31,62 @@ use serde::{Deserialize, Serialize};
 
 use super::shim::{write_whole, Exit, ShimSpec};
 
+/// A volume mounted into a container.
+#[derive(Debug, Clone)]
+pub struct Mount {
+    /// The volume (or the directory inside it, for a `subPath`) on the host.
+    pub host_path: PathBuf,
+    /// Where the container sees it.
+    pub container_path: String,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+/// The pod a container belongs to.
+#[derive(Debug, Clone, Default)]
+pub struct PodRef {
+    /// Its name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its uid.
+    pub uid: String,
+    /// Its labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
 /// What to start.
 pub struct Spec<'a> {
     /// Container name.
     pub name: &'a str,
-    /// The program and its arguments (`command` then `args`).
-    pub argv: Vec<String>,
+    /// The pod it belongs to.
+    pub pod: PodRef,
+    /// Its image (unused by the process runtime) and `imagePullPolicy`.
+    pub image: String,
+    /// `Always`, `IfNotPresent` or `Never`.
+    pub pull_policy: String,
+    /// `command` (replaces the image's entrypoint).
+    pub command: Vec<String>,
+    /// `args` (replace the image's command).
+    pub args: Vec<String>,
     /// The environment, whole.
     pub env: Vec<(String, String)>,
-    /// Working directory.
-    pub dir: PathBuf,
+    /// The container's root directory on the host (the process runtime has no image: a
+    /// container's paths are under it).
+    pub root: PathBuf,
+    /// `workingDir`, a container path.
+    pub working_dir: Option<String>,
+    /// Its volumes.
+    pub mounts: Vec<Mount>,
     /// The pod's directory, where the runtime keeps what it needs to find the container
-    /// again.
+    /// again, and where logs go.
     pub state_dir: PathBuf,
-    /// Where stdout and stderr go.
+    /// Where stdout and stderr go (under `state_dir`).
     pub log: PathBuf,
     /// The log's size bound (it is rotated past it).
     pub log_max_bytes: u64,
+    /// How many times it ran before.
+    pub attempt: u32,
     /// Memory limit, bytes.
     pub memory_limit: Option<u64>,
     /// CPU limit, milli-cores.
@@ -55,6 +94,16 @@ pub struct Spec<'a> {
     /// The container's cgroup, relative to each controller's root
     /// (`flotilla/<node>/<pod uid>/<container>`), unique per agent and container.
     pub cgroup: String,
+}
+
+impl Spec<'_> {
+    /// Where a container path lies on the host under the process runtime.
+    pub fn host_dir(&self) -> PathBuf {
+        match &self.working_dir {
+            Some(w) => super::volumes::under(&self.root, w),
+            None => self.root.clone(),
+        }
+    }
 }
 
 /// What the runtime remembers of a started container, to adopt it after an agent restart.
@@ -65,12 +114,65 @@ struct Record {
     shim_pid: u32,
     shim_start: u64,
     cgroups: Vec<PathBuf>,
+    /// The environment and directory exec probes run with.
+    env: Vec<(String, String)>,
+    dir: PathBuf,
+}
+
+/// Why a container could not start: the waiting reason Kubernetes shows
+/// (`CreateContainerConfigError`, `ErrImagePull`, `CreateContainerError`, ...) and a message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartError {
+    /// The waiting reason.
+    pub reason: &'static str,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl StartError {
+    /// A configuration error (`CreateContainerConfigError`).
+    pub fn config(message: impl Into<String>) -> StartError {
+        StartError {
+            reason: "CreateContainerConfigError",
+            message: message.into(),
+        }
+    }
+}
+
+/// A started container, as the pod worker sees it whatever the runtime.
+pub trait Container: Send + Sync {
+    /// Its container ID as the pod status shows it (`process://<pid>`, `containerd://<id>`).
+    fn id(&self) -> String;
+    /// How it ended, once it has.
+    fn exit(&mut self) -> Option<Exit>;
+    /// Sends `sig` to it (SIGTERM to ask it to stop, SIGKILL to end it).
+    fn signal(&self, sig: Signal);
+    /// Frees what was made for it (after it has exited).
+    fn release(&self);
+    /// Runs `argv` in it (exec probes), returning the exit code, within `timeout`.
+    fn exec(&self, argv: Vec<String>, timeout: Duration)
+        -> BoxFuture<'static, Result<i32, String>>;
 }
 
 /// A started container.
-pub struct Handle {
+pub type Handle = Box<dyn Container>;
+
+impl dyn Container {
+    /// The exit code once it has exited (128 + signal for a signal).
+    pub fn try_wait(&mut self) -> Option<i32> {
+        self.exit().map(|e| e.code)
+    }
+
+    /// True if the kernel's OOM killer ended it.
+    pub fn oom_killed(&mut self) -> bool {
+        self.exit().is_some_and(|e| e.oom_killed)
+    }
+}
+
+/// A container of the process runtime: a process group under a shim.
+struct ProcessContainer {
     /// Process (and process group) id.
-    pub pid: u32,
+    pid: u32,
     pid_start: u64,
     shim_pid: u32,
     shim_start: u64,
@@ -80,6 +182,8 @@ pub struct Handle {
     exit: Option<Exit>,
     /// The cgroup directories made for it (removed once it has exited).
     cgroups: Vec<PathBuf>,
+    env: Vec<(String, String)>,
+    dir: PathBuf,
 }
 
 /// The start time (clock ticks since boot) of live, non-zombie process `pid`.
@@ -97,15 +201,7 @@ fn read_exit(path: &Path) -> Option<Exit> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-impl Handle {
-    /// How it ended, once it has.
-    pub fn exit(&mut self) -> Option<Exit> {
-        if self.exit.is_none() {
-            self.exit = self.poll_exit();
-        }
-        self.exit.clone()
-    }
-
+impl ProcessContainer {
     fn poll_exit(&mut self) -> Option<Exit> {
         if let Some(e) = read_exit(&self.exit_file) {
             if let Some(shim) = self.shim.as_mut() {
@@ -134,27 +230,56 @@ impl Handle {
             oom_killed: false,
         })
     }
+}
 
-    /// The exit code once it has exited (128 + signal for a signal).
-    pub fn try_wait(&mut self) -> Option<i32> {
-        self.exit().map(|e| e.code)
+impl Container for ProcessContainer {
+    fn id(&self) -> String {
+        format!("process://{}", self.pid)
     }
 
-    /// True if the kernel's OOM killer ended it.
-    pub fn oom_killed(&mut self) -> bool {
-        self.exit().is_some_and(|e| e.oom_killed)
+    fn exit(&mut self) -> Option<Exit> {
+        if self.exit.is_none() {
+            self.exit = self.poll_exit();
+        }
+        self.exit.clone()
     }
 
-    /// Removes its cgroups (after it has exited; a cgroup with processes stays).
-    pub fn release(&self) {
+    fn release(&self) {
         remove_cgroups(&self.cgroups);
     }
 
-    /// Sends `sig` to the container's process group (if it is still the container's).
-    pub fn signal(&self, sig: Signal) {
+    fn signal(&self, sig: Signal) {
         if self.exit.is_none() && proc_start(self.pid) == Some(self.pid_start) {
             let _ = killpg(Pid::from_raw(self.pid as i32), sig);
         }
+    }
+
+    fn exec(
+        &self,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<i32, String>> {
+        let (env, dir) = (self.env.clone(), self.dir.clone());
+        Box::pin(async move {
+            let Some((program, args)) = argv.split_first() else {
+                return Err("an empty command".to_string());
+            };
+            let run = tokio::process::Command::new(program)
+                .args(args)
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .status();
+            match tokio::time::timeout(timeout, run).await {
+                Ok(Ok(s)) => Ok(s.code().unwrap_or(255)),
+                Ok(Err(e)) => Err(format!("{program}: {e}")),
+                Err(_) => Err(format!("timed out after {timeout:?}")),
+            }
+        })
     }
 }
 
@@ -177,13 +302,13 @@ pub trait Runtime: Send + Sync {
     /// The runtime's name and version, for the Node's `nodeInfo.containerRuntimeVersion`.
     fn version(&self) -> String;
     /// Starts a container.
-    fn start<'a>(&'a self, spec: &'a Spec<'a>) -> BoxFuture<'a, Result<Handle, String>>;
+    fn start<'a>(&'a self, spec: &'a Spec<'a>) -> BoxFuture<'a, Result<Handle, StartError>>;
     /// The container `name` that an earlier run of the agent started for the pod whose
     /// directory is `state_dir`, running or ended; `None` if there is none.
     fn adopt(&self, state_dir: &Path, name: &str) -> Option<Handle>;
     /// Stops whatever still runs for the pod whose directory is `state_dir` (SIGKILL), and
-    /// removes what the runtime made for it: its cgroups and the directory.
-    fn remove_pod(&self, state_dir: &Path);
+    /// removes what the runtime made for it: its cgroups, sandbox and the directory.
+    fn remove_pod<'a>(&'a self, state_dir: &'a Path) -> BoxFuture<'a, ()>;
 }
 
 /// Where the cgroup v1 controllers are mounted.
@@ -217,14 +342,19 @@ impl Runtime for ProcessRuntime {
         format!("process://{}", env!("CARGO_PKG_VERSION"))
     }
 
-    fn start<'a>(&'a self, spec: &'a Spec<'a>) -> BoxFuture<'a, Result<Handle, String>> {
-        Box::pin(self.start_container(spec))
+    fn start<'a>(&'a self, spec: &'a Spec<'a>) -> BoxFuture<'a, Result<Handle, StartError>> {
+        Box::pin(async move {
+            self.start_container(spec)
+                .await
+                .map(|c| Box::new(c) as Handle)
+                .map_err(StartError::config)
+        })
     }
 
     fn adopt(&self, state_dir: &Path, name: &str) -> Option<Handle> {
         let (_, exit_file, record_file) = files(state_dir, name);
         let r: Record = serde_json::from_slice(&std::fs::read(record_file).ok()?).ok()?;
-        let mut h = Handle {
+        let mut h = ProcessContainer {
             pid: r.pid,
             pid_start: r.pid_start,
             shim_pid: r.shim_pid,
@@ -233,53 +363,66 @@ impl Runtime for ProcessRuntime {
             exit_file,
             exit: None,
             cgroups: r.cgroups,
+            env: r.env,
+            dir: r.dir,
         };
         h.exit();
-        Some(h)
+        Some(Box::new(h))
     }
 
-    fn remove_pod(&self, state_dir: &Path) {
-        let Ok(entries) = std::fs::read_dir(state_dir) else {
-            return;
-        };
-        let mut cgroups = Vec::new();
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.extension().and_then(|x| x.to_str()) != Some("container") {
-                continue;
-            }
-            let Some(r) = std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-            else {
-                continue;
-            };
-            if proc_start(r.pid) == Some(r.pid_start) {
-                let _ = killpg(Pid::from_raw(r.pid as i32), Signal::SIGKILL);
-            }
-            cgroups.extend(r.cgroups);
-        }
-        // The shims record the exits and go; the cgroups empty as the processes die.
-        for _ in 0..50 {
-            remove_cgroups(&cgroups);
-            if cgroups.iter().all(|d| !d.exists()) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = std::fs::remove_dir_all(state_dir);
+    fn remove_pod<'a>(&'a self, state_dir: &'a Path) -> BoxFuture<'a, ()> {
+        let dir = state_dir.to_path_buf();
+        Box::pin(async move {
+            let _ = tokio::task::spawn_blocking(move || remove_process_pod(&dir)).await;
+        })
     }
 }
 
+/// Kills what is left of a process-runtime pod and removes its cgroups and directory.
+fn remove_process_pod(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return;
+    };
+    let mut cgroups = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("container") {
+            continue;
+        }
+        let Some(r) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+        else {
+            continue;
+        };
+        if proc_start(r.pid) == Some(r.pid_start) {
+            let _ = killpg(Pid::from_raw(r.pid as i32), Signal::SIGKILL);
+        }
+        cgroups.extend(r.cgroups);
+    }
+    // The shims record the exits and go; the cgroups empty as the processes die.
+    for _ in 0..50 {
+        remove_cgroups(&cgroups);
+        if cgroups.iter().all(|d| !d.exists()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir_all(state_dir);
+}
+
 impl ProcessRuntime {
-    async fn start_container(&self, spec: &Spec<'_>) -> Result<Handle, String> {
-        if spec.argv.is_empty() {
+    async fn start_container(&self, spec: &Spec<'_>) -> Result<ProcessContainer, String> {
+        let argv: Vec<String> = spec.command.iter().chain(&spec.args).cloned().collect();
+        if spec.command.is_empty() {
             return Err(format!(
                 "container {:?} has no command: the process runtime runs commands, not images",
                 spec.name
             ));
         }
-        std::fs::create_dir_all(&spec.dir).map_err(|e| format!("{}: {e}", spec.dir.display()))?;
+        super::volumes::link(&spec.root, &spec.mounts)?;
+        let dir = spec.host_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         std::fs::create_dir_all(&spec.state_dir)
             .map_err(|e| format!("{}: {e}", spec.state_dir.display()))?;
         let (pid_file, exit_file, record_file) = files(&spec.state_dir, spec.name);
@@ -325,7 +468,7 @@ impl ProcessRuntime {
             .and_then(|_| cgroups.first().cloned())
             .filter(|d| d.starts_with(Path::new(CGROUP_ROOT).join("memory")));
         let argv = if cgroups.is_empty() {
-            spec.argv.clone()
+            argv
         } else {
             // sh -c 'echo $$ > "$1" && shift && ... exec "$@"' sh <procs files> argv...
             let mut script = String::new();
@@ -344,13 +487,13 @@ impl ProcessRuntime {
                     .iter()
                     .map(|d| d.join("cgroup.procs").display().to_string()),
             );
-            wrapped.extend(spec.argv.iter().cloned());
+            wrapped.extend(argv);
             wrapped
         };
         let shim_spec = ShimSpec {
             argv,
             env: spec.env.clone(),
-            dir: spec.dir.clone(),
+            dir: dir.clone(),
             log: spec.log.clone(),
             log_max_bytes: spec.log_max_bytes,
             pid_file,
@@ -372,6 +515,8 @@ impl ProcessRuntime {
             shim_pid,
             shim_start: proc_start(shim_pid).unwrap_or(0),
             cgroups: cgroups.clone(),
+            env: spec.env.clone(),
+            dir,
         };
         let bytes = serde_json::to_vec(&record).expect("a record serializes");
         if let Err(e) = write_whole(&record_file, &bytes) {
@@ -379,7 +524,7 @@ impl ProcessRuntime {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
             return Err(format!("{}: {e}", record_file.display()));
         }
-        Ok(Handle {
+        Ok(ProcessContainer {
             pid,
             pid_start: record.pid_start,
             shim_pid,
@@ -388,6 +533,8 @@ impl ProcessRuntime {
             exit_file,
             exit: None,
             cgroups,
+            env: record.env,
+            dir: record.dir,
         })
     }
 

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::pod::{Env, Sources};
+use super::runtime::Mount;
 use crate::controllers::owner;
 
 /// Where volume `name` of the pod whose directory is `pod_dir` lives on the host.
@@ -380,16 +381,15 @@ pub fn under(root: &Path, container_path: &str) -> PathBuf {
     out
 }
 
-/// Mounts a container's `volumeMounts` under its root `root` (symbolic links to the volumes;
-/// `subPath` and `subPathExpr` pick a directory inside one, made if missing).
-pub fn mount(
+/// A container's `volumeMounts` as [`Mount`]s (`subPath` and `subPathExpr` pick a directory
+/// inside a volume, made if missing).
+pub fn mounts(
     pod: &Value,
     container: &Value,
     pod_dir: &Path,
-    root: &Path,
     vars: &[(String, String)],
-) -> Result<(), String> {
-    std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
+) -> Result<Vec<Mount>, String> {
+    let mut out = Vec::new();
     for m in container
         .get("volumeMounts")
         .and_then(Value::as_array)
@@ -422,20 +422,33 @@ pub fn mount(
                 std::fs::create_dir_all(&from).map_err(|e| format!("{}: {e}", from.display()))?;
             }
         }
-        let at = under(root, mount_path);
+        out.push(Mount {
+            host_path: from,
+            container_path: mount_path.to_string(),
+            read_only: m.get("readOnly").and_then(Value::as_bool) == Some(true),
+        });
+    }
+    Ok(out)
+}
+
+/// Mounts under the process runtime: a symbolic link per mount under the container's root
+/// `root` (read-only is not enforced: there is no mount namespace).
+pub fn link(root: &Path, mounts: &[Mount]) -> Result<(), String> {
+    std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    for m in mounts {
+        let at = under(root, &m.container_path);
         if at == root {
-            return Err(format!(
-                "volumeMount {name:?}: mountPath {mount_path:?} is the root"
-            ));
+            return Err(format!("mountPath {:?} is the root", m.container_path));
         }
         if let Some(parent) = at.parent() {
             std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
-        if std::fs::read_link(&at).is_ok_and(|l| l == from) {
+        if std::fs::read_link(&at).is_ok_and(|l| l == m.host_path) {
             continue;
         }
         let _ = std::fs::remove_file(&at);
-        std::os::unix::fs::symlink(&from, &at).map_err(|e| format!("{}: {e}", at.display()))?;
+        std::os::unix::fs::symlink(&m.host_path, &at)
+            .map_err(|e| format!("{}: {e}", at.display()))?;
     }
     Ok(())
 }
