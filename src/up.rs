@@ -86,6 +86,8 @@ fn spawn_agent(exe: &Path, args: &UpArgs, n: u64, servers: &str) -> anyhow::Resu
             &format!("{}:{}", args.host, args.base_port + 2000 + (n - 1) as u16),
         ])
         .args(["--node-ip", &args.host])
+        // Each pod its own loopback address, so pods of one node can serve the same port.
+        .args(["--pod-cidr", &format!("127.{}.0.0/16", 100 + n)])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -398,6 +398,19 @@ spec:
     assert_eq!(k.ok(&["logs", "crash", "--previous"]), "run\n");
     k.ok(&["delete", "pod", "crash", "--grace-period=0", "--force"]);
 
+    // The examples' busybox specs run here unchanged (the same spec as under the process
+    // runtime).
+    let hello = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello.yaml");
+    k.ok(&["apply", "-f", hello]);
+    k.ok(&["rollout", "status", "deploy/hello", "--timeout=90s"]);
+    let logs = wait_for(Duration::from_secs(30), "hello's output", || async {
+        let (ok, out, _) = k.run(&["logs", "deploy/hello"]);
+        (ok && out.contains(" on c1")).then_some(out)
+    })
+    .await;
+    assert!(logs.starts_with("hello from hello-"), "{logs}");
+    k.ok(&["delete", "-f", hello]);
+
     // The agent dies and comes back: the container is adopted, not restarted.
     let _ = first.0.kill();
     let _ = first.0.wait();

@@ -34,14 +34,66 @@ fn render(line: &str, timestamps: bool) -> Option<String> {
 /// Most bytes a followed log reads per look.
 const FOLLOW_CHUNK: u64 = 1 << 20;
 
-/// Up to [`FOLLOW_CHUNK`] bytes of `file` from `offset` (`None` if it cannot be read).
-fn read_from(file: &Path, offset: usize) -> Option<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(file).ok()?;
-    f.seek(SeekFrom::Start(offset as u64)).ok()?;
-    let mut out = Vec::new();
-    f.take(FOLLOW_CHUNK).read_to_end(&mut out).ok()?;
-    Some(out)
+/// A log followed through one open file: what was written before the file was rotated
+/// away, or removed with its pod, is still read to the end.
+struct Follower {
+    path: PathBuf,
+    file: std::fs::File,
+    pos: u64,
+}
+
+impl Follower {
+    fn open(path: &Path) -> Option<Follower> {
+        Some(Follower {
+            path: path.to_path_buf(),
+            file: std::fs::File::open(path).ok()?,
+            pos: 0,
+        })
+    }
+
+    /// Up to [`FOLLOW_CHUNK`] bytes of whole lines written since the last read.
+    fn read(&mut self) -> Vec<u8> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut out = Vec::new();
+        if self.file.seek(SeekFrom::Start(self.pos)).is_err() {
+            return out;
+        }
+        let _ = (&mut self.file).take(FOLLOW_CHUNK).read_to_end(&mut out);
+        let whole = out.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        out.truncate(whole);
+        self.pos += whole as u64;
+        out
+    }
+
+    /// Moves to the file now at the path if the one being read was rotated away.
+    /// Everything there is now (whole lines), however long.
+    fn read_all(&mut self) -> Vec<u8> {
+        let mut all = Vec::new();
+        loop {
+            let chunk = self.read();
+            if chunk.is_empty() {
+                return all;
+            }
+            all.extend_from_slice(&chunk);
+        }
+    }
+
+    fn follow_rotation(&mut self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::metadata(&self.path).map(|m| m.ino());
+        let open = self.file.metadata().map(|m| m.ino());
+        match (now, open) {
+            (Ok(a), Ok(b)) if a != b => match std::fs::File::open(&self.path) {
+                Ok(f) => {
+                    self.file = f;
+                    self.pos = 0;
+                    true
+                }
+                Err(_) => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 /// A container's run logs (`<n>.log` in its log directory), oldest first.
@@ -119,22 +171,19 @@ pub fn serve(pods_dir: &Path, path: &str, query: &str) -> http::Response<Body> {
             }
         }
     };
-    let Ok(content) = std::fs::read(&file) else {
+    let Some(mut follower) = Follower::open(&file) else {
         return text(
             StatusCode::NOT_FOUND,
             format!("container {container:?} in pod {ns}/{pod} has not started\n"),
         );
     };
+    let content = follower.read_all();
     // `sinceSeconds` or `sinceTime` (RFC 3339): lines logged at or after that second.
     let since = number("sinceSeconds")
         .map(|n| crate::api::meta::rfc3339(crate::api::meta::now_secs().saturating_sub(n)))
         .or_else(|| params.get("sinceTime").map(|t| t.replace("%3A", ":")));
     let since = since.map(|t| t.chars().take(19).collect::<String>());
-    let complete = content
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map_or(0, |i| i + 1);
-    let lines: Vec<String> = String::from_utf8_lossy(&content[..complete])
+    let lines: Vec<String> = String::from_utf8_lossy(&content)
         .lines()
         .filter(|l| {
             since
@@ -156,43 +205,38 @@ pub fn serve(pods_dir: &Path, path: &str, query: &str) -> http::Response<Body> {
     if !follow || previous {
         return text(StatusCode::OK, out);
     }
-    let exit_file = dir.join(format!("{container}.exit"));
+    let ended_file = dir.join(format!("{container}.ended"));
     let container_dir = dir.join(container);
     let run = all_runs.last().map_or(0, |(n, _)| *n);
     let (tx, body) = channel_body(16);
-    let mut offset = complete;
     tokio::spawn(async move {
         if tx.send(Bytes::from(out)).await.is_err() {
             return;
         }
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if !dir.exists() || tx.is_closed() {
+            if tx.is_closed() {
                 return;
             }
-            // The stream ends with the container: once it has exited (or run again) and
-            // everything it wrote has been sent.
-            let ended =
-                exit_file.exists() || runs(&container_dir).last().is_some_and(|(n, _)| *n > run);
-            // A rotated log starts over from its beginning.
-            if std::fs::metadata(&file).is_ok_and(|m| (m.len() as usize) < offset) {
-                offset = 0;
-            }
-            // Only what was appended since the last look (at most a bounded chunk).
-            let Some(fresh) = read_from(&file, offset) else {
-                return;
-            };
-            let Some(last) = fresh.iter().rposition(|b| *b == b'\n') else {
+            // The stream ends with the container: once it has exited (or run again, or its
+            // pod is gone) and everything it wrote has been sent.
+            let ended = !dir.exists()
+                || ended_file.exists()
+                || runs(&container_dir).last().is_some_and(|(n, _)| *n > run);
+            let fresh = follower.read();
+            if fresh.is_empty() {
+                if follower.follow_rotation() {
+                    continue;
+                }
                 if ended {
                     return;
                 }
                 continue;
-            };
-            let chunk: String = String::from_utf8_lossy(&fresh[..=last])
+            }
+            let chunk: String = String::from_utf8_lossy(&fresh)
                 .lines()
                 .filter_map(|l| render(l, timestamps))
                 .collect();
-            offset += last + 1;
             if !chunk.is_empty() && tx.send(Bytes::from(chunk)).await.is_err() {
                 return;
             }
@@ -221,19 +265,36 @@ mod tests {
     }
 
     #[test]
-    fn a_follower_reads_only_what_was_appended() {
+    fn a_follower_reads_appended_lines_through_rotation_and_removal() {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.log");
+        let path = dir.path().join("0.log");
         std::fs::write(&path, "a\n").unwrap();
-        assert_eq!(read_from(&path, 0).unwrap(), b"a\n");
-        let mut f = std::fs::OpenOptions::new()
+        let mut f = Follower::open(&path).unwrap();
+        assert_eq!(f.read_all(), b"a\n");
+        let mut w = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .unwrap();
-        f.write_all(b"b\nc").unwrap();
-        assert_eq!(read_from(&path, 2).unwrap(), b"b\nc");
-        assert_eq!(read_from(&path, 5).unwrap(), b"");
-        assert!(read_from(&dir.path().join("missing.log"), 0).is_none());
+        w.write_all(b"b\nc").unwrap();
+        assert_eq!(f.read(), b"b\n", "only whole lines");
+        assert_eq!(f.read(), b"");
+        // Rotated away: the rest of the old file first, then the new one.
+        w.write_all(b"\n").unwrap();
+        std::fs::rename(&path, dir.path().join("0.log.1")).unwrap();
+        std::fs::write(&path, "d\n").unwrap();
+        assert_eq!(f.read(), b"c\n");
+        assert!(f.follow_rotation());
+        assert_eq!(f.read(), b"d\n");
+        // Removed (the pod deleted): what was written is still read.
+        let mut w = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        w.write_all(b"e\n").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(!f.follow_rotation());
+        assert_eq!(f.read(), b"e\n");
+        assert!(Follower::open(&dir.path().join("missing.log")).is_none());
     }
 }

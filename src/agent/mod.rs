@@ -67,6 +67,11 @@ pub struct AgentArgs {
     /// runtime).
     #[arg(long, default_value = "127.0.0.1")]
     pub node_ip: String,
+    /// Pod addresses (process runtime): each pod that is not `hostNetwork` gets its own
+    /// address from this IPv4 range, which must be loopback (`127.101.0.0/16`), and its
+    /// containers bind it (`status.podIP`). Without it pods share the node's address.
+    #[arg(long)]
+    pub pod_cidr: Option<String>,
     /// Seconds between Lease renewals.
     #[arg(long, default_value_t = 10)]
     pub heartbeat_seconds: u64,
@@ -85,6 +90,26 @@ pub struct AgentArgs {
     /// kubelet's `--system-reserved`): allocatable is capacity less these.
     #[arg(long, value_delimiter = ',')]
     pub reserved: Vec<String>,
+}
+
+/// A loopback IPv4 range `a.b.c.d/n` (n from 8 to 30), as its network address and prefix.
+pub fn parse_cidr(c: &str) -> anyhow::Result<(std::net::Ipv4Addr, u8)> {
+    let (ip, prefix) = c
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("--pod-cidr {c:?}: expected address/prefix"))?;
+    let ip: std::net::Ipv4Addr = ip
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--pod-cidr {c:?}: {ip:?} is not an IPv4 address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| (8..=30).contains(p))
+        .ok_or_else(|| anyhow::anyhow!("--pod-cidr {c:?}: the prefix must be 8 to 30"))?;
+    if !ip.is_loopback() {
+        bail!("--pod-cidr {c:?}: the process runtime needs a loopback range (in 127.0.0.0/8)");
+    }
+    let mask = u32::MAX << (32 - prefix as u32);
+    Ok((std::net::Ipv4Addr::from(u32::from(ip) & mask), prefix))
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -112,6 +137,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             args.node_name
         );
     }
+    let pod_cidr = match args.pod_cidr.as_deref() {
+        None => None,
+        Some(_) if args.runtime != "process" => {
+            bail!("--pod-cidr is for the process runtime (cri pods use the node's network)")
+        }
+        Some(c) => Some(parse_cidr(c)?),
+    };
     let pods_dir = args.data_dir.join("pods");
     std::fs::create_dir_all(&pods_dir)
         .with_context(|| format!("creating {}", pods_dir.display()))?;
@@ -136,6 +168,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         runtime,
         node: args.node_name.clone(),
         node_ip: args.node_ip.clone(),
+        pod_cidr,
+        ip_lock: std::sync::Mutex::new(()),
         pods_dir,
         log_max_bytes: args.container_log_max_bytes,
         volume_sync: Duration::from_secs(args.volume_sync_seconds.max(1)),
@@ -310,8 +344,11 @@ async fn register(
         };
         labels[k] = json!(v);
     }
-    let node = json!({"apiVersion": "v1", "kind": "Node",
+    let mut node = json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": args.node_name, "labels": labels}});
+    if let Some(c) = &args.pod_cidr {
+        node["spec"] = json!({"podCIDR": c, "podCIDRs": [c]});
+    }
     let wait = Duration::from_secs(120);
     let (code, body) = api
         .call_retrying(

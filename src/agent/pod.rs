@@ -47,8 +47,13 @@ pub struct Env {
     pub runtime: Arc<dyn Runtime>,
     /// The node's name.
     pub node: String,
-    /// The node's IP (the pod IP under the process runtime).
+    /// The node's IP (the pod IP of host-network pods, and of every pod without a
+    /// `pod_cidr`).
     pub node_ip: String,
+    /// Addresses for pods (the process runtime: loopback addresses, one per pod).
+    pub pod_cidr: Option<(std::net::Ipv4Addr, u8)>,
+    /// Held while a pod address is picked.
+    pub ip_lock: std::sync::Mutex<()>,
     /// Where pods keep their directories and logs.
     pub pods_dir: PathBuf,
     /// A container log's size bound (rotated past it).
@@ -209,7 +214,12 @@ impl Container {
 
 /// The environment of a container: `value` and the `fieldRef`s the process runtime can
 /// answer; `$(VAR)` references to earlier variables are expanded as Kubernetes does.
-async fn environment(pod: &Value, c: &Value, env: &Env) -> Result<Vec<(String, String)>, String> {
+async fn environment(
+    pod: &Value,
+    c: &Value,
+    env: &Env,
+    pod_ip: &str,
+) -> Result<Vec<(String, String)>, String> {
     let mut out: Vec<(String, String)> = vec![
         (
             "PATH".into(),
@@ -288,7 +298,8 @@ async fn environment(pod: &Value, c: &Value, env: &Env) -> Result<Vec<(String, S
                     .and_then(Value::as_str)
                     .unwrap_or("default")
                     .to_string(),
-                "status.podIP" | "status.hostIP" => env.node_ip.clone(),
+                "status.podIP" | "status.podIPs" => pod_ip.to_string(),
+                "status.hostIP" | "status.hostIPs" => env.node_ip.clone(),
                 other => {
                     if let Some(label) = other
                         .strip_prefix("metadata.labels['")
@@ -485,6 +496,16 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
     let mut volumes_synced: Option<Instant> = None;
     let mut next_volume_try = Instant::now();
     let mut mount_error: Option<String> = None;
+    let pod_ip = match pod_ip(&first, &dir, &env) {
+        Ok(ip) => ip,
+        Err(e) => {
+            // Every address of the range is taken: the pod cannot start here.
+            env.events
+                .warning(&first, None, "FailedCreatePodSandBox", e.clone());
+            tracing::warn!(%e, "no pod address");
+            env.node_ip.clone()
+        }
+    };
     // Containers a previous run of this agent started are adopted, running or ended, so a
     // pod never runs twice and an agent restart restarts nothing.
     for c in inits.iter_mut().chain(mains.iter_mut()) {
@@ -577,7 +598,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                     continue;
                 }
                 inits_done = false;
-                poll(c, &restart, true, now, &env.metrics);
+                poll(c, &restart, true, now, &env.metrics, &dir);
                 if c.handle.is_none() && c.not_before.is_none_or(|t| t <= now) {
                     if c.last_exit.is_some_and(|(code, _, _)| code != 0) && restart == "Never" {
                         failed_init = true;
@@ -585,7 +606,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                     }
                     if c.last_exit.is_none_or(|(code, _, _)| code != 0) {
                         let had_error = c.error.clone();
-                        launch(c, &pod, &inits_spec[i], &env, &dir).await;
+                        launch(c, &pod, &inits_spec[i], &env, &dir, &pod_ip).await;
                         report_launch(&env, &pod, c, had_error);
                     }
                 }
@@ -595,7 +616,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
         if volumes_ready && inits_done && !failed_init {
             for (i, c) in mains.iter_mut().enumerate() {
                 let was_running = c.handle.is_some();
-                poll(c, &restart, false, now, &env.metrics);
+                poll(c, &restart, false, now, &env.metrics, &dir);
                 if was_running && c.handle.is_none() && c.not_before.is_some_and(|t| t > now) {
                     env.events.warning(
                         &pod,
@@ -618,10 +639,10 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                         });
                 if (never_started || should_restart) && c.not_before.is_none_or(|t| t <= now) {
                     let had_error = c.error.clone();
-                    launch(c, &pod, &mains_spec[i], &env, &dir).await;
+                    launch(c, &pod, &mains_spec[i], &env, &dir, &pod_ip).await;
                     report_launch(&env, &pod, c, had_error);
                 }
-                for (warning, reason, message) in c.probe(now, &env.node_ip, &env.metrics).await {
+                for (warning, reason, message) in c.probe(now, &pod_ip, &env.metrics).await {
                     if warning {
                         env.events.warning(&pod, Some(&c.name), reason, message);
                     } else {
@@ -645,6 +666,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
             &restart,
             &env,
             start_time,
+            &pod_ip,
         );
         if status != reported {
             let path = format!(
@@ -726,6 +748,7 @@ fn poll(
     init: bool,
     now: Instant,
     m: &super::metrics::AgentMetrics,
+    dir: &std::path::Path,
 ) {
     let Some(h) = c.handle.as_mut() else { return };
     let Some(code) = h.try_wait() else {
@@ -746,6 +769,8 @@ fn poll(
         "Error"
     };
     h.release();
+    // Followers of its log stop once they have read it all.
+    let _ = std::fs::write(dir.join(format!("{}.ended", c.name)), b"");
     m.container_exits.with_label_values(&[c.last_reason]).inc();
     c.handle = None;
     c.last_exit = Some((code, started, meta::now_secs()));
@@ -760,8 +785,15 @@ fn poll(
     }
 }
 
-async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &std::path::Path) {
-    let environment = match environment(pod, spec, env).await {
+async fn launch(
+    c: &mut Container,
+    pod: &Value,
+    spec: &Value,
+    env: &Env,
+    dir: &std::path::Path,
+    pod_ip: &str,
+) {
+    let environment = match environment(pod, spec, env, pod_ip).await {
         Ok(e) => e,
         Err(e) => {
             // A configuration error (a missing ConfigMap, say) is tried again shortly.
@@ -828,6 +860,7 @@ async fn launch(c: &mut Container, pod: &Value, spec: &Value, env: &Env, dir: &s
         })
         .unwrap_or_default();
     let text = |k: &str| spec.get(k).and_then(Value::as_str).map(str::to_string);
+    let _ = std::fs::remove_file(dir.join(format!("{}.ended", c.name)));
     let s = Spec {
         name: &c.name,
         pod: PodRef {
@@ -910,6 +943,7 @@ fn status_of(
     restart: &str,
     env: &Env,
     start_time: u64,
+    pod_ip: &str,
 ) -> Value {
     let running = mains.iter().filter(|c| c.handle.is_some()).count();
     let all_exited = mains
@@ -992,8 +1026,8 @@ fn status_of(
         "phase": phase,
         "hostIP": env.node_ip,
         "hostIPs": [{"ip": env.node_ip}],
-        "podIP": env.node_ip,
-        "podIPs": [{"ip": env.node_ip}],
+        "podIP": pod_ip,
+        "podIPs": [{"ip": pod_ip}],
         "startTime": pod.pointer("/status/startTime").cloned().unwrap_or_else(|| json!(meta::rfc3339(start_time))),
         "conditions": [
             condition("PodScheduled", true),
@@ -1058,6 +1092,39 @@ fn adopt(c: &mut Container, pod: &Value, dir: &std::path::Path, env: &Env) {
         "adopted a container started before the agent restarted"
     );
     c.handle = Some(h);
+}
+
+/// The pod's IP: the node's for a host-network pod or without a pod range; otherwise the
+/// address it was given (kept in `<pod dir>/pod-ip` across agent restarts), or the lowest
+/// free one of the range.
+fn pod_ip(pod: &Value, dir: &std::path::Path, env: &Env) -> Result<String, String> {
+    let host_network = pod.pointer("/spec/hostNetwork").and_then(Value::as_bool) == Some(true);
+    let Some((base, prefix)) = env.pod_cidr.filter(|_| !host_network) else {
+        return Ok(env.node_ip.clone());
+    };
+    let file = dir.join("pod-ip");
+    if let Ok(ip) = std::fs::read_to_string(&file) {
+        return Ok(ip.trim().to_string());
+    }
+    let _held = env.ip_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let used: std::collections::HashSet<String> = std::fs::read_dir(&env.pods_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|d| std::fs::read_to_string(d.path().join("pod-ip")).ok())
+        .map(|s| s.trim().to_string())
+        .collect();
+    let size = 1u32 << (32 - prefix as u32);
+    let start = u32::from(base);
+    // Not the network's first address nor its last.
+    let free = (1..size.saturating_sub(1))
+        .map(|i| std::net::Ipv4Addr::from(start + i).to_string())
+        .find(|ip| !used.contains(ip))
+        .ok_or_else(|| format!("no free pod address in {base}/{prefix}"))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    super::shim::write_whole(&file, free.as_bytes())
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(free)
 }
 
 /// Removes what the pod left on the node: leftover processes, cgroups, its directory.
