@@ -7,7 +7,7 @@
 //! without `command` cannot start here. Containers share the host's network (the pod IP is
 //! the node's).
 //!
-//! Each container runs under a `flotilla shim` ([`super::shim`]), not under the agent, so
+//! Each container runs under a `flotilla-shim` ([`super::shim`]), not under the agent, so
 //! the agent can die and come back: [`Runtime::adopt`] finds the container again from the
 //! files in the pod's directory. Per container `c` the pod directory holds `c.pid` (written
 //! by the shim), `c.exit` (written by the shim when it ends) and `c.container` (the
@@ -314,18 +314,24 @@ pub trait Runtime: Send + Sync {
 /// Where the cgroup v1 controllers are mounted.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// Containers as host processes, each under a `flotilla shim`.
+/// Containers as host processes, each under a shim.
 pub struct ProcessRuntime {
-    /// The `flotilla` executable (run as `flotilla shim`).
-    exe: PathBuf,
+    /// The shim: `flotilla-shim` beside the running executable, else the executable itself
+    /// as `flotilla shim`.
+    shim: Vec<std::ffi::OsString>,
 }
 
 impl ProcessRuntime {
-    /// The process runtime, starting shims from the running executable.
+    /// The process runtime, starting shims from beside the running executable.
     pub fn new() -> std::io::Result<ProcessRuntime> {
-        Ok(ProcessRuntime {
-            exe: std::env::current_exe()?,
-        })
+        let exe = std::env::current_exe()?;
+        let small = exe.with_file_name("flotilla-shim");
+        let shim = if small.is_file() {
+            vec![small.into_os_string()]
+        } else {
+            vec![exe.into_os_string(), "shim".into()]
+        };
+        Ok(ProcessRuntime { shim })
     }
 }
 
@@ -559,8 +565,8 @@ impl ProcessRuntime {
             f.write_all(&serde_json::to_vec(shim_spec).expect("a spec serializes"))
                 .map_err(|e| format!("{}: {e}", spec_file.display()))?;
         }
-        let mut shim = tokio::process::Command::new(&self.exe)
-            .arg("shim")
+        let mut shim = tokio::process::Command::new(&self.shim[0])
+            .args(&self.shim[1..])
             .arg(&spec_file)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -568,7 +574,7 @@ impl ProcessRuntime {
             .process_group(0)
             .kill_on_drop(false)
             .spawn()
-            .map_err(|e| format!("starting the shim {}: {e}", self.exe.display()))?;
+            .map_err(|e| format!("starting the shim {:?}: {e}", self.shim[0]))?;
         let out = shim.stdout.take().expect("piped");
         let mut line = String::new();
         let read = tokio::time::timeout(

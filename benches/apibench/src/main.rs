@@ -17,9 +17,10 @@
 //! It prints the figures and the command that produced them, and writes them as JSON.
 //!
 //! `--scenario scheduler` and `--scenario failover` measure the control plane instead
-//! (see `control.rs`).
+//! (see `control.rs`); `--scenario startup` the node agents (see `startup.rs`).
 
 mod control;
+mod startup;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,9 +43,10 @@ use serde_json::{json, Value};
 pub(crate) struct Args {
     /// The flotilla binary (a release build).
     #[arg(long)]
-    flotilla: PathBuf,
+    pub(crate) flotilla: PathBuf,
     /// What to measure: `api` (the API under watch load), `scheduler` (pods bound per
-    /// second) or `failover` (controllers after a leader is killed).
+    /// second), `failover` (controllers after a leader is killed) or `startup` (pod startup
+    /// latency through real agents, and the agents' cost).
     #[arg(long, default_value = "api")]
     scenario: String,
     /// Nodes registered for the scheduler scenario.
@@ -53,6 +55,18 @@ pub(crate) struct Args {
     /// Scheduler scenario: create every pod while no node is Ready, then release them all.
     #[arg(long)]
     pub(crate) backlog: bool,
+    /// Agents started for the startup scenario.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) agents: usize,
+    /// The agents' runtime in the startup scenario: `process` or `cri`.
+    #[arg(long, default_value = "process")]
+    pub(crate) runtime: String,
+    /// The CRI socket for `--runtime cri`.
+    #[arg(long, default_value = "unix:///run/containerd/containerd.sock")]
+    pub(crate) cri_endpoint: String,
+    /// Startup scenario: pods per node for the agents' cost.
+    #[arg(long, default_value_t = 110)]
+    pub(crate) pods_per_node: usize,
     /// Leader kills in the failover scenario.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -862,7 +876,11 @@ async fn main() -> anyhow::Result<()> {
             )?;
             return control::failover(&args, &mut c, &http).await;
         }
-        other => bail!("unknown scenario {other:?}: api, scheduler or failover"),
+        "startup" => {
+            let c = Cluster::start(&args.flotilla, &dir)?;
+            return startup::startup(&args, &c, &http, &dir).await;
+        }
+        other => bail!("unknown scenario {other:?}: api, scheduler, failover or startup"),
     }
     let c = Cluster::start(&args.flotilla, &dir)?;
     let deadline = Instant::now() + Duration::from_secs(30);
