@@ -1004,6 +1004,62 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
     assert_eq!(restarts(&now), 0, "{now}");
     assert!(ready(&now), "{now}");
     assert!(alive(steady_pid));
+    // kubectl exec reaches the adopted container: its environment, its exit code, stdin.
+    let k = Kubectl::new(&c, 2);
+    assert_eq!(
+        k.ok(&[
+            "exec",
+            "steady",
+            "--",
+            "sh",
+            "-c",
+            "echo $HOSTNAME; echo oops >&2"
+        ]),
+        "steady\n"
+    );
+    let (ok, out, err) = k.run(&["exec", "steady", "--", "sh", "-c", "echo partial; exit 3"]);
+    assert!(!ok && out == "partial\n", "{out}{err}");
+    assert!(err.contains("command terminated with exit code 3"), "{err}");
+    let mut cat = Command::new(common::KUBECTL)
+        .arg(format!("--server={}", k.server))
+        .arg(format!("--cache-dir={}", k.cache.display()))
+        .args(["exec", "-i", "steady", "--", "tr", "a-z", "A-Z"])
+        .env("HOME", &k.dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    cat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"through stdin\n")
+        .unwrap();
+    let out = cat.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "THROUGH STDIN\n");
+    // A client that cannot upgrade to a websocket is told why.
+    let (code, body) = req(
+        &[c.replica(2).api()],
+        http::Method::POST,
+        "/api/v1/namespaces/default/pods/steady/exec?command=true&stdout=true",
+        "application/json",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("websocket")),
+        "{body}"
+    );
+
     // The adopted container is supervised: when it dies, it is restarted and counted.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(steady_pid),

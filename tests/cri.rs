@@ -330,6 +330,20 @@ spec:
         "{logs}"
     );
 
+    // kubectl exec runs in the container (ExecSync): its files, its exit code; stdin is
+    // refused with the reason.
+    assert_eq!(
+        k.ok(&["exec", "boxed", "--", "cat", "/etc/config/greeting"]),
+        "hello from a configmap"
+    );
+    let (ok, _, err) = k.run(&["exec", "boxed", "--", "sh", "-c", "exit 4"]);
+    assert!(
+        !ok && err.contains("command terminated with exit code 4"),
+        "{err}"
+    );
+    let (ok, _, err) = k.run(&["exec", "-i", "boxed", "--", "cat"]);
+    assert!(!ok && err.contains("stdin"), "{err}");
+
     // Image errors are the Kubernetes waiting reasons.
     std::fs::write(
         c.dir.path().join("bad.yaml"),

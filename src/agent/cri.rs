@@ -27,7 +27,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use super::runtime::{BoxFuture, Container, Handle, Runtime, Spec, StartError};
+use super::runtime::{BoxFuture, Container, ExecSession, Handle, Runtime, Spec, StartError};
 use super::shim::{write_whole, Exit};
 
 /// What the poller knows: exits by container id, and the ids the runtime listed last.
@@ -404,6 +404,40 @@ impl Runtime for CriRuntime {
             serde_json::from_slice(&std::fs::read(state_dir.join(format!("{name}.cri"))).ok()?)
                 .ok()?;
         Some(Box::new(self.handle(r.id)))
+    }
+
+    fn exec<'a>(
+        &'a self,
+        state_dir: &'a Path,
+        name: &'a str,
+        argv: Vec<String>,
+        stdin: bool,
+    ) -> BoxFuture<'a, Result<ExecSession, String>> {
+        Box::pin(async move {
+            if stdin {
+                return Err("exec with stdin (-i) is not supported under the cri runtime: it runs commands to the end (ExecSync); leave out -i".into());
+            }
+            let r: Record = std::fs::read(state_dir.join(format!("{name}.cri")))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or_else(|| format!("container {name:?} has not started"))?;
+            let out = self
+                .runtime
+                .clone()
+                .exec_sync(cri::ExecSyncRequest {
+                    container_id: r.id,
+                    cmd: argv,
+                    timeout: 0,
+                })
+                .await
+                .map_err(|e| status_err("exec", e))?
+                .into_inner();
+            Ok(ExecSession::Finished {
+                stdout: out.stdout,
+                stderr: out.stderr,
+                code: out.exit_code,
+            })
+        })
     }
 
     fn remove_pod<'a>(&'a self, state_dir: &'a Path) -> BoxFuture<'a, ()> {

@@ -113,7 +113,7 @@ fn runs(dir: &Path) -> Vec<(u64, PathBuf)> {
 }
 
 /// The newest directory of pod `ns/name` under `pods_dir`.
-fn pod_dir(pods_dir: &Path, ns: &str, name: &str) -> Option<PathBuf> {
+pub(super) fn pod_dir(pods_dir: &Path, ns: &str, name: &str) -> Option<PathBuf> {
     let prefix = format!("{ns}_{name}_");
     std::fs::read_dir(pods_dir)
         .ok()?

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod cri;
 pub mod events;
+pub mod exec;
 pub mod logs;
 pub mod metrics;
 pub mod pod;
@@ -152,7 +153,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     let port = listener.local_addr()?.port();
     let metrics = Arc::new(metrics::AgentMetrics::new());
-    tokio::spawn(serve(listener, pods_dir.clone(), metrics.clone()));
+    tokio::spawn(serve(
+        listener,
+        pods_dir.clone(),
+        metrics.clone(),
+        runtime.clone(),
+    ));
     let api = Arc::new(Api::new(args.servers.clone(), Duration::from_secs(10)));
     let cap = capacity(&args);
     register(&api, &args, runtime.as_ref(), port, &cap).await?;
@@ -197,21 +203,24 @@ async fn shutdown_signal() {
     }
 }
 
-/// `/healthz`, `/metrics` (`flotilla_agent_up`) and `/containerLogs/...` ([`logs::serve`]).
+/// `/healthz`, `/metrics` (`flotilla_agent_up`), `/containerLogs/...` ([`logs::serve`]) and
+/// `/exec/...` ([`exec::serve`]).
 async fn serve(
     listener: tokio::net::TcpListener,
     pods_dir: PathBuf,
     metrics: Arc<metrics::AgentMetrics>,
+    runtime: Arc<dyn runtime::Runtime>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (pods_dir, metrics) = (pods_dir.clone(), metrics.clone());
+        let (pods_dir, metrics, runtime) = (pods_dir.clone(), metrics.clone(), runtime.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(
                 move |req: http::Request<hyper::body::Incoming>| {
-                    let (pods_dir, metrics) = (pods_dir.clone(), metrics.clone());
+                    let (pods_dir, metrics, runtime) =
+                        (pods_dir.clone(), metrics.clone(), runtime.clone());
                     async move {
                         let path = req.uri().path().to_string();
                         let query = req.uri().query().unwrap_or("").to_string();
@@ -234,6 +243,9 @@ async fn serve(
                             p if p.starts_with("/containerLogs/") => {
                                 logs::serve(&pods_dir, p, &query)
                             }
+                            p if p.starts_with("/exec/") => {
+                                exec::serve(req, &pods_dir, runtime)
+                            }
                             _ => crate::http::text(http::StatusCode::NOT_FOUND, "not found\n"),
                         };
                         Ok::<_, std::convert::Infallible>(resp)
@@ -242,6 +254,7 @@ async fn serve(
             );
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .with_upgrades()
                 .await;
         });
     }

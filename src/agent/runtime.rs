@@ -294,6 +294,21 @@ fn remove_cgroups(cgroups: &[PathBuf]) {
     }
 }
 
+/// A command started in a container by `kubectl exec`.
+pub enum ExecSession {
+    /// Running, its streams piped (stdin only if asked for).
+    Process(tokio::process::Child),
+    /// Already done (a runtime that only runs commands to the end): its output and code.
+    Finished {
+        /// What it wrote to stdout.
+        stdout: Vec<u8>,
+        /// What it wrote to stderr.
+        stderr: Vec<u8>,
+        /// Its exit code.
+        code: i32,
+    },
+}
+
 /// A boxed future, for the object-safe [`Runtime`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -306,6 +321,15 @@ pub trait Runtime: Send + Sync {
     /// The container `name` that an earlier run of the agent started for the pod whose
     /// directory is `state_dir`, running or ended; `None` if there is none.
     fn adopt(&self, state_dir: &Path, name: &str) -> Option<Handle>;
+    /// Starts `argv` in the running container `name` of the pod whose directory is
+    /// `state_dir` (`kubectl exec`), with a stdin stream if `stdin`.
+    fn exec<'a>(
+        &'a self,
+        state_dir: &'a Path,
+        name: &'a str,
+        argv: Vec<String>,
+        stdin: bool,
+    ) -> BoxFuture<'a, Result<ExecSession, String>>;
     /// Stops whatever still runs for the pod whose directory is `state_dir` (SIGKILL), and
     /// removes what the runtime made for it: its cgroups, sandbox and the directory.
     fn remove_pod<'a>(&'a self, state_dir: &'a Path) -> BoxFuture<'a, ()>;
@@ -374,6 +398,51 @@ impl Runtime for ProcessRuntime {
         };
         h.exit();
         Some(Box::new(h))
+    }
+
+    fn exec<'a>(
+        &'a self,
+        state_dir: &'a Path,
+        name: &'a str,
+        argv: Vec<String>,
+        stdin: bool,
+    ) -> BoxFuture<'a, Result<ExecSession, String>> {
+        Box::pin(async move {
+            let (_, exit_file, record_file) = files(state_dir, name);
+            let r: Record = std::fs::read(&record_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or_else(|| format!("container {name:?} has not started"))?;
+            if exit_file.exists() || proc_start(r.pid) != Some(r.pid_start) {
+                return Err(format!("container {name:?} is not running"));
+            }
+            let Some((program, args)) = argv.split_first() else {
+                return Err("no command".into());
+            };
+            // In the container's environment, directory and cgroups (the child enters them
+            // before it runs the command).
+            let mut cmd = tokio::process::Command::new("/bin/sh");
+            let mut script = String::new();
+            for _ in &r.cgroups {
+                script.push_str("echo $$ > \"$1\" && shift && ");
+            }
+            script.push_str("exec \"$@\"");
+            cmd.arg("-c").arg(script).arg("sh");
+            for d in &r.cgroups {
+                cmd.arg(d.join("cgroup.procs"));
+            }
+            cmd.arg(program)
+                .args(args)
+                .env_clear()
+                .envs(r.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .current_dir(&r.dir)
+                .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            let child = cmd.spawn().map_err(|e| format!("exec {program:?}: {e}"))?;
+            Ok(ExecSession::Process(child))
+        })
     }
 
     fn remove_pod<'a>(&'a self, state_dir: &'a Path) -> BoxFuture<'a, ()> {

@@ -79,6 +79,7 @@ fn subresource(
         "binding" => (("", "v1", "Binding"), &["create"]),
         "eviction" => (("policy", "v1", "Eviction"), &["create"]),
         "log" => (("", "v1", "Pod"), &["get"]),
+        "exec" => (("", "v1", "PodExecOptions"), &["create", "get"]),
         "scale" => (("autoscaling", "v1", "Scale"), &["get", "patch", "update"]),
         _ => ((r.group, r.version, r.kind), &["get", "patch", "update"]),
     }

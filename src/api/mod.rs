@@ -499,6 +499,10 @@ impl Kube {
                         self.evict(&call, body).await
                     }
                     (_, _, Some("eviction")) => Err(KubeError::method_not_allowed(method.as_str())),
+                    (&Method::GET | &Method::POST, true, Some("exec")) => {
+                        self.pod_exec(&call, req).await
+                    }
+                    (_, _, Some("exec")) => Err(KubeError::method_not_allowed(method.as_str())),
                     (&Method::GET, true, Some("log")) => self.pod_log(&call).await,
                     (_, _, Some("log")) => Err(KubeError::method_not_allowed(method.as_str())),
                     (&Method::GET, true, Some("scale")) => self.scale(&call, None).await,
@@ -1335,8 +1339,9 @@ impl Kube {
 
     /// `GET pods/<name>/log`: the container's output, proxied from the agent of the pod's
     /// node (its InternalIP and `daemonEndpoints` port), streamed as it comes (`follow`).
-    async fn pod_log(&self, call: &Call) -> KubeResult {
-        use http_body_util::BodyExt;
+    /// The container a `pods/log` or `pods/exec` call is about, and the address of the agent
+    /// of the pod's node.
+    async fn agent_of(&self, call: &Call) -> Result<(String, String), KubeError> {
         let main = Call {
             sub: None,
             ..call.clone()
@@ -1406,6 +1411,131 @@ impl Kube {
                 "node {node_name:?} publishes no agent endpoint"
             )));
         };
+        Ok((container, format!("{ip}:{port}")))
+    }
+
+    /// `pods/exec`: a websocket upgrade (`v5.channel.k8s.io` or `v4`) relayed byte for byte
+    /// to the agent of the pod's node, which runs the command and speaks the channel
+    /// protocol. SPDY (kubectl's fallback) is refused with a 400 that says so.
+    async fn pod_exec(&self, call: &Call, mut req: Request<Incoming>) -> KubeResult {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let header = |k: &str| {
+            req.headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        if !header("upgrade").eq_ignore_ascii_case("websocket") {
+            return Err(KubeError::bad_request(
+                "exec needs a websocket upgrade (Sec-WebSocket-Protocol v5.channel.k8s.io or v4.channel.k8s.io); SPDY is not supported",
+            ));
+        }
+        let (container, agent) = self.agent_of(call).await?;
+        // The agent's endpoint takes the same query (command, stdin, stdout, stderr, tty).
+        let query = req.uri().query().unwrap_or("").to_string();
+        let path = format!(
+            "/exec/{}/{}/{container}?{query}",
+            call.namespace.as_deref().unwrap_or(""),
+            call.name()
+        );
+        let unreachable = |e: std::io::Error| {
+            KubeError::internal(format!("exec through the agent at {agent}: {e}"))
+        };
+        let mut conn = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&agent),
+        )
+        .await
+        .map_err(|_| KubeError::internal(format!("exec: the agent at {agent} did not answer")))?
+        .map_err(unreachable)?;
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: {agent}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
+            header("sec-websocket-key"),
+            header("sec-websocket-protocol")
+        );
+        conn.write_all(head.as_bytes()).await.map_err(unreachable)?;
+        // The agent's answer head (bounded), and whatever came after it.
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if buf.len() > 16 * 1024 {
+                return Err(KubeError::internal("exec: the agent's answer is too long"));
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut chunk))
+                .await
+                .map_err(|_| {
+                    KubeError::internal(format!("exec: the agent at {agent} did not answer"))
+                })?
+                .map_err(unreachable)?;
+            if n == 0 {
+                return Err(KubeError::internal("exec: the agent closed the connection"));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let text = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let mut lines = text.split("\r\n");
+        let code: u16 = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let get = |k: &str| headers.iter().find(|(h, _)| h == k).map(|(_, v)| v.clone());
+        if code != 101 {
+            // The agent's reason, read to its Content-Length (bounded).
+            let want = get("content-length")
+                .and_then(|l| l.parse::<usize>().ok())
+                .unwrap_or(0)
+                .min(16 * 1024);
+            let mut body = buf[end..].to_vec();
+            while body.len() < want {
+                let mut chunk = [0u8; 4096];
+                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut chunk))
+                    .await
+                {
+                    Ok(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
+                    _ => break,
+                }
+            }
+            body.truncate(want);
+            return Err(KubeError::bad_request(
+                String::from_utf8_lossy(&body).trim().to_string(),
+            ));
+        }
+        let early = buf[end..].to_vec();
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut client = hyper_util::rt::TokioIo::new(upgraded);
+            if !early.is_empty() && client.write_all(&early).await.is_err() {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut conn).await;
+        });
+        let mut resp = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "websocket");
+        for k in ["sec-websocket-accept", "sec-websocket-protocol"] {
+            if let Some(v) = get(k) {
+                resp = resp.header(k, v);
+            }
+        }
+        Ok(resp
+            .body(crate::http::full(bytes::Bytes::new()))
+            .expect("static response parts are valid"))
+    }
+
+    async fn pod_log(&self, call: &Call) -> KubeResult {
+        use http_body_util::BodyExt;
+        let (container, agent) = self.agent_of(call).await?;
         let mut query = Vec::new();
         for k in [
             "follow",
@@ -1427,12 +1557,9 @@ impl Kube {
             query.join("&")
         );
         let client = crate::client::Client::new(Vec::new(), std::time::Duration::from_secs(10));
-        let resp = client
-            .get_stream(&format!("{ip}:{port}"), &path)
-            .await
-            .map_err(|e| {
-                KubeError::internal(format!("reading the log from node {node_name:?}: {e}"))
-            })?;
+        let resp = client.get_stream(&agent, &path).await.map_err(|e| {
+            KubeError::internal(format!("reading the log from the agent at {agent}: {e}"))
+        })?;
         if resp.status() != StatusCode::OK {
             let body = resp
                 .into_body()

@@ -87,7 +87,7 @@ pub const RESOURCES: &[Resource] = &[
         namespaced: true,
         short_names: &["po"],
         categories: &["all"],
-        subresources: &["status", "binding", "eviction", "log"],
+        subresources: &["status", "binding", "eviction", "log", "exec"],
     },
     Resource {
         group: "",
