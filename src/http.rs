@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http::{header, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -69,13 +69,35 @@ pub enum BodyError {
 }
 
 /// Reads a whole request body of at most `limit` bytes.
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
-        Err(e) => Err(BodyError::Read(e.to_string())),
+pub async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if out.len() + data.len() > limit {
+            // The rest is read and dropped (bounded, briefly), so that a client still
+            // sending gets the 413 instead of a reset connection.
+            let mut dropped = out.len() + data.len();
+            let drain = async {
+                while let Some(Ok(f)) = body.frame().await {
+                    dropped += f.data_ref().map_or(0, |d| d.len());
+                    if dropped > DRAIN_LIMIT {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+            return Err(BodyError::TooLarge(limit));
+        }
+        out.extend_from_slice(&data);
     }
+    Ok(out.freeze())
 }
+
+/// How much of an oversized body is read and dropped before the 413.
+const DRAIN_LIMIT: usize = 64 << 20;
 
 /// Serves connections from `listener` with `handler` until `shutdown`, then gives open
 /// connections `grace` to finish.

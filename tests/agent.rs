@@ -1060,6 +1060,25 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
         "{body}"
     );
 
+    // A status write for another instance of the pod (the uid a precondition) changes
+    // nothing.
+    let (code, body) = req(
+        &[c.replica(2).api()],
+        http::Method::PATCH,
+        "/api/v1/namespaces/default/pods/steady/status",
+        "application/strategic-merge-patch+json",
+        &serde_json::json!({"metadata": {"uid": "another-instance"}, "status": {"phase": "Failed"}}),
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Precondition failed: UID in precondition")),
+        "{body}"
+    );
+    assert_eq!(pod(&c, "steady").await["status"]["phase"], "Running");
+
     // The adopted container is supervised: when it dies, it is restarted and counted.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(steady_pid),
@@ -1145,7 +1164,7 @@ spec:
   - name: c
     image: busybox
     workingDir: /work
-    command: ["sh", "-c", "echo sub > ../sub/f; cat ../shared/note ../etc/secret/password ../etc/info/labels; stat -c %a ../etc/config/greeting.txt; while :; do cat ../etc/config/greeting.txt; echo; sleep 0.3; done"]
+    command: ["sh", "-c", "while [ ! -f ../shared/started ]; do sleep 0.1; done; cat ../shared/started; echo sub > ../sub/f; cat ../shared/note ../etc/secret/password ../etc/info/labels; stat -c %a ../etc/config/greeting.txt; while :; do cat ../etc/config/greeting.txt; echo; sleep 0.3; done"]
     volumeMounts:
     - name: config
       mountPath: /etc/config
@@ -1158,6 +1177,15 @@ spec:
     - name: scratch
       mountPath: /sub
       subPath: deeper
+    - name: host
+      mountPath: /h
+    lifecycle:
+      postStart:
+        exec:
+          command: ["sh", "-c", "echo post-start > ../shared/started"]
+      preStop:
+        exec:
+          command: ["sh", "-c", "echo stopping > ../h/prestop"]
 "#,
             host = host.display()
         ),
@@ -1212,8 +1240,9 @@ spec:
         },
     )
     .await;
+    // postStart ran (the command waited for its file), in the container's directory.
     assert!(
-        logs.starts_with("from-init\nhunter2tier=\"web\"\n400\nhello\n"),
+        logs.starts_with("post-start\nfrom-init\nhunter2tier=\"web\"\n400\nhello\n"),
         "{logs}"
     );
     assert_eq!(
@@ -1285,6 +1314,11 @@ spec:
     assert!(
         host.join("made-by-pod").exists(),
         "a hostPath outlives the pod"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.join("prestop")).unwrap(),
+        "stopping\n",
+        "preStop ran before the container was stopped"
     );
 }
 

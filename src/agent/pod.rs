@@ -90,6 +90,8 @@ struct Container {
     started_ok: bool,
     /// Why it last terminated: `Completed`, `Error` or `OOMKilled`.
     last_reason: &'static str,
+    /// Its spec (lifecycle hooks, ports).
+    spec: Value,
 }
 
 impl Container {
@@ -104,6 +106,7 @@ impl Container {
             liveness: Probe::parse(spec, "livenessProbe"),
             readiness: Probe::parse(spec, "readinessProbe"),
             startup: Probe::parse(spec, "startupProbe"),
+            spec: spec.clone(),
             ..Container::default()
         }
     }
@@ -561,7 +564,15 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                     );
                 }
             }
-            stop_all(&mut inits, &mut mains, Duration::from_secs(grace)).await;
+            stop_all(
+                &mut inits,
+                &mut mains,
+                Duration::from_secs(grace),
+                pod.as_ref(),
+                &pod_ip,
+                &env,
+            )
+            .await;
             if let Some(p) = pod.filter(|p| owner::uid(p) == uid) {
                 finish(&env, &p, &uid).await;
             }
@@ -679,8 +690,10 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                 .call(
                     http::Method::PATCH,
                     &path,
-                    "application/merge-patch+json",
-                    Some(&json!({"status": status})),
+                    // Conditions merge by type (others' conditions stay); the uid makes the
+                    // write a compare-and-swap on this pod instance.
+                    "application/strategic-merge-patch+json",
+                    Some(&json!({"metadata": {"uid": uid}, "status": status})),
                 )
                 .await
             {
@@ -787,7 +800,7 @@ fn poll(
 
 async fn launch(
     c: &mut Container,
-    pod: &Value,
+    pod: &Arc<Value>,
     spec: &Value,
     env: &Env,
     dir: &std::path::Path,
@@ -861,6 +874,10 @@ async fn launch(
         .unwrap_or_default();
     let text = |k: &str| spec.get(k).and_then(Value::as_str).map(str::to_string);
     let _ = std::fs::remove_file(dir.join(format!("{}.ended", c.name)));
+    // A run's log holds that run only (an attempt that failed may have left one).
+    for f in [format!("{run}.log"), format!("{run}.log.1")] {
+        let _ = std::fs::remove_file(logs.join(f));
+    }
     let s = Spec {
         name: &c.name,
         pod: PodRef {
@@ -910,6 +927,23 @@ async fn launch(
                 tracing::warn!(%e, container = c.name, "the container's record is not written; an agent restart will not know its restarts");
             }
             c.error = None;
+            // postStart runs beside the container's command; if it fails the container is
+            // killed (and restarted per its policy).
+            if let (Some(hook), Some(h)) = (spec.pointer("/lifecycle/postStart"), c.handle.as_ref())
+            {
+                if let Err(e) =
+                    super::probe::hook(hook, spec, pod_ip, h.as_ref(), Duration::from_secs(30))
+                        .await
+                {
+                    env.events.warning(
+                        pod,
+                        Some(&c.name),
+                        "FailedPostStartHook",
+                        format!("PostStartHook failed: {e}"),
+                    );
+                    h.signal(Signal::SIGKILL);
+                }
+            }
             c.started_ok = c.startup.is_none();
             for p in [&mut c.liveness, &mut c.readiness, &mut c.startup]
                 .into_iter()
@@ -1132,8 +1166,39 @@ async fn remove(env: &Arc<Env>, dir: PathBuf) {
     env.runtime.remove_pod(&dir).await;
 }
 
-/// SIGTERM to every container, SIGKILL to what is left after `grace`.
-async fn stop_all(inits: &mut [Container], mains: &mut [Container], grace: Duration) {
+/// Every running container's `preStop` hook (together, within the grace period), then
+/// SIGTERM to every container, and SIGKILL to what is left when the grace period is over.
+async fn stop_all(
+    inits: &mut [Container],
+    mains: &mut [Container],
+    grace: Duration,
+    pod: Option<&Arc<Value>>,
+    pod_ip: &str,
+    env: &Env,
+) {
+    let started = Instant::now();
+    let hooks = mains.iter().filter_map(|c| {
+        let h = c.handle.as_ref()?;
+        let hook = c.spec.pointer("/lifecycle/preStop")?;
+        Some(async move {
+            let r = super::probe::hook(hook, &c.spec, pod_ip, h.as_ref(), grace).await;
+            (c.name.clone(), r)
+        })
+    });
+    for (name, r) in futures::future::join_all(hooks).await {
+        if let (Err(e), Some(p)) = (r, pod) {
+            env.events.warning(
+                p,
+                Some(&name),
+                "FailedPreStopHook",
+                format!("PreStopHook failed: {e}"),
+            );
+        }
+    }
+    // As the kubelet does, a container gets at least 2 s after its hook before SIGKILL.
+    let grace = grace
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_secs(2).min(grace));
     let all = || inits.iter().chain(mains.iter());
     for c in all() {
         if let Some(h) = &c.handle {

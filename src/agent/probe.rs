@@ -78,6 +78,33 @@ fn port(v: Option<&Value>, container: &Value) -> Option<u16> {
     }
 }
 
+/// Runs a lifecycle hook (`postStart` or `preStop`: `exec` or `httpGet`) of `container`
+/// (its spec, for named ports) once, within `timeout`.
+pub async fn hook(
+    hook: &Value,
+    container: &Value,
+    pod_ip: &str,
+    handle: &dyn super::runtime::Container,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut spec = serde_json::json!({"hook": hook});
+    if let Some(ports) = container.get("ports") {
+        spec["ports"] = ports.clone();
+    }
+    let p = Probe::parse(&spec, "hook").ok_or_else(|| {
+        "the hook has neither exec nor httpGet (or names an unknown port)".to_string()
+    })?;
+    match tokio::time::timeout(timeout, attempt(&p.check, pod_ip, handle, timeout)).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(match &p.check {
+            Check::Exec(argv) => format!("command {argv:?} failed"),
+            Check::Http { port, path, .. } => format!("GET {path} on port {port} failed"),
+            Check::Tcp { port, .. } => format!("connecting to port {port} failed"),
+        }),
+        Err(_) => Err(format!("did not finish within {timeout:?}")),
+    }
+}
+
 impl Probe {
     /// The probe at `container[key]` (`livenessProbe`, `readinessProbe`, `startupProbe`).
     pub fn parse(container: &Value, key: &str) -> Option<Probe> {

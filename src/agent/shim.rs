@@ -59,9 +59,15 @@ pub struct Exit {
     pub oom_killed: bool,
 }
 
-/// Writes `bytes` to `path` whole: a temporary file beside it, then a rename.
+/// Writes `bytes` to `path` whole: a temporary file beside it (named after the whole file
+/// name: `c.pid` and `c.exit` must not share one, as the shim and the agent write them at
+/// the same time), then a rename.
 pub fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
 }
@@ -261,6 +267,27 @@ fn copy_lines(from: impl Read, stream: &'static str, log: &Mutex<LogWriter>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_written_whole_at_once_do_not_share_a_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("c.pid"), dir.path().join("c.exit"));
+        // One writer per file, as the shim (pid, exit) and the agent (record) are.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..2000 {
+                    write_whole(&a, b"1").unwrap();
+                }
+            });
+            s.spawn(|| {
+                for _ in 0..2000 {
+                    write_whole(&b, b"2").unwrap();
+                }
+            });
+        });
+        assert_eq!(std::fs::read(&a).unwrap(), b"1");
+        assert_eq!(std::fs::read(&b).unwrap(), b"2");
+    }
 
     #[test]
     fn the_log_rotates_at_its_bound() {

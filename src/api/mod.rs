@@ -2298,6 +2298,24 @@ fn normalize_update(
     strict: bool,
 ) -> Result<(), KubeError> {
     let r = call.r;
+    // A uid in the new object is a precondition (the kubelet's status patches carry one, so
+    // a pod deleted and created again under the same name is never written to by mistake).
+    let want_uid = next
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty());
+    let have_uid = current
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if let Some(uid) = want_uid.filter(|u| *u != have_uid) {
+        return Err(KubeError {
+            message: format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {have_uid}"
+            ),
+            ..KubeError::conflict(r, call.name())
+        });
+    }
     let status_part = call.sub.as_deref() == Some("status");
     if status_part {
         // The status subresource changes status and nothing else.
