@@ -937,7 +937,7 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
     };
     let before = ticks(&c);
     wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the container's output to be logged with the agent down",
         || async { (ticks(&c) > before + 2).then_some(()) },
     )
@@ -952,7 +952,7 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
     let _second = Agent::start(&c, "r1", &data, &[]);
     // `gone`'s process and directory go; `steady` keeps its process, count and readiness.
     wait_for(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the restarted agent to stop the pod deleted while it was down",
         || async {
             let dir_left = std::fs::read_dir(data.join("pods"))
@@ -971,7 +971,7 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
     };
     // The restarted agent reports again (its status writes) without restarting anything.
     let port = wait_for(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the restarted agent's endpoint",
         || async {
             endpoint(&get(&c, 2, "/api/v1/nodes/r1").await.1).filter(|p| Some(*p) != first_port)
@@ -979,7 +979,7 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
     )
     .await;
     wait_for(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the restarted agent to take steady back",
         || async {
             let (code, text) = flotilla::client::Client::new(vec![], Duration::from_secs(5))
@@ -1086,7 +1086,7 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
     )
     .unwrap();
     let again = wait_for(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the adopted container's death to be seen and the container restarted",
         || async {
             let p = pod(&c, "steady").await;
@@ -1210,13 +1210,18 @@ spec:
         },
     )
     .await;
-    let waiting = pod(&c, "vols").await;
+    let waiting = wait_for(
+        Duration::from_secs(10),
+        "the pod to report ContainerCreating",
+        || async {
+            let p = pod(&c, "vols").await;
+            (p["status"]["initContainerStatuses"][0]["state"]["waiting"]["reason"]
+                == "ContainerCreating")
+                .then_some(p)
+        },
+    )
+    .await;
     assert_eq!(waiting["status"]["phase"], "Pending", "{waiting}");
-    assert_eq!(
-        waiting["status"]["initContainerStatuses"][0]["state"]["waiting"]["reason"],
-        "ContainerCreating",
-        "{waiting}"
-    );
     kubectl(
         &c,
         2,

@@ -189,7 +189,7 @@ async fn session(
     let code = match started {
         Err(e) => {
             let _ = ws.send(frame(3, &failure(&e))).await;
-            let _ = ws.close(Some(normal())).await;
+            finish(ws).await;
             return;
         }
         Ok(ExecSession::Finished {
@@ -283,7 +283,15 @@ async fn session(
         }
     };
     let _ = ws.send(frame(3, &status(code, &argv))).await;
+    finish(ws).await;
+}
+
+/// Closes the websocket with a normal closure and waits (bounded) for the client's close
+/// in return, so the status sent before it is read before the connection goes.
+async fn finish(mut ws: Ws) {
     let _ = ws.close(Some(normal())).await;
+    let drain = async { while let Some(Ok(_)) = ws.next().await {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
 }
 
 #[cfg(test)]
