@@ -1106,7 +1106,12 @@ async fn volumes_are_made_ready_before_containers_start_and_kept_in_sync() {
     let c = Cluster::start(3, &[]).await;
     c.wait_leader().await;
     let data = c.dir.path().join("agent-v1");
-    let _agent = Agent::start(&c, "v1", &data, &["--volume-sync-seconds", "1"]);
+    let _agent = Agent::start(
+        &c,
+        "v1",
+        &data,
+        &["--volume-sync-seconds", "1", "--pod-max-pids", "20"],
+    );
     let host = c.dir.path().join("host-dir");
     let manifest = c.dir.path().join("volumes.yaml");
     // The ConfigMap does not exist yet: the pod waits, with a FailedMount event.
@@ -1287,6 +1292,38 @@ spec:
         },
     )
     .await;
+    // --pod-max-pids: a pod that forks past it is refused processes.
+    std::fs::write(
+        c.dir.path().join("forky.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: forky\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: busybox\n    command:\n    - sh\n    - -c\n    - |\n      sh -c 'i=0; while [ $i -lt 40 ]; do sleep 60 & i=$((i+1)); done; echo tried $i'\n      exec sleep 600\n",
+    )
+    .unwrap();
+    kubectl(
+        &c,
+        2,
+        &[
+            "apply",
+            "-f",
+            c.dir.path().join("forky.yaml").to_str().unwrap(),
+        ],
+    );
+    let logs = wait_for(Duration::from_secs(60), "forky's output", || async {
+        let (ok, out, err) = Kubectl::new(&c, 2).run(&["logs", "forky"]);
+        (ok && out.contains("Cannot fork")).then_some(format!("{out}{err}"))
+    })
+    .await;
+    assert!(
+        !logs.contains("tried 40"),
+        "forks past the limit were refused: {logs}"
+    );
+    let forky_uid = pod(&c, "forky").await["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pids_max = format!("/sys/fs/cgroup/pids/flotilla/v1/{forky_uid}/pids.max");
+    assert_eq!(std::fs::read_to_string(&pids_max).unwrap().trim(), "20");
+    kubectl(&c, 2, &["delete", "pod", "forky"]);
+
     // Specs the API would never run are refused with the field at fault.
     let bad = c.dir.path().join("bad.yaml");
     std::fs::write(

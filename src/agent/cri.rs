@@ -174,6 +174,17 @@ impl CriRuntime {
                 return Ok(id);
             }
         }
+        if let Some(n) = spec.pod_pids_limit {
+            // The pod's process limit, on the cgroup the sandbox is put under.
+            let dir = Path::new("/sys/fs/cgroup/pids")
+                .join(Self::cgroup_parent(spec).trim_start_matches('/'));
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(dir.join("pids.max"), n.to_string()))
+                .map_err(|e| StartError {
+                    reason: "CreateContainerError",
+                    message: format!("cannot enforce the pod's pid limit: {}: {e}", dir.display()),
+                })?;
+        }
         let id = self
             .runtime
             .clone()

@@ -83,6 +83,10 @@ pub struct AgentArgs {
     /// it the log is rotated, keeping one rotated file.
     #[arg(long, default_value_t = 10 << 20)]
     pub container_log_max_bytes: u64,
+    /// Most processes (and threads) one pod may run, all its containers together (the
+    /// kubelet's `podPidsLimit`); -1 for no limit.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub pod_max_pids: i64,
     /// Seconds between rewrites of ConfigMap, Secret and downward API volumes from the API
     /// (the kubelet's `--sync-frequency`).
     #[arg(long, default_value_t = 60)]
@@ -179,6 +183,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         pods_dir,
         log_max_bytes: args.container_log_max_bytes,
         volume_sync: Duration::from_secs(args.volume_sync_seconds.max(1)),
+        pod_pids_limit: u64::try_from(args.pod_max_pids).ok(),
         capacity_cpu_milli: quantity("cpu"),
         capacity_memory_bytes: quantity("memory") / 1000,
         metrics: metrics.clone(),

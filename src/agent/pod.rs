@@ -60,6 +60,8 @@ pub struct Env {
     pub log_max_bytes: u64,
     /// How often ConfigMap, Secret and downward API volumes are written again.
     pub volume_sync: Duration,
+    /// Most processes a pod may run (`--pod-max-pids`).
+    pub pod_pids_limit: Option<u64>,
     /// The node's cpu (milli-cores), the default cpu limit.
     pub capacity_cpu_milli: i128,
     /// The node's memory (bytes), the default memory limit.
@@ -902,6 +904,7 @@ async fn launch(
         log_max_bytes: env.log_max_bytes,
         memory_limit: limit("memory").map(|m| (m / 1000) as u64),
         cpu_limit: limit("cpu").map(|m| m as u64),
+        pod_pids_limit: env.pod_pids_limit,
         cgroup: format!("flotilla/{}/{}/{}", env.node, owner::uid(pod), c.name),
     };
     let started = env.runtime.start(&s).await;

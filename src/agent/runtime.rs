@@ -91,6 +91,9 @@ pub struct Spec<'a> {
     pub memory_limit: Option<u64>,
     /// CPU limit, milli-cores.
     pub cpu_limit: Option<u64>,
+    /// The pod's process limit (all its containers together), as the kubelet's
+    /// `podPidsLimit`.
+    pub pod_pids_limit: Option<u64>,
     /// The container's cgroup, relative to each controller's root
     /// (`flotilla/<node>/<pod uid>/<container>`), unique per agent and container.
     pub cgroup: String,
@@ -521,6 +524,10 @@ impl ProcessRuntime {
                     ("cpu.cfs_quota_us", quota.to_string()),
                 ],
             ));
+        }
+        if let Some(n) = spec.pod_pids_limit {
+            // On the pod's cgroup, so the limit counts every container of the pod.
+            limits.push(("pids", vec![("../pids.max", n.to_string())]));
         }
         for (controller, files) in &limits {
             let dir = Path::new(CGROUP_ROOT).join(controller).join(&spec.cgroup);
