@@ -466,4 +466,19 @@ spec:
         },
     )
     .await;
+    // ... and with them the pods' cgroups, in every controller.
+    wait_for(
+        Duration::from_secs(30),
+        "the pods' cgroups to be removed",
+        || async {
+            let left: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+                .ok()?
+                .flatten()
+                .map(|c| c.path().join("flotilla/c1"))
+                .filter(|d| d.exists())
+                .collect();
+            left.is_empty().then_some(())
+        },
+    )
+    .await;
 }

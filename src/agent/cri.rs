@@ -469,23 +469,44 @@ impl Runtime for CriRuntime {
             }
             // The pod's cgroups (the runtime removes its containers'), and the node's and
             // `flotilla` once empty.
+            // containerd removes its containers' cgroups as their processes go, so this is
+            // tried for a while (the directories only go once empty).
             if let Ok(parent) = std::fs::read_to_string(state_dir.join("sandbox.cgroup")) {
-                for controller in std::fs::read_dir("/sys/fs/cgroup")
+                let dirs: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
                     .into_iter()
                     .flatten()
                     .flatten()
-                {
-                    let dir = controller.path().join(parent.trim_start_matches('/'));
-                    for d in dir.ancestors().take(3) {
-                        if std::fs::remove_dir(d).is_err() {
-                            break;
+                    .map(|c| c.path().join(parent.trim_start_matches('/')))
+                    .collect();
+                for _ in 0..50 {
+                    for dir in &dirs {
+                        remove_empty_tree(dir);
+                        for d in dir.ancestors().skip(1).take(2) {
+                            if std::fs::remove_dir(d).is_err() {
+                                break;
+                            }
                         }
                     }
+                    if dirs.iter().all(|d| !d.exists()) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
             let _ = std::fs::remove_dir_all(state_dir);
         })
     }
+}
+
+/// Removes a cgroup directory and the empty ones below it, bottom-up (a cgroup directory
+/// only goes once no process is left in it).
+fn remove_empty_tree(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_empty_tree(&e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// A container in the CRI runtime.
