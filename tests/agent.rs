@@ -661,6 +661,15 @@ spec:
         "the killed replica's watch: {text}"
     );
     assert!(value("flotilla_agent_pods") >= 3.0, "{text}");
+    // Containers' resource use, from the runtime (the web pods run; memory is never 0).
+    assert!(
+        value("flotilla_agent_container_memory_working_set_bytes{") > 0.0,
+        "{text}"
+    );
+    assert!(
+        text.contains("flotilla_agent_container_cpu_usage_seconds_total{"),
+        "{text}"
+    );
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

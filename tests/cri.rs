@@ -344,6 +344,35 @@ spec:
     let (ok, _, err) = k.run(&["exec", "-i", "boxed", "--", "cat"]);
     assert!(!ok && err.contains("stdin"), "{err}");
 
+    // The container's resource use comes from the runtime's stats into the agent's metrics.
+    let (_, node) = req(
+        &[c.replica(2).api()],
+        http::Method::GET,
+        "/api/v1/nodes/c1",
+        "application/json",
+        &Value::Null,
+    )
+    .await;
+    let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        .as_u64()
+        .unwrap();
+    let series = "flotilla_agent_container_memory_working_set_bytes{container=\"c\",namespace=\"default\",pod=\"boxed\"} ";
+    let memory = wait_for(
+        Duration::from_secs(30),
+        "the container's memory in the agent's metrics",
+        || async {
+            let (_, text) = flotilla::client::Client::new(vec![], Duration::from_secs(5))
+                .get_text(&format!("127.0.0.1:{port}"), "/metrics")
+                .await
+                .ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix(series))
+                .and_then(|v| v.parse::<f64>().ok())
+        },
+    )
+    .await;
+    assert!(memory > 0.0 && memory < 64.0 * 1024.0 * 1024.0, "{memory}");
+
     // Image errors are the Kubernetes waiting reasons.
     std::fs::write(
         c.dir.path().join("bad.yaml"),

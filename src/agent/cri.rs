@@ -27,7 +27,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use super::runtime::{BoxFuture, Container, ExecSession, Handle, Runtime, Spec, StartError};
+use super::runtime::{BoxFuture, Container, ExecSession, Handle, Runtime, Spec, StartError, Stats};
 use super::shim::{write_whole, Exit};
 
 /// What the poller knows: exits by container id, and the ids the runtime listed last.
@@ -561,6 +561,22 @@ impl Container for CriContainer {
     }
 
     fn release(&self) {}
+
+    fn stats(&self) -> BoxFuture<'static, Option<Stats>> {
+        let (mut rt, id) = (self.runtime.clone(), self.id.clone());
+        Box::pin(async move {
+            let s = rt
+                .container_stats(cri::ContainerStatsRequest { container_id: id })
+                .await
+                .ok()?
+                .into_inner()
+                .stats?;
+            Some(Stats {
+                cpu_seconds: s.cpu?.usage_core_nano_seconds?.value as f64 / 1e9,
+                memory_bytes: s.memory?.working_set_bytes?.value,
+            })
+        })
+    }
 
     fn exec(
         &self,

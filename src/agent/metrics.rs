@@ -4,7 +4,8 @@
 //! sync loop, the heartbeat, the pod workers); nothing here blocks.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every agent metric.
@@ -26,6 +27,10 @@ pub struct AgentMetrics {
     pub status_writes: IntCounterVec,
     /// From a pod's worker starting to all its containers running.
     pub pod_start_seconds: Histogram,
+    /// CPU used by each running container (namespace, pod, container), from its runtime.
+    pub container_cpu: CounterVec,
+    /// Each running container's memory working set, bytes.
+    pub container_memory: GaugeVec,
     /// The node is registered and its pods have been listed once (what `/readyz` reports).
     synced: std::sync::atomic::AtomicBool,
 }
@@ -68,7 +73,32 @@ impl AgentMetrics {
         registry
             .register(Box::new(pod_start_seconds.clone()))
             .expect("registered once");
+        let labels = ["namespace", "pod", "container"];
+        let container_cpu = CounterVec::new(
+            Opts::new(
+                "flotilla_agent_container_cpu_usage_seconds_total",
+                "CPU used by each container, from its runtime (cgroup or CRI stats).",
+            ),
+            &labels,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(container_cpu.clone()))
+            .expect("registered once");
+        let container_memory = GaugeVec::new(
+            Opts::new(
+                "flotilla_agent_container_memory_working_set_bytes",
+                "Each container's memory working set (usage less inactive file pages), bytes.",
+            ),
+            &labels,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(container_memory.clone()))
+            .expect("registered once");
         AgentMetrics {
+            container_cpu,
+            container_memory,
             container_starts: counter(
                 &registry,
                 "flotilla_agent_container_starts_total",

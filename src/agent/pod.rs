@@ -38,6 +38,8 @@ const BACKOFF_RESET: Duration = Duration::from_secs(600);
 const CONFIG_RETRY: Duration = Duration::from_secs(2);
 /// How often running containers are checked.
 const TICK: Duration = Duration::from_millis(200);
+/// How often running containers' resource use is read into the metrics.
+const STATS_PERIOD: Duration = Duration::from_secs(10);
 
 /// What a worker needs from its agent.
 pub struct Env {
@@ -94,6 +96,8 @@ struct Container {
     last_reason: &'static str,
     /// Its spec (lifecycle hooks, ports).
     spec: Value,
+    /// The CPU seconds of its current run already counted in the metrics.
+    cpu_counted: f64,
 }
 
 impl Container {
@@ -501,6 +505,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
     let mut volumes_synced: Option<Instant> = None;
     let mut next_volume_try = Instant::now();
     let mut mount_error: Option<String> = None;
+    let mut stats_due = Instant::now();
     let pod_ip = match pod_ip(&first, &dir, &env) {
         Ok(ip) => ip,
         Err(e) => {
@@ -578,6 +583,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
             if let Some(p) = pod.filter(|p| owner::uid(p) == uid) {
                 finish(&env, &p, &uid).await;
             }
+            forget_stats(&first, &inits, &mains, &env.metrics);
             remove(&env, dir).await;
             return;
         }
@@ -663,6 +669,10 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                     }
                 }
             }
+        }
+        if now >= stats_due {
+            stats_due = now + STATS_PERIOD;
+            record_stats(&pod, &mut inits, &mut mains, &env.metrics).await;
         }
         if !started_reported && !mains.is_empty() && mains.iter().all(|c| c.handle.is_some()) {
             started_reported = true;
@@ -916,6 +926,7 @@ async fn launch(
     match started {
         Ok(h) => {
             c.restarts = run;
+            c.cpu_counted = 0.0;
             c.handle = Some(h);
             let now = Instant::now();
             c.started = Some((now, meta::now_secs()));
@@ -1162,6 +1173,45 @@ fn pod_ip(pod: &Value, dir: &std::path::Path, env: &Env) -> Result<String, Strin
     super::shim::write_whole(&file, free.as_bytes())
         .map_err(|e| format!("{}: {e}", file.display()))?;
     Ok(free)
+}
+
+/// Reads each running container's resource use into the metrics.
+async fn record_stats(
+    pod: &Value,
+    inits: &mut [Container],
+    mains: &mut [Container],
+    m: &super::metrics::AgentMetrics,
+) {
+    let (ns, name) = (owner::namespace(pod).unwrap_or(""), owner::name(pod));
+    for c in inits.iter_mut().chain(mains.iter_mut()) {
+        let Some(h) = &c.handle else { continue };
+        let Some(st) = h.stats().await else { continue };
+        let labels = [ns, name, c.name.as_str()];
+        // The series exists from the first look, even at zero.
+        let cpu = m.container_cpu.with_label_values(&labels);
+        if st.cpu_seconds > c.cpu_counted {
+            cpu.inc_by(st.cpu_seconds - c.cpu_counted);
+            c.cpu_counted = st.cpu_seconds;
+        }
+        m.container_memory
+            .with_label_values(&labels)
+            .set(st.memory_bytes as f64);
+    }
+}
+
+/// Drops a finished pod's containers from the metrics.
+fn forget_stats(
+    pod: &Value,
+    inits: &[Container],
+    mains: &[Container],
+    m: &super::metrics::AgentMetrics,
+) {
+    let (ns, name) = (owner::namespace(pod).unwrap_or(""), owner::name(pod));
+    for c in inits.iter().chain(mains.iter()) {
+        let labels = [ns, name, c.name.as_str()];
+        let _ = m.container_cpu.remove_label_values(&labels);
+        let _ = m.container_memory.remove_label_values(&labels);
+    }
 }
 
 /// Removes what the pod left on the node: leftover processes, cgroups, its directory.

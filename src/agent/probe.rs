@@ -285,6 +285,9 @@ mod tests {
             let code = self.0;
             Box::pin(async move { Ok(code) })
         }
+        fn stats(&self) -> BoxFuture<'static, Option<crate::agent::runtime::Stats>> {
+            Box::pin(async { None })
+        }
     }
 
     #[tokio::test]

@@ -155,6 +155,50 @@ pub trait Container: Send + Sync {
     /// Runs `argv` in it (exec probes), returning the exit code, within `timeout`.
     fn exec(&self, argv: Vec<String>, timeout: Duration)
         -> BoxFuture<'static, Result<i32, String>>;
+    /// What it uses now (`None` if the runtime cannot tell).
+    fn stats(&self) -> BoxFuture<'static, Option<Stats>>;
+}
+
+/// A container's resource use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    /// CPU time used since it started, seconds.
+    pub cpu_seconds: f64,
+    /// Memory working set: usage less inactive file pages, bytes.
+    pub memory_bytes: u64,
+}
+
+/// A cgroup v1 memory controller's working set (`memory.usage_in_bytes` less
+/// `total_inactive_file`, as the kubelet counts it).
+fn working_set(dir: &Path) -> Option<u64> {
+    let usage: u64 = std::fs::read_to_string(dir.join("memory.usage_in_bytes"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let inactive = std::fs::read_to_string(dir.join("memory.stat"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("total_inactive_file "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    Some(usage.saturating_sub(inactive))
+}
+
+/// The CPU seconds (its own and its waited-for children's) and resident bytes of `pid`.
+fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12, 13, 14]
+        .iter()
+        .filter_map(|i| f.get(*i)?.parse::<u64>().ok())
+        .sum();
+    let rss_pages: u64 = f.get(21)?.parse().ok()?;
+    // 100 ticks a second and 4 KiB pages on Linux here.
+    Some((ticks as f64 / 100.0, rss_pages * 4096))
 }
 
 /// A started container.
@@ -255,6 +299,24 @@ impl Container for ProcessContainer {
         if self.exit.is_none() && proc_start(self.pid) == Some(self.pid_start) {
             let _ = killpg(Pid::from_raw(self.pid as i32), sig);
         }
+    }
+
+    fn stats(&self) -> BoxFuture<'static, Option<Stats>> {
+        // CPU from the main process and the children it waited for; memory from the
+        // container's memory cgroup when it has one, else the main process's resident set.
+        let usage = (proc_start(self.pid) == Some(self.pid_start))
+            .then(|| proc_usage(self.pid))
+            .flatten();
+        let memory_cgroup = self
+            .cgroups
+            .iter()
+            .find(|d| d.starts_with(Path::new(CGROUP_ROOT).join("memory")))
+            .and_then(|d| working_set(d));
+        let stats = usage.map(|(cpu, rss)| Stats {
+            cpu_seconds: cpu,
+            memory_bytes: memory_cgroup.unwrap_or(rss),
+        });
+        Box::pin(async move { stats })
     }
 
     fn exec(
