@@ -1333,6 +1333,44 @@ spec:
     assert_eq!(std::fs::read_to_string(&pids_max).unwrap().trim(), "20");
     kubectl(&c, 2, &["delete", "pod", "forky"]);
 
+    // A container without a command cannot run under the process runtime: it waits, saying
+    // why, and the agent carries on.
+    std::fs::write(
+        c.dir.path().join("nocmd.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: nocmd\nspec:\n  containers:\n  - name: c\n    image: busybox:1.35\n",
+    )
+    .unwrap();
+    kubectl(
+        &c,
+        2,
+        &[
+            "apply",
+            "-f",
+            c.dir.path().join("nocmd.yaml").to_str().unwrap(),
+        ],
+    );
+    let waiting = wait_for(
+        Duration::from_secs(30),
+        "nocmd to wait with its reason",
+        || async {
+            let p = pod(&c, "nocmd").await;
+            let w = p["status"]["containerStatuses"][0]["state"]["waiting"].clone();
+            (w["reason"] == "CreateContainerConfigError").then_some(w)
+        },
+    )
+    .await;
+    assert!(
+        waiting["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the process runtime runs commands, not images")),
+        "{waiting}"
+    );
+    kubectl(
+        &c,
+        2,
+        &["delete", "pod", "nocmd", "--grace-period=0", "--force"],
+    );
+
     // Specs the API would never run are refused with the field at fault.
     let bad = c.dir.path().join("bad.yaml");
     std::fs::write(
