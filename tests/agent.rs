@@ -661,15 +661,30 @@ spec:
         "the killed replica's watch: {text}"
     );
     assert!(value("flotilla_agent_pods") >= 3.0, "{text}");
-    // Containers' resource use, from the runtime (the web pods run; memory is never 0).
+    // Containers' resource use, from the runtime, on the kubelet's `/metrics/resource`
+    // (per-object labels stay out of `/metrics`); the web pods run, so memory is never 0.
     assert!(
-        value("flotilla_agent_container_memory_working_set_bytes{") > 0.0,
-        "{text}"
+        !text.contains("pod=\""),
+        "no per-pod labels in /metrics: {text}"
     );
-    assert!(
-        text.contains("flotilla_agent_container_cpu_usage_seconds_total{"),
-        "{text}"
-    );
+    let resource = wait_for(
+        Duration::from_secs(30),
+        "per-container resource metrics",
+        || async {
+            let (code, text) = flotilla::client::Client::new(vec![], Duration::from_secs(5))
+                .get_text(&format!("127.0.0.1:{port}"), "/metrics/resource")
+                .await
+                .ok()?;
+            (code == 200 && text.contains("container_cpu_usage_seconds_total{")).then_some(text)
+        },
+    )
+    .await;
+    let memory: f64 = resource
+        .lines()
+        .filter(|l| l.starts_with("container_memory_working_set_bytes{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(memory > 0.0, "{resource}");
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

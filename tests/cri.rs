@@ -356,13 +356,14 @@ spec:
     let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
         .as_u64()
         .unwrap();
-    let series = "flotilla_agent_container_memory_working_set_bytes{container=\"c\",namespace=\"default\",pod=\"boxed\"} ";
+    let series =
+        "container_memory_working_set_bytes{container=\"c\",namespace=\"default\",pod=\"boxed\"} ";
     let memory = wait_for(
         Duration::from_secs(30),
         "the container's memory in the agent's metrics",
         || async {
             let (_, text) = flotilla::client::Client::new(vec![], Duration::from_secs(5))
-                .get_text(&format!("127.0.0.1:{port}"), "/metrics")
+                .get_text(&format!("127.0.0.1:{port}"), "/metrics/resource")
                 .await
                 .ok()?;
             text.lines()

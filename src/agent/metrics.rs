@@ -27,6 +27,9 @@ pub struct AgentMetrics {
     pub status_writes: IntCounterVec,
     /// From a pod's worker starting to all its containers running.
     pub pod_start_seconds: Histogram,
+    /// Per-container resource use, served apart at `/metrics/resource` (as the kubelet
+    /// does, for metrics-server), so `/metrics` keeps no per-object labels.
+    resource_registry: Registry,
     /// CPU used by each running container (namespace, pod, container), from its runtime.
     pub container_cpu: CounterVec,
     /// Each running container's memory working set, bytes.
@@ -74,29 +77,31 @@ impl AgentMetrics {
             .register(Box::new(pod_start_seconds.clone()))
             .expect("registered once");
         let labels = ["namespace", "pod", "container"];
+        let resource_registry = Registry::new();
         let container_cpu = CounterVec::new(
             Opts::new(
-                "flotilla_agent_container_cpu_usage_seconds_total",
-                "CPU used by each container, from its runtime (cgroup or CRI stats).",
+                "container_cpu_usage_seconds_total",
+                "Cumulative cpu time consumed by the container in core-seconds",
             ),
             &labels,
         )
         .expect("valid metric");
-        registry
+        resource_registry
             .register(Box::new(container_cpu.clone()))
             .expect("registered once");
         let container_memory = GaugeVec::new(
             Opts::new(
-                "flotilla_agent_container_memory_working_set_bytes",
-                "Each container's memory working set (usage less inactive file pages), bytes.",
+                "container_memory_working_set_bytes",
+                "Current working set of the container in bytes",
             ),
             &labels,
         )
         .expect("valid metric");
-        registry
+        resource_registry
             .register(Box::new(container_memory.clone()))
             .expect("registered once");
         AgentMetrics {
+            resource_registry,
             container_cpu,
             container_memory,
             container_starts: counter(
@@ -155,10 +160,21 @@ impl AgentMetrics {
 
     /// The text exposition.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("encoding into a Vec cannot fail");
-        String::from_utf8(out).expect("the exposition is UTF-8")
+        encode(&self.registry)
+    }
+
+    /// The per-container resource exposition (`/metrics/resource`).
+    pub fn render_resource(&self) -> String {
+        encode(&self.resource_registry)
     }
 }
+
+fn encode(r: &Registry) -> String {
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&r.gather(), &mut out)
+        .expect("encoding into a Vec cannot fail");
+    String::from_utf8(out).expect("the exposition is UTF-8")
+}
+
+impl AgentMetrics {}

@@ -240,6 +240,11 @@ async fn serve(
                                 http::StatusCode::SERVICE_UNAVAILABLE,
                                 "not ready: the node is not registered or its pods are not listed yet\n",
                             ),
+                            "/metrics/resource" => http::Response::builder()
+                                .status(http::StatusCode::OK)
+                                .header(http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
+                                .body(crate::http::full(metrics.render_resource()))
+                                .expect("static response parts are valid"),
                             "/metrics" => http::Response::builder()
                                 .status(http::StatusCode::OK)
                                 .header(http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
