@@ -661,6 +661,27 @@ spec:
         "the killed replica's watch: {text}"
     );
     assert!(value("flotilla_agent_pods") >= 3.0, "{text}");
+    assert!(
+        value("flotilla_agent_containers{state=\"running\"}") >= 3.0,
+        "{text}"
+    );
+    assert!(
+        value("flotilla_agent_runtime_operation_seconds_count{operation=\"start\"}") >= 5.0,
+        "{text}"
+    );
+    assert!(
+        value("flotilla_agent_lease_renew_seconds_count") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value("flotilla_agent_api_failovers_total") >= 1.0,
+        "the killed replica: {text}"
+    );
+    assert_eq!(
+        value("flotilla_agent_api_server{"),
+        1.0,
+        "one replica in use: {text}"
+    );
     // Containers' resource use, from the runtime, on the kubelet's `/metrics/resource`
     // (per-object labels stay out of `/metrics`); the web pods run, so memory is never 0.
     assert!(

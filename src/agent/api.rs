@@ -18,6 +18,8 @@ use crate::client::Client;
 pub struct Api {
     client: Client,
     current: AtomicUsize,
+    /// Moves to another replica (`flotilla_agent_api_failovers_total`).
+    failovers: prometheus::IntCounter,
 }
 
 /// An answer: status and JSON body (`Null` if it was not JSON).
@@ -26,10 +28,29 @@ pub type Answer = (u16, Value);
 impl Api {
     /// A client for `servers` (`host:port`), with a per-request deadline.
     pub fn new(servers: Vec<String>, timeout: Duration) -> Api {
+        Api::with_counter(
+            servers,
+            timeout,
+            prometheus::IntCounter::new("unregistered", "unregistered").expect("valid metric"),
+        )
+    }
+
+    /// A client counting its failovers in `failovers`.
+    pub fn with_counter(
+        servers: Vec<String>,
+        timeout: Duration,
+        failovers: prometheus::IntCounter,
+    ) -> Api {
         Api {
             client: Client::new(servers, timeout),
             current: AtomicUsize::new(0),
+            failovers,
         }
+    }
+
+    /// Every replica it may use.
+    pub fn servers(&self) -> Vec<String> {
+        self.client.servers().to_vec()
     }
 
     /// The replica in use.
@@ -41,6 +62,7 @@ impl Api {
     /// Moves to the next replica.
     pub fn fail_over(&self) {
         self.current.fetch_add(1, Ordering::Relaxed);
+        self.failovers.inc();
     }
 
     /// One request, trying each replica once until one answers.

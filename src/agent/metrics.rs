@@ -4,8 +4,8 @@
 //! sync loop, the heartbeat, the pod workers); nothing here blocks.
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every agent metric.
@@ -27,6 +27,18 @@ pub struct AgentMetrics {
     pub status_writes: IntCounterVec,
     /// From a pod's worker starting to all its containers running.
     pub pod_start_seconds: Histogram,
+    /// Containers by state (`running`, `waiting`, `terminated`).
+    pub containers: IntGaugeVec,
+    /// Runtime operations (`start`, `exec`, `remove_pod`) by how long they took.
+    pub runtime_seconds: HistogramVec,
+    /// Runtime operations that failed.
+    pub runtime_errors: IntCounterVec,
+    /// Lease renewals by how long they took.
+    pub lease_seconds: Histogram,
+    /// Moves from one control-plane replica to the next.
+    pub api_failovers: IntCounter,
+    /// The replica in use (1) among those it was given (0).
+    pub api_server: IntGaugeVec,
     /// Per-container resource use, served apart at `/metrics/resource` (as the kubelet
     /// does, for metrics-server), so `/metrics` keeps no per-object labels.
     resource_registry: Registry,
@@ -100,7 +112,70 @@ impl AgentMetrics {
         resource_registry
             .register(Box::new(container_memory.clone()))
             .expect("registered once");
+        let containers = IntGaugeVec::new(
+            Opts::new("flotilla_agent_containers", "Containers by state."),
+            &["state"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(containers.clone()))
+            .expect("registered once");
+        let runtime_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "flotilla_agent_runtime_operation_seconds",
+                "Container runtime operations by how long they took.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+            &["operation"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(runtime_seconds.clone()))
+            .expect("registered once");
+        let lease_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "flotilla_agent_lease_renew_seconds",
+                "Lease renewals (heartbeats) by how long they took.",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(lease_seconds.clone()))
+            .expect("registered once");
+        let api_failovers = IntCounter::new(
+            "flotilla_agent_api_failovers_total",
+            "Moves from one control-plane replica to the next.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(api_failovers.clone()))
+            .expect("registered once");
+        let api_server = IntGaugeVec::new(
+            Opts::new(
+                "flotilla_agent_api_server",
+                "1 for the control-plane replica in use, 0 for the others it was given.",
+            ),
+            &["server"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(api_server.clone()))
+            .expect("registered once");
         AgentMetrics {
+            runtime_errors: counter(
+                &registry,
+                "flotilla_agent_runtime_errors_total",
+                "Container runtime operations that failed.",
+                &["operation"],
+            ),
+            containers,
+            runtime_seconds,
+            lease_seconds,
+            api_failovers,
+            api_server,
             resource_registry,
             container_cpu,
             container_memory,

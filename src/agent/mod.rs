@@ -163,7 +163,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         metrics.clone(),
         runtime.clone(),
     ));
-    let api = Arc::new(Api::new(args.servers.clone(), Duration::from_secs(10)));
+    let api = Arc::new(Api::with_counter(
+        args.servers.clone(),
+        Duration::from_secs(10),
+        metrics.api_failovers.clone(),
+    ));
     let cap = capacity(&args);
     register(&api, &args, runtime.as_ref(), port, &cap).await?;
     tracing::info!(node = args.node_name, port, "registered");
@@ -558,6 +562,7 @@ async fn heartbeat(api: Arc<Api>, args: AgentArgs, metrics: Arc<metrics::AgentMe
         let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": args.node_name, "namespace": "kube-node-lease"},
             "spec": {"holderIdentity": args.node_name, "leaseDurationSeconds": 40, "renewTime": now}});
+        let renewing = std::time::Instant::now();
         let r = api
             .call(
                 http::Method::PATCH,
@@ -566,6 +571,16 @@ async fn heartbeat(api: Arc<Api>, args: AgentArgs, metrics: Arc<metrics::AgentMe
                 Some(&json!({"spec": {"holderIdentity": args.node_name, "renewTime": now}})),
             )
             .await;
+        metrics
+            .lease_seconds
+            .observe(renewing.elapsed().as_secs_f64());
+        let in_use = api.server();
+        for s in api.servers() {
+            metrics
+                .api_server
+                .with_label_values(&[&s])
+                .set(i64::from(s == in_use));
+        }
         let ok = matches!(r, Ok((200, _)));
         metrics
             .lease_renewals

@@ -506,6 +506,10 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
     let mut next_volume_try = Instant::now();
     let mut mount_error: Option<String> = None;
     let mut stats_due = Instant::now();
+    let mut tally = Tally {
+        metrics: env.metrics.clone(),
+        counts: [0; 3],
+    };
     let pod_ip = match pod_ip(&first, &dir, &env) {
         Ok(ip) => ip,
         Err(e) => {
@@ -691,6 +695,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
             start_time,
             &pod_ip,
         );
+        tally.update(&status);
         if status != reported {
             let path = format!(
                 "/api/v1/namespaces/{}/pods/{}/status",
@@ -917,7 +922,19 @@ async fn launch(
         pod_pids_limit: env.pod_pids_limit,
         cgroup: format!("flotilla/{}/{}/{}", env.node, owner::uid(pod), c.name),
     };
+    let timer = env
+        .metrics
+        .runtime_seconds
+        .with_label_values(&["start"])
+        .start_timer();
     let started = env.runtime.start(&s).await;
+    timer.observe_duration();
+    if started.is_err() {
+        env.metrics
+            .runtime_errors
+            .with_label_values(&["start"])
+            .inc();
+    }
     let result = if started.is_ok() { "ok" } else { "error" };
     env.metrics
         .container_starts
@@ -1216,7 +1233,64 @@ fn forget_stats(
 
 /// Removes what the pod left on the node: leftover processes, cgroups, its directory.
 async fn remove(env: &Arc<Env>, dir: PathBuf) {
+    let timer = env
+        .metrics
+        .runtime_seconds
+        .with_label_values(&["remove_pod"])
+        .start_timer();
     env.runtime.remove_pod(&dir).await;
+    timer.observe_duration();
+}
+
+/// This worker's containers counted by state in `flotilla_agent_containers`; taken out again
+/// when the worker ends, however it ends.
+struct Tally {
+    metrics: Arc<super::metrics::AgentMetrics>,
+    counts: [i64; 3],
+}
+
+const STATES: [&str; 3] = ["running", "waiting", "terminated"];
+
+impl Tally {
+    /// Counts the container states of a pod `status`.
+    fn update(&mut self, status: &Value) {
+        let mut now = [0i64; 3];
+        for key in ["containerStatuses", "initContainerStatuses"] {
+            for c in status
+                .get(key)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(i) = STATES
+                    .iter()
+                    .position(|s| c.pointer(&format!("/state/{s}")).is_some())
+                {
+                    now[i] += 1;
+                }
+            }
+        }
+        for (i, s) in STATES.iter().enumerate() {
+            if now[i] != self.counts[i] {
+                self.metrics
+                    .containers
+                    .with_label_values(&[s])
+                    .add(now[i] - self.counts[i]);
+            }
+        }
+        self.counts = now;
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        for (i, s) in STATES.iter().enumerate() {
+            self.metrics
+                .containers
+                .with_label_values(&[s])
+                .sub(self.counts[i]);
+        }
+    }
 }
 
 /// Every running container's `preStop` hook (together, within the grace period), then
