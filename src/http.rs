@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// A response body: whole or streamed.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -99,6 +100,22 @@ pub async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyEr
 /// How much of an oversized body is read and dropped before the 413.
 const DRAIN_LIMIT: usize = 64 << 20;
 
+/// The request's id: the client's `X-Request-Id` when it is short and plain (letters,
+/// digits, `-`, `_`, `.`; at most 64), else 16 new hex digits.
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+}
+
 /// Serves connections from `listener` with `handler` until `shutdown`, then gives open
 /// connections `grace` to finish.
 pub async fn serve<H, F>(
@@ -128,9 +145,32 @@ pub async fn serve<H, F>(
         let handler = handler.clone();
         let token = shutdown.clone();
         tracker.spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let fut = handler(req);
-                async move { Ok::<_, Infallible>(fut.await) }
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                // Every request runs in a span carrying its id (the client's `X-Request-Id`,
+                // or a new one), so whatever it logs on this replica (forwarding to the
+                // leader included) says which request it was; the response carries the id.
+                let id = request_id(req.headers());
+                let span = tracing::info_span!(
+                    "request",
+                    id = %id,
+                    method = %req.method(),
+                    path = %req.uri().path()
+                );
+                let fut = span.in_scope(|| handler(req));
+                let started = std::time::Instant::now();
+                async move {
+                    let mut resp = fut.await;
+                    tracing::debug!(
+                        status = resp.status().as_u16(),
+                        micros = started.elapsed().as_micros() as u64,
+                        "request served"
+                    );
+                    if let Ok(v) = http::HeaderValue::from_str(&id) {
+                        resp.headers_mut().insert("x-request-id", v);
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
+                .instrument(span)
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(hyper_util::rt::TokioTimer::new());

@@ -346,3 +346,94 @@ async fn a_real_prometheus_scrapes_the_cluster_and_sees_one_leader_and_a_leader_
         "{rules}"
     );
 }
+
+/// One plain HTTP/1.1 GET with `headers`; the whole answer as text.
+async fn raw_get(server: &str, path: &str, headers: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {server}\r\n{headers}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_gets_an_id_that_its_logs_and_its_response_carry() {
+    let c = Cluster::start(
+        3,
+        &[
+            "--log-format",
+            "json",
+            "--log-level",
+            "info,flotilla::http=debug",
+        ],
+    )
+    .await;
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let api = c.replica(follower).api();
+    // The client's id is kept and echoed; a write sent to a follower is forwarded to the
+    // leader within the request's span.
+    let body = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"traced"}}"#;
+    let answer = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&api).await.unwrap();
+        s.write_all(
+            format!(
+                "POST /api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: {api}\r\nX-Request-Id: test-req-42\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("x-request-id: test-req-42\r\n"),
+        "{answer}"
+    );
+    let log = c.replica(follower).data_dir.with_extension("log");
+    let line = wait_for(
+        Duration::from_secs(10),
+        "the request's log line",
+        || async {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .lines()
+                .find(|l| l.contains("request served") && l.contains("test-req-42"))
+                .map(str::to_string)
+        },
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["span"]["id"], "test-req-42", "{line}");
+    assert_eq!(v["span"]["method"], "POST", "{line}");
+    assert_eq!(v["fields"]["status"], 201, "{line}");
+    // Without one (or with one that is not plain), the replica makes one up.
+    for headers in ["", "X-Request-Id: bad id with spaces\r\n"] {
+        let answer = raw_get(&api, "/api/v1/namespaces/default", headers).await;
+        let id = answer
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-request-id: ")
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        assert!(
+            id.len() == 16 && id.chars().all(|ch| ch.is_ascii_hexdigit()),
+            "{answer}"
+        );
+    }
+}
