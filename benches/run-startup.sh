@@ -25,26 +25,7 @@ cleanup() {
 }
 trap cleanup EXIT
 mkdir -p "$ctd/cni"
-cat > "$ctd/config.toml" <<CONF
-version = 2
-root = "$ctd/root"
-state = "$ctd/state"
-[grpc]
-  address = "$ctd/containerd.sock"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "docker.io/flotilla/pause:1"
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "$ctd/cni"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-    Root = "$ctd/runc"
-CONF
+sed "s|@DIR@|$ctd|g" deploy/containerd/config.toml > "$ctd/config.toml"
 containerd --config "$ctd/config.toml" > "$ctd/containerd.log" 2>&1 &
 ctd_pid=$!
 for _ in $(seq 100); do [ -S "$ctd/containerd.sock" ] && break; sleep 0.1; done

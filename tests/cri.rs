@@ -28,28 +28,8 @@ impl Containerd {
     async fn start(dir: &Path) -> Containerd {
         let dir = dir.join("containerd");
         std::fs::create_dir_all(dir.join("cni")).unwrap();
-        let config = format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-[grpc]
-  address = "{d}/containerd.sock"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "docker.io/flotilla/pause:1"
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{d}/cni"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-    Root = "{d}/runc"
-"#,
-            d = dir.display()
-        );
+        let config = include_str!("../deploy/containerd/config.toml")
+            .replace("@DIR@", &dir.display().to_string());
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
         let child = Command::new("containerd")

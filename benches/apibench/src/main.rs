@@ -252,7 +252,7 @@ pub(crate) fn cpu_seconds(pids: &[u32]) -> f64 {
 }
 
 /// Resident memory of `pid`, bytes.
-fn rss(pid: u32) -> u64 {
+pub(crate) fn rss(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

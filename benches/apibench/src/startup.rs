@@ -125,18 +125,6 @@ fn pss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-}
-
 async fn get(http: &Http, url: String) -> anyhow::Result<Value> {
     let (status, body) = send(
         http,
@@ -438,7 +426,7 @@ pub(crate) async fn startup(
     let mut peak_rss = vec![0u64; pids.len()];
     while t.elapsed() < window {
         for (i, p) in pids.iter().enumerate() {
-            peak_rss[i] = peak_rss[i].max(rss_kib(*p));
+            peak_rss[i] = peak_rss[i].max(crate::rss(*p) / 1024);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
