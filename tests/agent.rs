@@ -966,7 +966,7 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
         alive(steady_pid) && alive(gone_pid),
         "the containers outlive the agent"
     );
-    let ticks = |c: &Cluster| {
+    let ticks = || {
         let log = std::fs::read_dir(data.join("pods"))
             .unwrap()
             .flatten()
@@ -977,14 +977,13 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
             })
             .map(|d| std::fs::read_to_string(d.path().join("c/0.log")).unwrap_or_default())
             .unwrap_or_default();
-        let _ = c;
         log.lines().filter(|l| l.contains(" tick ")).count()
     };
-    let before = ticks(&c);
+    let before = ticks();
     wait_for(
         Duration::from_secs(30),
         "the container's output to be logged with the agent down",
-        || async { (ticks(&c) > before + 2).then_some(()) },
+        || async { (ticks() > before + 2).then_some(()) },
     )
     .await;
     // Meanwhile `gone` is deleted for good (no agent to wait for).
@@ -1405,6 +1404,43 @@ spec:
         &c,
         2,
         &["delete", "pod", "nocmd", "--grace-period=0", "--force"],
+    );
+
+    // A command that cannot be started is a run error, with the system's reason.
+    std::fs::write(
+        c.dir.path().join("nobin.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: nobin\nspec:\n  containers:\n  - name: c\n    image: busybox:1.35\n    command: [\"/no/such/program\"]\n",
+    )
+    .unwrap();
+    kubectl(
+        &c,
+        2,
+        &[
+            "apply",
+            "-f",
+            c.dir.path().join("nobin.yaml").to_str().unwrap(),
+        ],
+    );
+    let waiting = wait_for(
+        Duration::from_secs(30),
+        "nobin to wait with its reason",
+        || async {
+            let p = pod(&c, "nobin").await;
+            let w = p["status"]["containerStatuses"][0]["state"]["waiting"].clone();
+            (w["reason"] == "RunContainerError").then_some(w)
+        },
+    )
+    .await;
+    assert!(
+        waiting["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stat /no/such/program: no such file or directory")),
+        "{waiting}"
+    );
+    kubectl(
+        &c,
+        2,
+        &["delete", "pod", "nobin", "--grace-period=0", "--force"],
     );
 
     // Specs the API would never run are refused with the field at fault.

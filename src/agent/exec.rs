@@ -24,33 +24,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::runtime::{ExecSession, Runtime};
+use crate::api::percent_decode;
 use crate::http::{text, Body};
-
-/// Percent-decoding of one query value (`+` is a space).
-fn decode(v: &str) -> String {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 /// The final `Status` of a command that ended with `code`.
 fn status(code: i32, argv: &[String]) -> Vec<u8> {
@@ -104,13 +79,13 @@ pub fn serve(
         );
     };
     let mut argv = Vec::new();
-    let (mut stdin, mut tty) = (false, false);
+    // `tty` is not honoured: the command's streams are pipes.
+    let mut stdin = false;
     for kv in req.uri().query().unwrap_or("").split('&') {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         match k {
-            "command" => argv.push(decode(v)),
+            "command" => argv.push(percent_decode(v)),
             "stdin" => stdin = matches!(v, "true" | "1"),
-            "tty" => tty = matches!(v, "true" | "1"),
             _ => {}
         }
     }
@@ -162,7 +137,6 @@ pub fn serve(
             None,
         )
         .await;
-        let _ = tty; // No terminal: the command's streams are pipes.
         session(ws, runtime, &dir, &container, argv, stdin).await;
     });
     http::Response::builder()
@@ -299,10 +273,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn query_values_decode_and_statuses_carry_the_exit_code() {
-        assert_eq!(decode("%2Ftmp"), "/tmp");
-        assert_eq!(decode("a+b%20c"), "a b c");
-        assert_eq!(decode("100%"), "100%");
+    fn commands_decode_and_statuses_carry_the_exit_code() {
+        assert_eq!(percent_decode("%2Ftmp"), "/tmp");
+        assert_eq!(percent_decode("a+b%20c"), "a b c");
+        assert_eq!(percent_decode("100%"), "100%");
         let s: serde_json::Value = serde_json::from_slice(&status(3, &["false".into()])).unwrap();
         assert_eq!(s["reason"], "NonZeroExitCode");
         assert_eq!(s["details"]["causes"][0]["message"], "3");

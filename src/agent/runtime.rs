@@ -348,6 +348,49 @@ impl Container for ProcessContainer {
     }
 }
 
+/// Finds `program` as `execvp` would (a name without `/` on the environment's `PATH`, a path
+/// relative to `dir`); the error is runc's.
+fn executable(program: &str, env: &[(String, String)], dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        Some(dir.join(program)).filter(|p| runnable(p))
+    } else {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+            .split(':')
+            .map(|d| dir.join(d).join(program))
+            .find(|p| runnable(p))
+    };
+    found.map(|_| ()).ok_or_else(|| {
+        format!("exec: {program:?}: stat {program}: no such file or directory (or not executable)")
+    })
+}
+
+/// `argv` made to enter `cgroups` first: its first process writes itself into each one's
+/// `cgroup.procs` before it execs the command, so nothing it starts escapes them
+/// (`sh -c 'echo $$ > "$1" && shift && ... exec "$@"' sh <procs files> argv...`).
+fn in_cgroups(cgroups: &[PathBuf], argv: Vec<String>) -> Vec<String> {
+    if cgroups.is_empty() {
+        return argv;
+    }
+    let mut script = "echo $$ > \"$1\" && shift && ".repeat(cgroups.len());
+    script.push_str("exec \"$@\"");
+    let mut wrapped = vec!["/bin/sh".into(), "-c".into(), script, "sh".into()];
+    wrapped.extend(
+        cgroups
+            .iter()
+            .map(|d| d.join("cgroup.procs").display().to_string()),
+    );
+    wrapped.extend(argv);
+    wrapped
+}
+
 fn remove_cgroups(cgroups: &[PathBuf]) {
     for d in cgroups {
         // The container's cgroup, then the pod's, the node's and `flotilla` if empty.
@@ -439,10 +482,22 @@ impl Runtime for ProcessRuntime {
 
     fn start<'a>(&'a self, spec: &'a Spec<'a>) -> BoxFuture<'a, Result<Handle, StartError>> {
         Box::pin(async move {
+            // What the spec itself gets wrong is a configuration error; what goes wrong
+            // starting it is a run error, as the kubelet tells them apart.
+            if spec.command.is_empty() {
+                return Err(StartError::config(format!(
+                    "container {:?} has no command: the process runtime runs commands, not images",
+                    spec.name
+                )));
+            }
+            super::volumes::link(&spec.root, &spec.mounts).map_err(StartError::config)?;
             self.start_container(spec)
                 .await
                 .map(|c| Box::new(c) as Handle)
-                .map_err(StartError::config)
+                .map_err(|message| StartError {
+                    reason: "RunContainerError",
+                    message,
+                })
         })
     }
 
@@ -481,23 +536,14 @@ impl Runtime for ProcessRuntime {
             if exit_file.exists() || proc_start(r.pid) != Some(r.pid_start) {
                 return Err(format!("container {name:?} is not running"));
             }
-            let Some((program, args)) = argv.split_first() else {
+            if argv.is_empty() {
                 return Err("no command".into());
-            };
-            // In the container's environment, directory and cgroups (the child enters them
-            // before it runs the command).
-            let mut cmd = tokio::process::Command::new("/bin/sh");
-            let mut script = String::new();
-            for _ in &r.cgroups {
-                script.push_str("echo $$ > \"$1\" && shift && ");
             }
-            script.push_str("exec \"$@\"");
-            cmd.arg("-c").arg(script).arg("sh");
-            for d in &r.cgroups {
-                cmd.arg(d.join("cgroup.procs"));
-            }
-            cmd.arg(program)
-                .args(args)
+            // In the container's environment, directory and cgroups.
+            let argv = in_cgroups(&r.cgroups, argv);
+            let (program, args) = argv.split_first().expect("not empty");
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(args)
                 .env_clear()
                 .envs(r.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .current_dir(&r.dir)
@@ -554,15 +600,11 @@ fn remove_process_pod(state_dir: &Path) {
 impl ProcessRuntime {
     async fn start_container(&self, spec: &Spec<'_>) -> Result<ProcessContainer, String> {
         let argv: Vec<String> = spec.command.iter().chain(&spec.args).cloned().collect();
-        if spec.command.is_empty() {
-            return Err(format!(
-                "container {:?} has no command: the process runtime runs commands, not images",
-                spec.name
-            ));
-        }
-        super::volumes::link(&spec.root, &spec.mounts)?;
         let dir = spec.host_dir();
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // Checked here, before any cgroup wrapper: otherwise whether a missing program is
+        // a start error or an exit of 127 would depend on whether the container has limits.
+        executable(&argv[0], &spec.env, &dir)?;
         std::fs::create_dir_all(&spec.state_dir)
             .map_err(|e| format!("{}: {e}", spec.state_dir.display()))?;
         let (pid_file, exit_file, record_file) = files(&spec.state_dir, spec.name);
@@ -611,29 +653,7 @@ impl ProcessRuntime {
             .memory_limit
             .and_then(|_| cgroups.first().cloned())
             .filter(|d| d.starts_with(Path::new(CGROUP_ROOT).join("memory")));
-        let argv = if cgroups.is_empty() {
-            argv
-        } else {
-            // sh -c 'echo $$ > "$1" && shift && ... exec "$@"' sh <procs files> argv...
-            let mut script = String::new();
-            for _ in &cgroups {
-                script.push_str("echo $$ > \"$1\" && shift && ");
-            }
-            script.push_str("exec \"$@\"");
-            let mut wrapped = vec![
-                "/bin/sh".to_string(),
-                "-c".to_string(),
-                script,
-                "sh".to_string(),
-            ];
-            wrapped.extend(
-                cgroups
-                    .iter()
-                    .map(|d| d.join("cgroup.procs").display().to_string()),
-            );
-            wrapped.extend(argv);
-            wrapped
-        };
+        let argv = in_cgroups(&cgroups, argv);
         let shim_spec = ShimSpec {
             argv,
             env: spec.env.clone(),
@@ -688,21 +708,13 @@ impl ProcessRuntime {
         spec: &Spec<'_>,
         shim_spec: &ShimSpec,
     ) -> Result<(tokio::process::Child, u32), String> {
-        use std::os::unix::fs::OpenOptionsExt;
         use tokio::io::AsyncBufReadExt;
         let spec_file = spec.state_dir.join(format!("{}.spec", spec.name));
-        {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&spec_file)
-                .map_err(|e| format!("{}: {e}", spec_file.display()))?;
-            f.write_all(&serde_json::to_vec(shim_spec).expect("a spec serializes"))
-                .map_err(|e| format!("{}: {e}", spec_file.display()))?;
-        }
+        write_whole(
+            &spec_file,
+            &serde_json::to_vec(shim_spec).expect("a spec serializes"),
+        )
+        .map_err(|e| format!("{}: {e}", spec_file.display()))?;
         let mut shim = tokio::process::Command::new(&self.shim[0])
             .args(&self.shim[1..])
             .arg(&spec_file)

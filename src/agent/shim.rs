@@ -59,7 +59,7 @@ pub struct Exit {
     pub oom_killed: bool,
 }
 
-/// Writes `bytes` to `path` whole: a temporary file beside it (named after the whole file
+/// Writes `bytes` to `path` whole, mode 0600: a temporary file beside it (named after the whole file
 /// name: `c.pid` and `c.exit` must not share one, as the shim and the agent write them at
 /// the same time), then a rename.
 pub fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -68,7 +68,17 @@ pub fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes)?;
+    // Readable by the agent (root) only: records hold the container's environment, which
+    // may hold Secrets.
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?
+        .write_all(bytes)?;
     std::fs::rename(&tmp, path)
 }
 
@@ -287,6 +297,9 @@ mod tests {
         });
         assert_eq!(std::fs::read(&a).unwrap(), b"1");
         assert_eq!(std::fs::read(&b).unwrap(), b"2");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&a).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "records may hold Secrets");
     }
 
     #[test]

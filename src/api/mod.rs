@@ -133,7 +133,7 @@ pub fn route(path: &str) -> Option<Route> {
 }
 
 /// Decodes `%XX` escapes and `+` in a query component.
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

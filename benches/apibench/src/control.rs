@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use http_body_util::{BodyExt, Full};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -201,46 +200,18 @@ fn watch_pods(
     added: Arc<Mutex<HashMap<String, Instant>>>,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-    tokio::spawn(async move {
-        let url = format!(
-            "http://{api}/api/v1/namespaces/{ns}/pods?watch=true&resourceVersion={rv}&timeoutSeconds=3600"
-        );
-        let req = http::Request::get(url).body(Full::new(Bytes::new()))?;
-        let resp = http.request(req).await?;
-        if resp.status() != StatusCode::OK {
-            bail!("watch refused: {}", resp.status());
+    let url = format!(
+        "http://{api}/api/v1/namespaces/{ns}/pods?watch=true&resourceVersion={rv}&timeoutSeconds=3600"
+    );
+    crate::watch_events(http, url, stop, move |ev, now| {
+        let name = ev["object"]["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        added.lock().unwrap().entry(name.clone()).or_insert(now);
+        if ev["object"]["spec"]["nodeName"].is_string() {
+            bound.lock().unwrap().entry(name).or_insert(now);
         }
-        let mut body = resp.into_body();
-        let mut buf: Vec<u8> = Vec::new();
-        while !stop.load(Ordering::SeqCst) {
-            match tokio::time::timeout(Duration::from_millis(200), body.frame()).await {
-                Err(_) => continue,
-                Ok(None) => bail!("watch on {api} ended"),
-                Ok(Some(Err(e))) => bail!("watch on {api} broke: {e}"),
-                Ok(Some(Ok(frame))) => {
-                    let now = Instant::now();
-                    if let Some(d) = frame.data_ref() {
-                        buf.extend_from_slice(d);
-                    }
-                    while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-                        let line: Vec<u8> = buf.drain(..=pos).collect();
-                        let ev: Value = serde_json::from_slice(&line)?;
-                        let name = ev["object"]["metadata"]["name"]
-                            .as_str()
-                            .unwrap_or("")
-                            .to_string();
-                        if ev["type"] == "ERROR" {
-                            bail!("watch error: {ev}");
-                        }
-                        added.lock().unwrap().entry(name.clone()).or_insert(now);
-                        if ev["object"]["spec"]["nodeName"].is_string() {
-                            bound.lock().unwrap().entry(name).or_insert(now);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
     })
 }
 

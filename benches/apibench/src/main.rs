@@ -237,6 +237,47 @@ impl Cluster {
     }
 }
 
+/// Follows the watch at `url` until `stop`, calling `on` with each event and the moment its
+/// bytes arrived; an ERROR event, or the stream ending or breaking, is an error.
+pub(crate) fn watch_events(
+    http: Http,
+    url: String,
+    stop: Arc<AtomicBool>,
+    mut on: impl FnMut(&Value, Instant) + Send + 'static,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        let req = http::Request::get(&url).body(Full::new(Bytes::new()))?;
+        let resp = http.request(req).await?;
+        if resp.status() != StatusCode::OK {
+            bail!("watch refused: {}", resp.status());
+        }
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            match tokio::time::timeout(Duration::from_millis(200), body.frame()).await {
+                Err(_) => continue,
+                Ok(None) => bail!("watch {url} ended"),
+                Ok(Some(Err(e))) => bail!("watch {url} broke: {e}"),
+                Ok(Some(Ok(frame))) => {
+                    let now = Instant::now();
+                    if let Some(d) = frame.data_ref() {
+                        buf.extend_from_slice(d);
+                    }
+                    while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=pos).collect();
+                        let ev: Value = serde_json::from_slice(&line)?;
+                        if ev["type"] == "ERROR" {
+                            bail!("watch error: {ev}");
+                        }
+                        on(&ev, now);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 /// CPU seconds (user+system) used so far by `pids`.
 pub(crate) fn cpu_seconds(pids: &[u32]) -> f64 {
     pids.iter()
