@@ -44,7 +44,7 @@ impl Drop for Agent {
             }
         }
         std::thread::sleep(Duration::from_millis(200));
-        for controller in ["memory", "cpu"] {
+        for controller in ["memory", "cpu", "pids"] {
             let node = std::path::PathBuf::from(format!(
                 "/sys/fs/cgroup/{controller}/flotilla/{}",
                 self.2

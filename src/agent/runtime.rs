@@ -586,8 +586,9 @@ fn remove_process_pod(state_dir: &Path) {
         }
         cgroups.extend(r.cgroups);
     }
-    // The shims record the exits and go; the cgroups empty as the processes die.
-    for _ in 0..50 {
+    // The shims record the exits and go; the cgroups empty as the processes die (on a busy
+    // machine that took over a second: allow five).
+    for _ in 0..250 {
         remove_cgroups(&cgroups);
         if cgroups.iter().all(|d| !d.exists()) {
             break;
