@@ -570,6 +570,7 @@ fn remove_process_pod(state_dir: &Path) {
         return;
     };
     let mut cgroups = Vec::new();
+    let mut shims = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
         if path.extension().and_then(|x| x.to_str()) != Some("container") {
@@ -585,12 +586,17 @@ fn remove_process_pod(state_dir: &Path) {
             let _ = killpg(Pid::from_raw(r.pid as i32), Signal::SIGKILL);
         }
         cgroups.extend(r.cgroups);
+        shims.push((r.shim_pid, r.shim_start));
     }
     // The shims record the exits and go; the cgroups empty as the processes die (on a busy
-    // machine that took over a second: allow five).
+    // machine that took over a second: allow five). The directory goes only once the shims
+    // have: one writing its exit file into it would otherwise keep it.
     for _ in 0..250 {
         remove_cgroups(&cgroups);
-        if cgroups.iter().all(|d| !d.exists()) {
+        let shims_gone = shims
+            .iter()
+            .all(|(pid, start)| proc_start(*pid) != Some(*start));
+        if shims_gone && cgroups.iter().all(|d| !d.exists()) {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
