@@ -156,7 +156,10 @@ pub async fn serve<H, F>(
                     method = %req.method(),
                     path = %req.uri().path()
                 );
-                let fut = span.in_scope(|| handler(req));
+                // The id also rides with the writes the request makes (into the Raft log:
+                // every replica's apply logs it).
+                let fut =
+                    flotilla_raft::with_request_id(id.clone(), span.in_scope(|| handler(req)));
                 let started = std::time::Instant::now();
                 async move {
                     let mut resp = fut.await;

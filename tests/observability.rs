@@ -374,7 +374,7 @@ async fn every_request_gets_an_id_that_its_logs_and_its_response_carry() {
             "--log-format",
             "json",
             "--log-level",
-            "info,flotilla::http=debug",
+            "info,flotilla::http=debug,flotilla_raft::proposer=debug,flotilla_raft::replica=debug,flotilla_raft::state_machine=debug",
         ],
     )
     .await;
@@ -424,6 +424,52 @@ async fn every_request_gets_an_id_that_its_logs_and_its_response_carry() {
     assert_eq!(v["span"]["id"], "test-req-42", "{line}");
     assert_eq!(v["span"]["method"], "POST", "{line}");
     assert_eq!(v["fields"]["status"], 201, "{line}");
+    // The id rides with the write: the follower logs forwarding it, the leader receiving
+    // it, and every replica applying it (same log index and revision everywhere).
+    let line_with = |id: u64, what: &'static str| {
+        let log = c.replica(id).data_dir.with_extension("log");
+        async move {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .lines()
+                .filter(|l| l.contains("test-req-42"))
+                .find(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .is_ok_and(|v| v["fields"]["message"] == what)
+                })
+                .map(str::to_string)
+        }
+    };
+    let forwarded = wait_for(
+        Duration::from_secs(10),
+        "the follower's forward line",
+        || line_with(follower, "forwarding writes to the leader"),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&forwarded).unwrap();
+    assert_eq!(v["span"]["id"], "test-req-42", "{forwarded}");
+    wait_for(Duration::from_secs(10), "the leader's receive line", || {
+        line_with(leader, "forwarded writes received")
+    })
+    .await;
+    let mut applied = Vec::new();
+    for id in 1..=3 {
+        let line = wait_for(Duration::from_secs(10), "an apply line", || {
+            line_with(id, "applied")
+        })
+        .await;
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["fields"]["request_id"], "test-req-42", "{line}");
+        assert_eq!(v["fields"]["succeeded"], true, "{line}");
+        applied.push((
+            v["fields"]["index"].clone(),
+            v["fields"]["revision"].clone(),
+        ));
+    }
+    assert!(
+        applied.iter().all(|a| *a == applied[0]) && applied[0].0.is_u64(),
+        "every replica applies the request's write at one index and revision: {applied:?}"
+    );
     // Without one (or with one that is not plain), the replica makes one up.
     for headers in ["", "X-Request-Id: bad id with spaces\r\n"] {
         let answer = raw_get(&api, "/api/v1/namespaces/default", headers).await;

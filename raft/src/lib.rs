@@ -28,4 +28,7 @@ pub use error::{Error, StartError};
 pub use network::{CallError, PeerObserver};
 pub use replica::{Config, Leadership, Member, Observer, Replica, ReplicaObserver, Status};
 pub use state_machine::{NoObserver, SnapshotObserver, StateMachine};
-pub use types::{ApplyError, Command, CommandResult, Node, NodeId, Op, TypeConfig};
+pub use types::{
+    current_request_id, with_request_id, ApplyError, Command, CommandResult, Node, NodeId, Op,
+    TypeConfig,
+};

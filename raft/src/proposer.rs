@@ -50,7 +50,7 @@ pub(crate) struct Proposer {
 /// Rough byte size of a command's keys and values.
 fn approx_size(cmd: &Command) -> usize {
     match &cmd.op {
-        Op::Txn(t) => {
+        Op::Txn(t) | Op::TracedTxn { txn: t, .. } => {
             use flotilla_store::RequestOp as R;
             let ops: usize = t
                 .success
@@ -166,6 +166,7 @@ async fn dispatch(replica: Replica, mut units: Vec<Unit>) {
     }
     if !forwardable.is_empty() {
         let (cmds, sizes) = flatten(forwardable.iter_mut());
+        trace_ids("forwarding writes to the leader", &cmds);
         let result = match leader {
             Some(l) => replica.forward_writes(l, cmds).await,
             None => Err(Error::NoLeader {
@@ -173,6 +174,17 @@ async fn dispatch(replica: Replica, mut units: Vec<Unit>) {
             }),
         };
         answer(forwardable, sizes, result);
+    }
+}
+
+/// Logs (at debug) the request ids among `cmds` with `what` happens to them: a request's
+/// writes can be followed across the forward to the leader.
+pub(crate) fn trace_ids(what: &str, cmds: &[Command]) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let ids: Vec<&str> = cmds.iter().filter_map(Command::request_id).collect();
+        if !ids.is_empty() {
+            tracing::debug!(request_ids = ids.join(","), commands = cmds.len(), "{what}");
+        }
     }
 }
 
@@ -211,7 +223,7 @@ impl Replica {
         let n = cmds.len();
         let over_quota = if cmds
             .iter()
-            .any(|c| matches!(&c.op, Op::Txn(t) if t.has_puts()))
+            .any(|c| c.op.as_txn().is_some_and(|t| t.has_puts()))
         {
             self.over_quota()
         } else {
@@ -222,11 +234,13 @@ impl Replica {
         let mut positions = Vec::with_capacity(n);
         for (i, cmd) in cmds.into_iter().enumerate() {
             let refusal = match &cmd.op {
-                Op::Txn(t) => match t.validate(&flotilla_store::Limits::default()) {
-                    Err(e) => Some(Error::Invalid(e.to_string())),
-                    Ok(()) if t.has_puts() => over_quota.clone().map(Error::NoSpace),
-                    Ok(()) => None,
-                },
+                Op::Txn(t) | Op::TracedTxn { txn: t, .. } => {
+                    match t.validate(&flotilla_store::Limits::default()) {
+                        Err(e) => Some(Error::Invalid(e.to_string())),
+                        Ok(()) if t.has_puts() => over_quota.clone().map(Error::NoSpace),
+                        Ok(()) => None,
+                    }
+                }
                 Op::Batch(_) => Some(Error::Invalid(
                     "batches cannot be submitted directly".into(),
                 )),

@@ -848,6 +848,7 @@ impl Replica {
             }
             ForwardRequest::WriteBatch(cmds) => {
                 // Merged with this leader's other pending writes; never forwarded again.
+                crate::proposer::trace_ids("forwarded writes received", &cmds);
                 let outcomes = self.inner.proposer.submit(cmds, true).await?;
                 Ok(ForwardResponse::WriteBatch(outcomes))
             }

@@ -272,6 +272,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut batch = Vec::new();
         let mut fences = Vec::new();
+        // Per entry: its index and the request ids of its commands, leaf by leaf (logged once
+        // applied, when debug logging is on for this module).
+        let trace = tracing::enabled!(tracing::Level::DEBUG);
+        let mut traced: Vec<(usize, u64, Vec<Option<String>>)> = Vec::new();
         for entry in entries {
             let applied = encode(&entry.log_id);
             let term = entry.log_id.leader_id.term;
@@ -281,7 +285,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     Some(encode(&StoredMembership::new(Some(entry.log_id), m))),
                     (ApplyOp::None, Fence::Open),
                 ),
-                EntryPayload::Normal(cmd) => (None, to_apply_op(cmd, term, true)),
+                EntryPayload::Normal(cmd) => {
+                    if trace {
+                        let mut ids = Vec::new();
+                        request_ids(&cmd, &mut ids);
+                        traced.push((batch.len(), entry.log_id.index, ids));
+                    }
+                    (None, to_apply_op(cmd, term, true))
+                }
             };
             fences.push(fence);
             batch.push(ApplyEntry {
@@ -295,11 +306,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .kv
             .apply(batch)
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        Ok(results
+        let results: Vec<CommandResult> = results
             .into_iter()
             .zip(fences)
             .map(|(r, f)| to_result(r, f))
-            .collect())
+            .collect();
+        if trace {
+            log_applied(&traced, &results);
+        }
+        Ok(results)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -434,7 +449,7 @@ fn to_apply_op(cmd: Command, term: u64, top: bool) -> (ApplyOp, Fence) {
         }
     }
     match cmd.op {
-        Op::Txn(t) => (ApplyOp::Txn(t), Fence::Open),
+        Op::Txn(t) | Op::TracedTxn { txn: t, .. } => (ApplyOp::Txn(t), Fence::Open),
         Op::Compact { revision } => (ApplyOp::Compact(revision), Fence::Open),
         Op::Batch(cmds) if top => {
             let (ops, fences) = cmds
@@ -447,6 +462,51 @@ fn to_apply_op(cmd: Command, term: u64, top: bool) -> (ApplyOp, Fence) {
             ApplyOp::None,
             Fence::Fenced(ApplyError::Invalid("nested batches are not allowed".into())),
         ),
+    }
+}
+
+/// The request ids of `cmd`'s commands, one per leaf (a batch's members in order).
+fn request_ids(cmd: &Command, out: &mut Vec<Option<String>>) {
+    match &cmd.op {
+        Op::Batch(cmds) => cmds.iter().for_each(|c| request_ids(c, out)),
+        _ => out.push(cmd.request_id().map(str::to_string)),
+    }
+}
+
+/// Logs, per applied command that an API request made, its request id, log index and
+/// outcome, so one request can be followed from the replica that took it to every apply.
+fn log_applied(traced: &[(usize, u64, Vec<Option<String>>)], results: &[CommandResult]) {
+    fn leaves<'a>(r: &'a CommandResult, out: &mut Vec<&'a CommandResult>) {
+        match r {
+            CommandResult::Batch(rs) => rs.iter().for_each(|r| leaves(r, out)),
+            other => out.push(other),
+        }
+    }
+    for (position, index, ids) in traced {
+        if ids.iter().all(Option::is_none) {
+            continue;
+        }
+        let Some(result) = results.get(*position) else {
+            continue;
+        };
+        let mut outs = Vec::new();
+        leaves(result, &mut outs);
+        for (id, out) in ids.iter().zip(outs) {
+            let Some(id) = id else { continue };
+            match out {
+                CommandResult::Txn(t) => tracing::debug!(
+                    request_id = %id,
+                    index,
+                    revision = t.revision,
+                    succeeded = t.succeeded,
+                    "applied"
+                ),
+                CommandResult::Rejected(e) => {
+                    tracing::debug!(request_id = %id, index, %e, "apply refused")
+                }
+                _ => {}
+            }
+        }
     }
 }
 

@@ -61,13 +61,42 @@ pub struct Command {
 }
 
 impl Command {
-    /// An unfenced transaction.
+    /// An unfenced transaction. Made while serving an API request (inside
+    /// [`with_request_id`]), it carries the request's id into the log, so every replica's
+    /// apply can say which request it applied.
     pub fn txn(txn: TxnRequest) -> Command {
+        let op = match current_request_id() {
+            Some(request_id) => Op::TracedTxn { request_id, txn },
+            None => Op::Txn(txn),
+        };
         Command {
             fence_term: None,
-            op: Op::Txn(txn),
+            op,
         }
     }
+
+    /// The request id this command carries, if any.
+    pub fn request_id(&self) -> Option<&str> {
+        match &self.op {
+            Op::TracedTxn { request_id, .. } => Some(request_id),
+            _ => None,
+        }
+    }
+}
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// Runs `fut` as the work of the API request `id`: the transactions it makes with
+/// [`Command::txn`] carry the id through forwarding into the log and apply.
+pub async fn with_request_id<F: std::future::Future>(id: String, fut: F) -> F::Output {
+    REQUEST_ID.scope(id, fut).await
+}
+
+/// The id of the API request the current task serves, if any.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.clone()).ok()
 }
 
 /// The replicated operations.
@@ -84,6 +113,27 @@ pub enum Op {
     /// entry). Each is fenced and applied on its own, in order, in the entry's one write
     /// batch; batches do not nest.
     Batch(Vec<Command>),
+    /// A key-value transaction made by the API request `request_id` (at most 64 plain
+    /// characters, see `flotilla::http::request_id`). Applies exactly like [`Op::Txn`]; the
+    /// id is only logged. Appended after the others, so logs written before it decode as
+    /// they did (a replica without it cannot read entries that carry it: upgrade all
+    /// replicas before serving traffic with mixed versions).
+    TracedTxn {
+        /// The API request's id.
+        request_id: String,
+        /// The transaction.
+        txn: TxnRequest,
+    },
+}
+
+impl Op {
+    /// The transaction this operation runs, if it is one.
+    pub fn as_txn(&self) -> Option<&TxnRequest> {
+        match self {
+            Op::Txn(t) | Op::TracedTxn { txn: t, .. } => Some(t),
+            Op::Compact { .. } | Op::Batch(_) => None,
+        }
+    }
 }
 
 /// What applying a [`Command`] produced; identical on every replica.
@@ -168,4 +218,37 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, 
     bincode::serde::decode_from_slice(bytes, bincode::config::standard())
         .map(|(v, _)| v)
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Log entries are bincode: a variant's index and the field order are the on-disk
+    /// format. Entries written by earlier versions must decode unchanged.
+    #[tokio::test]
+    async fn the_log_format_of_commands_is_stable() {
+        let plain = Command::txn(TxnRequest::put("a", "1"));
+        assert_eq!(plain.op, Op::Txn(TxnRequest::put("a", "1")));
+        let golden = hex(&encode(&plain));
+        let traced = with_request_id("req-1".into(), async {
+            Command::txn(TxnRequest::put("a", "1"))
+        })
+        .await;
+        assert_eq!(traced.request_id(), Some("req-1"));
+        let bytes = encode(&traced);
+        assert_eq!(decode::<Command>(&bytes).unwrap(), traced);
+        // The traced variant is appended last (index 3), after the plain transaction (0).
+        assert_eq!(
+            golden, "0000000101016101310000",
+            "a plain transaction encodes as it always did"
+        );
+        assert_eq!(&hex(&bytes)[..4], "0003", "{}", hex(&bytes));
+        assert_eq!(decode::<Command>(&encode(&plain)).unwrap(), plain);
+        assert_eq!(current_request_id(), None);
+    }
 }
