@@ -312,6 +312,61 @@ async fn a_real_prometheus_scrapes_the_cluster_and_sees_one_leader_and_a_leader_
     )
     .await;
 
+    // Every expression of the shipped dashboard and rules runs, and every series they name
+    // exists (a renamed metric would leave a panel or an alert silently empty).
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/flotilla-dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    let rules_text = std::fs::read_to_string(format!("{src}/rules.yml")).unwrap();
+    let mut names: Vec<String> = exprs
+        .iter()
+        .map(String::as_str)
+        .chain(rules_text.lines().filter(|l| l.contains("expr:")))
+        .flat_map(|e| {
+            e.split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_' || ch == ':'))
+                .filter(|w| w.starts_with("flotilla_") || w.starts_with("flotilla:"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 20, "{names:?}");
+    for e in &exprs {
+        let (status, body) = prom
+            .get_text(&listen, &format!("/api/v1/query?query={}", encode(e)))
+            .await
+            .unwrap();
+        assert!(
+            status == 200 && body.contains(r#""status":"success""#),
+            "dashboard expression {e}: {body}"
+        );
+    }
+    for name in &names {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("the series {name} that the dashboard or the rules use"),
+            || async {
+                query(&prom, &listen, &format!(r#"count({{__name__="{name}"}})"#))
+                    .await
+                    .filter(|n| *n >= 1.0)
+            },
+        )
+        .await;
+    }
+
     // Counted on the survivors only: the killed leader's series leaves the sum, and it may
     // have counted more changes (startup elections) than the survivors add.
     let leader = c.wait_leader().await;

@@ -164,7 +164,7 @@ impl AgentMetrics {
         registry
             .register(Box::new(api_server.clone()))
             .expect("registered once");
-        AgentMetrics {
+        let m = AgentMetrics {
             runtime_errors: counter(
                 &registry,
                 "flotilla_agent_runtime_errors_total",
@@ -219,7 +219,23 @@ impl AgentMetrics {
             pod_start_seconds,
             registry,
             synced: std::sync::atomic::AtomicBool::new(false),
+        };
+        // Known label values start at zero, so queries and alerts see the series at once.
+        for result in ["ok", "error"] {
+            m.container_starts.with_label_values(&[result]);
+            m.lease_renewals.with_label_values(&[result]);
+            m.status_writes.with_label_values(&[result]);
         }
+        for reason in ["Completed", "Error", "OOMKilled"] {
+            m.container_exits.with_label_values(&[reason]);
+        }
+        for state in super::pod::STATES {
+            m.containers.with_label_values(&[state]);
+        }
+        for why in ["ended", "error", "expired"] {
+            m.watch_restarts.with_label_values(&[why]);
+        }
+        m
     }
 
     /// Marks the agent ready (registered, pods listed).

@@ -1249,7 +1249,7 @@ struct Tally {
     counts: [i64; 3],
 }
 
-const STATES: [&str; 3] = ["running", "waiting", "terminated"];
+pub(crate) const STATES: [&str; 3] = ["running", "waiting", "terminated"];
 
 impl Tally {
     /// Counts the container states of a pod `status`.

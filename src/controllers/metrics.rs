@@ -1,6 +1,6 @@
 //! Metrics of the leader's control loops: whether this replica runs them, reconciles by
 //! controller and result, work-queue depth, and the scheduler's placements and latency
-//! (pod created → bound).
+//! (pod created → bound), pending pods and binding conflicts.
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -25,10 +25,19 @@ pub struct ControlMetrics {
     pub reconcile_seconds: HistogramVec,
     /// Keys waiting per controller.
     pub queue_depth: IntGaugeVec,
+    /// Keys added to a controller's queue (de-duplicated adds included).
+    pub adds: IntCounterVec,
+    /// Failed reconciles queued again with backoff, by controller.
+    pub retries: IntCounterVec,
     /// Scheduling outcomes (`bound`, `unschedulable`, `error`).
     pub scheduled: IntCounterVec,
     /// From a pod's creation to its binding.
     pub schedule_seconds: Histogram,
+    /// Pods waiting for the scheduler, by queue (`active`: to be decided; `unschedulable`:
+    /// fit nowhere, waiting for a change or their backoff).
+    pub pending: IntGaugeVec,
+    /// Binds refused because the pod changed or was bound meanwhile (409).
+    pub binding_conflicts: IntCounter,
 }
 
 impl ControlMetrics {
@@ -70,6 +79,22 @@ impl ControlMetrics {
                 &["controller"],
             )
             .expect("valid metric"),
+            adds: IntCounterVec::new(
+                Opts::new(
+                    "flotilla_controller_adds_total",
+                    "Keys added to a controller's work queue",
+                ),
+                &["controller"],
+            )
+            .expect("valid metric"),
+            retries: IntCounterVec::new(
+                Opts::new(
+                    "flotilla_controller_retries_total",
+                    "Failed reconciles queued again with backoff",
+                ),
+                &["controller"],
+            )
+            .expect("valid metric"),
             scheduled: IntCounterVec::new(
                 Opts::new("flotilla_scheduler_pods_total", "Scheduling outcomes"),
                 &["result"],
@@ -83,6 +108,19 @@ impl ControlMetrics {
                 .buckets(SECONDS.to_vec()),
             )
             .expect("valid metric"),
+            pending: IntGaugeVec::new(
+                Opts::new(
+                    "flotilla_scheduler_pending_pods",
+                    "Pods waiting for the scheduler, by queue",
+                ),
+                &["queue"],
+            )
+            .expect("valid metric"),
+            binding_conflicts: IntCounter::new(
+                "flotilla_scheduler_binding_conflicts_total",
+                "Binds refused because the pod changed or was bound meanwhile",
+            )
+            .expect("valid metric"),
         };
         for c in [
             Box::new(m.leading.clone()) as Box<dyn prometheus::core::Collector>,
@@ -92,8 +130,19 @@ impl ControlMetrics {
             Box::new(m.queue_depth.clone()),
             Box::new(m.scheduled.clone()),
             Box::new(m.schedule_seconds.clone()),
+            Box::new(m.adds.clone()),
+            Box::new(m.retries.clone()),
+            Box::new(m.pending.clone()),
+            Box::new(m.binding_conflicts.clone()),
         ] {
             r.register(c).expect("metric names are unique");
+        }
+        // Known label values start at zero, so queries and alerts see the series at once.
+        for result in ["bound", "unschedulable", "error"] {
+            m.scheduled.with_label_values(&[result]);
+        }
+        for queue in ["active", "unschedulable"] {
+            m.pending.with_label_values(&[queue]);
         }
         m
     }

@@ -304,6 +304,11 @@ pub(crate) fn drive<F, Fut>(
     for _ in 0..workers {
         let (queue, reconcile, metrics) = (queue.clone(), reconcile.clone(), metrics.clone());
         set.spawn(async move {
+            queue.count_adds(metrics.adds.with_label_values(&[name]));
+            for outcome in ["ok", "error"] {
+                metrics.reconciles.with_label_values(&[name, outcome]);
+            }
+            let retries = metrics.retries.with_label_values(&[name]);
             let depth = metrics.queue_depth.with_label_values(&[name]);
             let seconds = metrics.reconcile_seconds.with_label_values(&[name]);
             while let Some(key) = queue.next().await {
@@ -321,6 +326,7 @@ pub(crate) fn drive<F, Fut>(
                         }
                     }
                     Err(e) => {
+                        retries.inc();
                         let delay = queue.retry(&key);
                         if e.code >= 500 || e.code == 409 {
                             tracing::debug!(controller = name, key, %e, ?delay, "reconcile failed; retrying");

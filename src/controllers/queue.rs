@@ -46,11 +46,25 @@ struct State {
 pub struct Queue {
     state: Mutex<State>,
     notify: Notify,
+    /// Counts adds once the queue is driven (see [`Queue::count_adds`]).
+    adds: std::sync::OnceLock<prometheus::IntCounter>,
 }
 
 impl Queue {
+    /// Counts every later add (immediate or delayed) in `counter`; the first call wins.
+    pub fn count_adds(&self, counter: prometheus::IntCounter) {
+        let _ = self.adds.set(counter);
+    }
+
+    fn counted(&self) {
+        if let Some(c) = self.adds.get() {
+            c.inc();
+        }
+    }
+
     /// Queues `key` (no-op if already queued).
     pub fn add(&self, key: &str) {
+        self.counted();
         let mut s = self.state.lock().expect("not poisoned");
         Self::add_locked(&mut s, key);
         drop(s);
@@ -73,6 +87,7 @@ impl Queue {
         if delay.is_zero() {
             return self.add(key);
         }
+        self.counted();
         let at = Instant::now() + delay;
         let mut s = self.state.lock().expect("not poisoned");
         if s.shut {

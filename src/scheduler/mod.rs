@@ -169,6 +169,8 @@ impl Scheduler {
                 q.shut_down();
             });
         }
+        self.queue
+            .count_adds(ctx.metrics.adds.with_label_values(&["scheduler"]));
         // Pods pending from before this term.
         for p in ctx.pods.filter(wants_scheduling) {
             self.queue.add(
@@ -177,6 +179,7 @@ impl Scheduler {
                     .key(owner::namespace(&p), owner::name(&p)),
             );
         }
+        self.set_pending(&ctx, 0);
         while let Some(first) = self.queue.next().await {
             let mut keys = vec![first];
             while keys.len() < BATCH {
@@ -185,11 +188,28 @@ impl Scheduler {
                     None => break,
                 }
             }
+            self.set_pending(&ctx, keys.len());
             self.round(&ctx, &keys).await;
             for k in &keys {
                 self.queue.done(k);
             }
+            self.set_pending(&ctx, 0);
         }
+        // The term is over: another replica's scheduler reports from now on.
+        for q in ["active", "unschedulable"] {
+            ctx.metrics.pending.with_label_values(&[q]).set(0);
+        }
+    }
+
+    /// Reports the pods waiting: `deciding` taken for this round plus the queue, and the
+    /// unschedulable ones waiting for a change.
+    fn set_pending(&self, ctx: &Ctx, deciding: usize) {
+        let waiting = self.waiting.lock().expect("not poisoned").len();
+        // Unschedulable pods sit in the queue's delayed set too; count them once.
+        let active = (deciding + self.queue.len()).saturating_sub(waiting);
+        let m = &ctx.metrics.pending;
+        m.with_label_values(&["active"]).set(active as i64);
+        m.with_label_values(&["unschedulable"]).set(waiting as i64);
     }
 
     async fn round(&self, ctx: &Ctx, keys: &[String]) {
@@ -282,6 +302,9 @@ impl Scheduler {
                         let seen = ctx.pods.get(&key);
                         cache.remove(&key);
                         cache.pod_changed(&key, seen.as_deref());
+                    }
+                    if e.code == 409 {
+                        ctx.metrics.binding_conflicts.inc();
                     }
                     if e.code == 404 || (e.code == 409 && e.message.contains("already assigned")) {
                         continue;
