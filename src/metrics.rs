@@ -302,6 +302,14 @@ impl Metrics {
         for (gauge, read) in &self.status_gauges {
             gauge.set(read(&s));
         }
+        // Every other member's RPC error series exists from the start (at zero), so a rate
+        // over it is defined before the first failure.
+        for m in s.members.iter().filter(|m| m.id != s.id) {
+            for rpc in ["/raft/append", "/raft/vote", "/raft/snapshot"] {
+                self.peer_errors
+                    .with_label_values(&[&m.id.to_string(), rpc]);
+            }
+        }
         self.peer_lag.reset();
         if s.state == "leader" {
             for (peer, matched) in &s.replication {
