@@ -55,6 +55,41 @@ pub(crate) struct SchedulerResults {
     server_cpu_percent: f64,
     /// Creates answered 429 or 503 (overload) and retried.
     overload_retries: usize,
+    /// The scheduler's own counts over the whole run (`flotilla_scheduler_pods_total` by
+    /// result and `flotilla_scheduler_binding_conflicts_total`, summed over the replicas):
+    /// how many decisions it took to bind the pods.
+    scheduler_attempts: HashMap<String, f64>,
+}
+
+/// Sums the samples of the metrics named in `names` over every replica's `/metrics`,
+/// keyed by the sample's name and labels.
+async fn scrape(http: &Http, c: &Cluster, names: &[&str]) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for api in &c.apis {
+        let Ok((_, body)) = send(
+            http,
+            Method::GET,
+            format!("http://{api}/metrics"),
+            "text/plain",
+            "text/plain",
+            Vec::new(),
+        )
+        .await
+        else {
+            continue;
+        };
+        for line in String::from_utf8_lossy(&body).lines() {
+            if line.starts_with('#') || !names.iter().any(|n| line.starts_with(n)) {
+                continue;
+            }
+            if let Some((series, value)) = line.rsplit_once(' ') {
+                if let Ok(v) = value.parse::<f64>() {
+                    *out.entry(series.to_string()).or_insert(0.0) += v;
+                }
+            }
+        }
+    }
+    out
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -354,6 +389,15 @@ pub(crate) async fn scheduler(args: &Args, c: &Cluster, http: &Http) -> anyhow::
     // The three replicas' CPU over the measured window (100% = one core).
     res.server_cpu_percent =
         (cpu_seconds(&c.pids()) - cpu0) / window_start.elapsed().as_secs_f64() * 100.0;
+    res.scheduler_attempts = scrape(
+        http,
+        c,
+        &[
+            "flotilla_scheduler_pods_total",
+            "flotilla_scheduler_binding_conflicts_total",
+        ],
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
     if watch.is_finished() {
         watch.await??;

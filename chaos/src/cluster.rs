@@ -1,0 +1,243 @@
+//! A three-replica Flotilla cluster of real processes that the nemesis can hurt.
+//!
+//! Owns the replica processes, their data directories and logs under the run's output
+//! folder. Replicas listen on their own loopback addresses (`127.a.b.1`–`.3`, a free
+//! prefix), so a replica's address is its identity. Invariant: a replica slot has at most
+//! one process; every process is killed when the cluster is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use flotilla::client::Client;
+use flotilla::gateway::json::StatusResponse;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rand::Rng;
+
+const API_PORT: u16 = 2379;
+const PEER_PORT: u16 = 2380;
+
+/// One replica slot.
+pub struct Replica {
+    /// Its Raft id (1-based).
+    pub id: u64,
+    /// Its loopback address.
+    pub ip: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+}
+
+impl Replica {
+    /// `host:port` of its API.
+    pub fn api(&self) -> String {
+        format!("{}:{API_PORT}", self.ip)
+    }
+    fn peer(&self) -> String {
+        format!("{}:{PEER_PORT}", self.ip)
+    }
+    /// Whether its process runs (paused counts as running).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// The cluster.
+pub struct Cluster {
+    bin: PathBuf,
+    initial_cluster: String,
+    /// The replicas, by id - 1.
+    pub replicas: Vec<Replica>,
+}
+
+fn free_prefix() -> String {
+    let mut rng = rand::thread_rng();
+    loop {
+        let prefix = format!("127.{}.{}", rng.gen_range(1..=254), rng.gen_range(1..=254));
+        let free = (1..=3).all(|n| {
+            [API_PORT, PEER_PORT]
+                .iter()
+                .all(|p| std::net::TcpListener::bind(format!("{prefix}.{n}:{p}")).is_ok())
+        });
+        if free {
+            return prefix;
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts three replicas of `bin` with their data under `dir`.
+    pub fn start(bin: &Path, dir: &Path) -> anyhow::Result<Cluster> {
+        let prefix = free_prefix();
+        let initial_cluster = (1..=3)
+            .map(|id| format!("{id}={prefix}.{id}:{PEER_PORT}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster {
+            bin: bin.to_path_buf(),
+            initial_cluster,
+            replicas: (1..=3)
+                .map(|id| Replica {
+                    id,
+                    ip: format!("{prefix}.{id}"),
+                    data_dir: dir.join(format!("replica-{id}")),
+                    child: None,
+                    paused: false,
+                })
+                .collect(),
+        };
+        for id in 1..=3 {
+            c.launch(id)?;
+        }
+        Ok(c)
+    }
+
+    /// The API addresses of all replicas.
+    pub fn apis(&self) -> Vec<String> {
+        self.replicas.iter().map(Replica::api).collect()
+    }
+
+    fn slot(&mut self, id: u64) -> &mut Replica {
+        &mut self.replicas[(id - 1) as usize]
+    }
+
+    /// Starts replica `id`'s process (its log appended to `<data dir>.log`).
+    pub fn launch(&mut self, id: u64) -> anyhow::Result<()> {
+        let (bin, initial) = (self.bin.clone(), self.initial_cluster.clone());
+        let r = self.slot(id);
+        if r.child.is_some() {
+            bail!("replica {id} is already running");
+        }
+        std::fs::create_dir_all(&r.data_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(r.data_dir.with_extension("log"))?;
+        let child = Command::new(&bin)
+            .arg("server")
+            .args(["--id", &id.to_string()])
+            .arg("--data-dir")
+            .arg(&r.data_dir)
+            .args(["--listen-api", &r.api()])
+            .args(["--listen-peer", &r.peer()])
+            .args(["--initial-cluster", &initial])
+            .env(
+                "FLOTILLA_LOG",
+                "info,openraft=warn,openraft::replication=off",
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        r.child = Some(child);
+        r.paused = false;
+        Ok(())
+    }
+
+    /// `kill -9` of replica `id` (resumed first if paused, so it dies at once).
+    pub fn kill(&mut self, id: u64) {
+        let r = self.slot(id);
+        if let Some(mut child) = r.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        r.paused = false;
+    }
+
+    /// SIGSTOP of replica `id`.
+    pub fn pause(&mut self, id: u64) {
+        let r = self.slot(id);
+        if let Some(child) = &r.child {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGSTOP);
+            r.paused = true;
+        }
+    }
+
+    /// SIGCONT of replica `id`.
+    pub fn resume(&mut self, id: u64) {
+        let r = self.slot(id);
+        if let Some(child) = &r.child {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
+        }
+        r.paused = false;
+    }
+
+    /// Ends every fault: paused replicas resume, stopped ones start again.
+    pub fn heal(&mut self) -> anyhow::Result<()> {
+        for id in 1..=3 {
+            if self.slot(id).paused {
+                self.resume(id);
+            }
+            if !self.slot(id).running() {
+                self.launch(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks replica `id` for its status.
+    pub async fn status(&self, client: &Client, id: u64) -> Option<StatusResponse> {
+        let api = self.replicas[(id - 1) as usize].api();
+        client
+            .post_to(&api, "/v3/maintenance/status", &serde_json::json!({}))
+            .await
+            .ok()
+    }
+
+    /// The replica that a running, unpaused replica names as leader, if any.
+    pub async fn leader(&self, client: &Client) -> Option<u64> {
+        for r in &self.replicas {
+            if !r.running() || r.paused {
+                continue;
+            }
+            if let Some(s) = self.status(client, r.id).await {
+                if s.leader != 0 {
+                    return Some(s.leader);
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until every replica runs, one leader is agreed on by all, and every replica
+    /// has applied what the leader had committed when the wait began.
+    pub async fn wait_healthy(&self, client: &Client, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut statuses = Vec::new();
+            for id in 1..=3 {
+                statuses.push(self.status(client, id).await);
+            }
+            if let Some(all) = statuses.into_iter().collect::<Option<Vec<_>>>() {
+                let leader = all[0].leader;
+                let agreed = leader != 0 && all.iter().all(|s| s.leader == leader);
+                let commit = all.iter().map(|s| s.raft_commit_index).max().unwrap_or(0);
+                if agreed && all.iter().all(|s| s.raft_applied_index >= commit) {
+                    return Ok(leader);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster did not recover within {timeout:?} after the faults healed");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for r in &mut self.replicas {
+            if let Some(mut child) = r.child.take() {
+                if r.paused {
+                    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

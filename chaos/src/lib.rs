@@ -1,0 +1,451 @@
+//! The chaos suite: seeded fault injection against a real three-replica Flotilla cluster,
+//! with recorded histories and checkers.
+//!
+//! A run ([`run`]) starts the cluster ([`cluster`]), runs the key-value register workload
+//! ([`kv`]) from many clients through random replicas while the nemesis injects faults
+//! from a schedule drawn from the seed, heals, waits for the cluster to recover, reads every
+//! key from every replica, and checks:
+//! - **linearizability** of each key's history ([`linearizability`]), the final reads
+//!   included, so an acknowledged write that was lost, a stale read and a write applied
+//!   twice are all caught;
+//! - **identical state**: every replica holds the same keys, values and revisions at one
+//!   revision.
+//!
+//! The seed fixes the fault schedule and each client's operation stream (timing still
+//! varies from run to run). Every run writes its history, a JSON report and a summary with
+//! the fault timeline to its output folder and prints the command that reproduces it.
+
+pub mod cluster;
+pub mod kv;
+pub mod linearizability;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use flotilla::client::Client;
+use flotilla::gateway::json::{RangeRequest, RangeResponse};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use cluster::Cluster;
+use linearizability::{Input, Operation, Output, Verdict};
+
+/// The faults this build can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Fault {
+    /// `kill -9` of the leader, restarted at heal.
+    KillLeader,
+    /// `kill -9` of a follower, restarted at heal.
+    KillFollower,
+    /// `kill -9` of two replicas (the cluster stops until heal).
+    KillMajority,
+    /// `kill -9` of all three replicas at once, restarted together at heal.
+    KillAll,
+    /// SIGSTOP of the leader (SIGCONT at heal): a leader that comes back believing it leads.
+    PauseLeader,
+    /// SIGSTOP of a follower.
+    PauseFollower,
+}
+
+/// The `--faults` names this build implements, and the faults each selects.
+pub const FAULT_NAMES: &[(&str, &[Fault])] = &[
+    (
+        "kill",
+        &[
+            Fault::KillLeader,
+            Fault::KillFollower,
+            Fault::KillMajority,
+            Fault::KillAll,
+        ],
+    ),
+    ("pause", &[Fault::PauseLeader, Fault::PauseFollower]),
+];
+
+/// Fault names the issue asks for that this build does not inject yet.
+pub const NOT_YET: &[&str] = &[
+    "partition",
+    "loss",
+    "disk-full",
+    "clock-skew",
+    "wipe",
+    "membership",
+];
+
+/// Parses a `--faults` list.
+pub fn parse_faults(list: &str) -> anyhow::Result<Vec<Fault>> {
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if let Some((_, fs)) = FAULT_NAMES.iter().find(|(n, _)| *n == name) {
+            out.extend_from_slice(fs);
+        } else if NOT_YET.contains(&name) {
+            anyhow::bail!(
+                "fault {name:?} is not implemented yet (this build injects: kill, pause)"
+            );
+        } else {
+            anyhow::bail!("unknown fault {name:?} (this build injects: kill, pause)");
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("no faults selected");
+    }
+    Ok(out)
+}
+
+/// What a run does.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Seeds the fault schedule and the clients' operations.
+    pub seed: u64,
+    /// How long the workload runs under faults.
+    pub duration: Duration,
+    /// Where the cluster's data, logs, the history and the report go.
+    pub out: PathBuf,
+    /// The faults to draw from.
+    pub faults: Vec<Fault>,
+    /// The `flotilla` binary.
+    pub flotilla: PathBuf,
+    /// The workload's knobs.
+    pub workload: kv::Workload,
+    /// The command line that reproduces the run.
+    pub command: String,
+}
+
+/// One line of the fault timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimelineEvent {
+    /// Milliseconds since the workload started.
+    pub at_ms: u64,
+    /// What happened.
+    pub event: String,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// The command that reproduces the run.
+    pub command: String,
+    /// Seconds of workload under faults.
+    pub duration_seconds: f64,
+    /// Faults injected and healed.
+    pub timeline: Vec<TimelineEvent>,
+    /// Request outcomes.
+    pub requests: kv::Counts,
+    /// Operations in the checked history (final reads included).
+    pub operations: usize,
+    /// Per key: the checker's verdict.
+    pub verdicts: BTreeMap<String, Verdict>,
+    /// Whether all replicas held the same state at one revision.
+    pub state_identical: bool,
+    /// Everything that went wrong; empty on a passing run.
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    /// True when nothing went wrong.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// A human-readable summary.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        s += &format!(
+            "flotilla-chaos: seed {} — {}\n",
+            self.seed,
+            if self.passed() { "PASSED" } else { "FAILED" }
+        );
+        s += &format!("reproduce: {}\n\n", self.command);
+        s += &format!(
+            "{:.0} s of workload: {} answered, {} refused (no effect), {} indeterminate; {} operations checked\n\n",
+            self.duration_seconds,
+            self.requests.ok,
+            self.requests.refused,
+            self.requests.indeterminate,
+            self.operations
+        );
+        s += "timeline:\n";
+        for e in &self.timeline {
+            s += &format!("  {:>8.3} s  {}\n", e.at_ms as f64 / 1000.0, e.event);
+        }
+        s += "\nkeys:\n";
+        for (k, v) in &self.verdicts {
+            s += &format!("  {k}: {v:?}\n");
+        }
+        s += &format!("\nreplica state identical: {}\n", self.state_identical);
+        if !self.violations.is_empty() {
+            s += "\nviolations:\n";
+            for v in &self.violations {
+                s += &format!("  - {v}\n");
+            }
+        }
+        s
+    }
+}
+
+fn describe(f: Fault, ids: &[u64]) -> String {
+    let who = ids
+        .iter()
+        .map(|i| format!("replica {i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match f {
+        Fault::KillLeader => format!("kill -9 leader ({who})"),
+        Fault::KillFollower => format!("kill -9 follower ({who})"),
+        Fault::KillMajority => format!("kill -9 majority ({who})"),
+        Fault::KillAll => format!("kill -9 all ({who})"),
+        Fault::PauseLeader => format!("SIGSTOP leader ({who})"),
+        Fault::PauseFollower => format!("SIGSTOP follower ({who})"),
+    }
+}
+
+/// Runs one seeded chaos run and returns its report (also written to `opts.out`).
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let mut cluster = Cluster::start(&opts.flotilla, &opts.out)?;
+    let admin = Client::new(cluster.apis(), Duration::from_secs(2));
+    cluster
+        .wait_healthy(&admin, Duration::from_secs(60))
+        .await
+        .context("the cluster did not start")?;
+
+    let rec = Arc::new(kv::Recorder::default());
+    let start = Instant::now();
+    let until = start + opts.duration;
+    let clients: Vec<_> = (0..opts.workload.clients)
+        .map(|id| {
+            tokio::spawn(kv::run_client(
+                id,
+                opts.seed,
+                opts.workload.clone(),
+                cluster.apis(),
+                start,
+                until,
+                rec.clone(),
+            ))
+        })
+        .collect();
+
+    // The nemesis: healthy for 1–3 s, then one fault for 1–4 s, healed, and again.
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let mut timeline = Vec::new();
+    let mut note = |event: String| {
+        tracing::info!(%event, "nemesis");
+        timeline.push(TimelineEvent {
+            at_ms: start.elapsed().as_millis() as u64,
+            event,
+        });
+    };
+    loop {
+        let calm = Duration::from_millis(rng.gen_range(1000..3000));
+        let hold = Duration::from_millis(rng.gen_range(1000..4000));
+        if Instant::now() + calm + hold >= until {
+            break;
+        }
+        tokio::time::sleep(calm).await;
+        let fault = *opts.faults.choose(&mut rng).expect("faults are not empty");
+        let leader = cluster.leader(&admin).await;
+        let mut ids: Vec<u64> = vec![1, 2, 3];
+        ids.shuffle(&mut rng);
+        let leader = leader.unwrap_or(ids[0]);
+        let followers: Vec<u64> = ids.iter().copied().filter(|i| *i != leader).collect();
+        let victims: Vec<u64> = match fault {
+            Fault::KillLeader | Fault::PauseLeader => vec![leader],
+            Fault::KillFollower | Fault::PauseFollower => vec![followers[0]],
+            Fault::KillMajority => vec![leader, followers[0]],
+            Fault::KillAll => vec![1, 2, 3],
+        };
+        for &v in &victims {
+            match fault {
+                Fault::PauseLeader | Fault::PauseFollower => cluster.pause(v),
+                _ => cluster.kill(v),
+            }
+        }
+        note(describe(fault, &victims));
+        tokio::time::sleep(hold).await;
+        cluster.heal()?;
+        note("healed".into());
+    }
+    let left = until.saturating_duration_since(Instant::now());
+    tokio::time::sleep(left).await;
+    cluster.heal()?;
+    for c in clients {
+        c.await.context("a workload client panicked")?;
+    }
+    let duration_seconds = start.elapsed().as_secs_f64();
+
+    let mut violations = Vec::new();
+    let recovered = cluster.wait_healthy(&admin, Duration::from_secs(60)).await;
+    note(match &recovered {
+        Ok(l) => format!("recovered: replica {l} leads, every replica caught up"),
+        Err(e) => format!("not recovered: {e}"),
+    });
+    if let Err(e) = &recovered {
+        violations.push(e.to_string());
+    }
+
+    // Final reads: every key from every replica, in turn; they join the history, so an
+    // acknowledged write missing at the end is a linearizability violation.
+    let mut ops = std::mem::take(&mut *rec.ops.lock().expect("not poisoned"));
+    if recovered.is_ok() {
+        for k in 0..opts.workload.keys {
+            let key = format!("{}{k}", kv::PREFIX);
+            for r in &cluster.replicas {
+                let call_us = kv::micros(start);
+                match final_read(&admin, &r.api(), &key).await {
+                    Ok(v) => ops.push(Operation {
+                        client: 10_000 + r.id as u32,
+                        key: key.clone(),
+                        input: Input::Read,
+                        call_us,
+                        return_us: Some(kv::micros(start)),
+                        output: Output::Read(v),
+                    }),
+                    Err(e) => {
+                        violations.push(format!("final read of {key} from replica {}: {e}", r.id))
+                    }
+                }
+            }
+        }
+    }
+    let verdicts = linearizability::check(&ops);
+    for (k, v) in &verdicts {
+        match v {
+            Verdict::Linearizable => {}
+            Verdict::NotLinearizable {
+                longest_prefix,
+                stuck_at,
+            } => {
+                // Name the operations none of which could come next (indices are into the
+                // key's operations in history order).
+                let key_ops: Vec<&Operation> = ops.iter().filter(|o| &o.key == k).collect();
+                let stuck: Vec<String> = stuck_at
+                    .iter()
+                    .take(6)
+                    .filter_map(|i| key_ops.get(*i))
+                    .map(|o| {
+                        format!(
+                            "client {} {:?} → {:?} [{} µs, {}]",
+                            o.client,
+                            o.input,
+                            o.output,
+                            o.call_us,
+                            o.return_us
+                                .map(|r| format!("{r} µs"))
+                                .unwrap_or_else(|| "no answer".into())
+                        )
+                    })
+                    .collect();
+                violations.push(format!(
+                    "the history of {k} is not linearizable: the longest linearizable prefix has {longest_prefix} of its {} operations; none of these could come next: {}",
+                    key_ops.len(),
+                    stuck.join("; ")
+                ))
+            }
+            Verdict::Unknown => violations.push(format!(
+                "the checker could not decide {k} within its step budget"
+            )),
+        }
+    }
+    let state_identical = match (recovered.is_ok()).then_some(()) {
+        Some(()) => match same_state(&admin, &cluster.apis()).await {
+            Ok(()) => true,
+            Err(e) => {
+                violations.push(format!("replica state differs: {e}"));
+                false
+            }
+        },
+        None => false,
+    };
+
+    let requests = rec.counts.lock().expect("not poisoned").clone();
+    let report = Report {
+        seed: opts.seed,
+        command: opts.command.clone(),
+        duration_seconds,
+        timeline,
+        requests,
+        operations: ops.len(),
+        verdicts,
+        state_identical,
+        violations,
+    };
+    std::fs::write(opts.out.join("history.json"), serde_json::to_vec(&ops)?)?;
+    std::fs::write(
+        opts.out.join("report.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    std::fs::write(opts.out.join("summary.txt"), report.summary())?;
+    Ok(report)
+}
+
+/// A linearizable read, retried while refused (the cluster just recovered).
+async fn final_read(client: &Client, server: &str, key: &str) -> anyhow::Result<Option<String>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match kv::read(client, server, key).await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A key, the revision that last changed it, and its value.
+type Entry = (Vec<u8>, i64, Vec<u8>);
+
+/// Compares every replica's whole keyspace at one revision (local reads).
+async fn same_state(client: &Client, apis: &[String]) -> anyhow::Result<()> {
+    let all = |revision: i64, serializable: bool| RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        revision,
+        serializable,
+        ..Default::default()
+    };
+    let head: RangeResponse = client
+        .post_to(&apis[0], "/v3/kv/range", &all(0, false))
+        .await?;
+    let revision = head.header.revision;
+    let mut first: Option<Vec<Entry>> = None;
+    for api in apis {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let resp: RangeResponse = loop {
+            match client
+                .post_to(api, "/v3/kv/range", &all(revision, true))
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) if Instant::now() > deadline => {
+                    anyhow::bail!("{api} could not serve revision {revision}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let kvs: Vec<_> = resp
+            .kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.mod_revision, kv.value))
+            .collect();
+        match &first {
+            None => first = Some(kvs),
+            Some(f) if *f != kvs => {
+                anyhow::bail!(
+                    "{api} holds {} keys at revision {revision}, differing from {}'s {}",
+                    kvs.len(),
+                    apis[0],
+                    f.len()
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
