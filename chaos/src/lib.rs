@@ -18,6 +18,7 @@
 pub mod cluster;
 pub mod kv;
 pub mod linearizability;
+pub mod net;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -50,6 +51,29 @@ pub enum Fault {
     PauseLeader,
     /// SIGSTOP of a follower.
     PauseFollower,
+    /// The leader cut off from both followers (clients still reach it).
+    IsolateLeader,
+    /// One follower cut off from the other two.
+    IsolateFollower,
+    /// Packets from the leader to the followers dropped; theirs still reach it.
+    OneWayFromLeader,
+    /// Two replicas cut off from each other; the third (the bridge) still sees both.
+    Bridge,
+    /// 20% of the packets between every two replicas dropped at random.
+    Loss,
+}
+
+impl Fault {
+    fn is_network(self) -> bool {
+        matches!(
+            self,
+            Fault::IsolateLeader
+                | Fault::IsolateFollower
+                | Fault::OneWayFromLeader
+                | Fault::Bridge
+                | Fault::Loss
+        )
+    }
 }
 
 /// The `--faults` names this build implements, and the faults each selects.
@@ -64,17 +88,22 @@ pub const FAULT_NAMES: &[(&str, &[Fault])] = &[
         ],
     ),
     ("pause", &[Fault::PauseLeader, Fault::PauseFollower]),
+    (
+        "partition",
+        &[
+            Fault::IsolateLeader,
+            Fault::IsolateFollower,
+            Fault::OneWayFromLeader,
+            Fault::Bridge,
+        ],
+    ),
+    ("loss", &[Fault::Loss]),
 ];
 
 /// Fault names the issue asks for that this build does not inject yet.
-pub const NOT_YET: &[&str] = &[
-    "partition",
-    "loss",
-    "disk-full",
-    "clock-skew",
-    "wipe",
-    "membership",
-];
+pub const NOT_YET: &[&str] = &["disk-full", "clock-skew", "wipe", "membership"];
+
+const BUILT: &str = "kill, pause, partition, loss";
 
 /// Parses a `--faults` list.
 pub fn parse_faults(list: &str) -> anyhow::Result<Vec<Fault>> {
@@ -83,11 +112,9 @@ pub fn parse_faults(list: &str) -> anyhow::Result<Vec<Fault>> {
         if let Some((_, fs)) = FAULT_NAMES.iter().find(|(n, _)| *n == name) {
             out.extend_from_slice(fs);
         } else if NOT_YET.contains(&name) {
-            anyhow::bail!(
-                "fault {name:?} is not implemented yet (this build injects: kill, pause)"
-            );
+            anyhow::bail!("fault {name:?} is not implemented yet (this build injects: {BUILT})");
         } else {
-            anyhow::bail!("unknown fault {name:?} (this build injects: kill, pause)");
+            anyhow::bail!("unknown fault {name:?} (this build injects: {BUILT})");
         }
     }
     if out.is_empty() {
@@ -202,6 +229,15 @@ fn describe(f: Fault, ids: &[u64]) -> String {
         Fault::KillAll => format!("kill -9 all ({who})"),
         Fault::PauseLeader => format!("SIGSTOP leader ({who})"),
         Fault::PauseFollower => format!("SIGSTOP follower ({who})"),
+        Fault::IsolateLeader => format!("partition: leader isolated ({who})"),
+        Fault::IsolateFollower => format!("partition: follower isolated ({who})"),
+        Fault::OneWayFromLeader => {
+            format!("partition: leader's packets to the followers dropped ({who})")
+        }
+        Fault::Bridge => {
+            format!("partition: bridge ({who} cut from each other, the third sees both)")
+        }
+        Fault::Loss => "20% packet loss between all replicas".to_string(),
     }
 }
 
@@ -209,6 +245,13 @@ fn describe(f: Fault, ids: &[u64]) -> String {
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
+    // Network faults need iptables; checked (and rules of dead runs swept) before
+    // anything starts.
+    let mut net = if opts.faults.iter().any(|f| f.is_network()) {
+        Some(net::Net::new()?)
+    } else {
+        None
+    };
     let mut cluster = Cluster::start(&opts.flotilla, &opts.out)?;
     let admin = Client::new(cluster.apis(), Duration::from_secs(2));
     cluster
@@ -257,24 +300,60 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         let leader = leader.unwrap_or(ids[0]);
         let followers: Vec<u64> = ids.iter().copied().filter(|i| *i != leader).collect();
         let victims: Vec<u64> = match fault {
-            Fault::KillLeader | Fault::PauseLeader => vec![leader],
-            Fault::KillFollower | Fault::PauseFollower => vec![followers[0]],
+            Fault::KillLeader | Fault::PauseLeader | Fault::IsolateLeader => vec![leader],
+            Fault::OneWayFromLeader => vec![leader],
+            Fault::KillFollower | Fault::PauseFollower | Fault::IsolateFollower => {
+                vec![followers[0]]
+            }
             Fault::KillMajority => vec![leader, followers[0]],
-            Fault::KillAll => vec![1, 2, 3],
+            Fault::KillAll | Fault::Loss => vec![1, 2, 3],
+            // Two replicas that lose each other; the remaining one is the bridge.
+            Fault::Bridge => vec![ids[0], ids[1]],
         };
-        for &v in &victims {
-            match fault {
-                Fault::PauseLeader | Fault::PauseFollower => cluster.pause(v),
-                _ => cluster.kill(v),
+        let ip = |id: u64| cluster.replicas[(id - 1) as usize].ip.clone();
+        match fault {
+            Fault::PauseLeader | Fault::PauseFollower => {
+                victims.iter().for_each(|&v| cluster.pause(v))
+            }
+            Fault::KillLeader | Fault::KillFollower | Fault::KillMajority | Fault::KillAll => {
+                victims.iter().for_each(|&v| cluster.kill(v))
+            }
+            Fault::IsolateLeader | Fault::IsolateFollower => {
+                let n = net.as_mut().expect("network faults have iptables");
+                for other in (1..=3).filter(|i| *i != victims[0]) {
+                    n.cut(&ip(victims[0]), &ip(other))?;
+                }
+            }
+            Fault::OneWayFromLeader => {
+                let n = net.as_mut().expect("network faults have iptables");
+                for f in &followers {
+                    n.cut_one_way(&ip(leader), &ip(*f))?;
+                }
+            }
+            Fault::Bridge => {
+                let n = net.as_mut().expect("network faults have iptables");
+                n.cut(&ip(victims[0]), &ip(victims[1]))?;
+            }
+            Fault::Loss => {
+                let n = net.as_mut().expect("network faults have iptables");
+                for (a, b) in [(1, 2), (2, 3), (1, 3)] {
+                    n.lossy(&ip(a), &ip(b), 0.2)?;
+                }
             }
         }
         note(describe(fault, &victims));
         tokio::time::sleep(hold).await;
+        if let Some(n) = net.as_mut() {
+            n.heal();
+        }
         cluster.heal()?;
         note("healed".into());
     }
     let left = until.saturating_duration_since(Instant::now());
     tokio::time::sleep(left).await;
+    if let Some(n) = net.as_mut() {
+        n.heal();
+    }
     cluster.heal()?;
     for c in clients {
         c.await.context("a workload client panicked")?;

@@ -23,8 +23,10 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Faults to draw from: kill (leader, follower, majority, all), pause (leader,
-    /// follower).
-    #[arg(long, default_value = "kill,pause")]
+    /// follower), partition (leader isolated, follower isolated, one-way from the leader,
+    /// a bridge replica), loss (20% of packets between replicas). partition and loss need
+    /// iptables as root.
+    #[arg(long, default_value = "kill,pause,partition,loss")]
     faults: String,
     /// Workload: kv (registers with reads, writes and compare-and-swaps).
     #[arg(long, default_value = "kv")]

@@ -37,12 +37,19 @@ fn chaos(bin: &Path, out: &Path, args: &[&str]) -> (i32, serde_json::Value, Stri
 }
 
 #[test]
-fn a_seeded_run_with_kills_and_pauses_finds_nothing_wrong() {
+fn a_seeded_run_with_kills_pauses_and_partitions_finds_nothing_wrong() {
     let out = tempfile::tempdir().unwrap();
     let (code, report, text) = chaos(
         &flotilla(),
         out.path(),
-        &["--seed", "42", "--duration", "25", "--faults", "kill,pause"],
+        &[
+            "--seed",
+            "42",
+            "--duration",
+            "30",
+            "--faults",
+            "kill,pause,partition,loss",
+        ],
     );
     assert_eq!(code, 0, "{text}");
     assert_eq!(report["violations"], serde_json::json!([]), "{text}");
@@ -54,10 +61,23 @@ fn a_seeded_run_with_kills_and_pauses_finds_nothing_wrong() {
         .iter()
         .filter(|e| {
             let e = e["event"].as_str().unwrap_or("");
-            e.starts_with("kill") || e.starts_with("SIGSTOP")
+            e.starts_with("kill")
+                || e.starts_with("SIGSTOP")
+                || e.starts_with("partition")
+                || e.contains("packet loss")
         })
         .count();
-    assert!(faults >= 3, "at least three faults in 25 s: {text}");
+    assert!(faults >= 4, "at least four faults in 30 s: {text}");
+    // Every rule the run inserted is gone.
+    let rules = Command::new("iptables")
+        .args(["-w", "-S", "INPUT"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        !rules.contains("flotilla-chaos-"),
+        "rules left behind: {rules}"
+    );
     assert!(report["requests"]["ok"].as_u64().unwrap() > 500, "{text}");
     assert!(report["operations"].as_u64().unwrap() > 500, "{text}");
     for key in ["chaos/0", "chaos/1", "chaos/2", "chaos/3"] {
@@ -75,7 +95,7 @@ fn a_seeded_run_with_kills_and_pauses_finds_nothing_wrong() {
 #[test]
 fn bad_flags_are_refused_before_anything_starts() {
     let out = tempfile::tempdir().unwrap();
-    let (code, _, text) = chaos(&flotilla(), out.path(), &["--faults", "partition"]);
+    let (code, _, text) = chaos(&flotilla(), out.path(), &["--faults", "disk-full"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("not implemented yet"), "{text}");
     let (code, _, text) = chaos(&flotilla(), out.path(), &["--faults", "meteor"]);
