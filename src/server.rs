@@ -210,12 +210,24 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Duration::from_secs(2),
     ));
 
-    wait_for_signal().await;
-    tracing::info!("shutting down");
+    // A fatal Raft error (a storage write failed: a full disk, an I/O error) leaves the
+    // replica unable to serve or recover; it exits non-zero so it is restarted once the
+    // cause is fixed, rather than lingering half-alive.
+    let fatal = tokio::select! {
+        _ = wait_for_signal() => None,
+        e = replica.fatal() => Some(e),
+    };
+    match &fatal {
+        None => tracing::info!("shutting down"),
+        Some(e) => tracing::error!(error = %e, "raft stopped on a fatal error; exiting"),
+    }
     shutdown.cancel();
     let _ = control.await;
     let _ = server.await;
     replica.shutdown().await;
+    if let Some(e) = fatal {
+        bail!("raft stopped on a fatal error: {e}");
+    }
     tracing::info!("stopped");
     Ok(())
 }

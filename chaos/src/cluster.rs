@@ -16,6 +16,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::Rng;
 
+/// Size of each replica's tmpfs when disk faults are on.
+const TMPFS_MIB: u64 = 256;
+/// Debian's libfaketime (package `faketime`).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
 const API_PORT: u16 = 2379;
 const PEER_PORT: u16 = 2380;
 
@@ -29,6 +34,12 @@ pub struct Replica {
     pub data_dir: PathBuf,
     child: Option<Child>,
     paused: bool,
+    /// Runs under libfaketime with this wall-clock offset.
+    skew: Option<String>,
+    /// Its data directory is a tmpfs mounted by this cluster.
+    mounted: bool,
+    /// A filler file that exhausts its tmpfs.
+    filler: Option<PathBuf>,
 }
 
 impl Replica {
@@ -69,8 +80,9 @@ fn free_prefix() -> String {
 }
 
 impl Cluster {
-    /// Starts three replicas of `bin` with their data under `dir`.
-    pub fn start(bin: &Path, dir: &Path) -> anyhow::Result<Cluster> {
+    /// Starts three replicas of `bin` with their data under `dir`, each data directory on
+    /// its own small tmpfs when `tmpfs` (so a disk can be filled).
+    pub fn start(bin: &Path, dir: &Path, tmpfs: bool) -> anyhow::Result<Cluster> {
         let prefix = free_prefix();
         let initial_cluster = (1..=3)
             .map(|id| format!("{id}={prefix}.{id}:{PEER_PORT}"))
@@ -86,9 +98,29 @@ impl Cluster {
                     data_dir: dir.join(format!("replica-{id}")),
                     child: None,
                     paused: false,
+                    skew: None,
+                    mounted: false,
+                    filler: None,
                 })
                 .collect(),
         };
+        if tmpfs {
+            for r in &mut c.replicas {
+                std::fs::create_dir_all(&r.data_dir)?;
+                let out = Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", &format!("size={TMPFS_MIB}m"), "tmpfs"])
+                    .arg(&r.data_dir)
+                    .output()
+                    .context("running mount")?;
+                if !out.status.success() {
+                    bail!(
+                        "disk faults need a tmpfs per replica (root): mount: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+                r.mounted = true;
+            }
+        }
         for id in 1..=3 {
             c.launch(id)?;
         }
@@ -116,7 +148,14 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(r.data_dir.with_extension("log"))?;
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if let Some(offset) = &r.skew {
+            cmd.env("LD_PRELOAD", LIBFAKETIME)
+                .env("FAKETIME", offset)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_NO_CACHE", "1");
+        }
+        let child = cmd
             .arg("server")
             .args(["--id", &id.to_string()])
             .arg("--data-dir")
@@ -124,6 +163,9 @@ impl Cluster {
             .args(["--listen-api", &r.api()])
             .args(["--listen-peer", &r.peer()])
             .args(["--initial-cluster", &initial])
+            // Snapshots every 1,000 entries (etcd's robustness tests do likewise): a run
+            // builds, purges and installs many, under the faults.
+            .args(["--snapshot-count", "1000"])
             .env(
                 "FLOTILLA_LOG",
                 "info,openraft=warn,openraft::replication=off",
@@ -166,17 +208,62 @@ impl Cluster {
         r.paused = false;
     }
 
-    /// Ends every fault: paused replicas resume, stopped ones start again.
-    pub fn heal(&mut self) -> anyhow::Result<()> {
+    /// Restarts replica `id` with its wall clock offset by `offset` (libfaketime syntax,
+    /// e.g. `+1h`); monotonic clocks, which Raft's timers use, are left alone.
+    pub fn restart_skewed(&mut self, id: u64, offset: &str) -> anyhow::Result<()> {
+        if !Path::new(LIBFAKETIME).is_file() {
+            bail!("clock skew needs libfaketime (apt-get install faketime): no {LIBFAKETIME}");
+        }
+        self.kill(id);
+        self.slot(id).skew = Some(offset.to_string());
+        self.launch(id)
+    }
+
+    /// Fills replica `id`'s tmpfs: its next writes fail with ENOSPC.
+    pub fn fill_disk(&mut self, id: u64) -> anyhow::Result<()> {
+        use std::io::Write;
+        let r = self.slot(id);
+        if !r.mounted {
+            bail!("replica {id}'s data directory is not a tmpfs of this run");
+        }
+        let path = r.data_dir.join("chaos-filler");
+        let mut f = std::fs::File::create(&path)?;
+        r.filler = Some(path);
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        // Whatever the last partial chunk left, in small pieces.
+        while f.write_all(&chunk[..4096]).is_ok() {}
+        Ok(())
+    }
+
+    /// Ends every fault: paused replicas resume, disks are freed, skewed clocks are put
+    /// right (by a restart), and replicas that were stopped or have exited start again.
+    /// Returns what it found: replicas that had exited on their own, with their status.
+    pub fn heal(&mut self) -> anyhow::Result<Vec<String>> {
+        let mut found = Vec::new();
         for id in 1..=3 {
             if self.slot(id).paused {
                 self.resume(id);
+            }
+            if let Some(f) = self.slot(id).filler.take() {
+                let _ = std::fs::remove_file(f);
+            }
+            if self.slot(id).skew.is_some() {
+                self.kill(id);
+                self.slot(id).skew = None;
+            }
+            let r = self.slot(id);
+            if let Some(child) = r.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    found.push(format!("replica {id} had exited by itself ({status})"));
+                    r.child = None;
+                }
             }
             if !self.slot(id).running() {
                 self.launch(id)?;
             }
         }
-        Ok(())
+        Ok(found)
     }
 
     /// Asks replica `id` for its status.
@@ -237,6 +324,11 @@ impl Drop for Cluster {
                 }
                 let _ = child.kill();
                 let _ = child.wait();
+            }
+            if r.mounted {
+                // The data goes with the tmpfs; the logs (outside it) stay.
+                let _ = Command::new("umount").arg(&r.data_dir).status();
+                r.mounted = false;
             }
         }
     }

@@ -186,6 +186,7 @@ pub async fn run_client(
         };
         rec.ops.lock().expect("not poisoned").push(Operation {
             client: id,
+            server: server.clone(),
             key,
             input,
             call_us,

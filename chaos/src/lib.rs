@@ -61,6 +61,10 @@ pub enum Fault {
     Bridge,
     /// 20% of the packets between every two replicas dropped at random.
     Loss,
+    /// One replica's disk (its tmpfs) filled: its writes fail with ENOSPC.
+    DiskFull,
+    /// One replica restarted with its wall clock skewed (libfaketime).
+    ClockSkew,
 }
 
 impl Fault {
@@ -98,12 +102,14 @@ pub const FAULT_NAMES: &[(&str, &[Fault])] = &[
         ],
     ),
     ("loss", &[Fault::Loss]),
+    ("disk-full", &[Fault::DiskFull]),
+    ("clock-skew", &[Fault::ClockSkew]),
 ];
 
 /// Fault names the issue asks for that this build does not inject yet.
-pub const NOT_YET: &[&str] = &["disk-full", "clock-skew", "wipe", "membership"];
+pub const NOT_YET: &[&str] = &["wipe", "membership"];
 
-const BUILT: &str = "kill, pause, partition, loss";
+const BUILT: &str = "kill, pause, partition, loss, disk-full, clock-skew";
 
 /// Parses a `--faults` list.
 pub fn parse_faults(list: &str) -> anyhow::Result<Vec<Fault>> {
@@ -238,6 +244,8 @@ fn describe(f: Fault, ids: &[u64]) -> String {
             format!("partition: bridge ({who} cut from each other, the third sees both)")
         }
         Fault::Loss => "20% packet loss between all replicas".to_string(),
+        Fault::DiskFull => format!("disk full ({who})"),
+        Fault::ClockSkew => format!("clock skewed ({who})"),
     }
 }
 
@@ -252,7 +260,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     } else {
         None
     };
-    let mut cluster = Cluster::start(&opts.flotilla, &opts.out)?;
+    let tmpfs = opts.faults.contains(&Fault::DiskFull);
+    let mut cluster = Cluster::start(&opts.flotilla, &opts.out, tmpfs)?;
     let admin = Client::new(cluster.apis(), Duration::from_secs(2));
     cluster
         .wait_healthy(&admin, Duration::from_secs(60))
@@ -307,11 +316,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             }
             Fault::KillMajority => vec![leader, followers[0]],
             Fault::KillAll | Fault::Loss => vec![1, 2, 3],
+            Fault::DiskFull | Fault::ClockSkew => vec![ids[0]],
             // Two replicas that lose each other; the remaining one is the bridge.
             Fault::Bridge => vec![ids[0], ids[1]],
         };
         let ip = |id: u64| cluster.replicas[(id - 1) as usize].ip.clone();
         match fault {
+            Fault::DiskFull | Fault::ClockSkew => {}
             Fault::PauseLeader | Fault::PauseFollower => {
                 victims.iter().for_each(|&v| cluster.pause(v))
             }
@@ -341,12 +352,26 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 }
             }
         }
-        note(describe(fault, &victims));
+        let mut what = describe(fault, &victims);
+        match fault {
+            Fault::DiskFull => cluster.fill_disk(victims[0])?,
+            Fault::ClockSkew => {
+                let offset = *["+90s", "-90s", "+2h", "-2h", "+1d"]
+                    .choose(&mut rng)
+                    .expect("not empty");
+                cluster.restart_skewed(victims[0], offset)?;
+                what = format!("{what} by {offset}");
+            }
+            _ => {}
+        }
+        note(what);
         tokio::time::sleep(hold).await;
         if let Some(n) = net.as_mut() {
             n.heal();
         }
-        cluster.heal()?;
+        for found in cluster.heal()? {
+            note(found);
+        }
         note("healed".into());
     }
     let left = until.saturating_duration_since(Instant::now());
@@ -354,7 +379,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     if let Some(n) = net.as_mut() {
         n.heal();
     }
-    cluster.heal()?;
+    for found in cluster.heal()? {
+        note(found);
+    }
     for c in clients {
         c.await.context("a workload client panicked")?;
     }
@@ -381,6 +408,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 match final_read(&admin, &r.api(), &key).await {
                     Ok(v) => ops.push(Operation {
                         client: 10_000 + r.id as u32,
+                        server: r.api(),
                         key: key.clone(),
                         input: Input::Read,
                         call_us,
@@ -411,8 +439,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                     .filter_map(|i| key_ops.get(*i))
                     .map(|o| {
                         format!(
-                            "client {} {:?} → {:?} [{} µs, {}]",
+                            "client {} via {} {:?} → {:?} [{} µs, {}]",
                             o.client,
+                            o.server,
                             o.input,
                             o.output,
                             o.call_us,

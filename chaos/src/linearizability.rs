@@ -54,6 +54,9 @@ pub enum Output {
 pub struct Operation {
     /// The client that made it (a client has one operation outstanding at a time).
     pub client: u32,
+    /// The replica it was sent to (for the report; the checker ignores it).
+    #[serde(default)]
+    pub server: String,
     /// The key.
     pub key: String,
     /// What was asked.
@@ -279,6 +282,7 @@ mod tests {
     fn op(client: u32, input: Input, call: u64, ret: Option<u64>, output: Output) -> Operation {
         Operation {
             client,
+            server: String::new(),
             key: "k".into(),
             input,
             call_us: call,

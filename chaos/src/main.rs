@@ -24,9 +24,10 @@ struct Args {
     out: Option<PathBuf>,
     /// Faults to draw from: kill (leader, follower, majority, all), pause (leader,
     /// follower), partition (leader isolated, follower isolated, one-way from the leader,
-    /// a bridge replica), loss (20% of packets between replicas). partition and loss need
-    /// iptables as root.
-    #[arg(long, default_value = "kill,pause,partition,loss")]
+    /// a bridge replica), loss (20% of packets between replicas), disk-full (a replica's
+    /// tmpfs filled), clock-skew (a replica restarted under libfaketime). partition, loss
+    /// and disk-full need root (iptables, mount).
+    #[arg(long, default_value = "kill,pause,partition,loss,disk-full,clock-skew")]
     faults: String,
     /// Workload: kv (registers with reads, writes and compare-and-swaps).
     #[arg(long, default_value = "kv")]

@@ -1,5 +1,5 @@
 //! The chaos suite as CI runs it: short seeded runs against real clusters. A correct build
-//! passes under kills and pauses; a build with a planted stale-read bug is caught.
+//! passes under every fault built so far; a build with a planted stale-read bug is caught.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,7 +37,7 @@ fn chaos(bin: &Path, out: &Path, args: &[&str]) -> (i32, serde_json::Value, Stri
 }
 
 #[test]
-fn a_seeded_run_with_kills_pauses_and_partitions_finds_nothing_wrong() {
+fn a_seeded_run_with_every_built_fault_finds_nothing_wrong() {
     let out = tempfile::tempdir().unwrap();
     let (code, report, text) = chaos(
         &flotilla(),
@@ -48,7 +48,7 @@ fn a_seeded_run_with_kills_pauses_and_partitions_finds_nothing_wrong() {
             "--duration",
             "30",
             "--faults",
-            "kill,pause,partition,loss",
+            "kill,pause,partition,loss,disk-full,clock-skew",
         ],
     );
     assert_eq!(code, 0, "{text}");
@@ -61,9 +61,9 @@ fn a_seeded_run_with_kills_pauses_and_partitions_finds_nothing_wrong() {
         .iter()
         .filter(|e| {
             let e = e["event"].as_str().unwrap_or("");
-            e.starts_with("kill")
-                || e.starts_with("SIGSTOP")
-                || e.starts_with("partition")
+            ["kill", "SIGSTOP", "partition", "disk full", "clock skewed"]
+                .iter()
+                .any(|p| e.starts_with(p))
                 || e.contains("packet loss")
         })
         .count();
@@ -77,6 +77,12 @@ fn a_seeded_run_with_kills_pauses_and_partitions_finds_nothing_wrong() {
     assert!(
         !rules.contains("flotilla-chaos-"),
         "rules left behind: {rules}"
+    );
+    // And every tmpfs it mounted.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        !mounts.contains(out.path().to_str().unwrap()),
+        "mounts left behind: {mounts}"
     );
     assert!(report["requests"]["ok"].as_u64().unwrap() > 500, "{text}");
     assert!(report["operations"].as_u64().unwrap() > 500, "{text}");
@@ -95,7 +101,7 @@ fn a_seeded_run_with_kills_pauses_and_partitions_finds_nothing_wrong() {
 #[test]
 fn bad_flags_are_refused_before_anything_starts() {
     let out = tempfile::tempdir().unwrap();
-    let (code, _, text) = chaos(&flotilla(), out.path(), &["--faults", "disk-full"]);
+    let (code, _, text) = chaos(&flotilla(), out.path(), &["--faults", "wipe"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("not implemented yet"), "{text}");
     let (code, _, text) = chaos(&flotilla(), out.path(), &["--faults", "meteor"]);

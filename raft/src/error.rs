@@ -69,6 +69,11 @@ pub enum Error {
     /// Unexpected internal failure.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The replica stopped (a fatal storage error, a shutdown) after the request was
+    /// proposed: it may have been replicated and committed by the next leader, so its
+    /// outcome is unknown. Never `503`, which promises nothing was applied.
+    #[error("{0}; the request may or may not have been applied")]
+    Interrupted(String),
 }
 
 impl Error {

@@ -499,6 +499,23 @@ impl Replica {
     }
 
     /// Stops Raft, the peer listener and the store.
+    /// Resolves when Raft has stopped on a fatal error, such as a storage write that failed
+    /// (a full disk), with that error. A replica in that state serves nothing and never
+    /// recovers by itself: its process should exit, so it is restarted once the cause is
+    /// fixed (etcd exits likewise).
+    pub async fn fatal(&self) -> String {
+        let mut metrics = self.inner.raft.metrics();
+        loop {
+            if let Err(e) = &metrics.borrow_and_update().running_state {
+                return e.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".into();
+            }
+        }
+    }
+
+    /// Stops Raft and closes the store.
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         if let Err(e) = self.inner.raft.shutdown().await {
@@ -713,7 +730,12 @@ impl Replica {
             Err(_) => Err(Error::Timeout {
                 millis: timeout.as_millis() as u64,
             }),
-            Ok(Err(_)) => Err(Error::Stopped("raft dropped the proposal".into())),
+            // Proposed, then Raft stopped before answering (found by the chaos suite: a
+            // leader whose disk filled died after replicating the entry, and the next
+            // leader committed it). Not "stopped", which would promise it was not applied.
+            Ok(Err(_)) => Err(Error::Interrupted(
+                "raft stopped after the request was proposed".into(),
+            )),
             Ok(Ok(Ok(resp))) => Ok(resp.data),
             Ok(Ok(Err(e))) => Err(map_write_error(RaftError::APIError(e))),
         }

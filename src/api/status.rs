@@ -330,7 +330,9 @@ impl From<flotilla_raft::Error> for KubeError {
             | R::NotLeader { .. }
             | R::Unreachable { .. }
             | R::Stopped(_) => KubeError::unavailable(e.to_string()),
-            R::Timeout { .. } | R::QuorumLost { .. } => KubeError::timeout(e.to_string()),
+            R::Timeout { .. } | R::QuorumLost { .. } | R::Interrupted(_) => {
+                KubeError::timeout(e.to_string())
+            }
             R::Apply(flotilla_raft::ApplyError::Compacted {
                 requested,
                 compact_revision,

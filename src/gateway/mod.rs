@@ -83,7 +83,9 @@ impl ApiError {
                 | R::NotLeader { .. }
                 | R::Unreachable { .. }
                 | R::Stopped(_) => (StatusCode::SERVICE_UNAVAILABLE, 14),
-                R::Timeout { .. } | R::QuorumLost { .. } => (StatusCode::GATEWAY_TIMEOUT, 4),
+                R::Timeout { .. } | R::QuorumLost { .. } | R::Interrupted(_) => {
+                    (StatusCode::GATEWAY_TIMEOUT, 4)
+                }
                 R::Apply(ApplyError::Compacted { .. }) => (StatusCode::GONE, 11),
                 R::Apply(ApplyError::FutureRevision { .. }) => (StatusCode::BAD_REQUEST, 11),
                 R::Apply(ApplyError::Invalid(_)) | R::Invalid(_) => (StatusCode::BAD_REQUEST, 3),
