@@ -171,11 +171,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         &args.service_node_port_range,
     )
     .map_err(anyhow::Error::msg)?;
-    let kube = Arc::new(crate::api::Kube::new(
-        crate::api::objects::Objects::new(replica.clone()),
-        shutdown.clone(),
-        ranges,
-    ));
+    let kube = Arc::new(
+        crate::api::Kube::new(
+            crate::api::objects::Objects::new(replica.clone()),
+            shutdown.clone(),
+            ranges,
+        )
+        .with_metrics(metrics.clone()),
+    );
     // The leader's control loops (controllers, scheduler, system namespaces).
     crate::api::kinds::set_default_toleration_seconds(
         args.default_not_ready_toleration_seconds,

@@ -1039,6 +1039,23 @@ async fn kubectl_sorts_names_json_patches_waits_and_deletes_by_selector() {
         .unwrap();
     assert_eq!(resp.status(), 201);
     kf.ok(&["delete", "po", "slow", "--wait=false"]);
+    // Open watches on the waiter's replica: the force delete below waits until the
+    // waiter's own watch is open, so it sees the deletion happen (started after it, kubectl
+    // would find no pod and print nothing).
+    let api = c.replica(follower).api();
+    let metrics = flotilla::client::Client::new(vec![api.clone()], Duration::from_secs(5));
+    let open_watches = || async {
+        let (_, text) = metrics.get_text(&api, "/metrics").await.ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("flotilla_api_watches_open "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let before = wait_for(
+        Duration::from_secs(10),
+        "the open watch count",
+        open_watches,
+    )
+    .await;
     let waiter = {
         let server = kf.server.clone();
         let cache = c.dir.path().join("kube-cache-wait");
@@ -1056,6 +1073,12 @@ async fn kubectl_sorts_names_json_patches_waits_and_deletes_by_selector() {
     // The pod is still there (Terminating) while the waiter waits; the agent's final
     // delete (grace 0) releases it.
     assert!(kl.ok(&["get", "po", "slow"]).contains("Terminating"));
+    wait_for(
+        Duration::from_secs(20),
+        "kubectl wait's watch to open",
+        || async { open_watches().await.filter(|n| *n > before) },
+    )
+    .await;
     kl.ok(&["delete", "po", "slow", "--grace-period=0", "--force"]);
     let out = waiter.join().unwrap();
     assert!(

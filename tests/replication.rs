@@ -304,3 +304,140 @@ async fn a_paused_leader_is_replaced_and_steps_down_when_resumed() {
     let got = get(&c.client_for(old), "during", false).await.unwrap();
     assert_eq!(got.unwrap().value, b"2");
 }
+
+/// A tmpfs mounted on a directory for the test's lifetime (unmounted on drop, also when
+/// the test panics; the replica using it must be stopped first).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(
+            ok,
+            "mount -t tmpfs on {} failed (root needed)",
+            dir.display()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Writes a file until the filesystem is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(&chunk[..4096]).is_ok() {}
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("filler")).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Found by the chaos suite (`docs/chaos.md`): a leader whose disk filled stopped Raft but
+/// stayed up without serving, and answered a write it had already replicated with 503
+/// ("certainly not applied") although the next leader committed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_disk_fills_up_exits_and_no_refused_write_is_applied() {
+    let mut c = Cluster::new(3, &["--snapshot-count", "20"]);
+    let disks: Vec<Tmpfs> = (1..=3)
+        .map(|id| Tmpfs::mount(&c.replica(id).data_dir, "64m"))
+        .collect();
+    for id in 1..=3 {
+        c.launch(id, &[]);
+    }
+    let leader = c.wait_leader().await;
+    disks[(leader - 1) as usize].fill();
+    // Writes through every replica until the full leader has died and a new leader has
+    // taken 20 more. Each answer is classified as the API promises.
+    let client = c.client();
+    let mut acked = Vec::new();
+    let mut refused = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut exited = None;
+    let mut after_exit = 0;
+    for i in 0.. {
+        assert!(
+            Instant::now() < deadline,
+            "within 60 s the leader with a full disk did not exit, or no new leader took writes \
+             (exited: {exited:?}, {} acknowledged)",
+            acked.len()
+        );
+        let key = format!("full/{i:05}");
+        let req = flotilla::gateway::json::PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        };
+        match client
+            .post::<_, flotilla::gateway::json::PutResponse>("/v3/kv/put", &req)
+            .await
+        {
+            Ok(_) => {
+                acked.push(key);
+                if exited.is_some() {
+                    after_exit += 1;
+                }
+            }
+            Err(flotilla::client::ClientError::Api { status: 503, .. })
+            | Err(flotilla::client::ClientError::Unavailable(_)) => refused.push(key),
+            Err(_) => {} // indeterminate: may or may not be there
+        }
+        if exited.is_none() {
+            let r = &mut c.replicas[(leader - 1) as usize];
+            exited = r.child.as_mut().unwrap().try_wait().unwrap();
+            if exited.is_some() {
+                r.child = None;
+            }
+        }
+        if after_exit >= 20 {
+            break;
+        }
+    }
+    let status = exited.unwrap();
+    assert!(
+        !status.success(),
+        "a replica that cannot write exits non-zero: {status}"
+    );
+    let log = std::fs::read_to_string(c.replica(leader).data_dir.with_extension("log")).unwrap();
+    assert!(log.contains("raft stopped on a fatal error"), "{log}");
+    // Space freed, it comes back and catches up.
+    disks[(leader - 1) as usize].free();
+    c.launch(leader, &[]);
+    c.wait_leader().await;
+    let client = c.client_for(leader);
+    for key in &acked {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{key} on the restarted replica"),
+            || async { get(&client, key, true).await.ok().flatten().map(|_| ()) },
+        )
+        .await;
+    }
+    let client = c.client();
+    for key in &refused {
+        assert!(
+            get(&client, key, false).await.unwrap().is_none(),
+            "{key} was refused with 503 (certainly not applied), yet it is there"
+        );
+    }
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    drop(disks);
+}

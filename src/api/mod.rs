@@ -172,6 +172,8 @@ pub struct Kube {
     pub(crate) ranges: services::Ranges,
     /// Store events decoded once for every watcher of this replica.
     pub(crate) events: watch::EventCache,
+    /// Where open watch streams are counted (`flotilla_api_watches_open`).
+    pub(crate) metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// A parsed request: what handlers need besides the body.
@@ -333,7 +335,14 @@ impl Kube {
             shutdown,
             ranges,
             events: watch::EventCache::default(),
+            metrics: None,
         }
+    }
+
+    /// Counts this API's open watch streams in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Kube {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// A copy of this API whose writes are fenced to `term` (proposed on this replica only,
@@ -344,6 +353,7 @@ impl Kube {
             shutdown: self.shutdown.clone(),
             ranges: self.ranges,
             events: watch::EventCache::default(),
+            metrics: None,
         }
     }
 

@@ -174,7 +174,11 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
 
     let (tx, body) = h::channel_body(64);
     let r = call.r;
+    if let Some(m) = &kube.metrics {
+        m.watch_opened();
+    }
     tokio::spawn(async move {
+        let _open = kube.metrics.as_ref().map(|m| m.watch_guard());
         let wrap = |obj: Value| -> Value {
             if !as_table {
                 return obj;
