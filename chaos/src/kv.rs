@@ -89,6 +89,29 @@ pub async fn read(client: &Client, server: &str, key: &str) -> Result<Option<Str
         .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
 }
 
+/// The revision of the last change under [`PREFIX`] (the workload never deletes, so it is
+/// the newest key's mod revision), read linearizably from `server`, retried while refused.
+pub async fn head_revision(client: &Client, server: &str) -> Result<i64, ClientError> {
+    let mut end = PREFIX.as_bytes().to_vec();
+    *end.last_mut().expect("prefix is not empty") += 1;
+    let req = RangeRequest {
+        key: PREFIX.as_bytes().to_vec(),
+        range_end: end,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client
+            .post_to::<_, RangeResponse>(server, "/v3/kv/range", &req)
+            .await
+        {
+            Ok(r) => return Ok(r.kvs.iter().map(|kv| kv.mod_revision).max().unwrap_or(0)),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// Runs client `id` until `until`, recording into `rec`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_client(

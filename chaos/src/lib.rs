@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod kv;
 pub mod linearizability;
 pub mod net;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -144,8 +145,19 @@ pub struct Options {
     pub flotilla: PathBuf,
     /// The workload's knobs.
     pub workload: kv::Workload,
+    /// Watchers of the `watch` workload (0: no watch workload).
+    pub watchers: u32,
     /// The command line that reproduces the run.
     pub command: String,
+}
+
+/// What one watcher did.
+#[derive(Debug, Clone, Serialize)]
+pub struct WatcherSummary {
+    /// Streams opened (1 + reconnections).
+    pub streams: u32,
+    /// Events received.
+    pub events: usize,
 }
 
 /// One line of the fault timeline.
@@ -176,6 +188,10 @@ pub struct Report {
     pub verdicts: BTreeMap<String, Verdict>,
     /// Whether all replicas held the same state at one revision.
     pub state_identical: bool,
+    /// The watch workload, if it ran: per watcher, streams opened and events received.
+    pub watchers: Vec<WatcherSummary>,
+    /// Events in the reference history the watchers were checked against.
+    pub watch_reference_events: usize,
     /// Everything that went wrong; empty on a passing run.
     pub violations: Vec<String>,
 }
@@ -212,6 +228,18 @@ impl Report {
             s += &format!("  {k}: {v:?}\n");
         }
         s += &format!("\nreplica state identical: {}\n", self.state_identical);
+        if !self.watchers.is_empty() {
+            s += &format!(
+                "watchers: {} against a reference of {} events: {}\n",
+                self.watchers.len(),
+                self.watch_reference_events,
+                self.watchers
+                    .iter()
+                    .map(|w| format!("{} events over {} streams", w.events, w.streams))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
         if !self.violations.is_empty() {
             s += "\nviolations:\n";
             for v in &self.violations {
@@ -281,6 +309,17 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 start,
                 until,
                 rec.clone(),
+            ))
+        })
+        .collect();
+    let watchers: Vec<_> = (0..opts.watchers)
+        .map(|id| {
+            tokio::spawn(watch::run_watcher(
+                id,
+                opts.seed,
+                cluster.apis(),
+                until,
+                opts.workload.timeout,
             ))
         })
         .collect();
@@ -385,6 +424,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     for c in clients {
         c.await.context("a workload client panicked")?;
     }
+    let mut watched = Vec::new();
+    for w in watchers {
+        watched.push(w.await.context("a watcher panicked")?);
+    }
     let duration_seconds = start.elapsed().as_secs_f64();
 
     let mut violations = Vec::new();
@@ -473,6 +516,45 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         None => false,
     };
 
+    // Watches: each watcher reads on to the head revision, and is compared with the
+    // reference history read from revision 1.
+    let mut watcher_summaries = Vec::new();
+    let mut watch_reference_events = 0;
+    if !watched.is_empty() && recovered.is_ok() {
+        let head = match kv::head_revision(&admin, &cluster.apis()[0]).await {
+            Ok(h) => h,
+            Err(e) => {
+                violations.push(format!("reading the head revision: {e}"));
+                0
+            }
+        };
+        match watch::reference(&cluster.apis(), head).await {
+            Err(e) => violations.push(format!("reading the reference history: {e}")),
+            Ok(truth) => {
+                watch_reference_events = truth.len();
+                for (id, (mut got, next)) in watched.into_iter().enumerate() {
+                    let id = id as u32;
+                    if let Err(e) = watch::catch_up(
+                        &cluster.apis(),
+                        &mut got,
+                        next,
+                        head,
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    {
+                        violations.push(format!("watcher {id}: {e}"));
+                    }
+                    violations.extend(watch::check(id, &got, &truth, head));
+                    watcher_summaries.push(WatcherSummary {
+                        streams: got.streams,
+                        events: got.events.len(),
+                    });
+                }
+            }
+        }
+    }
+
     let requests = rec.counts.lock().expect("not poisoned").clone();
     let report = Report {
         seed: opts.seed,
@@ -483,6 +565,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         operations: ops.len(),
         verdicts,
         state_identical,
+        watchers: watcher_summaries,
+        watch_reference_events,
         violations,
     };
     std::fs::write(opts.out.join("history.json"), serde_json::to_vec(&ops)?)?;

@@ -29,9 +29,13 @@ struct Args {
     /// and disk-full need root (iptables, mount).
     #[arg(long, default_value = "kill,pause,partition,loss,disk-full,clock-skew")]
     faults: String,
-    /// Workload: kv (registers with reads, writes and compare-and-swaps).
-    #[arg(long, default_value = "kv")]
+    /// Workloads: kv (registers with reads, writes and compare-and-swaps), watch (watchers
+    /// of the kv keys, resuming through random replicas; implies kv).
+    #[arg(long, default_value = "kv,watch")]
     workload: String,
+    /// Watchers of the watch workload.
+    #[arg(long, default_value_t = 3)]
+    watchers: u32,
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     clients: u32,
@@ -65,11 +69,21 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<bool> {
-    if args.workload != "kv" {
-        anyhow::bail!(
-            "workload {:?} is not implemented yet (this build runs: kv)",
-            args.workload
-        );
+    let mut watch = false;
+    for w in args
+        .workload
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+    {
+        match w {
+            "kv" => {}
+            "watch" => watch = true,
+            "k8s" => anyhow::bail!(
+                "workload \"k8s\" is not implemented yet (this build runs: kv, watch)"
+            ),
+            other => anyhow::bail!("unknown workload {other:?} (this build runs: kv, watch)"),
+        }
     }
     let faults = flotilla_chaos::parse_faults(&args.faults)?;
     let seed = args.seed.unwrap_or_else(rand::random);
@@ -90,8 +104,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
         );
     }
     let command = format!(
-        "flotilla-chaos --seed {seed} --duration {} --faults {} --workload {} --clients {} --keys {} --timeout-ms {}",
-        args.duration, args.faults, args.workload, args.clients, args.keys, args.timeout_ms
+        "flotilla-chaos --seed {seed} --duration {} --faults {} --workload {} --clients {} --keys {} --watchers {} --timeout-ms {}",
+        args.duration, args.faults, args.workload, args.clients, args.keys, args.watchers, args.timeout_ms
     );
     eprintln!(
         "seed {seed}; output in {}\nreproduce: {command}",
@@ -108,6 +122,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             keys: args.keys,
             timeout: Duration::from_millis(args.timeout_ms),
         },
+        watchers: if watch { args.watchers } else { 0 },
         command,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

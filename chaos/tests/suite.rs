@@ -84,6 +84,13 @@ fn a_seeded_run_with_every_built_fault_finds_nothing_wrong() {
         !mounts.contains(out.path().to_str().unwrap()),
         "mounts left behind: {mounts}"
     );
+    // The watch workload ran and matched the reference history (any mismatch would be a
+    // violation above).
+    assert_eq!(report["watchers"].as_array().unwrap().len(), 3, "{text}");
+    assert!(
+        report["watch_reference_events"].as_u64().unwrap() > 100,
+        "{text}"
+    );
     assert!(report["requests"]["ok"].as_u64().unwrap() > 500, "{text}");
     assert!(report["operations"].as_u64().unwrap() > 500, "{text}");
     for key in ["chaos/0", "chaos/1", "chaos/2", "chaos/3"] {

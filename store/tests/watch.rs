@@ -64,7 +64,7 @@ fn all_keys(start: i64) -> WatchRequest {
 
 async fn next_events(w: &mut Watcher) -> Vec<Event> {
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), w.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(30), w.recv()).await {
             Ok(Ok(WatchMessage::Events(e))) => return e,
             Ok(Ok(WatchMessage::Progress(_))) => continue,
             other => panic!("expected events, got {other:?}"),
@@ -193,7 +193,7 @@ async fn a_lagging_watcher_is_cancelled_when_history_it_needs_is_compacted() {
     f.compact(15);
     let mut last = 1;
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), w.recv())
+        match tokio::time::timeout(Duration::from_secs(30), w.recv())
             .await
             .unwrap()
         {
@@ -244,7 +244,7 @@ async fn a_progress_request_reports_the_current_revision_once_synced() {
     f.put("a", "2");
     let mut w = f.store.watch(all_keys(0)).unwrap();
     assert!(w.request_progress());
-    match tokio::time::timeout(Duration::from_secs(5), w.recv())
+    match tokio::time::timeout(Duration::from_secs(30), w.recv())
         .await
         .unwrap()
     {
