@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use flotilla::client::Client;
-use flotilla::gateway::json::StatusResponse;
+use flotilla::gateway::json::{MemberListResponse, StatusResponse};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::Rng;
@@ -40,6 +40,8 @@ pub struct Replica {
     mounted: bool,
     /// A filler file that exhausts its tmpfs.
     filler: Option<PathBuf>,
+    /// Rejoined as a new member: started with `--join` from then on.
+    joined: bool,
 }
 
 impl Replica {
@@ -60,8 +62,11 @@ impl Replica {
 pub struct Cluster {
     bin: PathBuf,
     initial_cluster: String,
-    /// The replicas, by id - 1.
+    /// The replica slots (a slot keeps its addresses; its member id changes when it
+    /// rejoins as a new member).
     pub replicas: Vec<Replica>,
+    /// The id the next rejoining member gets.
+    next_id: u64,
 }
 
 fn free_prefix() -> String {
@@ -91,6 +96,7 @@ impl Cluster {
         let mut c = Cluster {
             bin: bin.to_path_buf(),
             initial_cluster,
+            next_id: 4,
             replicas: (1..=3)
                 .map(|id| Replica {
                     id,
@@ -101,6 +107,7 @@ impl Cluster {
                     skew: None,
                     mounted: false,
                     filler: None,
+                    joined: false,
                 })
                 .collect(),
         };
@@ -124,6 +131,7 @@ impl Cluster {
         for id in 1..=3 {
             c.launch(id)?;
         }
+        c.next_id = 4;
         Ok(c)
     }
 
@@ -133,7 +141,49 @@ impl Cluster {
     }
 
     fn slot(&mut self, id: u64) -> &mut Replica {
-        &mut self.replicas[(id - 1) as usize]
+        self.replicas
+            .iter_mut()
+            .find(|r| r.id == id)
+            .expect("a member of this cluster")
+    }
+
+    /// The current member ids.
+    pub fn ids(&self) -> Vec<u64> {
+        self.replicas.iter().map(|r| r.id).collect()
+    }
+
+    /// The loopback address of member `id`.
+    pub fn ip(&self, id: u64) -> String {
+        self.replicas
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.ip.clone())
+            .unwrap_or_default()
+    }
+
+    /// Empties member `id`'s data directory (its process must be stopped) and gives its
+    /// slot a new member id, started with `--join`; returns the new id and its peer address
+    /// (for `member add`). The caller removes the old member and adds the new one.
+    pub fn wipe_for_rejoin(&mut self, id: u64) -> anyhow::Result<(u64, String)> {
+        let new_id = self.next_id;
+        self.next_id += 1;
+        let r = self.slot(id);
+        if r.child.is_some() {
+            bail!("replica {id} must be stopped before its data is wiped");
+        }
+        for entry in std::fs::read_dir(&r.data_dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        r.filler = None;
+        r.skew = None;
+        r.id = new_id;
+        r.joined = true;
+        Ok((new_id, r.peer()))
     }
 
     /// Starts replica `id`'s process (its log appended to `<data dir>.log`).
@@ -163,6 +213,7 @@ impl Cluster {
             .args(["--listen-api", &r.api()])
             .args(["--listen-peer", &r.peer()])
             .args(["--initial-cluster", &initial])
+            .args(if r.joined { &["--join"][..] } else { &[][..] })
             // Snapshots every 1,000 entries (etcd's robustness tests do likewise): a run
             // builds, purges and installs many, under the faults.
             .args(["--snapshot-count", "1000"])
@@ -241,7 +292,7 @@ impl Cluster {
     /// Returns what it found: replicas that had exited on their own, with their status.
     pub fn heal(&mut self) -> anyhow::Result<Vec<String>> {
         let mut found = Vec::new();
-        for id in 1..=3 {
+        for id in self.ids() {
             if self.slot(id).paused {
                 self.resume(id);
             }
@@ -268,7 +319,11 @@ impl Cluster {
 
     /// Asks replica `id` for its status.
     pub async fn status(&self, client: &Client, id: u64) -> Option<StatusResponse> {
-        let api = self.replicas[(id - 1) as usize].api();
+        let api = self
+            .replicas
+            .iter()
+            .find(|r| r.id == id)
+            .map(Replica::api)?;
         client
             .post_to(&api, "/v3/maintenance/status", &serde_json::json!({}))
             .await
@@ -296,14 +351,33 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         loop {
             let mut statuses = Vec::new();
-            for id in 1..=3 {
+            for id in self.ids() {
                 statuses.push(self.status(client, id).await);
             }
             if let Some(all) = statuses.into_iter().collect::<Option<Vec<_>>>() {
                 let leader = all[0].leader;
                 let agreed = leader != 0 && all.iter().all(|s| s.leader == leader);
                 let commit = all.iter().map(|s| s.raft_commit_index).max().unwrap_or(0);
-                if agreed && all.iter().all(|s| s.raft_applied_index >= commit) {
+                // ... and the membership is these three replicas, all voters (a rejoined
+                // member has been promoted).
+                let members: Option<MemberListResponse> = client
+                    .post_to(
+                        &self.replicas[0].api(),
+                        "/v3/cluster/member/list",
+                        &serde_json::json!({}),
+                    )
+                    .await
+                    .ok();
+                let mut ids: Vec<u64> = members
+                    .iter()
+                    .flat_map(|m| m.members.iter())
+                    .filter(|m| !m.is_learner)
+                    .map(|m| m.id)
+                    .collect();
+                ids.sort_unstable();
+                let mut want = self.ids();
+                want.sort_unstable();
+                if agreed && ids == want && all.iter().all(|s| s.raft_applied_index >= commit) {
                     return Ok(leader);
                 }
             }

@@ -66,6 +66,12 @@ pub enum Fault {
     DiskFull,
     /// One replica restarted with its wall clock skewed (libfaketime).
     ClockSkew,
+    /// A follower killed, removed from the membership and its data wiped; at heal it
+    /// rejoins as a new member (`--join`, `member add`).
+    Wipe,
+    /// A running follower removed from the membership (it keeps running, no longer a
+    /// member); at heal it is stopped, wiped and added back as a new member.
+    Membership,
 }
 
 impl Fault {
@@ -105,12 +111,11 @@ pub const FAULT_NAMES: &[(&str, &[Fault])] = &[
     ("loss", &[Fault::Loss]),
     ("disk-full", &[Fault::DiskFull]),
     ("clock-skew", &[Fault::ClockSkew]),
+    ("wipe", &[Fault::Wipe]),
+    ("membership", &[Fault::Membership]),
 ];
 
-/// Fault names the issue asks for that this build does not inject yet.
-pub const NOT_YET: &[&str] = &["wipe", "membership"];
-
-const BUILT: &str = "kill, pause, partition, loss, disk-full, clock-skew";
+const BUILT: &str = "kill, pause, partition, loss, disk-full, clock-skew, wipe, membership";
 
 /// Parses a `--faults` list.
 pub fn parse_faults(list: &str) -> anyhow::Result<Vec<Fault>> {
@@ -118,8 +123,6 @@ pub fn parse_faults(list: &str) -> anyhow::Result<Vec<Fault>> {
     for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if let Some((_, fs)) = FAULT_NAMES.iter().find(|(n, _)| *n == name) {
             out.extend_from_slice(fs);
-        } else if NOT_YET.contains(&name) {
-            anyhow::bail!("fault {name:?} is not implemented yet (this build injects: {BUILT})");
         } else {
             anyhow::bail!("unknown fault {name:?} (this build injects: {BUILT})");
         }
@@ -274,6 +277,8 @@ fn describe(f: Fault, ids: &[u64]) -> String {
         Fault::Loss => "20% packet loss between all replicas".to_string(),
         Fault::DiskFull => format!("disk full ({who})"),
         Fault::ClockSkew => format!("clock skewed ({who})"),
+        Fault::Wipe => format!("kill -9, member remove and data wiped ({who})"),
+        Fault::Membership => format!("member remove of a running follower ({who})"),
     }
 }
 
@@ -343,25 +348,39 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         tokio::time::sleep(calm).await;
         let fault = *opts.faults.choose(&mut rng).expect("faults are not empty");
         let leader = cluster.leader(&admin).await;
-        let mut ids: Vec<u64> = vec![1, 2, 3];
+        let mut ids: Vec<u64> = cluster.ids();
         ids.shuffle(&mut rng);
         let leader = leader.unwrap_or(ids[0]);
         let followers: Vec<u64> = ids.iter().copied().filter(|i| *i != leader).collect();
         let victims: Vec<u64> = match fault {
             Fault::KillLeader | Fault::PauseLeader | Fault::IsolateLeader => vec![leader],
             Fault::OneWayFromLeader => vec![leader],
-            Fault::KillFollower | Fault::PauseFollower | Fault::IsolateFollower => {
-                vec![followers[0]]
-            }
+            Fault::KillFollower
+            | Fault::PauseFollower
+            | Fault::IsolateFollower
+            | Fault::Wipe
+            | Fault::Membership => vec![followers[0]],
             Fault::KillMajority => vec![leader, followers[0]],
-            Fault::KillAll | Fault::Loss => vec![1, 2, 3],
+            Fault::KillAll | Fault::Loss => cluster.ids(),
             Fault::DiskFull | Fault::ClockSkew => vec![ids[0]],
             // Two replicas that lose each other; the remaining one is the bridge.
             Fault::Bridge => vec![ids[0], ids[1]],
         };
-        let ip = |id: u64| cluster.replicas[(id - 1) as usize].ip.clone();
+        let ip = |id: u64| cluster.ip(id);
+        let all = cluster.ids();
+        // A member removed now and added back, as a new member, at heal.
+        let mut rejoin = None;
         match fault {
             Fault::DiskFull | Fault::ClockSkew => {}
+            Fault::Wipe => {
+                cluster.kill(victims[0]);
+                remove_member(&admin, &cluster.apis(), victims[0]).await?;
+                rejoin = Some(victims[0]);
+            }
+            Fault::Membership => {
+                remove_member(&admin, &cluster.apis(), victims[0]).await?;
+                rejoin = Some(victims[0]);
+            }
             Fault::PauseLeader | Fault::PauseFollower => {
                 victims.iter().for_each(|&v| cluster.pause(v))
             }
@@ -370,7 +389,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             }
             Fault::IsolateLeader | Fault::IsolateFollower => {
                 let n = net.as_mut().expect("network faults have iptables");
-                for other in (1..=3).filter(|i| *i != victims[0]) {
+                for &other in all.iter().filter(|i| **i != victims[0]) {
                     n.cut(&ip(victims[0]), &ip(other))?;
                 }
             }
@@ -386,8 +405,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             }
             Fault::Loss => {
                 let n = net.as_mut().expect("network faults have iptables");
-                for (a, b) in [(1, 2), (2, 3), (1, 3)] {
-                    n.lossy(&ip(a), &ip(b), 0.2)?;
+                for (i, a) in all.iter().enumerate() {
+                    for b in &all[i + 1..] {
+                        n.lossy(&ip(*a), &ip(*b), 0.2)?;
+                    }
                 }
             }
         }
@@ -407,6 +428,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         tokio::time::sleep(hold).await;
         if let Some(n) = net.as_mut() {
             n.heal();
+        }
+        if let Some(old) = rejoin {
+            cluster.kill(old);
+            let (new_id, peer) = cluster.wipe_for_rejoin(old)?;
+            cluster.launch(new_id)?;
+            add_member(&admin, &cluster.apis(), new_id, &peer).await?;
+            note(format!("replica {old} rejoined, wiped, as member {new_id}"));
         }
         for found in cluster.heal()? {
             note(found);
@@ -576,6 +604,58 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     )?;
     std::fs::write(opts.out.join("summary.txt"), report.summary())?;
     Ok(report)
+}
+
+/// Removes member `id` through any replica, retrying while refused (within 30 s).
+async fn remove_member(client: &Client, apis: &[String], id: u64) -> anyhow::Result<()> {
+    member_change(
+        client,
+        apis,
+        "/v3/cluster/member/remove",
+        serde_json::json!({ "ID": id.to_string() }),
+    )
+    .await
+    .with_context(|| format!("member remove {id}"))
+}
+
+/// Adds member `id` (a voter once caught up) through any replica, retrying while refused.
+async fn add_member(client: &Client, apis: &[String], id: u64, peer: &str) -> anyhow::Result<()> {
+    member_change(
+        client,
+        apis,
+        "/v3/cluster/member/add",
+        serde_json::json!({ "ID": id.to_string(), "peerURLs": [peer] }),
+    )
+    .await
+    .with_context(|| format!("member add {id}"))
+}
+
+async fn member_change(
+    client: &Client,
+    apis: &[String],
+    path: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        let api = &apis[i % apis.len()];
+        i += 1;
+        match client
+            .post_to::<_, serde_json::Value>(api, path, &body)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // An earlier try that timed out had applied it: the member is gone.
+            Err(flotilla::client::ClientError::Api { status: 404, .. })
+                if path.ends_with("/remove") && i > 1 =>
+            {
+                return Ok(())
+            }
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// A linearizable read, retried while refused (the cluster just recovered).

@@ -25,9 +25,14 @@ struct Args {
     /// Faults to draw from: kill (leader, follower, majority, all), pause (leader,
     /// follower), partition (leader isolated, follower isolated, one-way from the leader,
     /// a bridge replica), loss (20% of packets between replicas), disk-full (a replica's
-    /// tmpfs filled), clock-skew (a replica restarted under libfaketime). partition, loss
-    /// and disk-full need root (iptables, mount).
-    #[arg(long, default_value = "kill,pause,partition,loss,disk-full,clock-skew")]
+    /// tmpfs filled), clock-skew (a replica restarted under libfaketime), wipe (a follower
+    /// killed, removed, wiped, rejoined as a new member), membership (a running follower
+    /// removed, then rejoined as a new member). partition, loss and disk-full need root
+    /// (iptables, mount).
+    #[arg(
+        long,
+        default_value = "kill,pause,partition,loss,disk-full,clock-skew,wipe,membership"
+    )]
     faults: String,
     /// Workloads: kv (registers with reads, writes and compare-and-swaps), watch (watchers
     /// of the kv keys, resuming through random replicas; implies kv).

@@ -48,7 +48,7 @@ fn a_seeded_run_with_every_built_fault_finds_nothing_wrong() {
             "--duration",
             "30",
             "--faults",
-            "kill,pause,partition,loss,disk-full,clock-skew",
+            "kill,pause,partition,loss,disk-full,clock-skew,wipe,membership",
         ],
     );
     assert_eq!(code, 0, "{text}");
@@ -61,9 +61,16 @@ fn a_seeded_run_with_every_built_fault_finds_nothing_wrong() {
         .iter()
         .filter(|e| {
             let e = e["event"].as_str().unwrap_or("");
-            ["kill", "SIGSTOP", "partition", "disk full", "clock skewed"]
-                .iter()
-                .any(|p| e.starts_with(p))
+            [
+                "kill",
+                "SIGSTOP",
+                "partition",
+                "disk full",
+                "clock skewed",
+                "member remove",
+            ]
+            .iter()
+            .any(|p| e.starts_with(p))
                 || e.contains("packet loss")
         })
         .count();
@@ -108,14 +115,20 @@ fn a_seeded_run_with_every_built_fault_finds_nothing_wrong() {
 #[test]
 fn bad_flags_are_refused_before_anything_starts() {
     let out = tempfile::tempdir().unwrap();
-    let (code, _, text) = chaos(&flotilla(), out.path(), &["--faults", "wipe"]);
-    assert_eq!(code, 2, "{text}");
-    assert!(text.contains("not implemented yet"), "{text}");
     let (code, _, text) = chaos(&flotilla(), out.path(), &["--faults", "meteor"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("unknown fault"), "{text}");
+    let (code, _, text) = chaos(&flotilla(), out.path(), &["--faults", ""]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no faults"), "{text}");
     let (code, _, text) = chaos(&flotilla(), out.path(), &["--workload", "k8s"]);
     assert_eq!(code, 2, "{text}");
+    assert!(text.contains("not implemented yet"), "{text}");
+    let (code, _, text) = chaos(&flotilla(), out.path(), &["--workload", "bogus"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("unknown workload"), "{text}");
+    // Nothing ran: no report.
+    assert!(!out.path().join("report.json").exists());
 }
 
 /// Builds `flotilla` with the planted stale-read bug into its own target folder (so the
