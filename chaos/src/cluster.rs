@@ -42,6 +42,8 @@ pub struct Replica {
     filler: Option<PathBuf>,
     /// Rejoined as a new member: started with `--join` from then on.
     joined: bool,
+    /// Its network namespace (`--network netns`).
+    ns: Option<String>,
 }
 
 impl Replica {
@@ -86,11 +88,27 @@ fn free_prefix() -> String {
 
 impl Cluster {
     /// Starts three replicas of `bin` with their data under `dir`, each data directory on
-    /// its own small tmpfs when `tmpfs` (so a disk can be filled).
-    pub fn start(bin: &Path, dir: &Path, tmpfs: bool) -> anyhow::Result<Cluster> {
-        let prefix = free_prefix();
-        let initial_cluster = (1..=3)
-            .map(|id| format!("{id}={prefix}.{id}:{PEER_PORT}"))
+    /// its own small tmpfs when `tmpfs` (so a disk can be filled), each in its own network
+    /// namespace of `netns` if given (else on its own loopback address).
+    pub fn start(
+        bin: &Path,
+        dir: &Path,
+        tmpfs: bool,
+        netns: Option<&crate::netns::Netns>,
+    ) -> anyhow::Result<Cluster> {
+        let (ips, namespaces): (Vec<String>, Vec<Option<String>>) = match netns {
+            Some(n) => (1..=3)
+                .map(|slot| (n.replica_ip(slot), Some(n.replica_ns(slot))))
+                .unzip(),
+            None => {
+                let prefix = free_prefix();
+                (1..=3).map(|id| (format!("{prefix}.{id}"), None)).unzip()
+            }
+        };
+        let initial_cluster = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| format!("{}={ip}:{PEER_PORT}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
         let mut c = Cluster {
@@ -100,7 +118,8 @@ impl Cluster {
             replicas: (1..=3)
                 .map(|id| Replica {
                     id,
-                    ip: format!("{prefix}.{id}"),
+                    ip: ips[(id - 1) as usize].clone(),
+                    ns: namespaces[(id - 1) as usize].clone(),
                     data_dir: dir.join(format!("replica-{id}")),
                     child: None,
                     paused: false,
@@ -152,7 +171,15 @@ impl Cluster {
         self.replicas.iter().map(|r| r.id).collect()
     }
 
-    /// The loopback address of member `id`.
+    /// Each replica address's network namespace, with `--network netns`.
+    pub fn namespaces(&self) -> Option<std::collections::HashMap<String, String>> {
+        self.replicas
+            .iter()
+            .map(|r| r.ns.clone().map(|ns| (r.ip.clone(), ns)))
+            .collect()
+    }
+
+    /// The address of member `id`.
     pub fn ip(&self, id: u64) -> String {
         self.replicas
             .iter()
@@ -198,7 +225,14 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(r.data_dir.with_extension("log"))?;
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match &r.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         if let Some(offset) = &r.skew {
             cmd.env("LD_PRELOAD", LIBFAKETIME)
                 .env("FAKETIME", offset)

@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod kv;
 pub mod linearizability;
 pub mod net;
+pub mod netns;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -150,6 +151,9 @@ pub struct Options {
     pub workload: kv::Workload,
     /// Watchers of the `watch` workload (0: no watch workload).
     pub watchers: u32,
+    /// The run's network namespaces (`--network netns`; the caller has already moved the
+    /// process into the clients' namespace); `None`: loopback addresses.
+    pub netns: Option<Arc<netns::Netns>>,
     /// The command line that reproduces the run.
     pub command: String,
 }
@@ -286,15 +290,18 @@ fn describe(f: Fault, ids: &[u64]) -> String {
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
-    // Network faults need iptables; checked (and rules of dead runs swept) before
-    // anything starts.
+    let tmpfs = opts.faults.contains(&Fault::DiskFull);
+    let mut cluster = Cluster::start(&opts.flotilla, &opts.out, tmpfs, opts.netns.as_deref())?;
+    // Network faults need iptables: checked (and, on loopback, rules of dead runs swept)
+    // before the workload starts.
     let mut net = if opts.faults.iter().any(|f| f.is_network()) {
-        Some(net::Net::new()?)
+        Some(match cluster.namespaces() {
+            Some(map) => net::Net::in_namespaces(map)?,
+            None => net::Net::new()?,
+        })
     } else {
         None
     };
-    let tmpfs = opts.faults.contains(&Fault::DiskFull);
-    let mut cluster = Cluster::start(&opts.flotilla, &opts.out, tmpfs)?;
     let admin = Client::new(cluster.apis(), Duration::from_secs(2));
     cluster
         .wait_healthy(&admin, Duration::from_secs(60))

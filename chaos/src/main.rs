@@ -50,6 +50,10 @@ struct Args {
     /// Per-request client timeout in milliseconds (a request past it is indeterminate).
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
+    /// Where the replicas live: loopback (each on its own 127.a.b.x address) or netns (each
+    /// in its own network namespace on a bridge; root).
+    #[arg(long, default_value = "loopback")]
+    network: String,
     /// The flotilla binary (default: `flotilla` next to this one).
     #[arg(long)]
     flotilla: Option<PathBuf>,
@@ -109,9 +113,20 @@ fn run(args: Args) -> anyhow::Result<bool> {
         );
     }
     let command = format!(
-        "flotilla-chaos --seed {seed} --duration {} --faults {} --workload {} --clients {} --keys {} --watchers {} --timeout-ms {}",
-        args.duration, args.faults, args.workload, args.clients, args.keys, args.watchers, args.timeout_ms
+        "flotilla-chaos --seed {seed} --duration {} --faults {} --workload {} --clients {} --keys {} --watchers {} --timeout-ms {} --network {}",
+        args.duration, args.faults, args.workload, args.clients, args.keys, args.watchers, args.timeout_ms, args.network
     );
+    // Namespaces are made, and this process moved into the clients' one, before the async
+    // runtime starts its threads (they inherit the namespace).
+    let netns = match args.network.as_str() {
+        "loopback" => None,
+        "netns" => {
+            let ns = flotilla_chaos::netns::Netns::create()?;
+            ns.enter_client()?;
+            Some(std::sync::Arc::new(ns))
+        }
+        other => anyhow::bail!("unknown --network {other:?} (loopback or netns)"),
+    };
     eprintln!(
         "seed {seed}; output in {}\nreproduce: {command}",
         out.display()
@@ -128,6 +143,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             timeout: Duration::from_millis(args.timeout_ms),
         },
         watchers: if watch { args.watchers } else { 0 },
+        netns,
         command,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

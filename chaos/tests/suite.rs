@@ -113,6 +113,37 @@ fn a_seeded_run_with_every_built_fault_finds_nothing_wrong() {
 }
 
 #[test]
+fn a_run_with_each_replica_in_its_own_network_namespace_passes_and_cleans_up() {
+    let out = tempfile::tempdir().unwrap();
+    let (code, report, text) = chaos(
+        &flotilla(),
+        out.path(),
+        &[
+            "--network",
+            "netns",
+            "--seed",
+            "7",
+            "--duration",
+            "20",
+            "--faults",
+            "partition,kill,pause",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(report["violations"], serde_json::json!([]), "{text}");
+    assert!(text.contains("--network netns"), "{text}");
+    // The replicas really were on the namespaces' addresses.
+    let log = std::fs::read_to_string(out.path().join("replica-1.log")).unwrap();
+    assert!(log.contains("10.99."), "{log}");
+    let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(
+        !left.lines().any(|l| l.starts_with("flc")),
+        "namespaces left behind: {left}"
+    );
+}
+
+#[test]
 fn bad_flags_are_refused_before_anything_starts() {
     let out = tempfile::tempdir().unwrap();
     let (code, _, text) = chaos(&flotilla(), out.path(), &["--faults", "meteor"]);
@@ -124,6 +155,9 @@ fn bad_flags_are_refused_before_anything_starts() {
     let (code, _, text) = chaos(&flotilla(), out.path(), &["--workload", "k8s"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("not implemented yet"), "{text}");
+    let (code, _, text) = chaos(&flotilla(), out.path(), &["--network", "carrier-pigeon"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("unknown --network"), "{text}");
     let (code, _, text) = chaos(&flotilla(), out.path(), &["--workload", "bogus"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("unknown workload"), "{text}");
