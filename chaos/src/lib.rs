@@ -1,15 +1,19 @@
 //! The chaos suite: seeded fault injection against a real three-replica Flotilla cluster,
 //! with recorded histories and checkers.
 //!
-//! A run ([`run`]) starts the cluster ([`cluster`]), runs the key-value register workload
-//! ([`kv`]) from many clients through random replicas while the nemesis injects faults
-//! from a schedule drawn from the seed, heals, waits for the cluster to recover, reads every
-//! key from every replica, and checks:
+//! A run ([`run`]) starts the cluster ([`cluster`], on loopback addresses or in network
+//! namespaces of [`netns`]), runs the key-value register workload ([`kv`]) from many
+//! clients and the watch workload ([`watch`]) through random replicas while the nemesis
+//! injects faults ([`Fault`]; network ones through [`net`]) from a schedule drawn from the
+//! seed, heals, waits for the cluster to recover (the three replicas voters again), reads
+//! every key from every replica, and checks:
 //! - **linearizability** of each key's history ([`linearizability`]), the final reads
 //!   included, so an acknowledged write that was lost, a stale read and a write applied
 //!   twice are all caught;
 //! - **identical state**: every replica holds the same keys, values and revisions at one
-//!   revision.
+//!   revision;
+//! - **watch guarantees**: every watcher's events, across its reconnections, equal the
+//!   reference history (ordered, unique, atomic per revision, no gaps, nothing missed).
 //!
 //! The seed fixes the fault schedule and each client's operation stream (timing still
 //! varies from run to run). Every run writes its history, a JSON report and a summary with
