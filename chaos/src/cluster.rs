@@ -63,6 +63,8 @@ impl Replica {
 /// The cluster.
 pub struct Cluster {
     bin: PathBuf,
+    /// Extra `flotilla server` flags.
+    extra: Vec<String>,
     initial_cluster: String,
     /// The replica slots (a slot keeps its addresses; its member id changes when it
     /// rejoins as a new member).
@@ -95,6 +97,7 @@ impl Cluster {
         dir: &Path,
         tmpfs: bool,
         netns: Option<&crate::netns::Netns>,
+        extra: &[&str],
     ) -> anyhow::Result<Cluster> {
         let (ips, namespaces): (Vec<String>, Vec<Option<String>>) = match netns {
             Some(n) => (1..=3)
@@ -113,6 +116,7 @@ impl Cluster {
             .join(",");
         let mut c = Cluster {
             bin: bin.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             initial_cluster,
             next_id: 4,
             replicas: (1..=3)
@@ -215,7 +219,11 @@ impl Cluster {
 
     /// Starts replica `id`'s process (its log appended to `<data dir>.log`).
     pub fn launch(&mut self, id: u64) -> anyhow::Result<()> {
-        let (bin, initial) = (self.bin.clone(), self.initial_cluster.clone());
+        let (bin, initial, extra) = (
+            self.bin.clone(),
+            self.initial_cluster.clone(),
+            self.extra.clone(),
+        );
         let r = self.slot(id);
         if r.child.is_some() {
             bail!("replica {id} is already running");
@@ -248,6 +256,7 @@ impl Cluster {
             .args(["--listen-peer", &r.peer()])
             .args(["--initial-cluster", &initial])
             .args(if r.joined { &["--join"][..] } else { &[][..] })
+            .args(&extra)
             // Snapshots every 1,000 entries (etcd's robustness tests do likewise): a run
             // builds, purges and installs many, under the faults.
             .args(["--snapshot-count", "1000"])

@@ -13,13 +13,16 @@
 //! - **identical state**: every replica holds the same keys, values and revisions at one
 //!   revision;
 //! - **watch guarantees**: every watcher's events, across its reconnections, equal the
-//!   reference history (ordered, unique, atomic per revision, no gaps, nothing missed).
+//!   reference history (ordered, unique, atomic per revision, no gaps, nothing missed);
+//! - **Kubernetes invariants** of the [`k8s`] workload: no pod bound twice, no node over
+//!   capacity, one controller leader per term, Deployments converging after recovery.
 //!
 //! The seed fixes the fault schedule and each client's operation stream (timing still
 //! varies from run to run). Every run writes its history, a JSON report and a summary with
 //! the fault timeline to its output folder and prints the command that reproduces it.
 
 pub mod cluster;
+pub mod k8s;
 pub mod kv;
 pub mod linearizability;
 pub mod net;
@@ -155,6 +158,8 @@ pub struct Options {
     pub workload: kv::Workload,
     /// Watchers of the `watch` workload (0: no watch workload).
     pub watchers: u32,
+    /// Whether the Kubernetes workload runs (Deployments scaled onto simulated nodes).
+    pub k8s: bool,
     /// The run's network namespaces (`--network netns`; the caller has already moved the
     /// process into the clients' namespace); `None`: loopback addresses.
     pub netns: Option<Arc<netns::Netns>>,
@@ -203,6 +208,8 @@ pub struct Report {
     pub watchers: Vec<WatcherSummary>,
     /// Events in the reference history the watchers were checked against.
     pub watch_reference_events: usize,
+    /// The Kubernetes workload, if it ran.
+    pub k8s: Option<k8s::Summary>,
     /// Everything that went wrong; empty on a passing run.
     pub violations: Vec<String>,
 }
@@ -239,6 +246,12 @@ impl Report {
             s += &format!("  {k}: {v:?}\n");
         }
         s += &format!("\nreplica state identical: {}\n", self.state_identical);
+        if let Some(k) = &self.k8s {
+            s += &format!(
+                "kubernetes: {} scales answered, {} pod lists, {} pods seen, at most {} on a node, {} terms with a controller leader\n",
+                k.scales, k.lists, k.pods_seen, k.max_pods_on_a_node, k.terms_with_a_controller_leader
+            );
+        }
         if !self.watchers.is_empty() {
             s += &format!(
                 "watchers: {} against a reference of {} events: {}\n",
@@ -295,7 +308,19 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     let tmpfs = opts.faults.contains(&Fault::DiskFull);
-    let mut cluster = Cluster::start(&opts.flotilla, &opts.out, tmpfs, opts.netns.as_deref())?;
+    // Simulated nodes send no heartbeats: their grace period outlasts the run.
+    let extra: &[&str] = if opts.k8s {
+        &["--node-monitor-grace-period", "100000"]
+    } else {
+        &[]
+    };
+    let mut cluster = Cluster::start(
+        &opts.flotilla,
+        &opts.out,
+        tmpfs,
+        opts.netns.as_deref(),
+        extra,
+    )?;
     // Network faults need iptables: checked (and, on loopback, rules of dead runs swept)
     // before the workload starts.
     let mut net = if opts.faults.iter().any(|f| f.is_network()) {
@@ -311,6 +336,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .wait_healthy(&admin, Duration::from_secs(60))
         .await
         .context("the cluster did not start")?;
+    if opts.k8s {
+        k8s::setup(&cluster.apis())
+            .await
+            .context("setting up the Kubernetes workload")?;
+    }
 
     let rec = Arc::new(kv::Recorder::default());
     let start = Instant::now();
@@ -328,6 +358,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             ))
         })
         .collect();
+    let k8s_tasks = opts.k8s.then(|| {
+        (
+            tokio::spawn(k8s::run_scaler(opts.seed, cluster.apis(), until)),
+            tokio::spawn(k8s::observe(cluster.apis(), until)),
+        )
+    });
     let watchers: Vec<_> = (0..opts.watchers)
         .map(|id| {
             tokio::spawn(watch::run_watcher(
@@ -467,6 +503,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     for w in watchers {
         watched.push(w.await.context("a watcher panicked")?);
     }
+    let k8s_results = match k8s_tasks {
+        Some((scaler, observer)) => Some((
+            scaler.await.context("the scaler panicked")?,
+            observer.await.context("the observer panicked")?,
+        )),
+        None => None,
+    };
     let duration_seconds = start.elapsed().as_secs_f64();
 
     let mut violations = Vec::new();
@@ -594,6 +637,23 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         }
     }
 
+    // Kubernetes: the Deployments converge, and nothing the observer saw was wrong.
+    let k8s_summary = match k8s_results {
+        Some((scales, mut obs)) => {
+            if recovered.is_ok() {
+                if let Err(e) = k8s::converge(&cluster.apis(), &mut obs).await {
+                    violations.push(e);
+                }
+            }
+            violations.append(&mut obs.violations);
+            Some(k8s::Summary {
+                scales,
+                ..obs.summary()
+            })
+        }
+        None => None,
+    };
+
     let requests = rec.counts.lock().expect("not poisoned").clone();
     let report = Report {
         seed: opts.seed,
@@ -606,6 +666,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         state_identical,
         watchers: watcher_summaries,
         watch_reference_events,
+        k8s: k8s_summary,
         violations,
     };
     std::fs::write(opts.out.join("history.json"), serde_json::to_vec(&ops)?)?;

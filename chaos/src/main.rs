@@ -35,8 +35,9 @@ struct Args {
     )]
     faults: String,
     /// Workloads: kv (registers with reads, writes and compare-and-swaps), watch (watchers
-    /// of the kv keys, resuming through random replicas; implies kv).
-    #[arg(long, default_value = "kv,watch")]
+    /// of the kv keys, resuming through random replicas), k8s (Deployments scaled onto
+    /// simulated nodes). kv always runs.
+    #[arg(long, default_value = "kv,watch,k8s")]
     workload: String,
     /// Watchers of the watch workload.
     #[arg(long, default_value_t = 3)]
@@ -79,6 +80,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<bool> {
     let mut watch = false;
+    let mut k8s = false;
     for w in args
         .workload
         .split(',')
@@ -88,10 +90,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
         match w {
             "kv" => {}
             "watch" => watch = true,
-            "k8s" => anyhow::bail!(
-                "workload \"k8s\" is not implemented yet (this build runs: kv, watch)"
-            ),
-            other => anyhow::bail!("unknown workload {other:?} (this build runs: kv, watch)"),
+            "k8s" => k8s = true,
+            other => anyhow::bail!("unknown workload {other:?} (this build runs: kv, watch, k8s)"),
         }
     }
     let faults = flotilla_chaos::parse_faults(&args.faults)?;
@@ -143,6 +143,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             timeout: Duration::from_millis(args.timeout_ms),
         },
         watchers: if watch { args.watchers } else { 0 },
+        k8s,
         netns,
         command,
     };
