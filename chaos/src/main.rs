@@ -51,9 +51,10 @@ struct Args {
     /// Per-request client timeout in milliseconds (a request past it is indeterminate).
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
-    /// Where the replicas live: loopback (each on its own 127.a.b.x address) or netns (each
-    /// in its own network namespace on a bridge; root).
-    #[arg(long, default_value = "loopback")]
+    /// Where the replicas live: netns (each in its own network namespace on a bridge;
+    /// root), loopback (each on its own 127.a.b.x address), or auto (netns when namespaces
+    /// can be made here, else loopback).
+    #[arg(long, default_value = "auto")]
     network: String,
     /// The flotilla binary (default: `flotilla` next to this one).
     #[arg(long)]
@@ -112,21 +113,29 @@ fn run(args: Args) -> anyhow::Result<bool> {
             flotilla.display()
         );
     }
-    let command = format!(
-        "flotilla-chaos --seed {seed} --duration {} --faults {} --workload {} --clients {} --keys {} --watchers {} --timeout-ms {} --network {}",
-        args.duration, args.faults, args.workload, args.clients, args.keys, args.watchers, args.timeout_ms, args.network
-    );
     // Namespaces are made, and this process moved into the clients' one, before the async
     // runtime starts its threads (they inherit the namespace).
     let netns = match args.network.as_str() {
         "loopback" => None,
-        "netns" => {
-            let ns = flotilla_chaos::netns::Netns::create()?;
-            ns.enter_client()?;
-            Some(std::sync::Arc::new(ns))
-        }
-        other => anyhow::bail!("unknown --network {other:?} (loopback or netns)"),
+        "netns" => Some(flotilla_chaos::netns::Netns::create()?),
+        "auto" => match flotilla_chaos::netns::Netns::create() {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                eprintln!("no network namespaces here ({e:#}); replicas use loopback addresses");
+                None
+            }
+        },
+        other => anyhow::bail!("unknown --network {other:?} (auto, netns or loopback)"),
     };
+    if let Some(ns) = &netns {
+        ns.enter_client()?;
+    }
+    let network = if netns.is_some() { "netns" } else { "loopback" };
+    let netns = netns.map(std::sync::Arc::new);
+    let command = format!(
+        "flotilla-chaos --seed {seed} --duration {} --faults {} --workload {} --clients {} --keys {} --watchers {} --timeout-ms {} --network {network}",
+        args.duration, args.faults, args.workload, args.clients, args.keys, args.watchers, args.timeout_ms
+    );
     eprintln!(
         "seed {seed}; output in {}\nreproduce: {command}",
         out.display()
