@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use flotilla_store::*;
 
+/// Fields drop in order: the store closes (and its background thread stops writing) before
+/// its directory is removed, or the directory outlives the test.
 struct Fixture {
-    _dir: tempfile::TempDir,
     store: KvStore,
     index: u64,
+    _dir: tempfile::TempDir,
 }
 
 impl Fixture {

@@ -330,13 +330,28 @@ impl Drop for Cluster {
             }
         }
         if std::thread::panicking() {
-            // Keep the logs of a failed test.
-            let path = self.dir.path().to_path_buf();
-            eprintln!("replica logs kept in {}", path.display());
-            std::mem::forget(std::mem::replace(
-                &mut self.dir,
-                tempfile::tempdir().unwrap(),
+            // Keep the replicas' logs of a failed test (not their data, hundreds of MB).
+            let keep = std::env::temp_dir().join(format!(
+                "flotilla-test-logs-{}",
+                self.dir
+                    .path()
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
             ));
+            if std::fs::create_dir_all(&keep).is_ok() {
+                for entry in std::fs::read_dir(self.dir.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let path = entry.path();
+                    if path.extension().is_some_and(|e| e == "log") {
+                        let _ = std::fs::copy(&path, keep.join(entry.file_name()));
+                    }
+                }
+                eprintln!("replica logs kept in {}", keep.display());
+            }
         }
     }
 }
