@@ -25,6 +25,13 @@ use crate::linearizability::{Input, Operation, Output};
 /// The prefix of every key the workload touches.
 pub const PREFIX: &str = "chaos/";
 
+/// The exclusive end of the range of keys under [`PREFIX`].
+pub fn prefix_end() -> Vec<u8> {
+    let mut end = PREFIX.as_bytes().to_vec();
+    *end.last_mut().expect("prefix is not empty") += 1;
+    end
+}
+
 /// Counts of what happened to the workload's requests.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Counts {
@@ -92,11 +99,9 @@ pub async fn read(client: &Client, server: &str, key: &str) -> Result<Option<Str
 /// The revision of the last change under [`PREFIX`] (the workload never deletes, so it is
 /// the newest key's mod revision), read linearizably from `server`, retried while refused.
 pub async fn head_revision(client: &Client, server: &str) -> Result<i64, ClientError> {
-    let mut end = PREFIX.as_bytes().to_vec();
-    *end.last_mut().expect("prefix is not empty") += 1;
     let req = RangeRequest {
         key: PREFIX.as_bytes().to_vec(),
-        range_end: end,
+        range_end: prefix_end(),
         ..Default::default()
     };
     let deadline = Instant::now() + Duration::from_secs(20);

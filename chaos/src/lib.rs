@@ -400,8 +400,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         let leader = leader.unwrap_or(ids[0]);
         let followers: Vec<u64> = ids.iter().copied().filter(|i| *i != leader).collect();
         let victims: Vec<u64> = match fault {
-            Fault::KillLeader | Fault::PauseLeader | Fault::IsolateLeader => vec![leader],
-            Fault::OneWayFromLeader => vec![leader],
+            Fault::KillLeader
+            | Fault::PauseLeader
+            | Fault::IsolateLeader
+            | Fault::OneWayFromLeader => vec![leader],
             Fault::KillFollower
             | Fault::PauseFollower
             | Fault::IsolateFollower
@@ -587,16 +589,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             )),
         }
     }
-    let state_identical = match (recovered.is_ok()).then_some(()) {
-        Some(()) => match same_state(&admin, &cluster.apis()).await {
+    let state_identical = recovered.is_ok()
+        && match same_state(&admin, &cluster.apis()).await {
             Ok(()) => true,
             Err(e) => {
                 violations.push(format!("replica state differs: {e}"));
                 false
             }
-        },
-        None => false,
-    };
+        };
 
     // Watches: each watcher reads on to the head revision, and is compared with the
     // reference history read from revision 1.

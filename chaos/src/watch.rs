@@ -53,12 +53,6 @@ pub struct Received {
     pub streams: u32,
 }
 
-fn prefix_end() -> Vec<u8> {
-    let mut end = crate::kv::PREFIX.as_bytes().to_vec();
-    *end.last_mut().expect("prefix is not empty") += 1;
-    end
-}
-
 /// Reads one watch stream from `server` starting at `from` into `got` until `stop` says so
 /// (checked between responses), the stream ends or fails, or `deadline` passes. Returns
 /// the next revision to resume from.
@@ -73,7 +67,7 @@ async fn stream(
     let req = WatchRequest {
         create_request: WatchCreateRequest {
             key: crate::kv::PREFIX.as_bytes().to_vec(),
-            range_end: prefix_end(),
+            range_end: crate::kv::prefix_end(),
             start_revision: from,
             ..Default::default()
         },

@@ -16,6 +16,34 @@ fn flotilla() -> PathBuf {
     bin
 }
 
+/// No iptables rule of any chaos run is left in the host's INPUT chain.
+fn assert_no_rules_left() {
+    let rules = Command::new("iptables")
+        .args(["-w", "-S", "INPUT"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        !rules.contains("flotilla-chaos-"),
+        "rules left behind: {rules}"
+    );
+}
+
+/// Replica 1 announced an API address starting with `prefix` (its log is in `out`).
+fn assert_replica_listened_on(out: &Path, prefix: &str) {
+    let log = std::fs::read_to_string(out.join("replica-1.log")).unwrap();
+    // What follows the message is the address field (colour codes and all).
+    let announced = log.lines().any(|l| {
+        l.split("announced API address")
+            .nth(1)
+            .is_some_and(|rest| rest.contains(prefix))
+    });
+    assert!(
+        announced,
+        "replica 1 did not announce a {prefix}x address: {log}"
+    );
+}
+
 /// Copies a run that should have passed but did not out of the test's folder (removed
 /// when the test ends), so its history, report and logs stay for diagnosis; returns where.
 fn keep_failed(out: &Path, code: i32) -> String {
@@ -73,11 +101,7 @@ fn a_seeded_run_with_every_built_fault_finds_nothing_wrong() {
     // As root, each replica ran in its own network namespace (the default, auto), on the
     // namespaces' addresses, and the namespaces are gone.
     assert!(text.contains("--network netns"), "{text}");
-    let log = std::fs::read_to_string(out.path().join("replica-1.log")).unwrap();
-    assert!(
-        log.contains("announced API address") && log.contains("10.99."),
-        "{log}"
-    );
+    assert_replica_listened_on(out.path(), "10.99.");
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let left = String::from_utf8_lossy(&left.stdout);
     assert!(
@@ -106,15 +130,7 @@ fn a_seeded_run_with_every_built_fault_finds_nothing_wrong() {
         .count();
     assert!(faults >= 4, "at least four faults in 30 s: {text}");
     // Every rule the run inserted is gone.
-    let rules = Command::new("iptables")
-        .args(["-w", "-S", "INPUT"])
-        .output()
-        .unwrap();
-    let rules = String::from_utf8_lossy(&rules.stdout);
-    assert!(
-        !rules.contains("flotilla-chaos-"),
-        "rules left behind: {rules}"
-    );
+    assert_no_rules_left();
     // And every tmpfs it mounted.
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(
@@ -170,20 +186,8 @@ fn a_run_on_loopback_addresses_passes_and_cleans_up() {
     assert_eq!(report["violations"], serde_json::json!([]), "{text}");
     assert!(text.contains("--network loopback"), "{text}");
     // The replicas really were on loopback addresses of their own.
-    let log = std::fs::read_to_string(out.path().join("replica-1.log")).unwrap();
-    assert!(
-        log.contains("announced API address") && log.contains("127."),
-        "{log}"
-    );
-    let rules = Command::new("iptables")
-        .args(["-w", "-S", "INPUT"])
-        .output()
-        .unwrap();
-    let rules = String::from_utf8_lossy(&rules.stdout);
-    assert!(
-        !rules.contains("flotilla-chaos-"),
-        "rules left behind: {rules}"
-    );
+    assert_replica_listened_on(out.path(), "127.");
+    assert_no_rules_left();
 }
 
 #[test]
