@@ -1155,7 +1155,7 @@ impl Kube {
             }
             match self
                 .objects
-                .replace_claiming(&key, current.revision, &next, &claims)
+                .replace_claiming(&key, current.revision, next, &claims)
                 .await?
             {
                 Ok(stored) => return Ok(stored.object),
@@ -1226,8 +1226,8 @@ impl Kube {
                 let mut next = current.object.clone();
                 next["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(now + grace as u64));
                 next["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
-                match self.objects.replace(&key, current.revision, &next).await? {
-                    Ok(stored) => return Ok(stored.object.clone()),
+                match self.objects.replace(&key, current.revision, next).await? {
+                    Ok(stored) => return Ok(stored.object),
                     Err(Some(now)) => current = now,
                     Err(None) => return Err(KubeError::not_found(call.r, call.name())),
                 }
@@ -1247,7 +1247,7 @@ impl Kube {
                 next["metadata"]["finalizers"] = json!(fins);
                 next["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(meta::now_secs()));
                 next["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-                match self.objects.replace(&key, current.revision, &next).await? {
+                match self.objects.replace(&key, current.revision, next).await? {
                     Ok(stored) => return Ok(stored.object),
                     Err(Some(now)) => current = now,
                     Err(None) => return Err(KubeError::not_found(call.r, call.name())),
@@ -1262,8 +1262,8 @@ impl Kube {
                 let mut next = current.object.clone();
                 next["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(meta::now_secs()));
                 next["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-                match self.objects.replace(&key, current.revision, &next).await? {
-                    Ok(stored) => return Ok(stored.object.clone()),
+                match self.objects.replace(&key, current.revision, next).await? {
+                    Ok(stored) => return Ok(stored.object),
                     Err(Some(now)) => current = now,
                     Err(None) => return Err(KubeError::not_found(call.r, call.name())),
                 }
@@ -1303,11 +1303,7 @@ impl Kube {
         marked["status"]["phase"] = json!("Terminating");
         marked["metadata"]["deletionTimestamp"] = json!(meta::rfc3339(meta::now_secs()));
         marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-        match self
-            .objects
-            .replace(&key, current.revision, &marked)
-            .await?
-        {
+        match self.objects.replace(&key, current.revision, marked).await? {
             Ok(s) => Ok(s.object),
             Err(_) => Err(KubeError::conflict(call.r, &name)),
         }
@@ -1637,6 +1633,51 @@ impl Kube {
         Ok(target)
     }
 
+    /// Why `pod` cannot be bound: it is bound already, or being deleted (409 either way).
+    fn unbindable(call: &Call, pod: &Value) -> Option<KubeError> {
+        if let Some(node) = pod
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+        {
+            return Some(KubeError {
+                message: format!(
+                    "Operation cannot be fulfilled on pods/binding \"{}\": pod {} is already assigned to node \"{node}\"",
+                    call.name(),
+                    call.name()
+                ),
+                ..KubeError::conflict(call.r, call.name())
+            });
+        }
+        if is_deleting(pod) {
+            return Some(KubeError {
+                message: format!(
+                    "pod {} is being deleted, cannot be assigned to a host",
+                    call.name()
+                ),
+                ..KubeError::conflict(call.r, call.name())
+            });
+        }
+        None
+    }
+
+    /// The pod's conditions with `PodScheduled=True` (replacing any earlier one).
+    fn scheduled_conditions(pod: &Value) -> Value {
+        let now = meta::rfc3339(meta::now_secs());
+        let mut conditions: Vec<Value> = pod
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .map(|cs| {
+                cs.iter()
+                    .filter(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        conditions.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now}));
+        Value::Array(conditions)
+    }
+
     /// Binds an unbound pod to `target`, once: a compare-and-swap on the pod's revision that
     /// fails with 409 if the pod is bound (or being deleted). `known` is the pod as the
     /// caller last saw it (the scheduler's cache), saving a read when it is current.
@@ -1656,50 +1697,59 @@ impl Kube {
                 .ok_or_else(|| KubeError::not_found(call.r, call.name()))?,
         };
         for _ in 0..MAX_CAS_RETRIES {
-            if let Some(node) = current
-                .object
-                .pointer("/spec/nodeName")
-                .and_then(Value::as_str)
-                .filter(|n| !n.is_empty())
-            {
-                return Err(KubeError {
-                    message: format!(
-                        "Operation cannot be fulfilled on pods/binding \"{}\": pod {} is already assigned to node \"{node}\"",
-                        call.name(),
-                        call.name()
-                    ),
-                    ..KubeError::conflict(call.r, call.name())
-                });
+            if let Some(e) = Self::unbindable(call, &current.object) {
+                return Err(e);
             }
-            if is_deleting(&current.object) {
-                return Err(KubeError {
-                    message: format!(
-                        "pod {} is being deleted, cannot be assigned to a host",
-                        call.name()
-                    ),
-                    ..KubeError::conflict(call.r, call.name())
-                });
-            }
+            let conditions = Self::scheduled_conditions(&current.object);
             let mut next = std::mem::take(&mut current.object);
             next["spec"]["nodeName"] = json!(target);
-            let now = meta::rfc3339(meta::now_secs());
-            let mut conditions = next
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            conditions.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
-            conditions.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now}));
-            next["status"]["conditions"] = json!(conditions);
+            next["status"]["conditions"] = conditions;
             // As in Kubernetes, a binding is written straight to storage: it records no
             // managedFields entry (and so costs no field-set computation per pod).
-            match self.objects.replace(&key, current.revision, &next).await? {
+            match self.objects.replace(&key, current.revision, next).await? {
                 Ok(stored) => return Ok(stored.object),
                 Err(Some(now)) => current = now,
                 Err(None) => return Err(KubeError::not_found(call.r, call.name())),
             }
         }
         Err(KubeError::conflict(call.r, call.name()))
+    }
+
+    /// [`Kube::bind_value`] for a pod the caller holds (the scheduler's informer) at
+    /// `revision`, without copying it: the stored bytes are written from a view of `pod`
+    /// with `spec.nodeName` and the condition set. If the pod changed in between, binds its
+    /// current state as `bind_value` does. Returns the bound pod's revision.
+    pub(crate) async fn bind_seen(
+        &self,
+        call: &Call,
+        target: &str,
+        pod: &Value,
+        revision: i64,
+    ) -> Result<i64, KubeError> {
+        if let Some(e) = Self::unbindable(call, pod) {
+            return Err(e);
+        }
+        let node = Value::String(target.to_string());
+        let conditions = Self::scheduled_conditions(pod);
+        let bytes = objects::encode_with(
+            pod,
+            &[
+                ("spec", "nodeName", &node),
+                ("status", "conditions", &conditions),
+            ],
+        )?;
+        match self
+            .objects
+            .replace_encoded(&call.key(), revision, bytes)
+            .await?
+        {
+            Ok(revision) => Ok(revision),
+            Err(Some(now)) => {
+                let bound = self.bind_value(call, target, Some(now)).await?;
+                Ok(owner_revision(&bound))
+            }
+            Err(None) => Err(KubeError::not_found(call.r, call.name())),
+        }
     }
 
     /// The `scale` subresource (autoscaling/v1 Scale): reads and writes `spec.replicas` of a
@@ -1937,6 +1987,14 @@ fn decode_continue(token: &str) -> Result<(i64, String), KubeError> {
             .ok_or_else(bad)?
             .to_string(),
     ))
+}
+
+/// An object's `metadata.resourceVersion` as a revision (0 if it has none).
+fn owner_revision(obj: &Value) -> i64 {
+    obj.pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .and_then(|rv| rv.parse().ok())
+        .unwrap_or(0)
 }
 
 fn is_deleting(obj: &Value) -> bool {

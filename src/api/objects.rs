@@ -45,6 +45,42 @@ pub fn decode(kv: &KeyValue) -> Result<Stored, KubeError> {
     })
 }
 
+/// The JSON of a stored value with its resourceVersion stamped in, without decoding it:
+/// only the top level and `metadata` are split into fields; every other value is copied as
+/// it was stored. The bytes are those `serde_json::to_vec` gives for [`decode`]'s object
+/// (stored values are written by serde_json, compact, with sorted keys), at a fraction of
+/// the cost: a watch sends every change of every object it covers.
+pub fn json_with_resource_version(raw: &[u8], revision: i64) -> Result<Vec<u8>, KubeError> {
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+    let bad = |e: serde_json::Error| KubeError::internal(format!("stored object is not JSON: {e}"));
+    let top: BTreeMap<String, &RawValue> = serde_json::from_slice(raw).map_err(bad)?;
+    let rv = format!("\"{revision}\"");
+    let rv = RawValue::from_string(rv).expect("a quoted number is JSON");
+    let mut out = Vec::with_capacity(raw.len() + 40);
+    out.push(b'{');
+    for (i, (k, v)) in top.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, k).map_err(bad)?;
+        out.push(b':');
+        if k == "metadata" {
+            let Ok(mut meta) = serde_json::from_str::<BTreeMap<String, &RawValue>>(v.get()) else {
+                // Not an object: nothing to stamp, as in `set_resource_version`.
+                out.extend_from_slice(v.get().as_bytes());
+                continue;
+            };
+            meta.insert("resourceVersion".into(), &rv);
+            serde_json::to_writer(&mut out, &meta).map_err(bad)?;
+        } else {
+            out.extend_from_slice(v.get().as_bytes());
+        }
+    }
+    out.push(b'}');
+    Ok(out)
+}
+
 /// Writes `metadata.resourceVersion`.
 pub fn set_resource_version(object: &mut Value, revision: i64) {
     if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -55,13 +91,133 @@ pub fn set_resource_version(object: &mut Value, revision: i64) {
     }
 }
 
-/// The bytes stored for `object`: without `resourceVersion`.
+/// The bytes stored for `object`: without `resourceVersion`. Serialized through a view that
+/// skips that one field, so a write does not copy the object first.
 fn encode(object: &Value) -> Vec<u8> {
-    let mut o = object.clone();
-    if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("resourceVersion");
+    serde_json::to_vec(&WithoutResourceVersion(object)).expect("JSON values serialize")
+}
+
+/// An object as stored: `metadata.resourceVersion` left out.
+struct WithoutResourceVersion<'a>(&'a Value);
+
+/// A metadata map without `resourceVersion`.
+struct MetadataView<'a>(&'a serde_json::Map<String, Value>);
+
+impl serde::Serialize for WithoutResourceVersion<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_object() {
+            Some(top) => Overlay::top(top, &[]).serialize(s),
+            None => self.0.serialize(s),
+        }
     }
-    serde_json::to_vec(&o).expect("JSON values serialize")
+}
+
+impl serde::Serialize for MetadataView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let fields = self.0.iter().filter(|(k, _)| *k != "resourceVersion");
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in fields {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// A map serialized with some fields set to other values (one level down: `(field,
+/// subfield, value)`), keys in order: what the stored bytes of a changed copy would be,
+/// without making the copy. At the top level `metadata.resourceVersion` is left out.
+struct Overlay<'a> {
+    map: Option<&'a serde_json::Map<String, Value>>,
+    /// `(field, value)` at this level, sorted by field.
+    set: Vec<(&'a str, &'a Value)>,
+    /// `(field, subfield, value)`: fields whose own fields change, sorted by field.
+    nested: &'a [(&'a str, &'a str, &'a Value)],
+    top: bool,
+}
+
+impl<'a> Overlay<'a> {
+    fn top(
+        map: &'a serde_json::Map<String, Value>,
+        nested: &'a [(&'a str, &'a str, &'a Value)],
+    ) -> Self {
+        Overlay {
+            map: Some(map),
+            set: Vec::new(),
+            nested,
+            top: true,
+        }
+    }
+
+    fn entry<M: serde::ser::SerializeMap>(
+        &self,
+        m: &mut M,
+        k: &str,
+        v: Option<&Value>,
+    ) -> Result<(), M::Error> {
+        if let Some((_, value)) = self.set.iter().find(|(f, _)| *f == k) {
+            return m.serialize_entry(k, value);
+        }
+        let sub: Vec<(&str, &Value)> = self
+            .nested
+            .iter()
+            .filter(|(f, _, _)| *f == k)
+            .map(|(_, sf, v)| (*sf, *v))
+            .collect();
+        match v {
+            Some(Value::Object(meta)) if self.top && k == "metadata" && sub.is_empty() => {
+                m.serialize_entry(k, &MetadataView(meta))
+            }
+            _ if !sub.is_empty() => m.serialize_entry(
+                k,
+                &Overlay {
+                    map: v.and_then(Value::as_object),
+                    set: sub,
+                    nested: &[],
+                    top: false,
+                },
+            ),
+            Some(v) => m.serialize_entry(k, v),
+            None => Ok(()),
+        }
+    }
+}
+
+impl serde::Serialize for Overlay<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        // The fields present, and the ones the overlay adds, in key order.
+        let mut extra: Vec<&str> = self
+            .set
+            .iter()
+            .map(|(f, _)| *f)
+            .chain(self.nested.iter().map(|(f, _, _)| *f))
+            .filter(|f| !self.map.is_some_and(|map| map.contains_key(*f)))
+            .collect();
+        extra.sort_unstable();
+        extra.dedup();
+        let mut extra = extra.into_iter().peekable();
+        for (k, v) in self.map.into_iter().flatten() {
+            while let Some(e) = extra.next_if(|e| *e < k.as_str()) {
+                self.entry(&mut m, e, None)?;
+            }
+            self.entry(&mut m, k, Some(v))?;
+        }
+        for e in extra {
+            self.entry(&mut m, e, None)?;
+        }
+        m.end()
+    }
+}
+
+/// The bytes stored for `object` with `(field, subfield)` set to each value given (e.g.
+/// `("spec", "nodeName", …)`), as [`encode`] of a copy changed that way would give.
+pub fn encode_with(object: &Value, set: &[(&str, &str, &Value)]) -> Result<Vec<u8>, KubeError> {
+    let top = object
+        .as_object()
+        .ok_or_else(|| KubeError::internal("the object is not a JSON object".to_string()))?;
+    Ok(serde_json::to_vec(&Overlay::top(top, set)).expect("JSON values serialize"))
 }
 
 /// The end of the key range of every key starting with `prefix`.
@@ -226,7 +382,7 @@ impl Objects {
         &self,
         key: &str,
         revision: i64,
-        object: &Value,
+        object: Value,
     ) -> Result<Result<Stored, Option<Stored>>, KubeError> {
         Ok(self
             .replace_claiming(key, revision, object, &Claims::default())
@@ -237,6 +393,31 @@ impl Objects {
             }))
     }
 
+    /// Writes `bytes` (made by [`encode_with`]) over an object if it is still at `revision`:
+    /// the new revision, or `Err(current)` as [`Objects::replace`].
+    pub async fn replace_encoded(
+        &self,
+        key: &str,
+        revision: i64,
+        bytes: Vec<u8>,
+    ) -> Result<Result<i64, Option<Stored>>, KubeError> {
+        let k = key.as_bytes().to_vec();
+        let t = self
+            .txn(TxnRequest {
+                compare: vec![at_revision(&k, revision)],
+                success: vec![put(&k, bytes)],
+                failure: vec![read(&k)],
+            })
+            .await?;
+        if t.succeeded {
+            return Ok(Ok(t.revision));
+        }
+        match refusal(&t, &Claims::default())? {
+            Refused::Exists(cur) => Ok(Err(cur)),
+            Refused::Taken(_) => Ok(Err(None)),
+        }
+    }
+
     /// [`Objects::replace`], also taking and releasing `claims` in the same transaction.
     /// `Exists(current)` means the object changed or vanished; `Taken(k)` that claim `k` is
     /// someone else's.
@@ -244,13 +425,13 @@ impl Objects {
         &self,
         key: &str,
         revision: i64,
-        object: &Value,
+        mut object: Value,
         claims: &Claims,
     ) -> Result<Result<Stored, Refused>, KubeError> {
         let k = key.as_bytes().to_vec();
         let mut compare = vec![at_revision(&k, revision)];
         compare.extend(claims.take.iter().map(|c| absent(c.as_bytes())));
-        let mut success = vec![put(&k, encode(object))];
+        let mut success = vec![put(&k, encode(&object))];
         success.extend(claims.take.iter().map(|c| put(c.as_bytes(), k.clone())));
         success.extend(claims.release.iter().map(|c| remove(c.as_bytes())));
         let mut failure = vec![read(&k)];
@@ -263,7 +444,6 @@ impl Objects {
             })
             .await?;
         if t.succeeded {
-            let mut object = object.clone();
             set_resource_version(&mut object, t.revision);
             return Ok(Ok(Stored {
                 object,
@@ -396,5 +576,94 @@ fn current_of(t: &TxnResponse) -> Result<Option<Stored>, KubeError> {
     match t.responses.first() {
         Some(ResponseOp::Range(r)) => r.kvs.first().map(decode).transpose(),
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(value: &[u8], rev: i64) -> KeyValue {
+        KeyValue {
+            key: b"k".to_vec(),
+            create_revision: 1,
+            mod_revision: rev,
+            version: 1,
+            value: value.to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_stamped_json_is_what_decoding_and_encoding_give() {
+        let objects = [
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "default", "labels": {"a": "b\"c"},
+                             "uid": "u", "resourceVersion": "9"},
+                "spec": {"containers": [{"name": "c", "image": "i", "args": ["x", "\u{00e9}\n"]}]},
+                "status": {"phase": "Pending", "conditions": []}}),
+            serde_json::json!({"kind": "Event", "metadata": {}, "count": 3, "z": null}),
+            serde_json::json!({"kind": "NoMeta", "a": [1, 2.5, -3]}),
+            serde_json::json!({"metadata": "not an object"}),
+        ];
+        for o in objects {
+            let stored = encode(&o);
+            let want = serde_json::to_vec(&decode(&kv(&stored, 42)).unwrap().object).unwrap();
+            let got = json_with_resource_version(&stored, 42).unwrap();
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(want).unwrap()
+            );
+        }
+        assert!(json_with_resource_version(b"{not json", 1).is_err());
+    }
+
+    #[test]
+    fn an_overlay_encodes_what_the_changed_copy_would() {
+        let pods = [
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "resourceVersion": "3"},
+                "spec": {"containers": [], "schedulerName": "s"},
+                "status": {"phase": "Pending", "conditions": [{"type": "X"}]}}),
+            serde_json::json!({"kind": "Pod", "metadata": {"name": "p"}, "spec": {"nodeName": "old", "a": 1}}),
+            serde_json::json!({"metadata": {"name": "p"}, "spec": 5}),
+            serde_json::json!({}),
+        ];
+        let node = serde_json::json!("n1");
+        let conds = serde_json::json!([{"type": "PodScheduled", "status": "True"}]);
+        for pod in pods {
+            let mut copy = pod.clone();
+            if !copy["spec"].is_object() {
+                copy["spec"] = serde_json::json!({});
+            }
+            copy["spec"]["nodeName"] = node.clone();
+            if !copy["status"].is_object() {
+                copy["status"] = serde_json::json!({});
+            }
+            copy["status"]["conditions"] = conds.clone();
+            let got = encode_with(
+                &pod,
+                &[
+                    ("spec", "nodeName", &node),
+                    ("status", "conditions", &conds),
+                ],
+            )
+            .unwrap();
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(encode(&copy)).unwrap()
+            );
+        }
+        assert!(encode_with(&serde_json::json!([1]), &[]).is_err());
+    }
+
+    #[test]
+    fn a_stored_object_leaves_out_its_resource_version_only() {
+        let o = serde_json::json!({"metadata": {"name": "n", "resourceVersion": "5"},
+                                   "spec": {"resourceVersion": "kept"}});
+        let stored: Value = serde_json::from_slice(&encode(&o)).unwrap();
+        assert_eq!(
+            stored,
+            serde_json::json!({"metadata": {"name": "n"}, "spec": {"resourceVersion": "kept"}})
+        );
     }
 }

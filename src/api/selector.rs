@@ -235,6 +235,11 @@ impl FieldSelector {
         })
     }
 
+    /// True for the empty selector.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// The value required for `metadata.name`, if the selector pins it (used to narrow a
     /// list to one key).
     pub fn name(&self) -> Option<&str> {

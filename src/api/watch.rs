@@ -43,48 +43,93 @@ struct CacheInner {
 /// Most events kept decoded.
 const EVENT_CACHE_ENTRIES: usize = 4096;
 
-/// One store event, decoded.
+/// One store event, decoded as far as its watchers need: the objects are parsed only when a
+/// watcher must look inside them (a selector, a table); a plain watch sends the stored JSON
+/// with its resourceVersion stamped in ([`objects::json_with_resource_version`]).
 pub(crate) struct Decoded {
-    /// The object after a put (with its resourceVersion).
-    new: Option<Value>,
+    /// The object after a put.
+    new: Option<Side>,
     /// The object before the event (a delete: with the deletion's resourceVersion, as the
     /// `DELETED` event carries it).
-    prev: Option<Value>,
+    prev: Option<Side>,
     /// The plain-JSON watch lines made so far, by event type.
     lines: Mutex<HashMap<&'static str, Bytes>>,
 }
 
+/// One side of a store event: the stored bytes, the resourceVersion it is sent with, and
+/// the object, parsed on first use.
+pub(crate) struct Side {
+    raw: Vec<u8>,
+    revision: i64,
+    value: std::sync::OnceLock<Result<Value, KubeError>>,
+}
+
+impl Side {
+    fn new(raw: &[u8], revision: i64) -> Side {
+        Side {
+            raw: raw.to_vec(),
+            revision,
+            value: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The object, with its resourceVersion.
+    fn value(&self) -> Result<&Value, KubeError> {
+        self.value
+            .get_or_init(|| {
+                let mut v: Value = serde_json::from_slice(&self.raw)
+                    .map_err(|e| KubeError::internal(format!("stored object is not JSON: {e}")))?;
+                objects::set_resource_version(&mut v, self.revision);
+                Ok(v)
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
 impl Decoded {
-    /// The line for `event_type` carrying `object` (serialized once per type).
-    fn line(&self, event_type: &'static str, object: &Value) -> Bytes {
-        let mut lines = self.lines.lock().expect("not poisoned");
-        lines
-            .entry(event_type)
-            .or_insert_with(|| line(event_type, object.clone()))
-            .clone()
+    /// The line for `event_type` carrying `side` (made once per type: a store event's
+    /// type decides its side).
+    fn line(&self, event_type: &'static str, side: &Side) -> Result<Bytes, KubeError> {
+        if let Some(l) = self.lines.lock().expect("not poisoned").get(event_type) {
+            return Ok(l.clone());
+        }
+        let object = objects::json_with_resource_version(&side.raw, side.revision)?;
+        let mut v = Vec::with_capacity(object.len() + 32);
+        // The bytes `line` gives: keys in order, compact.
+        v.extend_from_slice(b"{\"object\":");
+        v.extend_from_slice(&object);
+        v.extend_from_slice(b",\"type\":");
+        serde_json::to_writer(&mut v, event_type).expect("a string serializes");
+        v.extend_from_slice(b"}\n");
+        let l = Bytes::from(v);
+        self.lines
+            .lock()
+            .expect("not poisoned")
+            .insert(event_type, l.clone());
+        Ok(l)
     }
 }
 
 impl EventCache {
-    fn get(&self, e: &store::Event) -> Result<Arc<Decoded>, KubeError> {
+    fn get(&self, e: &store::Event) -> Arc<Decoded> {
         let id = (e.kv.key.clone(), e.kv.mod_revision);
         if let Some(d) = self.inner.lock().expect("not poisoned").map.get(&id) {
-            return Ok(d.clone());
+            return d.clone();
         }
-        let mut prev = e
-            .prev_kv
-            .as_ref()
-            .map(objects::decode)
-            .transpose()?
-            .map(|p| p.object);
-        let new = match e.kind {
-            store::EventKind::Put => Some(objects::decode(&e.kv)?.object),
-            store::EventKind::Delete => {
-                if let Some(p) = prev.as_mut() {
-                    objects::set_resource_version(p, e.kv.mod_revision);
-                }
-                None
-            }
+        let (new, prev) = match e.kind {
+            store::EventKind::Put => (
+                Some(Side::new(&e.kv.value, e.kv.mod_revision)),
+                e.prev_kv
+                    .as_ref()
+                    .map(|p| Side::new(&p.value, p.mod_revision)),
+            ),
+            store::EventKind::Delete => (
+                None,
+                e.prev_kv
+                    .as_ref()
+                    .map(|p| Side::new(&p.value, e.kv.mod_revision)),
+            ),
         };
         let d = Arc::new(Decoded {
             new,
@@ -100,7 +145,7 @@ impl EventCache {
                 }
             }
         }
-        Ok(d)
+        d
     }
 }
 
@@ -219,11 +264,18 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
                     idle.reset();
                     let mut out = Vec::new();
                     for e in events {
-                        match translate(&kube.events, &e, &labels, &fields) {
-                            Ok(Some((t, d, side))) if !as_table => {
-                                out.push(d.line(t, d.side(side)))
-                            }
-                            Ok(Some((t, d, side))) => out.push(line(t, wrap(d.side(side).clone()))),
+                        let sent =
+                            translate(&kube.events, &e, &labels, &fields).and_then(|w| match w {
+                                Some((t, d, side)) if !as_table => {
+                                    d.line(t, d.side(side)).map(Some)
+                                }
+                                Some((t, d, side)) => {
+                                    d.side(side).value().map(|v| Some(line(t, wrap(v.clone()))))
+                                }
+                                None => Ok(None),
+                            });
+                        match sent {
+                            Ok(Some(l)) => out.push(l),
                             Ok(None) => {}
                             Err(err) => {
                                 tracing::warn!(%err, "undecodable object in a watch");
@@ -267,16 +319,16 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
 
 /// Which side of a decoded event a watcher sends.
 #[derive(Clone, Copy)]
-enum Side {
+enum Which {
     New,
     Prev,
 }
 
 impl Decoded {
-    fn side(&self, side: Side) -> &Value {
-        match side {
-            Side::New => self.new.as_ref(),
-            Side::Prev => self.prev.as_ref(),
+    fn side(&self, which: Which) -> &Side {
+        match which {
+            Which::New => self.new.as_ref(),
+            Which::Prev => self.prev.as_ref(),
         }
         .expect("translate picks a side that exists")
     }
@@ -284,27 +336,38 @@ impl Decoded {
 
 /// A watch event for one watcher: its type, the decoded store event, and which side of it
 /// to send.
-type WatchEvent = (&'static str, Arc<Decoded>, Side);
+type WatchEvent = (&'static str, Arc<Decoded>, Which);
 
-/// The watch event a store event becomes for this watcher, if any.
+/// The watch event a store event becomes for this watcher, if any. Without selectors every
+/// object matches, and neither side is parsed.
 fn translate(
     cache: &EventCache,
     e: &store::Event,
     labels: &LabelSelector,
     fields: &FieldSelector,
 ) -> Result<Option<WatchEvent>, KubeError> {
-    let matches = |o: &Value| labels.matches(o) && fields.matches(o);
-    let d = cache.get(e)?;
-    let was = d.prev.as_ref().is_some_and(&matches);
+    let everything = labels.is_empty() && fields.is_empty();
+    let matches = |side: &Side| -> Result<bool, KubeError> {
+        if everything {
+            return Ok(true);
+        }
+        let o = side.value()?;
+        Ok(labels.matches(o) && fields.matches(o))
+    };
+    let d = cache.get(e);
+    let was = match &d.prev {
+        Some(p) => matches(p)?,
+        None => false,
+    };
     let out = match &d.new {
-        Some(new) => match (was, matches(new)) {
-            (true, true) => Some(("MODIFIED", Side::New)),
-            (false, true) => Some(("ADDED", Side::New)),
+        Some(new) => match (was, matches(new)?) {
+            (true, true) => Some(("MODIFIED", Which::New)),
+            (false, true) => Some(("ADDED", Which::New)),
             // It stopped matching: DELETED, carrying the new state (as the Go server).
-            (true, false) => Some(("DELETED", Side::New)),
+            (true, false) => Some(("DELETED", Which::New)),
             (false, false) => None,
         },
-        None => was.then_some(("DELETED", Side::Prev)),
+        None => was.then_some(("DELETED", Which::Prev)),
     };
     Ok(out.map(|(t, side)| (t, d, side)))
 }

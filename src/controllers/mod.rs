@@ -171,11 +171,36 @@ impl Ctx {
     }
 }
 
+/// The object an Event is about: just the fields the Event records (the whole object is not
+/// carried, since recording an Event for every bound pod must not copy every pod).
+#[derive(Debug, Clone)]
+struct Involved {
+    api_version: Value,
+    kind: Value,
+    name: String,
+    namespace: Option<String>,
+    uid: String,
+    resource_version: String,
+}
+
+impl Involved {
+    fn of(obj: &Value) -> Involved {
+        Involved {
+            api_version: obj.get("apiVersion").cloned().unwrap_or(Value::Null),
+            kind: obj.get("kind").cloned().unwrap_or(Value::Null),
+            name: owner::name(obj).to_string(),
+            namespace: owner::namespace(obj).map(str::to_string),
+            uid: owner::uid(obj).to_string(),
+            resource_version: owner::resource_version(obj).to_string(),
+        }
+    }
+}
+
 /// Records Kubernetes Events for objects, de-duplicated by (object, reason, message) with a
 /// count, written in the background (best effort: a full queue drops new events).
 #[derive(Clone)]
 pub struct Events {
-    tx: mpsc::Sender<(Value, &'static str, &'static str, String)>,
+    tx: mpsc::Sender<(Involved, &'static str, &'static str, String)>,
 }
 
 impl Events {
@@ -185,7 +210,7 @@ impl Events {
         stop: CancellationToken,
     ) -> (Events, impl Future<Output = ()>) {
         let (tx, mut rx) =
-            mpsc::channel::<(Value, &'static str, &'static str, String)>(EVENT_QUEUE);
+            mpsc::channel::<(Involved, &'static str, &'static str, String)>(EVENT_QUEUE);
         let task = async move {
             let r = resource("", "v1", "events");
             loop {
@@ -205,14 +230,33 @@ impl Events {
     }
 
     fn send(&self, obj: &Value, kind: &'static str, reason: &'static str, message: &str) {
-        let _ = self
-            .tx
-            .try_send((obj.clone(), kind, reason, message.to_string()));
+        // Checked first so that a full queue costs no copy.
+        let Ok(permit) = self.tx.try_reserve() else {
+            return;
+        };
+        permit.send((Involved::of(obj), kind, reason, message.to_string()));
     }
 
     /// A `Normal` event about `obj`.
     pub fn normal(&self, obj: &Value, reason: &'static str, message: &str) {
         self.send(obj, "Normal", reason, message);
+    }
+
+    /// A `Normal` event about `obj` as of `resource_version` (a change the caller made
+    /// without a copy of the changed object).
+    pub fn normal_at(
+        &self,
+        obj: &Value,
+        resource_version: i64,
+        reason: &'static str,
+        message: &str,
+    ) {
+        let Ok(permit) = self.tx.try_reserve() else {
+            return;
+        };
+        let mut involved = Involved::of(obj);
+        involved.resource_version = resource_version.to_string();
+        permit.send((involved, "Normal", reason, message.to_string()));
     }
 
     /// A `Warning` event about `obj`.
@@ -225,15 +269,15 @@ async fn record(
     api: &Kube,
     r: &'static Resource,
     component: &str,
-    obj: &Value,
+    obj: &Involved,
     kind: &str,
     reason: &str,
     message: &str,
 ) -> Result<(), KubeError> {
-    let ns = owner::namespace(obj).unwrap_or("default").to_string();
+    let ns = obj.namespace.as_deref().unwrap_or("default").to_string();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (owner::uid(obj), reason, message).hash(&mut h);
-    let name = format!("{}.{:016x}", owner::name(obj), h.finish());
+    (obj.uid.as_str(), reason, message).hash(&mut h);
+    let name = format!("{}.{:016x}", obj.name, h.finish());
     let now = meta::rfc3339(meta::now_secs());
     let call = Call::internal(r, Some(&ns), Some(&name), None, component);
     if let Some(cur) = api
@@ -256,12 +300,12 @@ async fn record(
         "kind": "Event",
         "metadata": {"name": name, "namespace": ns},
         "involvedObject": {
-            "apiVersion": obj.get("apiVersion").cloned().unwrap_or(Value::Null),
-            "kind": obj.get("kind").cloned().unwrap_or(Value::Null),
-            "name": owner::name(obj),
-            "namespace": owner::namespace(obj),
-            "uid": owner::uid(obj),
-            "resourceVersion": owner::resource_version(obj),
+            "apiVersion": obj.api_version,
+            "kind": obj.kind,
+            "name": obj.name,
+            "namespace": obj.namespace,
+            "uid": obj.uid,
+            "resourceVersion": obj.resource_version,
         },
         "reason": reason,
         "message": message,

@@ -25,7 +25,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::api::objects::Stored;
 use crate::api::{meta, Call};
 use crate::controllers::queue::Queue;
 use crate::controllers::{owner, pod, Ctx};
@@ -34,7 +33,7 @@ use decide::Decision;
 /// Most pods decided in one round.
 pub const BATCH: usize = 2048;
 /// Most binds in flight.
-pub const BINDS_IN_FLIGHT: usize = 256;
+pub const BINDS_IN_FLIGHT: usize = 1024;
 /// The field manager the scheduler writes as.
 pub const MANAGER: &str = "default-scheduler";
 
@@ -250,7 +249,13 @@ impl Scheduler {
                 .store(start, std::sync::atomic::Ordering::Relaxed);
         }
         let pod_res = ctx.pods.resource();
-        let results: Vec<(String, String, Result<Value, crate::api::status::KubeError>)> =
+        type Bound = (
+            String,
+            Arc<Value>,
+            String,
+            Result<i64, crate::api::status::KubeError>,
+        );
+        let results: Vec<Bound> =
             futures::stream::iter(binds.into_iter().map(|(key, p, node)| async move {
                 let call = Call::internal(
                     pod_res,
@@ -259,24 +264,24 @@ impl Scheduler {
                     None,
                     MANAGER,
                 );
-                let known = owner::resource_version(&p)
-                    .parse()
-                    .ok()
-                    .map(|revision| Stored {
-                        object: (*p).clone(),
-                        revision,
-                    });
-                let r = ctx.api.bind_value(&call, &node, known).await;
-                (key, node, r)
+                let r = match owner::resource_version(&p).parse::<i64>() {
+                    Ok(revision) => ctx.api.bind_seen(&call, &node, &p, revision).await,
+                    Err(_) => ctx
+                        .api
+                        .bind_value(&call, &node, None)
+                        .await
+                        .map(|b| owner::resource_version(&b).parse().unwrap_or(0)),
+                };
+                (key, p, node, r)
             }))
             .buffer_unordered(BINDS_IN_FLIGHT)
             .collect()
             .await;
-        for (key, node, r) in results {
+        for (key, p, node, r) in results {
             match r {
-                Ok(bound) => {
+                Ok(revision) => {
                     ctx.metrics.scheduled.with_label_values(&["bound"]).inc();
-                    let created = owner::created_secs(&bound);
+                    let created = owner::created_secs(&p);
                     if created > 0 {
                         ctx.metrics
                             .schedule_seconds
@@ -284,13 +289,14 @@ impl Scheduler {
                     }
                     self.waiting.lock().expect("not poisoned").remove(&key);
                     self.queue.forget(&key);
-                    ctx.events.normal(
-                        &bound,
+                    ctx.events.normal_at(
+                        &p,
+                        revision,
                         "Scheduled",
                         &format!(
                             "Successfully assigned {}/{} to {node}",
-                            owner::namespace(&bound).unwrap_or(""),
-                            owner::name(&bound)
+                            owner::namespace(&p).unwrap_or(""),
+                            owner::name(&p)
                         ),
                     );
                 }

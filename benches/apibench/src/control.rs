@@ -59,6 +59,8 @@ pub(crate) struct SchedulerResults {
     /// result and `flotilla_scheduler_binding_conflicts_total`, summed over the replicas):
     /// how many decisions it took to bind the pods.
     scheduler_attempts: HashMap<String, f64>,
+    /// Store revisions (writes) between the start and the end of the measured window.
+    writes_in_window: u64,
 }
 
 /// Sums the samples of the metrics named in `names` over every replica's `/metrics`,
@@ -149,6 +151,9 @@ async fn wait_leader(http: &Http, c: &Cluster, alive: &[usize]) -> anyhow::Resul
 }
 
 /// Overload answers (429, 503) that were retried, as client-go retries them.
+/// Most clients turning nodes Ready at once in a backlog run.
+const READY_CLIENTS: usize = 512;
+
 static RETRIED: AtomicUsize = AtomicUsize::new(0);
 
 async fn post(http: &Http, api: &str, path: &str, body: &Value) -> anyhow::Result<Bytes> {
@@ -307,7 +312,7 @@ pub(crate) async fn scheduler(args: &Args, c: &Cluster, http: &Http) -> anyhow::
         http.clone(),
         c.apis[follower].clone(),
         NS,
-        rv,
+        rv.clone(),
         bound.clone(),
         added.clone(),
         stop.clone(),
@@ -353,6 +358,7 @@ pub(crate) async fn scheduler(args: &Args, c: &Cluster, http: &Http) -> anyhow::
         created.as_secs_f64()
     );
     let mut window_start = start;
+    let mut rv0 = rv.clone();
     let mut cpu0 = cpu0;
     if args.backlog {
         // Every pod is pending (no node is Ready). Let the writes about them settle, then
@@ -371,8 +377,18 @@ pub(crate) async fn scheduler(args: &Args, c: &Cluster, http: &Http) -> anyhow::
             bail!("pods were bound before any node was Ready");
         }
         cpu0 = cpu_seconds(&c.pids());
+        rv0 = list_rv(
+            http,
+            &c.apis[follower],
+            &format!("/api/v1/namespaces/{NS}/pods"),
+        )
+        .await?;
         window_start = Instant::now();
-        register_nodes(http, &c.apis, args.nodes, args.concurrency, true).await?;
+        // Each node's kubelet reports Ready on its own, as in a real cluster: one client per
+        // node (up to READY_CLIENTS at once), not the creators' few, whose round trips behind
+        // the binds' Raft entries would otherwise pace the release.
+        let ready_clients = args.nodes.clamp(args.concurrency, READY_CLIENTS);
+        register_nodes(http, &c.apis, args.nodes, ready_clients, true).await?;
         println!(
             "{} nodes turned Ready in {:.2} s",
             args.nodes,
@@ -389,6 +405,13 @@ pub(crate) async fn scheduler(args: &Args, c: &Cluster, http: &Http) -> anyhow::
     // The three replicas' CPU over the measured window (100% = one core).
     res.server_cpu_percent =
         (cpu_seconds(&c.pids()) - cpu0) / window_start.elapsed().as_secs_f64() * 100.0;
+    let rv1 = list_rv(
+        http,
+        &c.apis[follower],
+        &format!("/api/v1/namespaces/{NS}/pods"),
+    )
+    .await?;
+    res.writes_in_window = rv1.parse::<u64>()?.saturating_sub(rv0.parse()?);
     res.scheduler_attempts = scrape(
         http,
         c,
