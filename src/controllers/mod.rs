@@ -229,17 +229,29 @@ impl Events {
         (Events { tx }, task)
     }
 
-    fn send(&self, obj: &Value, kind: &'static str, reason: &'static str, message: &str) {
-        // Checked first so that a full queue costs no copy.
+    /// Queues an event about `obj` (as of `resource_version`, if given); a full queue drops
+    /// it before anything is copied.
+    fn send(
+        &self,
+        obj: &Value,
+        resource_version: Option<i64>,
+        kind: &'static str,
+        reason: &'static str,
+        message: &str,
+    ) {
         let Ok(permit) = self.tx.try_reserve() else {
             return;
         };
-        permit.send((Involved::of(obj), kind, reason, message.to_string()));
+        let mut involved = Involved::of(obj);
+        if let Some(rv) = resource_version {
+            involved.resource_version = rv.to_string();
+        }
+        permit.send((involved, kind, reason, message.to_string()));
     }
 
     /// A `Normal` event about `obj`.
     pub fn normal(&self, obj: &Value, reason: &'static str, message: &str) {
-        self.send(obj, "Normal", reason, message);
+        self.send(obj, None, "Normal", reason, message);
     }
 
     /// A `Normal` event about `obj` as of `resource_version` (a change the caller made
@@ -251,17 +263,12 @@ impl Events {
         reason: &'static str,
         message: &str,
     ) {
-        let Ok(permit) = self.tx.try_reserve() else {
-            return;
-        };
-        let mut involved = Involved::of(obj);
-        involved.resource_version = resource_version.to_string();
-        permit.send((involved, "Normal", reason, message.to_string()));
+        self.send(obj, Some(resource_version), "Normal", reason, message);
     }
 
     /// A `Warning` event about `obj`.
     pub fn warning(&self, obj: &Value, reason: &'static str, message: &str) {
-        self.send(obj, "Warning", reason, message);
+        self.send(obj, None, "Warning", reason, message);
     }
 }
 
