@@ -166,6 +166,25 @@ pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
 }
 
+impl PodInfo {
+    /// True if `other` fits exactly where this pod fits, now and after any placements are
+    /// assumed: the same requests, node constraints, tolerations, host ports and
+    /// anti-affinity, and no required pod affinity in either (a placement can satisfy an
+    /// affinity term, while it can only take room or add a clash for everything else). So
+    /// once this pod fits nowhere in a round, neither does `other`: the round need not look
+    /// at every node again for it (kube-scheduler once kept an equivalence cache for this).
+    pub fn same_feasibility(&self, other: &PodInfo) -> bool {
+        self.affinity.is_empty()
+            && other.affinity.is_empty()
+            && self.requests == other.requests
+            && self.node_selector == other.node_selector
+            && self.required_terms == other.required_terms
+            && self.tolerations == other.tolerations
+            && self.host_ports == other.host_ports
+            && self.anti_affinity == other.anti_affinity
+    }
+}
+
 /// A node selector requirement (`In`, `NotIn`, `Exists`, `DoesNotExist`, `Gt`, `Lt`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Requirement {
@@ -759,6 +778,47 @@ mod tests {
             }
         }
         pod_info(&p)
+    }
+
+    #[test]
+    fn pods_of_one_shape_fit_the_same_nodes_whatever_their_names_owners_and_labels() {
+        let a = pod("500m", json!({}));
+        let mut b = pod("500m", json!({}));
+        b.owner = Some("another".into());
+        b.labels.insert("x".into(), "y".into());
+        assert!(a.same_feasibility(&b));
+        assert!(!a.same_feasibility(&pod("600m", json!({}))));
+        assert!(!a.same_feasibility(&pod("500m", json!({"nodeSelector": {"zone": "a"}}))));
+        assert!(!a.same_feasibility(&pod(
+            "500m",
+            json!({"tolerations": [{"key": "k", "operator": "Exists"}]})
+        )));
+        // A required pod affinity can be met by a placement: never equivalent, not even to
+        // itself.
+        let affine = pod(
+            "500m",
+            json!({"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": {"app": "db"}}, "topologyKey": "zone"}]}}}),
+        );
+        assert!(!affine.affinity.is_empty());
+        assert!(!affine.same_feasibility(&affine.clone()));
+        // Once a shape fits nowhere, placing pods keeps it so: the second of two pods that
+        // each need the whole node's room fails on the node the first took.
+        let nodes = vec![node_info(&json!({"metadata": {"name": "n1"},
+            "status": {"allocatable": {"cpu": "1", "memory": "1Gi", "pods": "10"},
+                       "conditions": [{"type": "Ready", "status": "True"}]}}))];
+        let big = pod("1", json!({}));
+        let mut nodes = nodes;
+        assert!(matches!(
+            schedule_from(&nodes, &big, 0, 1).0,
+            Decision::Bind(0)
+        ));
+        assume(&mut nodes[0], &big);
+        assert!(matches!(
+            schedule_from(&nodes, &big, 0, 1).0,
+            Decision::Unschedulable(_)
+        ));
+        assert!(big.same_feasibility(&pod("1", json!({}))));
     }
 
     #[test]

@@ -34,6 +34,9 @@ use decide::Decision;
 pub const BATCH: usize = 2048;
 /// Most binds in flight.
 pub const BINDS_IN_FLIGHT: usize = 1024;
+/// Most pod shapes remembered per round as fitting nowhere (each later pod is compared
+/// with every one).
+const FAILED_SHAPES: usize = 16;
 /// The field manager the scheduler writes as.
 pub const MANAGER: &str = "default-scheduler";
 
@@ -107,7 +110,19 @@ impl Scheduler {
                     }
                 }
                 match c.new {
-                    Some(new) if wants_scheduling(new) => q.add(c.key),
+                    // A pending pod is queued when it appears or its spec or labels change;
+                    // not for a status write (its own `PodScheduled=False` would otherwise
+                    // queue it again at once: a loop of decisions and writes).
+                    Some(new) if wants_scheduling(new) => {
+                        let same = c.old.is_some_and(|o| {
+                            wants_scheduling(o)
+                                && o.get("spec") == new.get("spec")
+                                && o.pointer("/metadata/labels") == new.pointer("/metadata/labels")
+                        });
+                        if !same {
+                            q.add(c.key)
+                        }
+                    }
                     Some(new) => {
                         if pod::node(new).is_some() {
                             a.lock().expect("not poisoned").remove(c.key);
@@ -221,13 +236,31 @@ impl Scheduler {
             let mut cache = self.cache.lock().expect("not poisoned");
             let want = decide::feasible_to_find(cache.len());
             let mut start = self.next_start.load(std::sync::atomic::Ordering::Relaxed);
+            // Pods found to fit nowhere this round (one per shape), with the reasons.
+            let mut failed: Vec<(Arc<Value>, decide::PodInfo, String)> = Vec::new();
             for key in keys {
                 let Some(p) = ctx.pods.get(key) else { continue };
                 if !wants_scheduling(&p) || self.assumed.lock().expect("not poisoned").contains(key)
                 {
                     continue;
                 }
+                // A pod shaped like one that already fit nowhere this round fits nowhere
+                // either (placements only take room): no second look at every node. The
+                // same spec (a ReplicaSet's pods) is the same shape, without reading it.
+                let same_spec = failed.iter().find(|(f, info, _)| {
+                    info.affinity.is_empty() && f.get("spec") == p.get("spec")
+                });
+                if let Some((_, _, message)) = same_spec {
+                    unschedulable.push((key.clone(), p, message.clone()));
+                    continue;
+                }
                 let info = decide::pod_info(&p);
+                if let Some((_, _, message)) =
+                    failed.iter().find(|(_, f, _)| f.same_feasibility(&info))
+                {
+                    unschedulable.push((key.clone(), p, message.clone()));
+                    continue;
+                }
                 let (decision, next) = decide::schedule_from(cache.nodes(), &info, start, want);
                 start = next;
                 match decision {
@@ -241,6 +274,9 @@ impl Scheduler {
                         binds.push((key.clone(), p, node));
                     }
                     Decision::Unschedulable(message) => {
+                        if failed.len() < FAILED_SHAPES {
+                            failed.push((p.clone(), info, message.clone()));
+                        }
                         unschedulable.push((key.clone(), p, message))
                     }
                 }
@@ -321,35 +357,44 @@ impl Scheduler {
                 }
             }
         }
-        if self.changes.load(std::sync::atomic::Ordering::SeqCst) != seen_changes {
-            for (key, _, _) in unschedulable {
-                self.queue.add(&key);
+        // Checked with the waiting set locked: a change counted before this sees them
+        // queued again at once; one counted after finds them waiting (the flush takes the
+        // same lock). Nothing falls between the two into a long backoff.
+        let failures: Vec<u32> = {
+            let mut w = self.waiting.lock().expect("not poisoned");
+            if self.changes.load(std::sync::atomic::Ordering::SeqCst) != seen_changes {
+                drop(w);
+                for (key, _, _) in unschedulable {
+                    self.queue.add(&key);
+                }
+                return;
             }
-            return;
-        }
-        futures::stream::iter(
             unschedulable
-                .into_iter()
-                .map(|(key, p, message)| async move {
-                    self.unschedulable(ctx, &key, &p, &message).await
-                }),
-        )
+                .iter()
+                .map(|(key, _, _)| {
+                    let n = w.entry(key.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                })
+                .collect()
+        };
+        futures::stream::iter(unschedulable.into_iter().zip(failures).map(
+            |((key, p, message), failures)| async move {
+                self.unschedulable(ctx, &key, &p, &message, failures).await
+            },
+        ))
         .buffer_unordered(BINDS_IN_FLIGHT)
         .collect::<Vec<()>>()
         .await;
     }
 
-    async fn unschedulable(&self, ctx: &Ctx, key: &str, p: &Value, message: &str) {
+    /// Records that `p` fits nowhere (its `failures`-th time since the last change): a
+    /// backoff, the condition and an event.
+    async fn unschedulable(&self, ctx: &Ctx, key: &str, p: &Value, message: &str, failures: u32) {
         ctx.metrics
             .scheduled
             .with_label_values(&["unschedulable"])
             .inc();
-        let failures = {
-            let mut w = self.waiting.lock().expect("not poisoned");
-            let n = w.entry(key.to_string()).or_insert(0);
-            *n += 1;
-            *n
-        };
         // Back off: 1 s doubling to 10 s (a cluster change retries sooner).
         let delay = Duration::from_secs(1u64 << (failures - 1).min(3)).min(Duration::from_secs(10));
         self.queue.add_after(key, delay);
