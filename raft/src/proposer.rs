@@ -26,8 +26,9 @@ pub(crate) type Outcome = Result<CommandResult, Error>;
 const MAX_IN_FLIGHT: usize = 4;
 /// Most commands in one unit.
 const MAX_COMMANDS: usize = 1024;
-/// Most key and value bytes in one unit (an entry stays well under the peer body limit).
-const MAX_BYTES: usize = 8 << 20;
+/// Most key and value bytes in one unit: an entry fits in one append to a follower (see
+/// `network::MAX_APPEND_BYTES`), which must arrive within a heartbeat interval.
+const MAX_BYTES: usize = 1 << 20;
 /// Queue bound; submitters wait when it is full.
 const QUEUE: usize = 16 * 1024;
 

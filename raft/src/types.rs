@@ -214,15 +214,20 @@ impl ApplyError {
 /// several times and touched twice its size in fresh pages (a tenth of a replica's CPU went to
 /// those copies and page faults under load).
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let config = bincode::config::standard();
-    let mut size = Counter(0);
-    bincode::serde::encode_into_writer(value, &mut size, config)
-        .expect("counting bytes cannot fail");
-    let mut buf = Vec::with_capacity(size.0);
-    bincode::serde::encode_into_writer(value, VecWriter(&mut buf), config)
+    let size = encoded_len(value);
+    let mut buf = Vec::with_capacity(size);
+    bincode::serde::encode_into_writer(value, VecWriter(&mut buf), bincode::config::standard())
         .expect("encoding into a Vec cannot fail");
-    debug_assert_eq!(buf.len(), size.0);
+    debug_assert_eq!(buf.len(), size);
     buf
+}
+
+/// The length of [`encode`]'s bytes for `value`, without making them.
+pub(crate) fn encoded_len<T: Serialize>(value: &T) -> usize {
+    let mut size = Counter(0);
+    bincode::serde::encode_into_writer(value, &mut size, bincode::config::standard())
+        .expect("counting bytes cannot fail");
+    size.0
 }
 
 /// Counts the bytes an encoding would write.
