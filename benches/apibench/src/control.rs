@@ -61,6 +61,8 @@ pub(crate) struct SchedulerResults {
     scheduler_attempts: HashMap<String, f64>,
     /// Store revisions (writes) between the start and the end of the measured window.
     writes_in_window: u64,
+    /// Pods seen bound in each half second of the window.
+    bound_per_half_second: Vec<usize>,
 }
 
 /// Sums the samples of the metrics named in `names` over every replica's `/metrics`,
@@ -431,6 +433,13 @@ pub(crate) async fn scheduler(args: &Args, c: &Cluster, http: &Http) -> anyhow::
     res.overload_retries = RETRIED.load(Ordering::Relaxed);
     let last_bound = bound.values().max().copied().unwrap_or(window_start);
     res.scheduled_per_sec = bound.len() as f64 / (last_bound - window_start).as_secs_f64();
+    for b in bound.values() {
+        let i = (b.saturating_duration_since(window_start).as_millis() / 500) as usize;
+        if res.bound_per_half_second.len() <= i {
+            res.bound_per_half_second.resize(i + 1, 0);
+        }
+        res.bound_per_half_second[i] += 1;
+    }
     res.backlog_bound_after_release = latency(
         bound
             .values()
