@@ -89,6 +89,8 @@ fn operations_of_one_entry_apply_in_order_each_with_its_own_revision() {
     assert_eq!(a_at_2.kvs[0].value, b"2");
     assert_eq!(a_at_2.kvs[0].version, 2);
     assert_eq!(store.applied_state().unwrap().0, Some(b"entry-1".to_vec()));
+    // The compaction above runs on the store's thread: stop it before the directory goes.
+    store.close();
 }
 
 #[test]

@@ -218,11 +218,14 @@ fn the_quota_refuses_puts_but_not_deletes() {
 #[test]
 #[ignore = "run by an_installed_snapshot_survives_a_kill_right_after_the_install as a child process"]
 fn install_then_wait_child() {
-    let Ok(dir) = std::env::var("FLOTILLA_INSTALL_DIR") else {
+    let (Ok(dir), Ok(source)) = (
+        std::env::var("FLOTILLA_INSTALL_DIR"),
+        std::env::var("FLOTILLA_SOURCE_DIR"),
+    ) else {
         return;
     };
-    let a_dir = tempfile::tempdir().unwrap();
-    let a = KvStore::open(a_dir.path(), StoreOptions::default()).unwrap();
+    // Both directories are the parent's: this process is killed, so it removes nothing.
+    let a = KvStore::open(std::path::Path::new(&source), StoreOptions::default()).unwrap();
     for i in 1..=200u64 {
         put(&a, i, &format!("key{:03}", i % 37), &format!("v{i}"));
     }
@@ -244,6 +247,7 @@ fn install_then_wait_child() {
 fn an_installed_snapshot_survives_a_kill_right_after_the_install() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--ignored",
@@ -252,6 +256,7 @@ fn an_installed_snapshot_survives_a_kill_right_after_the_install() {
             "--nocapture",
         ])
         .env("FLOTILLA_INSTALL_DIR", dir.path())
+        .env("FLOTILLA_SOURCE_DIR", source.path())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
