@@ -25,7 +25,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::types::{decode, encode, encoded_len, Node, NodeId, TypeConfig};
+use crate::types::{decode, encode, encode_sized, encoded_len, Node, NodeId, TypeConfig};
 
 /// Largest response body accepted from a peer.
 pub(crate) const MAX_PEER_BODY: usize = 64 << 20;
@@ -222,23 +222,31 @@ impl PeerConnection {
     }
 }
 
+/// How many of `n` entries to send when their append would take `size` bytes: `None` if it
+/// fits under `max` (or cannot be split), else as many as fit at their average size, at
+/// least one and fewer than `n` (openraft retries with that many).
+fn entries_that_fit(n: u64, size: usize, max: usize) -> Option<u64> {
+    if size <= max || n <= 1 {
+        return None;
+    }
+    let fit = (n as u128 * max as u128 / size as u128) as u64;
+    Some(fit.clamp(1, n - 1))
+}
+
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        let n = rpc.entries.len() as u64;
-        // Measured before encoding: a refused payload costs no encoding, and the hint is
-        // how many entries fit (entries are of similar sizes), not a blind halving.
+        // Measured before encoding: a refused payload costs no encoding.
         let size = encoded_len(&rpc);
-        if size > MAX_APPEND_BYTES && n > 1 {
-            let fit = (n as u128 * MAX_APPEND_BYTES as u128 / size as u128) as u64;
+        if let Some(fit) = entries_that_fit(rpc.entries.len() as u64, size, MAX_APPEND_BYTES) {
             return Err(RPCError::PayloadTooLarge(
-                openraft::error::PayloadTooLarge::new_entries_hint(fit.clamp(1, n - 1)),
+                openraft::error::PayloadTooLarge::new_entries_hint(fit),
             ));
         }
-        let body = encode(&rpc);
+        let body = encode_sized(&rpc, size);
         self.send(
             "/raft/append",
             openraft::RPCTypes::AppendEntries,
@@ -284,5 +292,24 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 
     fn backoff(&self) -> openraft::network::Backoff {
         openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entries_that_fit;
+
+    #[test]
+    fn an_oversized_append_is_cut_to_the_entries_that_fit() {
+        // Fits, or a single entry (which cannot be split): sent as it is.
+        assert_eq!(entries_that_fit(10, 2 << 20, 2 << 20), None);
+        assert_eq!(entries_that_fit(1, 64 << 20, 2 << 20), None);
+        // 100 entries of 1 MiB against 2 MiB: two fit.
+        assert_eq!(entries_that_fit(100, 100 << 20, 2 << 20), Some(2));
+        // Twice the limit: half of them.
+        assert_eq!(entries_that_fit(10, 4 << 20, 2 << 20), Some(5));
+        // Never zero (one entry may be over the limit alone), never all of them.
+        assert_eq!(entries_that_fit(3, 100 << 20, 2 << 20), Some(1));
+        assert_eq!(entries_that_fit(2, (2 << 20) + 1, 2 << 20), Some(1));
     }
 }

@@ -214,7 +214,11 @@ impl ApplyError {
 /// several times and touched twice its size in fresh pages (a tenth of a replica's CPU went to
 /// those copies and page faults under load).
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let size = encoded_len(value);
+    encode_sized(value, encoded_len(value))
+}
+
+/// [`encode`] when [`encoded_len`] is already known.
+pub(crate) fn encode_sized<T: Serialize>(value: &T, size: usize) -> Vec<u8> {
     let mut buf = Vec::with_capacity(size);
     bincode::serde::encode_into_writer(value, VecWriter(&mut buf), bincode::config::standard())
         .expect("encoding into a Vec cannot fail");

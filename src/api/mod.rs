@@ -1686,7 +1686,7 @@ impl Kube {
         call: &Call,
         target: &str,
         known: Option<Stored>,
-    ) -> Result<Value, KubeError> {
+    ) -> Result<Stored, KubeError> {
         let key = call.key();
         let mut current = match known {
             Some(k) => k,
@@ -1707,7 +1707,7 @@ impl Kube {
             // As in Kubernetes, a binding is written straight to storage: it records no
             // managedFields entry (and so costs no field-set computation per pod).
             match self.objects.replace(&key, current.revision, next).await? {
-                Ok(stored) => return Ok(stored.object),
+                Ok(stored) => return Ok(stored),
                 Err(Some(now)) => current = now,
                 Err(None) => return Err(KubeError::not_found(call.r, call.name())),
             }
@@ -1744,10 +1744,7 @@ impl Kube {
             .await?
         {
             Ok(revision) => Ok(revision),
-            Err(Some(now)) => {
-                let bound = self.bind_value(call, target, Some(now)).await?;
-                Ok(owner_revision(&bound))
-            }
+            Err(Some(now)) => Ok(self.bind_value(call, target, Some(now)).await?.revision),
             Err(None) => Err(KubeError::not_found(call.r, call.name())),
         }
     }
@@ -1987,14 +1984,6 @@ fn decode_continue(token: &str) -> Result<(i64, String), KubeError> {
             .ok_or_else(bad)?
             .to_string(),
     ))
-}
-
-/// An object's `metadata.resourceVersion` as a revision (0 if it has none).
-fn owner_revision(obj: &Value) -> i64 {
-    obj.pointer("/metadata/resourceVersion")
-        .and_then(Value::as_str)
-        .and_then(|rv| rv.parse().ok())
-        .unwrap_or(0)
 }
 
 fn is_deleting(obj: &Value) -> bool {

@@ -94,23 +94,15 @@ pub fn set_resource_version(object: &mut Value, revision: i64) {
 /// The bytes stored for `object`: without `resourceVersion`. Serialized through a view that
 /// skips that one field, so a write does not copy the object first.
 fn encode(object: &Value) -> Vec<u8> {
-    serde_json::to_vec(&WithoutResourceVersion(object)).expect("JSON values serialize")
+    match object.as_object() {
+        Some(top) => serde_json::to_vec(&Overlay::top(top, &[])),
+        None => serde_json::to_vec(object),
+    }
+    .expect("JSON values serialize")
 }
-
-/// An object as stored: `metadata.resourceVersion` left out.
-struct WithoutResourceVersion<'a>(&'a Value);
 
 /// A metadata map without `resourceVersion`.
 struct MetadataView<'a>(&'a serde_json::Map<String, Value>);
-
-impl serde::Serialize for WithoutResourceVersion<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0.as_object() {
-            Some(top) => Overlay::top(top, &[]).serialize(s),
-            None => self.0.serialize(s),
-        }
-    }
-}
 
 impl serde::Serialize for MetadataView<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -94,15 +94,10 @@ impl Decoded {
         if let Some(l) = self.lines.lock().expect("not poisoned").get(event_type) {
             return Ok(l.clone());
         }
-        let object = objects::json_with_resource_version(&side.raw, side.revision)?;
-        let mut v = Vec::with_capacity(object.len() + 32);
-        // The bytes `line` gives: keys in order, compact.
-        v.extend_from_slice(b"{\"object\":");
-        v.extend_from_slice(&object);
-        v.extend_from_slice(b",\"type\":");
-        serde_json::to_writer(&mut v, event_type).expect("a string serializes");
-        v.extend_from_slice(b"}\n");
-        let l = Bytes::from(v);
+        let l = framed(
+            event_type,
+            &objects::json_with_resource_version(&side.raw, side.revision)?,
+        );
         self.lines
             .lock()
             .expect("not poisoned")
@@ -150,9 +145,21 @@ impl EventCache {
 }
 
 fn line(event_type: &str, object: Value) -> Bytes {
-    let mut v = serde_json::to_vec(&json!({"type": event_type, "object": object}))
-        .expect("JSON serializes");
-    v.push(b'\n');
+    framed(
+        event_type,
+        &serde_json::to_vec(&object).expect("JSON serializes"),
+    )
+}
+
+/// One watch line around an object's JSON: `{"object":…,"type":…}` and a newline (the keys
+/// in order, as serde_json writes a map).
+fn framed(event_type: &str, object: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(object.len() + 32);
+    v.extend_from_slice(b"{\"object\":");
+    v.extend_from_slice(object);
+    v.extend_from_slice(b",\"type\":");
+    serde_json::to_writer(&mut v, event_type).expect("a string serializes");
+    v.extend_from_slice(b"}\n");
     Bytes::from(v)
 }
 
@@ -370,4 +377,19 @@ fn translate(
         None => was.then_some(("DELETED", Which::Prev)),
     };
     Ok(out.map(|(t, side)| (t, d, side)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_framed_line_is_what_serializing_the_event_gives() {
+        let object = json!({"kind": "Pod", "metadata": {"name": "p\"q"}, "spec": {}});
+        for t in ["ADDED", "MODIFIED", "DELETED", "BOOKMARK"] {
+            let mut want = serde_json::to_vec(&json!({"type": t, "object": object})).unwrap();
+            want.push(b'\n');
+            assert_eq!(&line(t, object.clone())[..], &want[..]);
+        }
+    }
 }

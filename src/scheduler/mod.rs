@@ -236,28 +236,18 @@ impl Scheduler {
             let mut cache = self.cache.lock().expect("not poisoned");
             let want = decide::feasible_to_find(cache.len());
             let mut start = self.next_start.load(std::sync::atomic::Ordering::Relaxed);
-            // Pods found to fit nowhere this round (one per shape), with the reasons.
-            let mut failed: Vec<(Arc<Value>, decide::PodInfo, String)> = Vec::new();
+            // Shapes of pod found to fit nowhere this round, with the reasons.
+            let mut failed: Vec<(decide::PodInfo, String)> = Vec::new();
             for key in keys {
                 let Some(p) = ctx.pods.get(key) else { continue };
                 if !wants_scheduling(&p) || self.assumed.lock().expect("not poisoned").contains(key)
                 {
                     continue;
                 }
-                // A pod shaped like one that already fit nowhere this round fits nowhere
-                // either (placements only take room): no second look at every node. The
-                // same spec (a ReplicaSet's pods) is the same shape, without reading it.
-                let same_spec = failed.iter().find(|(f, info, _)| {
-                    info.affinity.is_empty() && f.get("spec") == p.get("spec")
-                });
-                if let Some((_, _, message)) = same_spec {
-                    unschedulable.push((key.clone(), p, message.clone()));
-                    continue;
-                }
                 let info = decide::pod_info(&p);
-                if let Some((_, _, message)) =
-                    failed.iter().find(|(_, f, _)| f.same_feasibility(&info))
-                {
+                // A pod shaped like one that already fit nowhere this round fits nowhere
+                // either (placements only take room): no second look at every node.
+                if let Some((_, message)) = failed.iter().find(|(f, _)| f.same_feasibility(&info)) {
                     unschedulable.push((key.clone(), p, message.clone()));
                     continue;
                 }
@@ -275,7 +265,7 @@ impl Scheduler {
                     }
                     Decision::Unschedulable(message) => {
                         if failed.len() < FAILED_SHAPES {
-                            failed.push((p.clone(), info, message.clone()));
+                            failed.push((info, message.clone()));
                         }
                         unschedulable.push((key.clone(), p, message))
                     }
@@ -300,14 +290,10 @@ impl Scheduler {
                     None,
                     MANAGER,
                 );
-                let r = match owner::resource_version(&p).parse::<i64>() {
-                    Ok(revision) => ctx.api.bind_seen(&call, &node, &p, revision).await,
-                    Err(_) => ctx
-                        .api
-                        .bind_value(&call, &node, None)
-                        .await
-                        .map(|b| owner::resource_version(&b).parse().unwrap_or(0)),
-                };
+                // A pod without a readable resourceVersion cannot match revision 0: the bind
+                // then reads the pod and binds its current state.
+                let revision = owner::resource_version(&p).parse().unwrap_or(0);
+                let r = ctx.api.bind_seen(&call, &node, &p, revision).await;
                 (key, p, node, r)
             }))
             .buffer_unordered(BINDS_IN_FLIGHT)
