@@ -175,6 +175,10 @@ pub(crate) struct Generation {
 
 impl Drop for Generation {
     fn drop(&mut self) {
+        // RocksDB's background jobs run on process-wide threads that can outlive the handle;
+        // one still running when the process exits aborts it ("pthread lock: Invalid
+        // argument", facebook/rocksdb#11349: seen once in a test binary). Wait for them.
+        self.db.cancel_all_background_work(true);
         if self.obsolete.load(Ordering::Acquire) {
             // The DB handle closes when `db` drops, after this body; removing the files
             // first is fine on Linux and the directory is never reopened.

@@ -73,6 +73,8 @@ impl Drop for Inner {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // As for the state machine (`kv::Generation`): no background job outlives the log.
+        self.db.cancel_all_background_work(true);
     }
 }
 
