@@ -347,7 +347,9 @@ async fn kubectl_watch_pages_namespaces_and_validation_behave_as_kubernetes() {
         "team-b",
     ]);
     assert!(
-        err.contains("protobuf is read only for Namespace, ConfigMap and Secret: send JSON"),
+        err.contains(
+            "protobuf is read only for Namespace, ConfigMap, Secret and Service: send JSON"
+        ),
         "{err}"
     );
     kl.ok(&["delete", "ns", "team-b"]);

@@ -125,6 +125,11 @@ impl CriRuntime {
             hostname: String::new(),
             log_directory: spec.state_dir.display().to_string(),
             labels,
+            dns_config: spec.dns.as_ref().map(|d| cri::DnsConfig {
+                servers: d.servers.clone(),
+                searches: d.searches.clone(),
+                options: d.options.clone(),
+            }),
             linux: Some(cri::LinuxPodSandboxConfig {
                 // The pod's cgroup, where the process runtime puts it too.
                 cgroup_parent: Self::cgroup_parent(spec),

@@ -23,6 +23,8 @@ pub struct AgentMetrics {
     pub watch_restarts: IntCounterVec,
     /// Lease renewals, by result.
     pub lease_renewals: IntCounterVec,
+    /// Cluster DNS queries, by how they were answered.
+    pub dns_queries: IntCounterVec,
     /// Pod status writes, by result.
     pub status_writes: IntCounterVec,
     /// From a pod's worker starting to all its containers running.
@@ -197,11 +199,17 @@ impl AgentMetrics {
                 "Probe tries, by probe and result.",
                 &["probe", "result"],
             ),
+            dns_queries: counter(
+                &registry,
+                "flotilla_agent_dns_queries_total",
+                "Cluster DNS queries, by how they were answered (cluster, nodata, nxdomain, not_synced, forwarded, upstream_failed, refused).",
+                &["answer"],
+            ),
             watch_restarts: counter(
                 &registry,
                 "flotilla_agent_watch_restarts_total",
-                "Pod watches that ended and were reopened, by why.",
-                &["reason"],
+                "Watches (of pods, services, endpoint slices) that ended and were reopened, by why.",
+                &["resource", "reason"],
             ),
             lease_renewals: counter(
                 &registry,
@@ -232,8 +240,11 @@ impl AgentMetrics {
         for state in super::pod::STATES {
             m.containers.with_label_values(&[state]);
         }
+        for kind in super::dns::Kind::ALL {
+            m.dns_queries.with_label_values(&[kind.label()]);
+        }
         for why in ["ended", "error", "expired"] {
-            m.watch_restarts.with_label_values(&[why]);
+            m.watch_restarts.with_label_values(&["pods", why]);
         }
         m
     }

@@ -13,13 +13,16 @@
 
 pub mod api;
 pub mod cri;
+pub mod dns;
 pub mod events;
 pub mod exec;
 pub mod logs;
 pub mod metrics;
 pub mod pod;
 pub mod probe;
+pub mod reflector;
 pub mod runtime;
+pub mod services;
 pub mod shim;
 pub mod volumes;
 
@@ -31,7 +34,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -95,6 +97,30 @@ pub struct AgentArgs {
     /// kubelet's `--system-reserved`): allocatable is capacity less these.
     #[arg(long, value_delimiter = ',')]
     pub reserved: Vec<String>,
+    /// The cluster DNS: the agent answers DNS for the cluster domain on this address (UDP
+    /// and TCP; `IP` alone means port 53), forwarding other names to `--resolv-conf`'s
+    /// nameservers, and pods with `dnsPolicy: ClusterFirst` get it as their nameserver (the
+    /// kubelet's `--cluster-dns`, with CoreDNS built in). Pods can only use it on port 53.
+    /// Unset: no cluster DNS; pods get the host's resolver configuration.
+    #[arg(long)]
+    pub cluster_dns: Option<String>,
+    /// The cluster domain (the kubelet's `--cluster-domain`).
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// The host's resolver configuration: pods with `dnsPolicy: Default` get it, and the
+    /// cluster DNS forwards names outside the cluster domain to its nameservers (the
+    /// kubelet's `--resolv-conf`).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+}
+
+/// `IP` or `IP:PORT` (port 53 by default).
+pub fn parse_dns_address(a: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(ip) = a.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    a.parse()
+        .map_err(|_| anyhow::anyhow!("--cluster-dns {a:?}: expected IP or IP:PORT"))
 }
 
 /// A loopback IPv4 range `a.b.c.d/n` (n from 8 to 30), as its network address and prefix.
@@ -149,6 +175,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         Some(c) => Some(parse_cidr(c)?),
     };
+    let cluster_dns = args
+        .cluster_dns
+        .as_deref()
+        .map(parse_dns_address)
+        .transpose()?;
+    let domain = args
+        .cluster_domain
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if domain.is_empty() || domain.split('.').any(|l| l.is_empty() || l.len() > 63) {
+        bail!(
+            "--cluster-domain {:?} is not a domain name",
+            args.cluster_domain
+        );
+    }
     let pods_dir = args.data_dir.join("pods");
     std::fs::create_dir_all(&pods_dir)
         .with_context(|| format!("creating {}", pods_dir.display()))?;
@@ -168,6 +209,30 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Duration::from_secs(10),
         metrics.api_failovers.clone(),
     ));
+    // Services (for pods' environment and the cluster DNS) from any replica.
+    let services = services::Cache::default();
+    tokio::spawn(services::run(
+        api.clone(),
+        services.clone(),
+        metrics.watch_restarts.clone(),
+    ));
+    let host_resolv = std::fs::read_to_string(&args.resolv_conf).unwrap_or_else(|e| {
+        tracing::warn!(file = %args.resolv_conf.display(), %e, "no host resolver configuration");
+        String::new()
+    });
+    if let Some(addr) = cluster_dns {
+        let config = dns::Config {
+            domain: domain.clone(),
+            upstreams: dns::upstreams(&host_resolv, addr.ip()),
+        };
+        let server =
+            dns::serve(addr, services.clone(), config, metrics.dns_queries.clone()).await?;
+        tokio::spawn(server);
+        if addr.port() != 53 {
+            tracing::warn!(%addr, "the cluster DNS is not on port 53: pods cannot use it");
+        }
+        tracing::info!(%addr, domain, "serving the cluster DNS");
+    }
     let cap = capacity(&args);
     register(&api, &args, runtime.as_ref(), port, &cap).await?;
     tracing::info!(node = args.node_name, port, "registered");
@@ -192,6 +257,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         capacity_memory_bytes: quantity("memory") / 1000,
         metrics: metrics.clone(),
         events: events::Events::start(api.clone(), args.node_name.clone()),
+        services,
+        cluster_dns: cluster_dns
+            .filter(|a| a.port() == 53)
+            .map(|a| (a.ip(), domain.clone())),
+        host_resolv,
     });
     tokio::spawn(heartbeat(api.clone(), args.clone(), metrics));
     tokio::select! {
@@ -617,171 +687,63 @@ fn chrono_micro() -> String {
 /// Keeps one worker per pod bound to this node, fed from a list+watch that fails over
 /// between replicas.
 async fn sync_pods(env: Arc<pod::Env>) -> anyhow::Result<()> {
-    let selector = format!("fieldSelector=spec.nodeName%3D{}", env.node);
+    let query = format!("fieldSelector=spec.nodeName%3D{}", env.node);
     let mut workers: HashMap<String, watch::Sender<Option<Arc<Value>>>> = HashMap::new();
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        // List.
-        let list = env
-            .api
-            .call_retrying(
-                http::Method::GET,
-                &format!("/api/v1/pods?{selector}"),
-                "application/json",
-                None,
-                Duration::from_secs(3600),
-            )
-            .await;
-        let (200, list) = (match list {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(%e, "listing pods");
-                continue;
-            }
-        }) else {
-            tokio::time::sleep(api::jitter(backoff)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            continue;
-        };
-        let mut rv = list
-            .pointer("/metadata/resourceVersion")
-            .and_then(Value::as_str)
-            .unwrap_or("0")
-            .to_string();
-        let items: Vec<Arc<Value>> = list
-            .get("items")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().cloned().map(Arc::new).collect())
-            .unwrap_or_default();
-        let present: std::collections::HashSet<String> =
-            items.iter().map(|p| owner::uid(p).to_string()).collect();
-        // Pods gone while we were not watching.
-        for (uid, tx) in &workers {
-            if !present.contains(uid) {
-                let _ = tx.send(None);
-            }
-        }
-        workers.retain(|uid, tx| present.contains(uid) || !tx.is_closed());
-        // Pods deleted while the agent was down (or gone while it was not watching) leave
-        // directories no worker owns: what still runs there is stopped and removed.
-        for dir in std::fs::read_dir(&env.pods_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = dir.file_name().to_string_lossy().into_owned();
-            let Some((_, uid)) = name.rsplit_once('_') else {
-                continue;
-            };
-            if !present.contains(uid) && !workers.contains_key(uid) {
-                tracing::info!(pod = name, "removing a pod that is no longer bound here");
-                let env = env.clone();
-                tokio::spawn(async move { env.runtime.remove_pod(&dir.path()).await });
-            }
-        }
-        for p in items {
-            update(&env, &mut workers, p);
-        }
-        env.metrics.set_synced();
-        // Watch from there until it ends; then resume (or relist after a 410).
-        loop {
-            let path = format!(
-                "/api/v1/pods?{selector}&watch=true&allowWatchBookmarks=true&resourceVersion={rv}&timeoutSeconds=300"
-            );
-            let resp = match env.api.watch(&path).await {
-                Ok(r) if r.status() == 200 => r,
-                Ok(r) if r.status() == 410 => break,
-                Ok(r) => {
-                    tracing::debug!(status = r.status().as_u16(), "watch refused");
-                    env.api.fail_over();
-                    tokio::time::sleep(api::jitter(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(%e, "watch failed; trying another replica");
-                    env.api.fail_over();
-                    tokio::time::sleep(api::jitter(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            let mut body = resp.into_body();
-            let mut buf: Vec<u8> = Vec::new();
-            let mut expired = false;
-            let watching = env.api.server();
-            let mut last_data = tokio::time::Instant::now();
-            'stream: loop {
-                // A stream silent for longer than the server's bookmark period is dead (a
-                // partitioned replica), and so is one on a replica the agent's other
-                // requests (its Lease) have given up on: move on.
-                let frame = match tokio::time::timeout(Duration::from_secs(1), body.frame()).await {
-                    Err(_) if env.api.server() != watching => {
-                        env.metrics
-                            .watch_restarts
-                            .with_label_values(&["failover"])
-                            .inc();
-                        break 'stream;
+    let target = reflector::Target {
+        path: "/api/v1/pods",
+        query: &query,
+        resource: "pods",
+    };
+    reflector::run(
+        env.api.clone(),
+        target,
+        env.metrics.watch_restarts.clone(),
+        |change| match change {
+            reflector::Change::Listed(items) => {
+                let present: std::collections::HashSet<String> =
+                    items.iter().map(|p| owner::uid(p).to_string()).collect();
+                // Pods gone while we were not watching.
+                for (uid, tx) in &workers {
+                    if !present.contains(uid) {
+                        let _ = tx.send(None);
                     }
-                    Err(_) if last_data.elapsed() < Duration::from_secs(90) => continue,
-                    other => other,
-                };
-                last_data = tokio::time::Instant::now();
-                let Ok(Some(Ok(frame))) = frame else {
-                    let why = if matches!(frame, Ok(None)) {
-                        "ended"
-                    } else {
-                        "error"
-                    };
-                    env.metrics.watch_restarts.with_label_values(&[why]).inc();
-                    env.api.fail_over();
-                    break 'stream;
-                };
-                if let Some(d) = frame.data_ref() {
-                    buf.extend_from_slice(d);
                 }
-                while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=pos).collect();
-                    let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
+                workers.retain(|uid, tx| present.contains(uid) || !tx.is_closed());
+                // Pods deleted while the agent was down (or gone while it was not
+                // watching) leave directories no worker owns: what still runs there is
+                // stopped and removed.
+                for dir in std::fs::read_dir(&env.pods_dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let name = dir.file_name().to_string_lossy().into_owned();
+                    let Some((_, uid)) = name.rsplit_once('_') else {
                         continue;
                     };
-                    let kind = ev.get("type").and_then(Value::as_str).unwrap_or("");
-                    let obj = ev.get("object").cloned().unwrap_or(Value::Null);
-                    if kind == "ERROR" {
-                        if obj.get("code").and_then(Value::as_u64) == Some(410) {
-                            expired = true;
-                        }
-                        env.metrics
-                            .watch_restarts
-                            .with_label_values(&[if expired { "expired" } else { "error" }])
-                            .inc();
-                        break 'stream;
-                    }
-                    if let Some(v) = obj
-                        .pointer("/metadata/resourceVersion")
-                        .and_then(Value::as_str)
-                    {
-                        rv = v.to_string();
-                    }
-                    match kind {
-                        "ADDED" | "MODIFIED" => update(&env, &mut workers, Arc::new(obj)),
-                        "DELETED" => {
-                            if let Some(tx) = workers.get(owner::uid(&obj)) {
-                                let _ = tx.send(None);
-                            }
-                        }
-                        _ => {}
+                    if !present.contains(uid) && !workers.contains_key(uid) {
+                        tracing::info!(pod = name, "removing a pod that is no longer bound here");
+                        let env = env.clone();
+                        tokio::spawn(async move { env.runtime.remove_pod(&dir.path()).await });
                     }
                 }
+                for p in items {
+                    update(&env, &mut workers, Arc::new(p));
+                }
+                env.metrics.set_synced();
             }
-            workers.retain(|_, tx| !tx.is_closed());
-            env.metrics.pods.set(workers.len() as i64);
-            if expired {
-                break;
+            reflector::Change::Applied(p) => update(&env, &mut workers, Arc::new(p)),
+            reflector::Change::Deleted(p) => {
+                if let Some(tx) = workers.get(owner::uid(&p)) {
+                    let _ = tx.send(None);
+                }
+                workers.retain(|_, tx| !tx.is_closed());
+                env.metrics.pods.set(workers.len() as i64);
             }
-        }
-    }
+        },
+    )
+    .await;
+    Ok(())
 }
 
 /// Hands the latest version of a pod to its worker, starting one for a new uid.

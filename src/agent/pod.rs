@@ -72,6 +72,12 @@ pub struct Env {
     pub metrics: Arc<super::metrics::AgentMetrics>,
     /// The event recorder.
     pub events: super::events::Events,
+    /// Services, for pods' environment.
+    pub services: super::services::Cache,
+    /// The cluster DNS pods are given (address, domain), if any.
+    pub cluster_dns: Option<(std::net::IpAddr, String)>,
+    /// The host's resolv.conf text (`dnsPolicy: Default`).
+    pub host_resolv: String,
 }
 
 #[derive(Default)]
@@ -237,6 +243,22 @@ async fn environment(
         ("HOSTNAME".into(), owner::name(pod).to_string()),
     ];
     let ns = owner::namespace(pod).unwrap_or("default");
+    // The services of the namespace (`enableServiceLinks`, on by default), as the kubelet
+    // sets them: before everything the container asks for, which overrides them.
+    if pod
+        .pointer("/spec/enableServiceLinks")
+        .and_then(Value::as_bool)
+        != Some(false)
+    {
+        let services = {
+            let t = super::services::read(&env.services);
+            super::services::environment(&t, ns)
+        };
+        match services {
+            Some(vars) => out.extend(vars),
+            None => return Err("services have not been read yet".into()),
+        }
+    }
     let mut sources = Sources::default();
     // envFrom first; `env` entries override them.
     for from in c
@@ -921,6 +943,11 @@ async fn launch(
         cpu_limit: limit("cpu").map(|m| m as u64),
         pod_pids_limit: env.pod_pids_limit,
         cgroup: format!("flotilla/{}/{}/{}", env.node, owner::uid(pod), c.name),
+        dns: {
+            let cluster = env.cluster_dns.as_ref().map(|(ip, d)| (*ip, d.as_str()));
+            let d = super::dns::pod_config(pod, cluster, &env.host_resolv);
+            (d != super::dns::PodDns::parse(&env.host_resolv)).then_some(d)
+        },
     };
     let timer = env
         .metrics

@@ -97,6 +97,8 @@ pub struct Spec<'a> {
     /// The container's cgroup, relative to each controller's root
     /// (`flotilla/<node>/<pod uid>/<container>`), unique per agent and container.
     pub cgroup: String,
+    /// The pod's resolver configuration, when it is not the host's.
+    pub dns: Option<super::dns::PodDns>,
 }
 
 impl Spec<'_> {
@@ -661,7 +663,21 @@ impl ProcessRuntime {
             .and_then(|_| cgroups.first().cloned())
             .filter(|d| d.starts_with(Path::new(CGROUP_ROOT).join("memory")));
         let argv = in_cgroups(&cgroups, argv);
+        // The pod's resolv.conf, which the shim mounts over /etc/resolv.conf in a mount
+        // namespace of the container's own (as root; otherwise the host's stays).
+        let resolv_conf = match &spec.dns {
+            Some(d) if nix::unistd::geteuid().is_root() => {
+                let file = spec.state_dir.join("resolv.conf");
+                if let Err(e) = std::fs::write(&file, d.render()) {
+                    remove_cgroups(&cgroups);
+                    return Err(format!("{}: {e}", file.display()));
+                }
+                Some(file)
+            }
+            _ => None,
+        };
         let shim_spec = ShimSpec {
+            resolv_conf,
             argv,
             env: spec.env.clone(),
             dir: dir.clone(),

@@ -46,6 +46,34 @@ pub struct ShimSpec {
     pub exit_file: PathBuf,
     /// Its memory cgroup, to tell an OOM kill from another SIGKILL.
     pub memory_cgroup: Option<PathBuf>,
+    /// A file the container sees as `/etc/resolv.conf` (in a mount namespace of its own).
+    #[serde(default)]
+    pub resolv_conf: Option<PathBuf>,
+}
+
+/// Enters a mount namespace of its own (mounts from the host still propagate into it) in
+/// which `file` is `/etc/resolv.conf`; the container, started next, inherits it. The shim is
+/// single-threaded here, as `unshare` needs.
+fn private_resolv_conf(file: &Path) -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("unshare: {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making / a slave mount: {e}"))?;
+    mount(
+        Some(file),
+        "/etc/resolv.conf",
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| format!("mounting {} on /etc/resolv.conf: {e}", file.display()))
 }
 
 /// How a container ended (the exit file).
@@ -109,6 +137,12 @@ pub fn run(spec_path: &Path) -> i32 {
         let _ = writeln!(out, "error: no command");
         return 1;
     };
+    if let Some(file) = &spec.resolv_conf {
+        if let Err(e) = private_resolv_conf(file) {
+            let _ = writeln!(out, "error: the pod's resolv.conf: {e}");
+            return 1;
+        }
+    }
     let mut child = match std::process::Command::new(program)
         .args(args)
         .env_clear()

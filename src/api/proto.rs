@@ -1,6 +1,6 @@
 //! Just enough of Kubernetes' protobuf encoding to read what kubectl's imperative generators
-//! send (`kubectl create namespace|configmap|secret generic`): the `k8s\0` envelope
-//! (`runtime.Unknown`) around a Namespace, ConfigMap or Secret, turned into the JSON object
+//! send (`kubectl create namespace|configmap|secret generic|service`): the `k8s\0` envelope
+//! (`runtime.Unknown`) around a Namespace, ConfigMap, Secret or Service, turned into the JSON object
 //! the rest of the API handles. Anything else is refused (the caller answers 415 and asks
 //! for JSON). Every length is checked against the input: malformed bytes give `None`,
 //! never a panic.
@@ -116,6 +116,103 @@ fn object_meta(b: &[u8]) -> Option<Value> {
     Some(Value::Object(m))
 }
 
+/// A non-empty string field as JSON (Go marshals unset strings as empty ones).
+fn set_text(m: &mut Map<String, Value>, key: &str, v: &[u8]) -> Option<()> {
+    let t = text(v)?;
+    if !t.is_empty() {
+        m.insert(key.into(), json!(t));
+    }
+    Some(())
+}
+
+/// Appends a non-empty string to the array `key`.
+fn push_text(m: &mut Map<String, Value>, key: &str, v: &[u8]) -> Option<()> {
+    let t = text(v)?;
+    if !t.is_empty() {
+        m.entry(key)
+            .or_insert_with(|| json!([]))
+            .as_array_mut()?
+            .push(json!(t));
+    }
+    Some(())
+}
+
+/// An int32 (a varint holding its two's complement, sign-extended to 64 bits).
+fn int32(v: u64) -> i64 {
+    i64::from(v as i32)
+}
+
+/// `intstr.IntOrString`: type (0 int, 1 string), intVal, strVal.
+fn int_or_string(b: &[u8]) -> Option<Value> {
+    let (mut kind, mut int, mut string) = (0, 0, String::new());
+    for (n, f) in fields(b)? {
+        match (n, f) {
+            (1, Field::Varint(v)) => kind = v,
+            (2, Field::Varint(v)) => int = int32(v),
+            (3, Field::Bytes(v)) => string = text(v)?,
+            _ => {}
+        }
+    }
+    Some(if kind == 1 { json!(string) } else { json!(int) })
+}
+
+/// `ServicePort`: name, protocol, port, targetPort, nodePort, appProtocol.
+fn service_port(b: &[u8]) -> Option<Value> {
+    let mut p = Map::new();
+    for (n, f) in fields(b)? {
+        match (n, f) {
+            (1, Field::Bytes(v)) => set_text(&mut p, "name", v)?,
+            (2, Field::Bytes(v)) => set_text(&mut p, "protocol", v)?,
+            (3, Field::Varint(v)) => {
+                p.insert("port".into(), json!(int32(v)));
+            }
+            (4, Field::Bytes(v)) => {
+                p.insert("targetPort".into(), int_or_string(v)?);
+            }
+            (5, Field::Varint(v)) if v != 0 => {
+                p.insert("nodePort".into(), json!(int32(v)));
+            }
+            (6, Field::Bytes(v)) => set_text(&mut p, "appProtocol", v)?,
+            _ => {}
+        }
+    }
+    Some(Value::Object(p))
+}
+
+/// `ServiceSpec`, the fields an imperative `kubectl create service` or `expose` sets.
+fn service_spec(b: &[u8]) -> Option<Value> {
+    let mut s = Map::new();
+    for (n, f) in fields(b)? {
+        match (n, f) {
+            (1, Field::Bytes(v)) => s
+                .entry("ports")
+                .or_insert_with(|| json!([]))
+                .as_array_mut()?
+                .push(service_port(v)?),
+            (2, Field::Bytes(v)) => {
+                let (k, val) = map_entry(v, false)?;
+                s.entry("selector").or_insert_with(|| json!({}))[k] = val;
+            }
+            (3, Field::Bytes(v)) => set_text(&mut s, "clusterIP", v)?,
+            (4, Field::Bytes(v)) => set_text(&mut s, "type", v)?,
+            (5, Field::Bytes(v)) => push_text(&mut s, "externalIPs", v)?,
+            (7, Field::Bytes(v)) => set_text(&mut s, "sessionAffinity", v)?,
+            (8, Field::Bytes(v)) => set_text(&mut s, "loadBalancerIP", v)?,
+            (10, Field::Bytes(v)) => set_text(&mut s, "externalName", v)?,
+            (11, Field::Bytes(v)) => set_text(&mut s, "externalTrafficPolicy", v)?,
+            (13, Field::Varint(v)) if v != 0 => {
+                s.insert("publishNotReadyAddresses".into(), json!(true));
+            }
+            (17, Field::Bytes(v)) => set_text(&mut s, "ipFamilyPolicy", v)?,
+            (18, Field::Bytes(v)) => push_text(&mut s, "clusterIPs", v)?,
+            (19, Field::Bytes(v)) => push_text(&mut s, "ipFamilies", v)?,
+            (22, Field::Bytes(v)) => set_text(&mut s, "internalTrafficPolicy", v)?,
+            _ => {}
+        }
+    }
+    Some(Value::Object(s))
+}
+
 /// The object in a `k8s\0`-prefixed protobuf body, as JSON; `None` if it is malformed or
 /// of a kind this server does not read as protobuf.
 pub fn decode(body: &[u8]) -> Option<Value> {
@@ -146,11 +243,13 @@ pub fn decode(body: &[u8]) -> Option<Value> {
         ("v1", "Namespace") => (None, false),
         ("v1", "ConfigMap") => (Some("data"), false),
         ("v1", "Secret") => (Some("data"), true),
+        ("v1", "Service") => (None, false),
         _ => return None,
     };
     for (n, f) in fields(raw)? {
         match (n, f) {
             (1, Field::Bytes(v)) => obj["metadata"] = object_meta(v)?,
+            (2, Field::Bytes(v)) if kind == "Service" => obj["spec"] = service_spec(v)?,
             (2, Field::Bytes(v)) if data_field.is_some() => {
                 let (k, val) = map_entry(v, binary)?;
                 obj["data"][k] = val;
@@ -212,5 +311,65 @@ mod tests {
         ]
         .concat();
         assert!(decode(&deploy).is_none());
+    }
+
+    fn varint_field(n: u64, v: u64) -> Vec<u8> {
+        let mut out = vec![(n << 3) as u8];
+        let mut v = v;
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                return out;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    #[test]
+    fn a_service_from_kubectl_create_service_decodes() {
+        // As Go marshals it: unset strings sent empty, zero numbers sent.
+        let port = [
+            field(1, b"80-8080"),
+            field(2, b"TCP"),
+            varint_field(3, 80),
+            field(
+                4,
+                &[varint_field(1, 0), varint_field(2, 8080), field(3, b"")].concat(),
+            ),
+            varint_field(5, 0),
+        ]
+        .concat();
+        let named = [
+            field(1, b"http"),
+            varint_field(3, 443),
+            field(
+                4,
+                &[varint_field(1, 1), varint_field(2, 0), field(3, b"web")].concat(),
+            ),
+        ]
+        .concat();
+        let spec = [
+            field(1, &port),
+            field(1, &named),
+            field(2, &[field(1, b"app"), field(2, b"late")].concat()),
+            field(3, b"None"),
+            field(4, b"ClusterIP"),
+            field(10, b""),
+            varint_field(13, 0),
+        ]
+        .concat();
+        let raw = [field(1, &field(1, b"late")), field(2, &spec)].concat();
+        let type_meta = [field(1, b"v1"), field(2, b"Service")].concat();
+        let body = [b"k8s\0".to_vec(), field(1, &type_meta), field(2, &raw)].concat();
+        assert_eq!(
+            decode(&body).unwrap(),
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "late"},
+                   "spec": {"ports": [{"name": "80-8080", "protocol": "TCP", "port": 80, "targetPort": 8080},
+                                      {"name": "http", "port": 443, "targetPort": "web"}],
+                            "selector": {"app": "late"}, "clusterIP": "None", "type": "ClusterIP"}})
+        );
+        assert!(decode(&body[..body.len() - 2]).is_none());
     }
 }

@@ -6,7 +6,10 @@
 
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod kubectl;
+#[allow(unused_imports)]
+pub use agent::Agent;
 #[allow(unused_imports)]
 pub use kubectl::{req, Kubectl, KUBECTL};
 
