@@ -3,6 +3,12 @@
 //! `--data-dir/<id>/server.log`), waits for a leader, prints the endpoints and a live status
 //! line, and stops every child cleanly on Ctrl-C. A second run reuses the data. It also
 //! runs `--agents` node agents (default 1: node `node-1`, process runtime), so pods run.
+//!
+//! Services work out of the box when it runs as root: each agent serves the cluster DNS on
+//! an address of the `--host` block (last octet + 200 + agent index) and runs the iptables
+//! service proxy, with node ports on `--host` only; cluster IPs come from a loopback range
+//! (`--service-cidr`), so nothing of the local cluster is reachable from, or routed to, the
+//! network. Without root there is no cluster DNS (port 53) and no proxy (iptables).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -36,6 +42,21 @@ pub struct UpArgs {
     /// `--data-dir/agent-N`, agent N's endpoint on port base+2000+N-1).
     #[arg(long, default_value_t = 1)]
     pub agents: u64,
+    /// Where Services' cluster IPs come from (a loopback range keeps them on this machine).
+    #[arg(long, default_value = "127.96.0.0/16")]
+    pub service_cidr: String,
+}
+
+/// Agent `n`'s cluster DNS address: `--host` with 200 + n - 1 added to its last octet, if
+/// that stays a valid address and up runs as root (port 53).
+pub fn dns_address(host: &str, n: u64) -> Option<std::net::Ipv4Addr> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let ip: std::net::Ipv4Addr = host.parse().ok()?;
+    let [a, b, c, d] = ip.octets();
+    let last = u64::from(d) + 200 + n - 1;
+    (last <= 254).then(|| std::net::Ipv4Addr::new(a, b, c, last as u8))
 }
 
 struct Replica {
@@ -61,6 +82,7 @@ fn spawn(exe: &Path, args: &UpArgs, id: u64, cluster: &str) -> anyhow::Result<Ch
         .args(["--listen-api", &format!("{}:{api_port}", args.host)])
         .args(["--listen-peer", &format!("{}:{peer_port}", args.host)])
         .args(["--initial-cluster", cluster])
+        .args(["--service-cluster-ip-range", &args.service_cidr])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -75,9 +97,21 @@ fn spawn_agent(exe: &Path, args: &UpArgs, n: u64, servers: &str) -> anyhow::Resu
         .create(true)
         .append(true)
         .open(dir.join("agent.log"))?;
+    let mut services: Vec<String> = Vec::new();
+    if let Some(dns) = dns_address(&args.host, n) {
+        services.extend([
+            "--cluster-dns".into(),
+            dns.to_string(),
+            "--proxy-mode".into(),
+            "iptables".into(),
+            "--nodeport-addresses".into(),
+            format!("{}/32", args.host),
+        ]);
+    }
     Command::new(exe)
         .arg("agent")
         .args(["--servers", servers])
+        .args(&services)
         .args(["--node-name", &format!("node-{n}")])
         .arg("--data-dir")
         .arg(&dir)
@@ -219,8 +253,12 @@ async fn supervise(args: &UpArgs, replicas: &mut [Replica], client: &Client) -> 
         );
     }
     for n in 1..=args.agents {
+        let dns = match dns_address(&args.host, n) {
+            Some(ip) => format!("  cluster DNS {ip}, service proxy on"),
+            None => "  no cluster DNS or service proxy (they need root)".into(),
+        };
         println!(
-            "  agent {n}: node node-{n}  data {}",
+            "  agent {n}: node node-{n}  data {}{dns}",
             args.data_dir.join(format!("agent-{n}")).display()
         );
     }

@@ -240,6 +240,10 @@ metadata:
   name: boxed
 spec:
   terminationGracePeriodSeconds: 10
+  dnsPolicy: None
+  dnsConfig:
+    nameservers: [192.0.2.53]
+    searches: [flotilla.test]
   volumes:
   - name: config
     configMap:
@@ -252,7 +256,7 @@ spec:
     image: busybox:1.35
     command: ["sh", "-c"]
     args:
-    - trap 'echo got TERM > /out/term; exit 0' TERM; cat /etc/config/greeting; echo; (echo x > /etc/config/new) 2>/dev/null && echo writable || echo read-only; test -e /etc/os-release && echo host filesystem || echo image filesystem; touch /tmp/ready; while :; do sleep 0.2; done
+    - trap 'echo got TERM > /out/term; exit 0' TERM; cat /etc/config/greeting; echo; (echo x > /etc/config/new) 2>/dev/null && echo writable || echo read-only; test -e /etc/os-release && echo host filesystem || echo image filesystem; grep -h -e nameserver -e search /etc/resolv.conf; touch /tmp/ready; while :; do sleep 0.2; done
     env:
     - name: GREETING
       valueFrom:
@@ -301,12 +305,14 @@ spec:
         "the container's output",
         || async {
             let (ok, out, _) = k.run(&["logs", "boxed"]);
-            (ok && out.contains("filesystem")).then_some(out)
+            (ok && out.contains("nameserver")).then_some(out)
         },
     )
     .await;
     assert!(
-        logs.starts_with("hello from a configmap\nread-only\nimage filesystem\n"),
+        logs.starts_with(
+            "hello from a configmap\nread-only\nimage filesystem\nsearch flotilla.test\nnameserver 192.0.2.53\n"
+        ),
         "{logs}"
     );
 

@@ -60,6 +60,11 @@ fn glob_pids(data: &std::path::Path) -> Vec<i32> {
     out
 }
 
+/// A service range inside the test's own loopback block (`host` is its `.1`).
+pub fn service_cidr(host: &str) -> String {
+    format!("{}.64/28", host.rsplit_once('.').unwrap().0)
+}
+
 fn example(name: &str) -> String {
     format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -86,6 +91,8 @@ async fn the_examples_run_under_flotilla_up() {
             &host,
             "--base-port",
             "6441",
+            "--service-cidr",
+            &service_cidr(&host),
         ])
         .arg("--data-dir")
         .arg(&data)
@@ -182,6 +189,29 @@ async fn the_examples_run_under_flotilla_up() {
         endpoints["subsets"][0]["ports"][0]["port"], 8080,
         "{endpoints}"
     );
+    // Through the Service: its cluster IP (the service proxy `flotilla up` runs as root),
+    // and its name from a pod (the cluster DNS).
+    let svc = get("/api/v1/namespaces/default/services/web".into()).await;
+    let vip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let body = wait_for(
+        Duration::from_secs(30),
+        "the Service's cluster IP to serve",
+        || async {
+            let (code, body) = client.get_text(&format!("{vip}:80"), "/").await.ok()?;
+            (code == 200).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(body, "<h1>hello from flotilla</h1>\n");
+    let out = k.ok(&[
+        "exec",
+        "deploy/web",
+        "--",
+        "python3",
+        "-c",
+        "import urllib.request; print(urllib.request.urlopen('http://web/', timeout=5).read().decode())",
+    ]);
+    assert!(out.contains("hello from flotilla"), "{out}");
     let name = pods[0]["metadata"]["name"].as_str().unwrap().to_string();
     let logs = k.ok(&["logs", &name]);
     assert_eq!(logs, format!("serving {name} on {}:8080\n", ips[0]));

@@ -20,7 +20,12 @@ fn free_host() -> String {
 /// interrupts it and checks that every replica stopped cleanly.
 async fn up_once(host: &str, data: &std::path::Path, key: &str) -> Vec<String> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(["up", "--host", host, "--base-port", "6441", "--data-dir"])
+        .args(["up", "--host", host, "--base-port", "6441"])
+        .args([
+            "--service-cidr",
+            &format!("{}.64/28", host.rsplit_once('.').unwrap().0),
+            "--data-dir",
+        ])
         .arg(data)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

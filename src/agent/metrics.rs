@@ -37,6 +37,13 @@ pub struct AgentMetrics {
     pub runtime_errors: IntCounterVec,
     /// Lease renewals by how long they took.
     pub lease_seconds: Histogram,
+    /// Service proxy rule syncs, by result.
+    pub proxy_syncs: IntCounterVec,
+    /// Service proxy rule syncs by how long they took (from the cache change seen to the
+    /// rules written).
+    pub proxy_sync_seconds: Histogram,
+    /// Service proxy rules in place.
+    pub proxy_rules: IntGauge,
     /// Moves from one control-plane replica to the next.
     pub api_failovers: IntCounter,
     /// The replica in use (1) among those it was given (0).
@@ -147,6 +154,25 @@ impl AgentMetrics {
         registry
             .register(Box::new(lease_seconds.clone()))
             .expect("registered once");
+        let proxy_sync_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "flotilla_agent_proxy_sync_seconds",
+                "Service proxy rule syncs by how long they took, from the change seen to the rules written.",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(proxy_sync_seconds.clone()))
+            .expect("registered once");
+        let proxy_rules = IntGauge::new(
+            "flotilla_agent_proxy_rules",
+            "Service proxy iptables rules in place.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(proxy_rules.clone()))
+            .expect("registered once");
         let api_failovers = IntCounter::new(
             "flotilla_agent_api_failovers_total",
             "Moves from one control-plane replica to the next.",
@@ -176,6 +202,14 @@ impl AgentMetrics {
             containers,
             runtime_seconds,
             lease_seconds,
+            proxy_sync_seconds,
+            proxy_rules,
+            proxy_syncs: counter(
+                &registry,
+                "flotilla_agent_proxy_syncs_total",
+                "Service proxy rule syncs, by result.",
+                &["result"],
+            ),
             api_failovers,
             api_server,
             resource_registry,

@@ -20,6 +20,7 @@ pub mod logs;
 pub mod metrics;
 pub mod pod;
 pub mod probe;
+pub mod proxy;
 pub mod reflector;
 pub mod runtime;
 pub mod services;
@@ -112,6 +113,16 @@ pub struct AgentArgs {
     /// kubelet's `--resolv-conf`).
     #[arg(long, default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
+    /// The service proxy (kube-proxy's role): `iptables` (root) makes traffic to a
+    /// Service's cluster IP and port, or to its node port on a local address, reach one of
+    /// its ready endpoints, with rules in chains of this agent's own, removed when it
+    /// stops; `none` leaves the host's firewall alone.
+    #[arg(long, default_value = "none")]
+    pub proxy_mode: String,
+    /// Where the service proxy serves node ports (IPv4 ranges `a.b.c.d/n`, kube-proxy's
+    /// `--nodeport-addresses`); unset: every local address.
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
 }
 
 /// `IP` or `IP:PORT` (port 53 by default).
@@ -190,6 +201,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             args.cluster_domain
         );
     }
+    match args.proxy_mode.as_str() {
+        "none" => {}
+        "iptables" if !nix::unistd::geteuid().is_root() => {
+            bail!("--proxy-mode iptables needs root")
+        }
+        "iptables" => {}
+        other => bail!("--proxy-mode {other:?}: iptables or none"),
+    }
+    for c in &args.nodeport_addresses {
+        let (ip, bits) = c.split_once('/').unwrap_or((c, ""));
+        if ip.parse::<std::net::Ipv4Addr>().is_err() || !bits.parse::<u8>().is_ok_and(|b| b <= 32) {
+            bail!("--nodeport-addresses {c:?}: expected an IPv4 range a.b.c.d/n");
+        }
+    }
     let pods_dir = args.data_dir.join("pods");
     std::fs::create_dir_all(&pods_dir)
         .with_context(|| format!("creating {}", pods_dir.display()))?;
@@ -235,6 +260,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     let cap = capacity(&args);
     register(&api, &args, runtime.as_ref(), port, &cap).await?;
+    let proxy = (args.proxy_mode == "iptables").then(|| {
+        let options = proxy::Options {
+            prefix: proxy::prefix(&args.node_name, &args.data_dir),
+            node_port_addresses: args.nodeport_addresses.clone(),
+        };
+        tracing::info!(
+            prefix = options.prefix,
+            "running the service proxy (iptables)"
+        );
+        let p = Arc::new(proxy::Proxy::new(options, metrics.clone()));
+        let cache = services.clone();
+        let runner = p.clone();
+        (p, tokio::spawn(async move { runner.run(cache).await }))
+    });
     tracing::info!(node = args.node_name, port, "registered");
     let quantity = |k: &str| {
         cap.get(k)
@@ -264,13 +303,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         host_resolv,
     });
     tokio::spawn(heartbeat(api.clone(), args.clone(), metrics));
-    tokio::select! {
+    let result = tokio::select! {
         r = sync_pods(env) => r,
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())
         }
+    };
+    if let Some((p, task)) = proxy {
+        task.abort();
+        let _ = task.await;
+        p.clean_up().await;
     }
+    result
 }
 
 async fn shutdown_signal() {

@@ -122,6 +122,26 @@ struct Record {
     /// The environment and directory exec probes run with.
     env: Vec<(String, String)>,
     dir: PathBuf,
+    /// It runs in a mount namespace of its own (the pod's resolv.conf), which commands
+    /// executed in it enter.
+    #[serde(default)]
+    private_mounts: bool,
+}
+
+/// `argv` run in the mount namespace of process `pid` when it has one of its own
+/// (`nsenter` from util-linux), so `kubectl exec` and exec probes see what the container
+/// sees (its `/etc/resolv.conf`).
+fn in_mounts(pid: u32, private: bool, argv: Vec<String>) -> Vec<String> {
+    if !private {
+        return argv;
+    }
+    let mut out = vec![
+        "nsenter".to_string(),
+        format!("--mount=/proc/{pid}/ns/mnt"),
+        "--".to_string(),
+    ];
+    out.extend(argv);
+    out
 }
 
 /// Why a container could not start: the waiting reason Kubernetes shows
@@ -233,6 +253,7 @@ struct ProcessContainer {
     cgroups: Vec<PathBuf>,
     env: Vec<(String, String)>,
     dir: PathBuf,
+    private_mounts: bool,
 }
 
 /// The start time (clock ticks since boot) of live, non-zombie process `pid`.
@@ -327,6 +348,11 @@ impl Container for ProcessContainer {
         timeout: Duration,
     ) -> BoxFuture<'static, Result<i32, String>> {
         let (env, dir) = (self.env.clone(), self.dir.clone());
+        let argv = if argv.is_empty() {
+            argv
+        } else {
+            in_mounts(self.pid, self.private_mounts, argv)
+        };
         Box::pin(async move {
             let Some((program, args)) = argv.split_first() else {
                 return Err("an empty command".to_string());
@@ -517,6 +543,7 @@ impl Runtime for ProcessRuntime {
             cgroups: r.cgroups,
             env: r.env,
             dir: r.dir,
+            private_mounts: r.private_mounts,
         };
         h.exit();
         Some(Box::new(h))
@@ -541,8 +568,8 @@ impl Runtime for ProcessRuntime {
             if argv.is_empty() {
                 return Err("no command".into());
             }
-            // In the container's environment, directory and cgroups.
-            let argv = in_cgroups(&r.cgroups, argv);
+            // In the container's environment, directory, mounts and cgroups.
+            let argv = in_cgroups(&r.cgroups, in_mounts(r.pid, r.private_mounts, argv));
             let (program, args) = argv.split_first().expect("not empty");
             let mut cmd = tokio::process::Command::new(program);
             cmd.args(args)
@@ -704,6 +731,7 @@ impl ProcessRuntime {
             cgroups: cgroups.clone(),
             env: spec.env.clone(),
             dir,
+            private_mounts: shim_spec.resolv_conf.is_some(),
         };
         let bytes = serde_json::to_vec(&record).expect("a record serializes");
         if let Err(e) = write_whole(&record_file, &bytes) {
@@ -722,6 +750,7 @@ impl ProcessRuntime {
             cgroups,
             env: record.env,
             dir: record.dir,
+            private_mounts: record.private_mounts,
         })
     }
 

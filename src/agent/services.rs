@@ -28,6 +28,8 @@ pub struct Port {
     pub protocol: String,
     /// The port number.
     pub port: u16,
+    /// A service port's node port, if it has one.
+    pub node_port: Option<u16>,
 }
 
 /// What the agent keeps of a Service.
@@ -41,6 +43,8 @@ pub struct Service {
     pub external_name: Option<String>,
     /// Its ports.
     pub ports: Vec<Port>,
+    /// `sessionAffinity: ClientIP`: how long a client sticks to its endpoint, seconds.
+    pub affinity_seconds: Option<u32>,
 }
 
 /// One endpoint of a slice.
@@ -240,6 +244,11 @@ fn ports(list: Option<&Value>) -> Vec<Port> {
                     .unwrap_or("TCP")
                     .to_string(),
                 port: u16::try_from(p.get("port")?.as_u64()?).ok()?,
+                node_port: p
+                    .get("nodePort")
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|n| *n > 0),
             })
         })
         .collect()
@@ -272,6 +281,13 @@ pub fn service(o: &Value) -> Service {
         headless,
         external_name,
         ports: ports(field("ports")),
+        affinity_seconds: (field("sessionAffinity").and_then(Value::as_str) == Some("ClientIP"))
+            .then(|| {
+                spec.and_then(|s| s.pointer("/sessionAffinityConfig/clientIP/timeoutSeconds"))
+                    .and_then(Value::as_u64)
+                    .and_then(|t| u32::try_from(t).ok())
+                    .unwrap_or(10800)
+            }),
     }
 }
 
