@@ -8,7 +8,8 @@
 //! an address of the `--host` block (last octet + 200 + agent index) and runs the iptables
 //! service proxy, with node ports on `--host` only; cluster IPs come from a loopback range
 //! (`--service-cidr`), so nothing of the local cluster is reachable from, or routed to, the
-//! network. Without root there is no cluster DNS (port 53) and no proxy (iptables).
+//! network. Without root there is no cluster DNS (port 53) and the proxy runs in userspace
+//! (the agent listens on the cluster IPs).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -97,16 +98,16 @@ fn spawn_agent(exe: &Path, args: &UpArgs, n: u64, servers: &str) -> anyhow::Resu
         .create(true)
         .append(true)
         .open(dir.join("agent.log"))?;
-    let mut services: Vec<String> = Vec::new();
+    let mut services: Vec<String> = vec!["--proxy-mode".into(), "userspace".into()];
     if let Some(dns) = dns_address(&args.host, n) {
-        services.extend([
+        services = vec![
             "--cluster-dns".into(),
             dns.to_string(),
             "--proxy-mode".into(),
             "iptables".into(),
             "--nodeport-addresses".into(),
             format!("{}/32", args.host),
-        ]);
+        ];
     }
     Command::new(exe)
         .arg("agent")
@@ -255,7 +256,7 @@ async fn supervise(args: &UpArgs, replicas: &mut [Replica], client: &Client) -> 
     for n in 1..=args.agents {
         let dns = match dns_address(&args.host, n) {
             Some(ip) => format!("  cluster DNS {ip}, service proxy on"),
-            None => "  no cluster DNS or service proxy (they need root)".into(),
+            None => "  userspace service proxy; no cluster DNS (port 53 needs root)".into(),
         };
         println!(
             "  agent {n}: node node-{n}  data {}{dns}",

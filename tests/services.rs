@@ -133,7 +133,8 @@ async fn web_ips(c: &Cluster, id: u64) -> Vec<String> {
 }
 
 /// A three-replica cluster with service IPs in its own block, a stand-in upstream resolver
-/// and one agent `n1` serving the cluster DNS, with `extra` agent flags.
+/// and one agent `n1` serving the cluster DNS, with `extra` agent flags (`{prefix}` in them
+/// is the cluster's address block).
 async fn setup(extra: &[&str]) -> (Cluster, Agent, tokio::task::JoinHandle<()>) {
     let mut c = Cluster::new(3, &[]);
     let prefix = c.prefix.clone();
@@ -164,7 +165,7 @@ async fn setup(extra: &[&str]) -> (Cluster, Agent, tokio::task::JoinHandle<()>) 
     .iter()
     .map(|s| s.to_string())
     .collect();
-    flags.extend(extra.iter().map(|s| s.to_string()));
+    flags.extend(extra.iter().map(|s| s.replace("{prefix}", &prefix)));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let agent = Agent::start(&c, "n1", &c.dir.path().join("agent-n1"), &flags);
     (c, agent, upstream)
@@ -640,17 +641,35 @@ spec:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_service_proxy_spreads_connections_over_ready_endpoints_only() {
+async fn the_iptables_proxy_spreads_connections_over_ready_endpoints_only() {
     if !nix::unistd::geteuid().is_root() {
         panic!("this test needs root (iptables)");
     }
+    proxy_behaviour("iptables").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_userspace_proxy_spreads_connections_over_ready_endpoints_only() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("this test needs root (the cluster DNS on port 53)");
+    }
+    proxy_behaviour("userspace").await;
+}
+
+/// What a Service proxy must do, in either mode: spread connections over the ready
+/// endpoints only, follow readiness and scaling within about a second, serve node ports
+/// and UDP, keep ClientIP affinity, refuse ports without endpoints, and (iptables) leave
+/// no rule behind when the agent stops.
+async fn proxy_behaviour(mode: &str) {
     let prefix_of =
         |c: &Cluster| flotilla::agent::proxy::prefix("n1", &c.dir.path().join("agent-n1"));
     let (c, mut agent, _upstream) = setup(&[
         "--proxy-mode",
-        "iptables",
+        mode,
         "--nodeport-addresses",
         "127.0.0.0/8",
+        "--node-ip",
+        "{prefix}.60",
     ])
     .await;
     let _guard = RulesGuard(prefix_of(&c));
@@ -709,19 +728,20 @@ async fn the_service_proxy_spreads_connections_over_ready_endpoints_only() {
     })
     .await;
 
-    // The cluster IP reaches every backend over many connections, once the rules are in.
+    // The cluster IP reaches every backend over many connections, once the proxy has
+    // caught up with the endpoints (until then it refuses: no endpoints yet).
     let seen = wait_for(
         Duration::from_secs(30),
         "connections to reach all three pods",
         || async {
-            let seen = spread(vip, 60).await;
+            let seen = try_spread(vip, 60).await.ok()?;
             (seen.len() == 3).then_some(seen)
         },
     )
     .await;
     assert!(seen.keys().all(|k| pods.contains(k)), "{seen:?} {pods:?}");
     // So does the node port, on a loopback address.
-    let np: SocketAddr = format!("127.0.0.1:{node_port}").parse().unwrap();
+    let np: SocketAddr = format!("{}.60:{node_port}", c.prefix).parse().unwrap();
     assert!(pods.contains(&fetch(np).await.unwrap()));
     // ClientIP affinity: one client, one backend.
     let stuck = spread(sticky, 20).await;
@@ -729,6 +749,38 @@ async fn the_service_proxy_spreads_connections_over_ready_endpoints_only() {
     // No endpoints: refused at once, not left to time out.
     let e = fetch(nothing).await.unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    // UDP: a Service without a selector whose EndpointSlice, written by hand, names the
+    // stand-in resolver; a DNS query to its cluster IP is answered through the proxy.
+    std::fs::write(
+        c.dir.path().join("resolver.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: resolver}}\nspec:\n  ports: [{{name: dns, port: 53, protocol: UDP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: resolver-1\n  labels: {{kubernetes.io/service-name: resolver}}\naddressType: IPv4\nendpoints: [{{addresses: [\"{}.54\"]}}]\nports: [{{name: dns, port: 53, protocol: UDP}}]\n",
+            c.prefix
+        ),
+    )
+    .unwrap();
+    kubectl.ok(&[
+        "apply",
+        "-f",
+        c.dir.path().join("resolver.yaml").to_str().unwrap(),
+    ]);
+    let resolver: SocketAddr = format!(
+        "{}:53",
+        service("resolver").await["spec"]["clusterIP"]
+            .as_str()
+            .unwrap()
+    )
+    .parse()
+    .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "a UDP query through the proxy",
+        || async {
+            let m = ask(resolver, "www.example.com", RecordType::A).await?;
+            (data(&m) == ["192.0.2.7"]).then_some(())
+        },
+    )
+    .await;
     // A pod reaches the service by its name: the cluster DNS, then the proxy.
     std::fs::write(
         c.dir.path().join("client.yaml"),
@@ -811,7 +863,11 @@ async fn the_service_proxy_spreads_connections_over_ready_endpoints_only() {
     .await;
     assert_eq!(spread(vip, 30).await.len(), 1);
     let rules = RulesGuard(prefix_of(&c));
-    assert!(!rules.chains("nat").is_empty());
+    assert_eq!(
+        !rules.chains("nat").is_empty(),
+        mode == "iptables",
+        "iptables rules in {mode} mode"
+    );
 
     // The agent stops cleanly: its rules go with it.
     nix::sys::signal::kill(
@@ -829,4 +885,6 @@ async fn the_service_proxy_spreads_connections_over_ready_endpoints_only() {
     }
     assert_eq!(rules.mentions(), Vec::<String>::new(), "rules left behind");
     std::mem::forget(rules);
+    let e = fetch(vip).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
 }

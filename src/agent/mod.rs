@@ -25,6 +25,7 @@ pub mod reflector;
 pub mod runtime;
 pub mod services;
 pub mod shim;
+pub mod userspace;
 pub mod volumes;
 
 use std::collections::HashMap;
@@ -63,10 +64,11 @@ pub struct AgentArgs {
     /// Extra node labels (`k=v,...`).
     #[arg(long, value_delimiter = ',')]
     pub labels: Vec<String>,
-    /// The agent's own HTTP endpoint (`/healthz`, `/metrics`); port 0 picks one, published
-    /// in the Node's `daemonEndpoints`.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: SocketAddr,
+    /// The agent's own HTTP endpoint (`/healthz`, `/metrics`, and the logs and exec the API
+    /// server relays to it at the node's InternalIP); port 0 picks one, published in the
+    /// Node's `daemonEndpoints`. Default: `--node-ip`, port 0.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
     /// The address published as the node's InternalIP (and the pod IP under the process
     /// runtime).
     #[arg(long, default_value = "127.0.0.1")]
@@ -116,7 +118,9 @@ pub struct AgentArgs {
     /// The service proxy (kube-proxy's role): `iptables` (root) makes traffic to a
     /// Service's cluster IP and port, or to its node port on a local address, reach one of
     /// its ready endpoints, with rules in chains of this agent's own, removed when it
-    /// stops; `none` leaves the host's firewall alone.
+    /// stops; `userspace` (no root needed) listens on each cluster IP and port (which must
+    /// be local addresses: a loopback service range) and on the node IP's node ports, and
+    /// relays connections; `none` runs no proxy.
     #[arg(long, default_value = "none")]
     pub proxy_mode: String,
     /// Where the service proxy serves node ports (IPv4 ranges `a.b.c.d/n`, kube-proxy's
@@ -206,8 +210,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "iptables" if !nix::unistd::geteuid().is_root() => {
             bail!("--proxy-mode iptables needs root")
         }
-        "iptables" => {}
-        other => bail!("--proxy-mode {other:?}: iptables or none"),
+        "iptables" | "userspace" => {}
+        other => bail!("--proxy-mode {other:?}: iptables, userspace or none"),
     }
     for c in &args.nodeport_addresses {
         let (ip, bits) = c.split_once('/').unwrap_or((c, ""));
@@ -218,9 +222,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let pods_dir = args.data_dir.join("pods");
     std::fs::create_dir_all(&pods_dir)
         .with_context(|| format!("creating {}", pods_dir.display()))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listen = match args.listen {
+        Some(a) => a,
+        None => SocketAddr::new(
+            args.node_ip
+                .parse()
+                .with_context(|| format!("--node-ip {:?} is not an IP address", args.node_ip))?,
+            0,
+        ),
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+        .with_context(|| format!("listening on {listen}"))?;
     let port = listener.local_addr()?.port();
     let metrics = Arc::new(metrics::AgentMetrics::new());
     tokio::spawn(serve(
@@ -274,6 +287,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         let runner = p.clone();
         (p, tokio::spawn(async move { runner.run(cache).await }))
     });
+    let userspace = (args.proxy_mode == "userspace").then(|| {
+        tracing::info!("running the service proxy (userspace)");
+        tokio::spawn(userspace::run(
+            services.clone(),
+            args.node_ip.parse().ok(),
+            metrics.clone(),
+        ))
+    });
     tracing::info!(node = args.node_name, port, "registered");
     let quantity = |k: &str| {
         cap.get(k)
@@ -314,6 +335,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         task.abort();
         let _ = task.await;
         p.clean_up().await;
+    }
+    if let Some(task) = userspace {
+        task.abort();
     }
     result
 }

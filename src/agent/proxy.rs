@@ -78,7 +78,7 @@ fn nodeports_chain(prefix: &str) -> String {
 
 /// The ready endpoints (address, target port) of a service port, sorted, each once: the
 /// slice port with the service port's name and protocol gives the number.
-fn endpoints(t: &Tables, ns: &str, svc: &str, port: &Port) -> Vec<(IpAddr, u16)> {
+pub fn endpoints(t: &Tables, ns: &str, svc: &str, port: &Port) -> Vec<(IpAddr, u16)> {
     let mut out = BTreeSet::new();
     for s in t.slices_of(ns, svc) {
         let Some(p) = s
