@@ -22,13 +22,14 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-/// One UDP query to `server`: the answer, or `None` after a second of silence.
+/// One UDP query to `server`: the answer, or `None` if it could not be sent (a service
+/// port without endpoints is rejected: EPERM) or after a second of silence.
 async fn ask(server: SocketAddr, name: &str, qtype: RecordType) -> Option<Message> {
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let id = rand::random::<u16>();
     sock.send_to(&flotilla::agent::dns::query(id, name, qtype), server)
         .await
-        .unwrap();
+        .ok()?;
     let mut buf = vec![0u8; 65535];
     let (n, _) = tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf))
         .await

@@ -14,8 +14,9 @@
 //! - only ready endpoints are in the rules, so an endpoint that turns not ready gets no new
 //!   connection once the rules are synced (established ones keep their conntrack entry, as
 //!   with kube-proxy);
-//! - a cache change is synced within [`POLL`] plus the time `iptables-restore` takes; every
-//!   [`RESYNC`] the rules are written again whatever changed (repairing a flush by hand);
+//! - a cache change starts a sync at once (one `iptables-restore` for both tables); every
+//!   [`RESYNC`] the rules are written again whatever changed and the hooks checked
+//!   (repairing a flush by hand);
 //! - on a clean stop every rule and chain of this agent is removed.
 //!
 //! IPv4 only: IPv6 cluster IPs are not programmed.
@@ -27,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use super::services::{self, Cache, Port, Tables};
 
-/// How often the cache's version is checked.
-pub const POLL: Duration = Duration::from_millis(100);
+/// How soon a failed sync is tried again.
+pub const RETRY: Duration = Duration::from_secs(1);
 /// How often the rules are rewritten even without a change.
 pub const RESYNC: Duration = Duration::from_secs(60);
 /// The longest one iptables command may take.
@@ -322,19 +323,35 @@ impl Proxy {
         }
     }
 
-    /// Writes `plan` (replacing every chain of this agent) and hooks the entry chains.
-    async fn apply(&self, plan: &Plan) -> Result<(), String> {
-        for (name, table) in [("nat", &plan.nat), ("filter", &plan.filter)] {
-            let have = existing(name, &self.prefix).await?;
-            let input = restore_input(name, table, &have);
-            run("iptables-restore", &["-w", "5", "--noflush"], Some(&input)).await?;
-        }
-        let entry = services_chain(&self.prefix);
-        for (table, hook) in HOOKS {
-            let rule = ["-w", "5", "-t", table, "-C", hook, "-j", &entry];
-            if run("iptables", &rule, None).await.is_err() {
-                let insert = ["-w", "5", "-t", table, "-I", hook, "1", "-j", &entry];
-                run("iptables", &insert, None).await?;
+    /// Writes `plan`, replacing every chain of this agent, in one `iptables-restore` for
+    /// both tables. `have` holds the chains of this agent that exist per table (nat,
+    /// filter), read from the kernel when unknown or on a `full` sync, which also checks
+    /// the hooks into the built-in chains.
+    async fn apply(
+        &self,
+        plan: &Plan,
+        have: &mut Option<(BTreeSet<String>, BTreeSet<String>)>,
+        full: bool,
+    ) -> Result<(), String> {
+        let (nat, filter) = match have.take() {
+            Some(h) if !full => h,
+            _ => (
+                existing("nat", &self.prefix).await?,
+                existing("filter", &self.prefix).await?,
+            ),
+        };
+        let input =
+            restore_input("nat", &plan.nat, &nat) + &restore_input("filter", &plan.filter, &filter);
+        run("iptables-restore", &["-w", "5", "--noflush"], Some(&input)).await?;
+        *have = Some((plan.nat.chains.clone(), plan.filter.chains.clone()));
+        if full {
+            let entry = services_chain(&self.prefix);
+            for (table, hook) in HOOKS {
+                let rule = ["-w", "5", "-t", table, "-C", hook, "-j", &entry];
+                if run("iptables", &rule, None).await.is_err() {
+                    let insert = ["-w", "5", "-t", table, "-I", hook, "1", "-j", &entry];
+                    run("iptables", &insert, None).await?;
+                }
             }
         }
         Ok(())
@@ -359,46 +376,52 @@ impl Proxy {
         tracing::info!(prefix = self.prefix, "removed the service proxy's rules");
     }
 
-    /// Keeps the rules in step with `cache` until cancelled.
+    /// Keeps the rules in step with `cache` until cancelled: a sync as soon as the cache
+    /// changes (changes during a sync are taken together by the next), and a full one
+    /// every [`RESYNC`].
     pub async fn run(&self, cache: Cache) {
-        let mut applied: Option<(u32, Plan)> = None;
-        let mut last_write = Instant::now();
+        let mut changes = cache.subscribe();
+        let mut applied: Option<Plan> = None;
+        let mut have = None;
+        let mut last_full: Option<Instant> = None;
         loop {
-            let (synced, version) = {
+            let full = last_full.is_none_or(|t| t.elapsed() >= RESYNC);
+            let started = Instant::now();
+            let plan = {
                 let t = services::read(&cache);
-                (t.synced(), t.version)
+                t.synced().then(|| plan(&t, &self.options))
             };
-            let due = last_write.elapsed() >= RESYNC;
-            if synced && (applied.as_ref().map(|(v, _)| *v) != Some(version) || due) {
-                let started = Instant::now();
-                let plan = {
-                    let t = services::read(&cache);
-                    plan(&t, &self.options)
-                };
-                if due || applied.as_ref().map(|(_, p)| p) != Some(&plan) {
-                    match self.apply(&plan).await {
-                        Ok(()) => {
-                            self.metrics.proxy_syncs.with_label_values(&["ok"]).inc();
-                            self.metrics
-                                .proxy_sync_seconds
-                                .observe(started.elapsed().as_secs_f64());
-                            self.metrics
-                                .proxy_rules
-                                .set((plan.nat.rules.len() + plan.filter.rules.len()) as i64);
-                            applied = Some((version, plan));
-                            last_write = Instant::now();
-                        }
-                        Err(e) => {
-                            self.metrics.proxy_syncs.with_label_values(&["error"]).inc();
-                            tracing::warn!(%e, "syncing the service proxy's rules");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mut failed = false;
+            if let Some(plan) = plan.filter(|p| full || applied.as_ref() != Some(p)) {
+                match self.apply(&plan, &mut have, full).await {
+                    Ok(()) => {
+                        self.metrics.proxy_syncs.with_label_values(&["ok"]).inc();
+                        self.metrics
+                            .proxy_sync_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        self.metrics
+                            .proxy_rules
+                            .set((plan.nat.rules.len() + plan.filter.rules.len()) as i64);
+                        applied = Some(plan);
+                        if full {
+                            last_full = Some(Instant::now());
                         }
                     }
-                } else {
-                    applied = Some((version, plan));
+                    Err(e) => {
+                        self.metrics.proxy_syncs.with_label_values(&["error"]).inc();
+                        tracing::warn!(%e, "syncing the service proxy's rules");
+                        have = None;
+                        last_full = None;
+                        failed = true;
+                    }
                 }
             }
-            tokio::time::sleep(POLL).await;
+            let wait = if failed {
+                RETRY
+            } else {
+                RESYNC.saturating_sub(last_full.map_or(Duration::ZERO, |t| t.elapsed()))
+            };
+            services::changed(&mut changes, wait.max(Duration::from_millis(1))).await;
         }
     }
 }

@@ -328,8 +328,36 @@ pub fn slice(o: &Value) -> Option<Slice> {
     })
 }
 
+/// The tables, shared by their writers (the reflectors) and readers, with a change
+/// signal readers can wait on.
+pub struct Shared {
+    tables: RwLock<Tables>,
+    changes: tokio::sync::watch::Sender<()>,
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared {
+            tables: RwLock::default(),
+            changes: tokio::sync::watch::channel(()).0,
+        }
+    }
+}
+
+impl Shared {
+    /// A receiver that turns changed after each change of the tables.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changes.subscribe()
+    }
+
+    fn apply(&self, f: impl FnOnce(&mut Tables)) {
+        f(&mut self.tables.write().unwrap_or_else(|p| p.into_inner()));
+        self.changes.send_replace(());
+    }
+}
+
 /// The shared cache.
-pub type Cache = Arc<RwLock<Tables>>;
+pub type Cache = Arc<Shared>;
 
 /// Runs the two reflectors that keep `cache` (forever).
 pub async fn run(api: Arc<Api>, cache: Cache, restarts: prometheus::IntCounterVec) {
@@ -343,7 +371,7 @@ pub async fn run(api: Arc<Api>, cache: Cache, restarts: prometheus::IntCounterVe
                 resource: "services",
             },
             restarts.clone(),
-            move |c| write(&cache).services_changed(c),
+            move |c| cache.apply(|t| t.services_changed(c)),
         )
     };
     let slices = reflector::run(
@@ -354,20 +382,25 @@ pub async fn run(api: Arc<Api>, cache: Cache, restarts: prometheus::IntCounterVe
             resource: "endpointslices",
         },
         restarts,
-        move |c| write(&cache).slices_changed(c),
+        move |c| cache.apply(|t| t.slices_changed(c)),
     );
     tokio::join!(services, slices);
 }
 
-/// The cache, for writing (a panicked writer's state is still the last consistent one:
-/// each change is applied whole before the lock is released).
-pub fn write(cache: &Cache) -> std::sync::RwLockWriteGuard<'_, Tables> {
-    cache.write().unwrap_or_else(|p| p.into_inner())
+/// Waits for the next change signalled on `rx` (one that happened since it last waited
+/// counts), or `timeout`.
+pub async fn changed(rx: &mut tokio::sync::watch::Receiver<()>, timeout: std::time::Duration) {
+    match tokio::time::timeout(timeout, rx.changed()).await {
+        Ok(Ok(())) | Err(_) => {}
+        // The cache is gone (the agent is stopping): nothing will change again.
+        Ok(Err(_)) => tokio::time::sleep(timeout).await,
+    }
 }
 
-/// The cache, for reading.
+/// The cache, for reading (a panicked writer's state is still the last consistent one:
+/// each change is applied whole before the lock is released).
 pub fn read(cache: &Cache) -> std::sync::RwLockReadGuard<'_, Tables> {
-    cache.read().unwrap_or_else(|p| p.into_inner())
+    cache.tables.read().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The Kubernetes service environment of a pod in `ns` (what the kubelet sets when

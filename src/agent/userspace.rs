@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
-use super::proxy::POLL;
+use super::proxy::RETRY;
 use super::services::{self, Cache, Tables};
 
 /// Backends tried for one TCP connection.
@@ -162,6 +162,9 @@ async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, connections: Arc<
                 if let Ok(Ok(mut upstream)) = connected {
                     shared.used(peer.ip(), backend);
                     let mut client = client;
+                    // Relayed bytes go out as they come (no Nagle delay on either leg).
+                    let _ = client.set_nodelay(true);
+                    let _ = upstream.set_nodelay(true);
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                     return;
                 }
@@ -255,14 +258,11 @@ pub async fn run(
         }
     }
     let guard = AbortAll(&mut listeners);
-    let mut seen: Option<u32> = None;
+    let mut changes = cache.subscribe();
     let mut failed = false;
     loop {
-        let (synced, version) = {
-            let t = services::read(&cache);
-            (t.synced(), t.version)
-        };
-        if synced && (seen != Some(version) || failed) {
+        let synced = services::read(&cache).synced();
+        if synced {
             let started = Instant::now();
             let want = {
                 let t = services::read(&cache);
@@ -312,9 +312,15 @@ pub async fn run(
                 .proxy_sync_seconds
                 .observe(started.elapsed().as_secs_f64());
             metrics.proxy_rules.set(guard.0.len() as i64);
-            seen = Some(version);
         }
-        tokio::time::sleep(if failed { Duration::from_secs(1) } else { POLL }).await;
+        // A listener that could not bind is tried again after a while, else at the next
+        // change.
+        let wait = if failed {
+            RETRY
+        } else {
+            Duration::from_secs(3600)
+        };
+        services::changed(&mut changes, wait).await;
     }
 }
 

@@ -17,9 +17,11 @@
 //! It prints the figures and the command that produced them, and writes them as JSON.
 //!
 //! `--scenario scheduler` and `--scenario failover` measure the control plane instead
-//! (see `control.rs`); `--scenario startup` the node agents (see `startup.rs`).
+//! (see `control.rs`); `--scenario startup` the node agents (see `startup.rs`);
+//! `--scenario services` the cluster DNS and the service proxy (see `services.rs`).
 
 mod control;
+mod services;
 mod startup;
 
 use std::collections::HashMap;
@@ -921,7 +923,15 @@ async fn main() -> anyhow::Result<()> {
             let c = Cluster::start(&args.flotilla, &dir)?;
             return startup::startup(&args, &c, &http, &dir).await;
         }
-        other => bail!("unknown scenario {other:?}: api, scheduler, failover or startup"),
+        "services" => {
+            let c = Cluster::start_with(
+                &args.flotilla,
+                &dir,
+                &["--service-cluster-ip-range", "127.97.0.0/16"],
+            )?;
+            return services::services(&args, &c, &http, &dir).await;
+        }
+        other => bail!("unknown scenario {other:?}: api, scheduler, failover, startup or services"),
     }
     let c = Cluster::start(&args.flotilla, &dir)?;
     let deadline = Instant::now() + Duration::from_secs(30);
