@@ -98,6 +98,10 @@ pub(crate) struct Args {
     pub(crate) out: Option<PathBuf>,
 }
 
+/// One write of the write phase: its name, the watch event it causes, method, path,
+/// content type and body.
+type Op = (&'static str, &'static str, Method, String, &'static str, Vec<u8>);
+
 pub(crate) type Http = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
 
 const NS: &str = "bench";
@@ -510,7 +514,7 @@ async fn write_phase(
         );
         tasks.push(tokio::spawn(async move {
             let name = format!("obj-{k}");
-            let ops: [(&'static str, &'static str, Method, String, &str, Vec<u8>); 3] = [
+            let ops: [Op; 3] = [
                 (
                     "create",
                     "ADDED",
