@@ -16,6 +16,7 @@ pub mod cri;
 pub mod dns;
 pub mod events;
 pub mod exec;
+pub mod hollow;
 pub mod logs;
 pub mod metrics;
 pub mod pod;
@@ -127,7 +128,20 @@ pub struct AgentArgs {
     /// `--nodeport-addresses`); unset: every local address.
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
+    /// Run this many hollow nodes (`<node-name>-0`, `-1`, ...) in this process instead of
+    /// one real node (Kubernetes' kubemark): the agent's code above the runtime interface,
+    /// each node with its own registration, Lease, pod watch and workers, and a runtime that
+    /// runs nothing (a container reports running after `--hollow-start-ms`). Data of node
+    /// `X` under `--data-dir/X`. For measuring the control plane at scale.
+    #[arg(long, default_value_t = 0)]
+    pub hollow: usize,
+    /// Hollow nodes: how long a container takes to report running, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub hollow_start_ms: u64,
 }
+
+/// Hollow nodes registering at once (each a handful of API calls).
+const HOLLOW_REGISTRATIONS: usize = 64;
 
 /// `IP` or `IP:PORT` (port 53 by default).
 pub fn parse_dns_address(a: &str) -> anyhow::Result<SocketAddr> {
@@ -160,7 +174,18 @@ pub fn parse_cidr(c: &str) -> anyhow::Result<(std::net::Ipv4Addr, u8)> {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    if args.hollow > 0
+        && (args.runtime != "process"
+            || args.cluster_dns.is_some()
+            || args.proxy_mode != "none"
+            || args.pod_cidr.is_some())
+    {
+        bail!("--hollow runs simulated nodes: no --runtime, --cluster-dns, --proxy-mode or --pod-cidr");
+    }
     let runtime: Arc<dyn runtime::Runtime> = match args.runtime.as_str() {
+        _ if args.hollow > 0 => Arc::new(hollow::HollowRuntime::new(Duration::from_millis(
+            args.hollow_start_ms,
+        ))),
         "process" => Arc::new(
             runtime::ProcessRuntime::new()
                 .context("finding the flotilla executable for the shim")?,
@@ -271,8 +296,27 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         tracing::info!(%addr, domain, "serving the cluster DNS");
     }
-    let cap = capacity(&args);
-    register(&api, &args, runtime.as_ref(), port, &cap).await?;
+    let shared = Shared {
+        api: api.clone(),
+        runtime,
+        metrics: metrics.clone(),
+        services: services.clone(),
+        cluster_dns: cluster_dns
+            .filter(|a| a.port() == 53)
+            .map(|a| (a.ip(), domain.clone())),
+        host_resolv,
+        pod_cidr,
+        port,
+    };
+    let nodes = if args.hollow == 0 {
+        // One real node: registered before the proxy starts, so a refused registration
+        // leaves nothing behind.
+        let env = register_node(&args, &shared).await?;
+        tokio::spawn(heartbeat(api.clone(), args.clone(), metrics.clone()));
+        vec![tokio::spawn(async move { sync_pods(env).await })]
+    } else {
+        hollow_nodes(&args, &shared)
+    };
     let proxy = (args.proxy_mode == "iptables").then(|| {
         let options = proxy::Options {
             prefix: proxy::prefix(&args.node_name, &args.data_dir),
@@ -295,37 +339,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             metrics.clone(),
         ))
     });
-    tracing::info!(node = args.node_name, port, "registered");
-    let quantity = |k: &str| {
-        cap.get(k)
-            .and_then(Value::as_str)
-            .and_then(crate::api::quantity::parse_milli)
-            .unwrap_or(0)
-    };
-    let env = Arc::new(pod::Env {
-        api: api.clone(),
-        runtime,
-        node: args.node_name.clone(),
-        node_ip: args.node_ip.clone(),
-        pod_cidr,
-        ip_lock: std::sync::Mutex::new(()),
-        pods_dir,
-        log_max_bytes: args.container_log_max_bytes,
-        volume_sync: Duration::from_secs(args.volume_sync_seconds.max(1)),
-        pod_pids_limit: u64::try_from(args.pod_max_pids).ok(),
-        capacity_cpu_milli: quantity("cpu"),
-        capacity_memory_bytes: quantity("memory") / 1000,
-        metrics: metrics.clone(),
-        events: events::Events::start(api.clone(), args.node_name.clone()),
-        services,
-        cluster_dns: cluster_dns
-            .filter(|a| a.port() == 53)
-            .map(|a| (a.ip(), domain.clone())),
-        host_resolv,
-    });
-    tokio::spawn(heartbeat(api.clone(), args.clone(), metrics));
     let result = tokio::select! {
-        r = sync_pods(env) => r,
+        r = futures::future::select_all(nodes) => match r.0 {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("a node's pod sync ended: {e}")),
+        },
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())
@@ -340,6 +358,105 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         task.abort();
     }
     result
+}
+
+/// What every node of this process shares.
+struct Shared {
+    api: Arc<Api>,
+    runtime: Arc<dyn runtime::Runtime>,
+    metrics: Arc<metrics::AgentMetrics>,
+    services: services::Cache,
+    cluster_dns: Option<(std::net::IpAddr, String)>,
+    host_resolv: String,
+    pod_cidr: Option<(std::net::Ipv4Addr, u8)>,
+    /// The agent endpoint's port (the Nodes' `daemonEndpoints`).
+    port: u16,
+}
+
+/// Registers the node `args` describes and returns its pod workers' environment.
+async fn register_node(args: &AgentArgs, shared: &Shared) -> anyhow::Result<Arc<pod::Env>> {
+    let cap = capacity(args);
+    register(
+        &shared.api,
+        args,
+        shared.runtime.as_ref(),
+        shared.port,
+        &cap,
+    )
+    .await?;
+    tracing::info!(node = args.node_name, port = shared.port, "registered");
+    let quantity = |k: &str| {
+        cap.get(k)
+            .and_then(Value::as_str)
+            .and_then(crate::api::quantity::parse_milli)
+            .unwrap_or(0)
+    };
+    let pods_dir = args.data_dir.join("pods");
+    std::fs::create_dir_all(&pods_dir)
+        .with_context(|| format!("creating {}", pods_dir.display()))?;
+    Ok(Arc::new(pod::Env {
+        api: shared.api.clone(),
+        runtime: shared.runtime.clone(),
+        node: args.node_name.clone(),
+        node_ip: args.node_ip.clone(),
+        pod_cidr: shared.pod_cidr,
+        ip_lock: std::sync::Mutex::new(()),
+        pods_dir,
+        log_max_bytes: args.container_log_max_bytes,
+        volume_sync: Duration::from_secs(args.volume_sync_seconds.max(1)),
+        pod_pids_limit: u64::try_from(args.pod_max_pids).ok(),
+        capacity_cpu_milli: quantity("cpu"),
+        capacity_memory_bytes: quantity("memory") / 1000,
+        metrics: shared.metrics.clone(),
+        events: events::Events::start(shared.api.clone(), args.node_name.clone()),
+        services: shared.services.clone(),
+        cluster_dns: shared.cluster_dns.clone(),
+        host_resolv: shared.host_resolv.clone(),
+    }))
+}
+
+/// Starts `--hollow` nodes, each registering (at most [`HOLLOW_REGISTRATIONS`] at once),
+/// then heartbeating and syncing its pods; a node whose registration fails is logged and
+/// left out.
+fn hollow_nodes(
+    args: &AgentArgs,
+    shared: &Shared,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let gate = Arc::new(tokio::sync::Semaphore::new(HOLLOW_REGISTRATIONS));
+    let shared = Arc::new(Shared {
+        api: shared.api.clone(),
+        runtime: shared.runtime.clone(),
+        metrics: shared.metrics.clone(),
+        services: shared.services.clone(),
+        cluster_dns: None,
+        host_resolv: shared.host_resolv.clone(),
+        pod_cidr: None,
+        port: shared.port,
+    });
+    tracing::info!(nodes = args.hollow, "starting hollow nodes");
+    (0..args.hollow)
+        .map(|i| {
+            let mut node = args.clone();
+            node.node_name = format!("{}-{i}", args.node_name);
+            node.data_dir = args.data_dir.join(&node.node_name);
+            let (gate, shared) = (gate.clone(), shared.clone());
+            tokio::spawn(async move {
+                let env = {
+                    let _permit = gate.acquire().await?;
+                    match register_node(&node, &shared).await {
+                        Ok(env) => env,
+                        Err(e) => {
+                            tracing::warn!(node = node.node_name, %e, "a hollow node did not register");
+                            // Stays out; the others go on.
+                            return std::future::pending().await;
+                        }
+                    }
+                };
+                tokio::spawn(heartbeat(shared.api.clone(), node, shared.metrics.clone()));
+                sync_pods(env).await
+            })
+        })
+        .collect()
 }
 
 async fn shutdown_signal() {
