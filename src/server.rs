@@ -63,6 +63,13 @@ pub struct ServerArgs {
     /// Deadline, in milliseconds, of a write or linearizable read.
     #[arg(long, default_value_t = 5_000)]
     pub request_timeout_ms: u64,
+    /// Most Kubernetes API reads handled at once (kube-apiserver's flag); beyond it a read
+    /// gets 429 with `Retry-After`. 0: no bound.
+    #[arg(long, default_value_t = 400)]
+    pub max_requests_inflight: usize,
+    /// Most Kubernetes API writes handled at once; 0: no bound.
+    #[arg(long, default_value_t = 200)]
+    pub max_mutating_requests_inflight: usize,
     /// CIDR Service cluster IPs are drawn from.
     #[arg(long, default_value = "10.96.0.0/12")]
     pub service_cluster_ip_range: String,
@@ -205,6 +212,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         kube,
         metrics,
         shutdown: shutdown.clone(),
+        inflight: crate::gateway::InFlight::new(
+            args.max_requests_inflight,
+            args.max_mutating_requests_inflight,
+        ),
     });
     let server = tokio::spawn(crate::http::serve(
         api_listener,

@@ -387,3 +387,108 @@ async fn ctl_saves_a_snapshot_that_seeds_a_new_cluster() {
         "revisions continue from the snapshot"
     );
 }
+
+/// With its in-flight bounds at one request each, a replica under a burst answers some
+/// requests 429 `TooManyRequests` with `Retry-After` at once, serves the others, and a
+/// refused create leaves nothing behind: the objects that exist are exactly the ones
+/// whose create was answered 201.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_in_flight_bound_are_refused_whole() {
+    use http_body_util::BodyExt;
+    let c = Cluster::start(
+        3,
+        &[
+            "--max-requests-inflight",
+            "1",
+            "--max-mutating-requests-inflight",
+            "1",
+        ],
+    )
+    .await;
+    let server = c.replica(1).api();
+    let client = std::sync::Arc::new(flotilla::client::Client::new(
+        vec![server.clone()],
+        Duration::from_secs(10),
+    ));
+    let send = |method: http::Method, path: String, body: Vec<u8>| {
+        let (client, server) = (client.clone(), server.clone());
+        async move {
+            let resp = client
+                .send_raw(method, &server, &path, "application/json", body, None)
+                .await
+                .expect("an answer");
+            let status = resp.status().as_u16();
+            let retry = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap().to_string());
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            (status, retry, body)
+        }
+    };
+    let creates: Vec<_> = (0..100)
+        .map(|i| {
+            let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": format!("cm-{i}")}, "data": {"k": "v"}});
+            send(
+                http::Method::POST,
+                "/api/v1/namespaces/default/configmaps".into(),
+                serde_json::to_vec(&cm).unwrap(),
+            )
+        })
+        .collect();
+    let answers = futures::future::join_all(creates).await;
+    let mut created = std::collections::BTreeSet::new();
+    let mut refused = 0;
+    for (i, (status, retry, body)) in answers.iter().enumerate() {
+        match status {
+            201 => {
+                created.insert(format!("cm-{i}"));
+            }
+            429 => {
+                refused += 1;
+                assert_eq!(retry.as_deref(), Some("1"), "{body}");
+                assert_eq!(body["reason"], "TooManyRequests", "{body}");
+                assert_eq!(body["kind"], "Status", "{body}");
+            }
+            other => panic!("create {i}: {other} {body}"),
+        }
+    }
+    assert!(refused > 0, "a burst of 100 over a bound of 1 refuses some");
+    assert!(!created.is_empty(), "and serves some");
+    // What exists is exactly what was acknowledged.
+    let (status, _, list) = send(
+        http::Method::GET,
+        "/api/v1/namespaces/default/configmaps".into(),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let names: std::collections::BTreeSet<String> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .filter(|n| n.starts_with("cm-"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(names, created);
+    // Reads have their own bound.
+    let reads: Vec<_> = (0..100)
+        .map(|_| {
+            send(
+                http::Method::GET,
+                "/api/v1/namespaces/default/configmaps".into(),
+                Vec::new(),
+            )
+        })
+        .collect();
+    let codes: Vec<u16> = futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .map(|(s, _, _)| s)
+        .collect();
+    assert!(codes.iter().all(|s| *s == 200 || *s == 429), "{codes:?}");
+    assert!(codes.contains(&429) && codes.contains(&200), "{codes:?}");
+}

@@ -36,6 +36,31 @@ pub struct Api {
     pub metrics: Arc<Metrics>,
     /// Cancelled on shutdown (ends watch streams).
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Bounds on Kubernetes API requests being handled at once.
+    pub inflight: InFlight,
+}
+
+/// Bounds on Kubernetes API requests being handled at once (kube-apiserver's
+/// `--max-requests-inflight` and `--max-mutating-requests-inflight`): beyond them a request
+/// is answered 429 `TooManyRequests` with `Retry-After: 1` at once, before any work, so an
+/// overloaded replica sheds load instead of queueing it without bound. A watch or a followed
+/// log holds its permit only until its stream starts. `None`: no bound.
+pub struct InFlight {
+    /// Reads (GET, HEAD, OPTIONS).
+    pub readonly: Option<tokio::sync::Semaphore>,
+    /// Writes.
+    pub mutating: Option<tokio::sync::Semaphore>,
+}
+
+impl InFlight {
+    /// Bounds of `readonly` and `mutating` requests; 0 means none.
+    pub fn new(readonly: usize, mutating: usize) -> InFlight {
+        let bound = |n: usize| (n > 0).then(|| tokio::sync::Semaphore::new(n));
+        InFlight {
+            readonly: bound(readonly),
+            mutating: bound(mutating),
+        }
+    }
 }
 
 /// A failed request, by kind.
@@ -134,7 +159,28 @@ impl Api {
         let path = req.uri().path().to_string();
         if crate::api::Kube::serves(&path) {
             let (verb, resource) = crate::api::Kube::labels(req.method(), &path, req.uri().query());
+            let bound = match *req.method() {
+                Method::GET | Method::HEAD | Method::OPTIONS => &self.inflight.readonly,
+                _ => &self.inflight.mutating,
+            };
+            let permit = match bound.as_ref().map(|s| s.try_acquire()) {
+                Some(Err(_)) => {
+                    let mut resp = crate::api::status::KubeError::too_many_requests(
+                        "Too many requests, please try again later.".into(),
+                    )
+                    .response();
+                    resp.headers_mut().insert(
+                        http::header::RETRY_AFTER,
+                        http::HeaderValue::from_static("1"),
+                    );
+                    timer.finish(verb, resource, 429);
+                    return resp;
+                }
+                Some(Ok(p)) => Some(p),
+                None => None,
+            };
             let resp = self.kube.clone().handle(req).await;
+            drop(permit);
             timer.finish(verb, resource, resp.status().as_u16());
             return resp;
         }
