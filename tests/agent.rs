@@ -16,21 +16,9 @@ fn kubectl(c: &Cluster, id: u64, args: &[&str]) -> String {
     Kubectl::new(c, id).ok(args)
 }
 
-/// GET `path` from replica `id`: status and JSON.
-async fn get(c: &Cluster, id: u64, path: &str) -> (u16, Value) {
-    req(
-        &[c.replica(id).api()],
-        http::Method::GET,
-        path,
-        "application/json",
-        &Value::Null,
-    )
-    .await
-}
-
 /// The pods of `default` labelled `app=<app>`, not terminating.
 async fn live_pods(c: &Cluster, id: u64, app: &str) -> Vec<Value> {
-    let (s, list) = get(
+    let (s, list) = kube_get(
         c,
         id,
         &format!("/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"),
@@ -80,7 +68,7 @@ async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
 
     // Registration: a Ready node describing the machine, with the agent's endpoint.
     let node = wait_for(Duration::from_secs(30), "node a1 to be Ready", || async {
-        let (s, n) = get(&c, 2, "/api/v1/nodes/a1").await;
+        let (s, n) = kube_get(&c, 2, "/api/v1/nodes/a1").await;
         let ready = n["status"]["conditions"].as_array().is_some_and(|cs| {
             cs.iter()
                 .any(|x| x["type"] == "Ready" && x["status"] == "True")
@@ -133,7 +121,7 @@ async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
     // Heartbeats: the Lease is renewed.
     let renew = |v: &Value| v["spec"]["renewTime"].as_str().unwrap_or("").to_string();
     let first = wait_for(Duration::from_secs(10), "the node's Lease", || async {
-        let (s, l) = get(
+        let (s, l) = kube_get(
             &c,
             2,
             "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/a1",
@@ -146,7 +134,7 @@ async fn the_agent_registers_runs_pods_restarts_them_and_fails_over() {
         Duration::from_secs(10),
         "the Lease to be renewed",
         || async {
-            let (_, l) = get(
+            let (_, l) = kube_get(
                 &c,
                 2,
                 "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/a1",
@@ -653,7 +641,7 @@ spec:
         "the web pods and their processes to be gone",
         || async {
             let left = {
-                let (_, list) = get(
+                let (_, list) = kube_get(
                     &c,
                     2,
                     "/api/v1/namespaces/default/pods?labelSelector=app%3Dweb",
@@ -706,7 +694,7 @@ async fn a_full_disk_is_reported_as_disk_pressure_and_taints_the_node() {
     assert!(mounted.success(), "mounting a tmpfs (tests run as root)");
     let _tmpfs = Tmpfs(disk.clone());
     let _agent = Agent::start(&c, "d1", &disk.join("agent"), &[]);
-    let node = || async { get(&c, 2, "/api/v1/nodes/d1").await.1 };
+    let node = || async { kube_get(&c, 2, "/api/v1/nodes/d1").await.1 };
     wait_for(
         Duration::from_secs(30),
         "d1 Ready without disk pressure",
@@ -758,7 +746,7 @@ async fn an_agent_cut_off_from_its_replica_fails_over_and_keeps_running_pods() {
                 &format!("pod {name} to run"),
                 || async {
                     let (_, p) =
-                        get(c, 2, &format!("/api/v1/namespaces/default/pods/{name}")).await;
+                        kube_get(c, 2, &format!("/api/v1/namespaces/default/pods/{name}")).await;
                     (p["status"]["phase"] == "Running").then_some(p)
                 },
             )
@@ -782,10 +770,10 @@ async fn an_agent_cut_off_from_its_replica_fails_over_and_keeps_running_pods() {
     let after = running("after").await;
     assert_eq!(after["spec"]["nodeName"], "p1");
     // The first pod kept its process (nothing started twice) and the node stays Ready.
-    let (_, now) = get(&c, 2, "/api/v1/namespaces/default/pods/before").await;
+    let (_, now) = kube_get(&c, 2, "/api/v1/namespaces/default/pods/before").await;
     assert_eq!(pid_of(&now), pid_of(&before));
     assert!(alive(pid_of(&now).unwrap()));
-    let (_, node) = get(&c, 2, "/api/v1/nodes/p1").await;
+    let (_, node) = kube_get(&c, 2, "/api/v1/nodes/p1").await;
     let ready = node["status"]["conditions"].as_array().is_some_and(|cs| {
         cs.iter()
             .any(|x| x["type"] == "Ready" && x["status"] == "True")
@@ -797,7 +785,7 @@ async fn an_agent_cut_off_from_its_replica_fails_over_and_keeps_running_pods() {
 
 /// The pod `name` of `default` as replica 2 serves it.
 async fn pod(c: &Cluster, name: &str) -> Value {
-    get(c, 2, &format!("/api/v1/namespaces/default/pods/{name}"))
+    kube_get(c, 2, &format!("/api/v1/namespaces/default/pods/{name}"))
         .await
         .1
 }
@@ -878,7 +866,7 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
 
     // The agent dies; its containers do not, and go on logging.
     let endpoint = |n: &Value| n["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64();
-    let first_port = endpoint(&get(&c, 2, "/api/v1/nodes/r1").await.1);
+    let first_port = endpoint(&kube_get(&c, 2, "/api/v1/nodes/r1").await.1);
     first.kill9();
     assert!(
         alive(steady_pid) && alive(gone_pid),
@@ -936,7 +924,8 @@ async fn a_restarted_agent_adopts_its_pods_and_removes_the_ones_deleted_meanwhil
         Duration::from_secs(60),
         "the restarted agent's endpoint",
         || async {
-            endpoint(&get(&c, 2, "/api/v1/nodes/r1").await.1).filter(|p| Some(*p) != first_port)
+            endpoint(&kube_get(&c, 2, "/api/v1/nodes/r1").await.1)
+                .filter(|p| Some(*p) != first_port)
         },
     )
     .await;
@@ -1163,7 +1152,7 @@ spec:
         Duration::from_secs(30),
         "a FailedMount event naming the missing ConfigMap",
         || async {
-            let (_, evs) = get(&c, 2, "/api/v1/namespaces/default/events").await;
+            let (_, evs) = kube_get(&c, 2, "/api/v1/namespaces/default/events").await;
             evs["items"]
                 .as_array()?
                 .iter()

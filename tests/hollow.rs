@@ -11,16 +11,9 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-async fn get(c: &Cluster, path: &str) -> Value {
-    req(
-        &[c.replica(2).api()],
-        http::Method::GET,
-        path,
-        "application/json",
-        &Value::Null,
-    )
-    .await
-    .1
+/// GET `path` from replica 2: the JSON body.
+async fn get_body(c: &Cluster, path: &str) -> Value {
+    kube_get(c, 2, path).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,7 +28,7 @@ async fn hollow_nodes_register_run_pods_and_delete_them() {
     );
     // Every node registers, heartbeats through its own Lease, and is Ready.
     wait_for(Duration::from_secs(60), "20 hollow nodes Ready", || async {
-        let nodes = get(&c, "/api/v1/nodes").await;
+        let nodes = get_body(&c, "/api/v1/nodes").await;
         let ready = nodes["items"]
             .as_array()?
             .iter()
@@ -59,7 +52,7 @@ async fn hollow_nodes_register_run_pods_and_delete_them() {
         "every hollow node's Lease",
         || async {
             for i in 0..20 {
-                let lease = get(
+                let lease = get_body(
                     &c,
                     &format!(
                         "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/h-{i}"
@@ -74,7 +67,7 @@ async fn hollow_nodes_register_run_pods_and_delete_them() {
         },
     )
     .await;
-    let node = get(&c, "/api/v1/nodes/h-0").await;
+    let node = get_body(&c, "/api/v1/nodes/h-0").await;
     assert_eq!(
         node["status"]["nodeInfo"]["containerRuntimeVersion"],
         "hollow://1"
@@ -90,7 +83,7 @@ async fn hollow_nodes_register_run_pods_and_delete_them() {
     .unwrap();
     kubectl.ok(&["apply", "-f", manifest.to_str().unwrap()]);
     let pods = wait_for(Duration::from_secs(120), "100 pods Running", || async {
-        let list = get(
+        let list = get_body(
             &c,
             "/api/v1/namespaces/default/pods?labelSelector=app%3Dmany",
         )
@@ -121,7 +114,7 @@ async fn hollow_nodes_register_run_pods_and_delete_them() {
     // Scaled away: each hollow node stops its containers and deletes its pods.
     kubectl.ok(&["scale", "deploy/many", "--replicas=0"]);
     wait_for(Duration::from_secs(120), "the pods to be gone", || async {
-        let list = get(
+        let list = get_body(
             &c,
             "/api/v1/namespaces/default/pods?labelSelector=app%3Dmany",
         )

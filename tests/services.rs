@@ -18,7 +18,6 @@ use common::*;
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -102,20 +101,27 @@ async fn upstream(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn get(c: &Cluster, id: u64, path: &str) -> (u16, Value) {
-    req(
-        &[c.replica(id).api()],
-        http::Method::GET,
-        path,
-        "application/json",
-        &Value::Null,
+/// The ready endpoints of `service`'s EndpointSlices, as replica 2 serves them.
+async fn ready_endpoints(c: &Cluster, service: &str) -> Option<usize> {
+    let (_, list) = kube_get(
+        c,
+        2,
+        &format!("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io%2Fservice-name%3D{service}"),
     )
-    .await
+    .await;
+    Some(
+        list["items"]
+            .as_array()?
+            .iter()
+            .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+            .filter(|e| e["conditions"]["ready"] == true)
+            .count(),
+    )
 }
 
 /// The addresses of the running pods labelled `app=web`, sorted.
 async fn web_ips(c: &Cluster, id: u64) -> Vec<String> {
-    let (_, list) = get(
+    let (_, list) = kube_get(
         c,
         id,
         "/api/v1/namespaces/default/pods?labelSelector=app%3Dweb",
@@ -226,7 +232,7 @@ async fn the_cluster_dns_answers_as_coredns_and_pods_resolve_through_it() {
     std::fs::write(&manifests, MANIFESTS).unwrap();
     let kubectl = Kubectl::new(&c, 2);
     kubectl.ok(&["apply", "-f", manifests.to_str().unwrap()]);
-    let (_, svc) = get(&c, 2, "/api/v1/namespaces/default/services/web").await;
+    let (_, svc) = kube_get(&c, 2, "/api/v1/namespaces/default/services/web").await;
     let cluster_ip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
     assert!(cluster_ip.starts_with(&prefix), "{svc}");
 
@@ -369,7 +375,7 @@ spec:
         Duration::from_secs(60),
         "the client pod to finish",
         || async {
-            let (_, p) = get(&c, 2, "/api/v1/namespaces/default/pods/client").await;
+            let (_, p) = kube_get(&c, 2, "/api/v1/namespaces/default/pods/client").await;
             let phase = p["status"]["phase"].as_str().unwrap_or("").to_string();
             (phase == "Succeeded" || phase == "Failed").then_some(())
         },
@@ -399,21 +405,11 @@ spec:
     // Scaled to one: the headless name follows the endpoints within about a second of the
     // EndpointSlice changing.
     kubectl.ok(&["scale", "deploy/web", "--replicas=1"]);
-    wait_for(Duration::from_secs(60), "the web EndpointSlice to hold one ready endpoint", || async {
-        let (_, list) = get(
-            &c,
-            2,
-            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io%2Fservice-name%3Dweb-headless",
-        )
-        .await;
-        let ready = list["items"]
-            .as_array()?
-            .iter()
-            .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
-            .filter(|e| e["conditions"]["ready"] == true)
-            .count();
-        (ready == 1).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "the web EndpointSlice to hold one ready endpoint",
+        || async { (ready_endpoints(&c, "web-headless").await? == 1).then_some(()) },
+    )
     .await;
     let changed = Instant::now();
     wait_for(
@@ -437,7 +433,7 @@ spec:
     assert_eq!(data(&m), std::slice::from_ref(&cluster_ip));
     c.wait_leader().await;
     Kubectl::new(&c, 3).ok(&["create", "service", "clusterip", "late", "--tcp=80:8080"]);
-    let (_, late) = get(&c, 3, "/api/v1/namespaces/default/services/late").await;
+    let (_, late) = kube_get(&c, 3, "/api/v1/namespaces/default/services/late").await;
     let late_ip = late["spec"]["clusterIP"].as_str().unwrap().to_string();
     until_answers(
         dns,
@@ -683,7 +679,8 @@ async fn proxy_behaviour(mode: &str) {
     let service = |name: &'static str| {
         let c = &c;
         async move {
-            let (_, s) = get(c, 2, &format!("/api/v1/namespaces/default/services/{name}")).await;
+            let (_, s) =
+                kube_get(c, 2, &format!("/api/v1/namespaces/default/services/{name}")).await;
             s
         }
     };
@@ -708,7 +705,7 @@ async fn proxy_behaviour(mode: &str) {
     .parse()
     .unwrap();
     let pods: Vec<String> = wait_for(Duration::from_secs(60), "three ready web pods", || async {
-        let (_, list) = get(
+        let (_, list) = kube_get(
             &c,
             2,
             "/api/v1/namespaces/default/pods?labelSelector=app%3Dweb",
@@ -815,21 +812,11 @@ async fn proxy_behaviour(mode: &str) {
     // second, and then no new connection reaches it.
     let gone = pods[0].clone();
     std::fs::write(flags.join(format!("notready-{gone}")), "").unwrap();
-    wait_for(Duration::from_secs(30), "the endpoint to turn not ready", || async {
-        let (_, list) = get(
-            &c,
-            2,
-            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io%2Fservice-name%3Dweb",
-        )
-        .await;
-        let ready = list["items"]
-            .as_array()?
-            .iter()
-            .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
-            .filter(|e| e["conditions"]["ready"] == true)
-            .count();
-        (ready == 2).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "the endpoint to turn not ready",
+        || async { (ready_endpoints(&c, "web").await? == 2).then_some(()) },
+    )
     .await;
     let changed = Instant::now();
     wait_for(

@@ -31,6 +31,18 @@ pub const API_PORT: u16 = 6441;
 pub const USER_KEYS_START: &[u8] = b"A";
 pub const PEER_PORT: u16 = 7441;
 
+/// GET `path` from replica `id` of `c`: the status and the JSON body (`Null` if none).
+pub async fn kube_get(c: &Cluster, id: u64, path: &str) -> (u16, serde_json::Value) {
+    req(
+        &[c.replica(id).api()],
+        http::Method::GET,
+        path,
+        "application/json",
+        &serde_json::Value::Null,
+    )
+    .await
+}
+
 /// Waits until `check` returns `Some`, polling every 20 ms, or panics with `what`.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

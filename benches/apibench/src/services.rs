@@ -235,6 +235,19 @@ async fn connections(addr: SocketAddr, clients: usize) -> anyhow::Result<(Latenc
     Ok((latency(micros), rate, failed.load(Ordering::Relaxed)))
 }
 
+/// Connection setup and throughput to `addr`, labelled `path`.
+async fn measure(path: String, addr: SocketAddr, clients: usize) -> anyhow::Result<ProxyFigures> {
+    let (connection, connections_per_sec, failed) = connections(addr, clients).await?;
+    Ok(ProxyFigures {
+        path,
+        connection,
+        connections_per_sec,
+        clients,
+        throughput_mib_per_sec: throughput(addr).await?,
+        failed,
+    })
+}
+
 /// MiB/s of one connection streaming 1 GiB from `addr`.
 async fn throughput(addr: SocketAddr) -> anyhow::Result<f64> {
     const N: usize = 1 << 30;
@@ -365,15 +378,7 @@ pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) 
     };
     // Direct, for reference.
     let direct: SocketAddr = format!("{DIRECT}:8080").parse()?;
-    let (lat, rate, failed) = connections(direct, args.concurrency).await?;
-    res.proxy.push(ProxyFigures {
-        path: "direct".into(),
-        connection: lat,
-        connections_per_sec: rate,
-        clients: args.concurrency,
-        throughput_mib_per_sec: throughput(direct).await?,
-        failed,
-    });
+    res.proxy.push(measure("direct".into(), direct, args.concurrency).await?);
     for (round, mode) in ["iptables", "userspace"].into_iter().enumerate() {
         let data = dir.join(format!("agent-{mode}"));
         std::fs::create_dir_all(&data)?;
@@ -429,24 +434,10 @@ pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) 
             }
         }
         // Direct again, with the agent running (the machine's noise in the same conditions).
-        let (lat, rate, failed) = connections(direct, args.concurrency).await?;
-        res.proxy.push(ProxyFigures {
-            path: format!("direct ({mode} agent up)"),
-            connection: lat,
-            connections_per_sec: rate,
-            clients: args.concurrency,
-            throughput_mib_per_sec: throughput(direct).await?,
-            failed,
-        });
-        let (lat, rate, failed) = connections(vip, args.concurrency).await?;
-        res.proxy.push(ProxyFigures {
-            path: format!("cluster IP ({mode})"),
-            connection: lat,
-            connections_per_sec: rate,
-            clients: args.concurrency,
-            throughput_mib_per_sec: throughput(vip).await?,
-            failed,
-        });
+        let path = format!("direct ({mode} agent up)");
+        res.proxy.push(measure(path, direct, args.concurrency).await?);
+        let path = format!("cluster IP ({mode})");
+        res.proxy.push(measure(path, vip, args.concurrency).await?);
         // Change propagation.
         let mut proxy_delays = Vec::new();
         let mut dns_delays = Vec::new();
