@@ -338,19 +338,67 @@ async fn kubectl_watch_pages_namespaces_and_validation_behave_as_kubernetes() {
         ]),
         "czNjcmV0"
     );
-    let err = kf.fails(&[
-        "create",
-        "deployment",
-        "web",
-        "--image=nginx",
-        "-n",
-        "team-b",
-    ]);
-    assert!(
-        err.contains(
-            "protobuf is read only for Namespace, ConfigMap, Secret and Service: send JSON"
-        ),
-        "{err}"
+    // The other imperative generators kubectl sends as protobuf.
+    assert_eq!(
+        kf.ok(&[
+            "create",
+            "deployment",
+            "web",
+            "--image=busybox:1.35",
+            "--replicas=2",
+            "--port=8080",
+            "-n",
+            "team-b",
+            "--",
+            "sleep",
+            "600",
+        ])
+        .trim(),
+        "deployment.apps/web created"
+    );
+    let d: serde_json::Value =
+        serde_json::from_str(&kf.ok(&["get", "deploy", "web", "-n", "team-b", "-o", "json"]))
+            .unwrap();
+    assert_eq!(d["spec"]["replicas"], 2, "{d}");
+    assert_eq!(d["spec"]["selector"]["matchLabels"]["app"], "web", "{d}");
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "busybox:1.35", "{d}");
+    assert_eq!(c["command"], serde_json::json!(["sleep", "600"]), "{d}");
+    assert_eq!(c["ports"][0]["containerPort"], 8080, "{d}");
+    assert_eq!(
+        d["spec"]["template"]["metadata"]["labels"]["app"], "web",
+        "{d}"
+    );
+    assert_eq!(
+        kf.ok(&[
+            "create",
+            "job",
+            "once",
+            "--image=busybox:1.35",
+            "-n",
+            "team-b",
+            "--",
+            "true"
+        ])
+        .trim(),
+        "job.batch/once created"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&kf.ok(&["get", "job", "once", "-n", "team-b", "-o", "json"]))
+            .unwrap();
+    assert_eq!(
+        j["spec"]["template"]["spec"]["restartPolicy"], "Never",
+        "{j}"
+    );
+    assert_eq!(
+        j["spec"]["template"]["spec"]["containers"][0]["command"],
+        serde_json::json!(["true"]),
+        "{j}"
+    );
+    assert_eq!(
+        kf.ok(&["create", "serviceaccount", "robot", "-n", "team-b"])
+            .trim(),
+        "serviceaccount/robot created"
     );
     kl.ok(&["delete", "ns", "team-b"]);
 

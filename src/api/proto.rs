@@ -1,6 +1,7 @@
 //! Just enough of Kubernetes' protobuf encoding to read what kubectl's imperative generators
-//! send (`kubectl create namespace|configmap|secret generic|service`): the `k8s\0` envelope
-//! (`runtime.Unknown`) around a Namespace, ConfigMap, Secret or Service, turned into the JSON object
+//! send (`kubectl create namespace|serviceaccount|configmap|secret generic|service|deployment|job`): the
+//! `k8s\0` envelope (`runtime.Unknown`) around a Namespace, ServiceAccount, ConfigMap,
+//! Secret, Service, Deployment or Job (the fields those generators set), turned into the JSON object
 //! the rest of the API handles. Anything else is refused (the caller answers 415 and asks
 //! for JSON). Every length is checked against the input: malformed bytes give `None`,
 //! never a panic.
@@ -213,6 +214,216 @@ fn service_spec(b: &[u8]) -> Option<Value> {
     Some(Value::Object(s))
 }
 
+/// Sets `key` to a non-zero int32 varint.
+fn set_int(m: &mut Map<String, Value>, key: &str, v: u64) {
+    if v != 0 {
+        m.insert(key.into(), json!(int32(v)));
+    }
+}
+
+/// `LabelSelector`: matchLabels (map) and matchExpressions (key, operator, values).
+fn label_selector(b: &[u8]) -> Option<Value> {
+    let mut s = Map::new();
+    for (n, f) in fields(b)? {
+        match (n, f) {
+            (1, Field::Bytes(v)) => {
+                let (k, val) = map_entry(v, false)?;
+                s.entry("matchLabels").or_insert_with(|| json!({}))[k] = val;
+            }
+            (2, Field::Bytes(v)) => {
+                let mut e = Map::new();
+                for (m, g) in fields(v)? {
+                    if let Field::Bytes(x) = g {
+                        match m {
+                            1 => set_text(&mut e, "key", x)?,
+                            2 => set_text(&mut e, "operator", x)?,
+                            3 => push_text(&mut e, "values", x)?,
+                            _ => {}
+                        }
+                    }
+                }
+                s.entry("matchExpressions")
+                    .or_insert_with(|| json!([]))
+                    .as_array_mut()?
+                    .push(Value::Object(e));
+            }
+            _ => {}
+        }
+    }
+    Some(Value::Object(s))
+}
+
+/// `Container`: name, image, command, args, workingDir, ports, env, imagePullPolicy.
+fn container(b: &[u8]) -> Option<Value> {
+    let mut c = Map::new();
+    for (n, f) in fields(b)? {
+        let Field::Bytes(v) = f else { continue };
+        match n {
+            1 => set_text(&mut c, "name", v)?,
+            2 => set_text(&mut c, "image", v)?,
+            3 => push_text(&mut c, "command", v)?,
+            4 => push_text(&mut c, "args", v)?,
+            5 => set_text(&mut c, "workingDir", v)?,
+            6 => {
+                let mut p = Map::new();
+                for (m, g) in fields(v)? {
+                    match (m, g) {
+                        (1, Field::Bytes(x)) => set_text(&mut p, "name", x)?,
+                        (2, Field::Varint(x)) => set_int(&mut p, "hostPort", x),
+                        (3, Field::Varint(x)) => set_int(&mut p, "containerPort", x),
+                        (4, Field::Bytes(x)) => set_text(&mut p, "protocol", x)?,
+                        (5, Field::Bytes(x)) => set_text(&mut p, "hostIP", x)?,
+                        _ => {}
+                    }
+                }
+                c.entry("ports")
+                    .or_insert_with(|| json!([]))
+                    .as_array_mut()?
+                    .push(Value::Object(p));
+            }
+            7 => {
+                let mut e = Map::new();
+                for (m, g) in fields(v)? {
+                    if let Field::Bytes(x) = g {
+                        match m {
+                            1 => set_text(&mut e, "name", x)?,
+                            2 => {
+                                e.insert("value".into(), json!(text(x)?));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                c.entry("env")
+                    .or_insert_with(|| json!([]))
+                    .as_array_mut()?
+                    .push(Value::Object(e));
+            }
+            14 => set_text(&mut c, "imagePullPolicy", v)?,
+            _ => {}
+        }
+    }
+    Some(Value::Object(c))
+}
+
+/// `PodTemplateSpec`: metadata, and of the spec: containers, initContainers,
+/// restartPolicy, terminationGracePeriodSeconds, nodeSelector, serviceAccountName.
+fn pod_template(b: &[u8]) -> Option<Value> {
+    let mut t = Map::new();
+    for (n, f) in fields(b)? {
+        match (n, f) {
+            (1, Field::Bytes(v)) => {
+                t.insert("metadata".into(), object_meta(v)?);
+            }
+            (2, Field::Bytes(v)) => {
+                let mut spec = Map::new();
+                for (m, g) in fields(v)? {
+                    match (m, g) {
+                        (2, Field::Bytes(x)) => spec
+                            .entry("containers")
+                            .or_insert_with(|| json!([]))
+                            .as_array_mut()?
+                            .push(container(x)?),
+                        (20, Field::Bytes(x)) => spec
+                            .entry("initContainers")
+                            .or_insert_with(|| json!([]))
+                            .as_array_mut()?
+                            .push(container(x)?),
+                        (3, Field::Bytes(x)) => set_text(&mut spec, "restartPolicy", x)?,
+                        (4, Field::Varint(x)) => {
+                            spec.insert("terminationGracePeriodSeconds".into(), json!(x as i64));
+                        }
+                        (7, Field::Bytes(x)) => {
+                            let (k, val) = map_entry(x, false)?;
+                            spec.entry("nodeSelector").or_insert_with(|| json!({}))[k] = val;
+                        }
+                        (8, Field::Bytes(x)) => set_text(&mut spec, "serviceAccountName", x)?,
+                        _ => {}
+                    }
+                }
+                t.insert("spec".into(), Value::Object(spec));
+            }
+            _ => {}
+        }
+    }
+    Some(Value::Object(t))
+}
+
+/// `DeploymentSpec` (apps/v1): replicas, selector, template, strategy type,
+/// minReadySeconds, revisionHistoryLimit, paused, progressDeadlineSeconds.
+fn deployment_spec(b: &[u8]) -> Option<Value> {
+    let mut s = Map::new();
+    for (n, f) in fields(b)? {
+        match (n, f) {
+            (1, Field::Varint(v)) => {
+                s.insert("replicas".into(), json!(int32(v)));
+            }
+            (2, Field::Bytes(v)) => {
+                s.insert("selector".into(), label_selector(v)?);
+            }
+            (3, Field::Bytes(v)) => {
+                s.insert("template".into(), pod_template(v)?);
+            }
+            (4, Field::Bytes(v)) => {
+                let mut strategy = Map::new();
+                for (m, g) in fields(v)? {
+                    if let (1, Field::Bytes(x)) = (m, g) {
+                        set_text(&mut strategy, "type", x)?;
+                    }
+                }
+                if !strategy.is_empty() {
+                    s.insert("strategy".into(), Value::Object(strategy));
+                }
+            }
+            (5, Field::Varint(v)) => set_int(&mut s, "minReadySeconds", v),
+            (6, Field::Varint(v)) => {
+                s.insert("revisionHistoryLimit".into(), json!(int32(v)));
+            }
+            (7, Field::Varint(v)) if v != 0 => {
+                s.insert("paused".into(), json!(true));
+            }
+            (9, Field::Varint(v)) => {
+                s.insert("progressDeadlineSeconds".into(), json!(int32(v)));
+            }
+            _ => {}
+        }
+    }
+    Some(Value::Object(s))
+}
+
+/// `JobSpec` (batch/v1): parallelism, completions, activeDeadlineSeconds, selector,
+/// template, backoffLimit, ttlSecondsAfterFinished.
+fn job_spec(b: &[u8]) -> Option<Value> {
+    let mut s = Map::new();
+    for (n, f) in fields(b)? {
+        match (n, f) {
+            (1, Field::Varint(v)) => {
+                s.insert("parallelism".into(), json!(int32(v)));
+            }
+            (2, Field::Varint(v)) => {
+                s.insert("completions".into(), json!(int32(v)));
+            }
+            (3, Field::Varint(v)) => {
+                s.insert("activeDeadlineSeconds".into(), json!(v as i64));
+            }
+            (4, Field::Bytes(v)) => {
+                s.insert("selector".into(), label_selector(v)?);
+            }
+            (6, Field::Bytes(v)) => {
+                s.insert("template".into(), pod_template(v)?);
+            }
+            (7, Field::Varint(v)) => {
+                s.insert("backoffLimit".into(), json!(int32(v)));
+            }
+            (8, Field::Varint(v)) => {
+                s.insert("ttlSecondsAfterFinished".into(), json!(int32(v)));
+            }
+            _ => {}
+        }
+    }
+    Some(Value::Object(s))
+}
+
 /// The object in a `k8s\0`-prefixed protobuf body, as JSON; `None` if it is malformed or
 /// of a kind this server does not read as protobuf.
 pub fn decode(body: &[u8]) -> Option<Value> {
@@ -240,16 +451,18 @@ pub fn decode(body: &[u8]) -> Option<Value> {
     }
     let mut obj = json!({"apiVersion": api_version, "kind": kind});
     let (data_field, binary) = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => (None, false),
+        ("v1", "Namespace") | ("v1", "ServiceAccount") => (None, false),
         ("v1", "ConfigMap") => (Some("data"), false),
         ("v1", "Secret") => (Some("data"), true),
-        ("v1", "Service") => (None, false),
+        ("v1", "Service") | ("apps/v1", "Deployment") | ("batch/v1", "Job") => (None, false),
         _ => return None,
     };
     for (n, f) in fields(raw)? {
         match (n, f) {
             (1, Field::Bytes(v)) => obj["metadata"] = object_meta(v)?,
             (2, Field::Bytes(v)) if kind == "Service" => obj["spec"] = service_spec(v)?,
+            (2, Field::Bytes(v)) if kind == "Deployment" => obj["spec"] = deployment_spec(v)?,
+            (2, Field::Bytes(v)) if kind == "Job" => obj["spec"] = job_spec(v)?,
             (2, Field::Bytes(v)) if data_field.is_some() => {
                 let (k, val) = map_entry(v, binary)?;
                 obj["data"][k] = val;
@@ -307,7 +520,10 @@ mod tests {
         assert!(decode(b"\x0a\x02v1").is_none());
         let deploy = [
             b"k8s\0".to_vec(),
-            field(1, &[field(1, b"apps/v1"), field(2, b"Deployment")].concat()),
+            field(
+                1,
+                &[field(1, b"apps/v1"), field(2, b"StatefulSet")].concat(),
+            ),
         ]
         .concat();
         assert!(decode(&deploy).is_none());

@@ -238,7 +238,7 @@ impl KubeError {
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format - accepted media types include: {} (got {got:?}; protobuf is read only for Namespace, ConfigMap, Secret and Service: send JSON, e.g. kubectl create -f FILE)",
+                "the body of the request was in an unknown format - accepted media types include: {} (got {got:?}; protobuf is read only for Namespace, ServiceAccount, ConfigMap, Secret, Service, Deployment and Job: send JSON, e.g. kubectl create -f FILE)",
                 accepted.join(", ")
             ),
         )
