@@ -949,12 +949,14 @@ async fn jobs_complete_retry_up_to_their_backoff_limit_and_respect_deadlines() {
     );
     k.ok(&["create", "-f", &ns]);
 
-    // Three completions, two at a time; deleted a second after it completes.
+    // Three completions, two at a time; deleted five seconds after it completes (long
+    // enough for `kubectl wait` below to see it complete on a loaded machine: with one
+    // second it was sometimes gone first).
     let pi = k.file(
         "pi.yaml",
         &job_yaml(
             "pi",
-            "  completions: 3\n  parallelism: 2\n  ttlSecondsAfterFinished: 1\n",
+            "  completions: 3\n  parallelism: 2\n  ttlSecondsAfterFinished: 5\n",
         ),
     );
     k.ok(&["apply", "-f", &pi]);

@@ -652,6 +652,10 @@ impl Kube {
             consistency = Consistency::Local;
         }
         let filtered = !labels.is_empty() || fields != FieldSelector::default();
+        // A whole list by node name (what every node agent asks for) decodes only the
+        // objects whose bytes can match. Pages (`limit`) keep the plain path, whose
+        // counting of examined objects the continue token relies on.
+        let needle = if limit == 0 { fields.prefilter() } else { None };
         // Unfiltered, one read of `limit` keys is the page; filtered, read in chunks until
         // `limit` objects match or the range ends. Never more than LIST_CHUNK keys at once.
         let chunk = match (filtered, limit) {
@@ -664,9 +668,9 @@ impl Kube {
         let mut at = revision;
         let mut cursor = start.into_bytes();
         loop {
-            let (batch, rev, remaining) = self
+            let (batch, rev, remaining, last_read) = self
                 .objects
-                .range(&cursor, &end, at, chunk, consistency)
+                .range_containing(&cursor, &end, at, chunk, consistency, needle.as_deref())
                 .await
                 .map_err(|e| match e.code {
                     410 if revision > 0 => KubeError {
@@ -690,6 +694,10 @@ impl Kube {
                         break;
                     }
                 }
+            }
+            if needle.is_some() {
+                // Objects were skipped unread: go on from the last key read.
+                last_key = last_read.map(|k| String::from_utf8_lossy(&k).into_owned());
             }
             let Some(last_key) = last_key else {
                 return Ok((at, None, None));

@@ -287,6 +287,23 @@ impl Objects {
         limit: i64,
         c: Consistency,
     ) -> Result<(Vec<Stored>, i64, i64), KubeError> {
+        let (items, rev, remaining, _) = self
+            .range_containing(start, end, revision, limit, c, None)
+            .await?;
+        Ok((items, rev, remaining))
+    }
+
+    /// [`Objects::range`], decoding only the objects whose stored bytes contain `needle`
+    /// (all of them without one), and also returning the last key read, decoded or not.
+    pub async fn range_containing(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        revision: i64,
+        limit: i64,
+        c: Consistency,
+        needle: Option<&[u8]>,
+    ) -> Result<(Vec<Stored>, i64, i64, Option<Vec<u8>>), KubeError> {
         self.barrier(c).await?;
         let kv = self.replica.kv().clone();
         let req = RangeRequest {
@@ -299,9 +316,15 @@ impl Objects {
         let resp = tokio::task::spawn_blocking(move || kv.range(&req))
             .await
             .map_err(|e| KubeError::internal(e.to_string()))??;
-        let items = resp.kvs.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
-        let remaining = resp.count - items.len() as i64;
-        Ok((items, resp.revision, remaining))
+        let remaining = resp.count - resp.kvs.len() as i64;
+        let last = resp.kvs.last().map(|kv| kv.key.clone());
+        let items = resp
+            .kvs
+            .iter()
+            .filter(|kv| needle.is_none_or(|n| kv.value.windows(n.len()).any(|w| w == n)))
+            .map(decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((items, resp.revision, remaining, last))
     }
 
     async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, KubeError> {

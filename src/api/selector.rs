@@ -248,12 +248,47 @@ impl FieldSelector {
             .find(|r| r.path == "metadata.name" && !r.negate)
             .map(|r| r.value.as_str())
     }
+
+    /// Bytes every stored object this selector matches contains: for `spec.nodeName=X`
+    /// (X not empty) the compact JSON member `"nodeName":"X"` (stored objects are
+    /// serde_json's compact output). A list can skip, without decoding, every object whose
+    /// stored bytes lack them; the ones that have them are still checked in full. `None`
+    /// when there is no such requirement (an empty value also matches objects without the
+    /// field).
+    pub fn prefilter(&self) -> Option<Vec<u8>> {
+        let r = self
+            .0
+            .iter()
+            .find(|r| r.path == "spec.nodeName" && !r.negate && !r.value.is_empty())?;
+        let mut needle = b"\"nodeName\":".to_vec();
+        needle.extend(serde_json::to_vec(&r.value).ok()?);
+        Some(needle)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_node_name_requirement_gives_the_bytes_its_objects_contain() {
+        let labels: &[&str] = &["spec.nodeName"];
+        let f = FieldSelector::parse("spec.nodeName=n1", labels).unwrap();
+        let needle = f.prefilter().unwrap();
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [], "nodeName": "n1"}});
+        let raw = serde_json::to_vec(&pod).unwrap();
+        assert!(raw.windows(needle.len()).any(|w| w == needle.as_slice()));
+        assert!(f.matches(&pod));
+        // No shortcut where an object without the field may match, or none is required.
+        for s in ["spec.nodeName=", "spec.nodeName!=n1", "metadata.name=p", ""] {
+            assert_eq!(
+                FieldSelector::parse(s, labels).unwrap().prefilter(),
+                None,
+                "{s}"
+            );
+        }
+    }
 
     #[test]
     fn label_selectors_cover_equality_existence_and_sets() {
