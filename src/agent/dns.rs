@@ -491,6 +491,14 @@ fn encode_udp(req: &Message, m: &Message) -> Option<Vec<u8>> {
     m.truncate().to_vec().ok()
 }
 
+/// What a query needs next.
+enum Step {
+    /// Its answer (`None`: nothing to answer, not even an id).
+    Done(Option<Vec<u8>>),
+    /// A name outside the cluster: ask an upstream.
+    Forward(Message),
+}
+
 /// The running server's shared state.
 struct Server {
     cache: Cache,
@@ -502,36 +510,59 @@ struct Server {
 impl Server {
     /// Answers `bytes` (a query): `None` drops it (not even a header to answer).
     async fn handle(&self, bytes: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        match self.answer(bytes, tcp) {
+            Step::Done(answer) => answer,
+            Step::Forward(req) => self.forwarded(&req, bytes, tcp).await,
+        }
+    }
+
+    /// Answers `bytes` from the cache at once, or says it must be forwarded.
+    fn answer(&self, bytes: &[u8], tcp: bool) -> Step {
         let req = match Message::from_vec(bytes) {
             Ok(r) => r,
             Err(_) => {
                 self.count(Kind::Refused);
                 // Answer FORMERR if at least the id is there.
-                let id = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]);
-                return Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
-                    .to_vec()
-                    .ok();
+                let formerr = || {
+                    let id = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]);
+                    Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
+                        .to_vec()
+                        .ok()
+                };
+                return Step::Done(formerr());
             }
         };
         let outcome = {
             let t = services::read(&self.cache);
             resolve(&t, &self.config.domain, &req)
         };
-        let (m, kind) = match outcome {
-            Outcome::Answer(m, kind) => (m, kind),
-            Outcome::Forward => match self.forward(bytes, tcp).await {
-                Some(answer) => {
-                    self.count(Kind::Forwarded);
-                    return Some(answer);
-                }
-                None => (response(&req, ResponseCode::ServFail), Kind::UpstreamFailed),
-            },
-        };
+        match outcome {
+            Outcome::Answer(m, kind) => Step::Done(self.encode(&req, &m, kind, tcp)),
+            Outcome::Forward => Step::Forward(req),
+        }
+    }
+
+    /// The upstream's answer to `req` (whose bytes are `bytes`), or SERVFAIL.
+    async fn forwarded(&self, req: &Message, bytes: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        match self.forward(bytes, tcp).await {
+            Some(answer) => {
+                self.count(Kind::Forwarded);
+                Some(answer)
+            }
+            None => {
+                let m = response(req, ResponseCode::ServFail);
+                self.encode(req, &m, Kind::UpstreamFailed, tcp)
+            }
+        }
+    }
+
+    /// Counts an answer and encodes it for its transport.
+    fn encode(&self, req: &Message, m: &Message, kind: Kind, tcp: bool) -> Option<Vec<u8>> {
         self.count(kind);
         if tcp {
             m.to_vec().ok()
         } else {
-            encode_udp(&req, &m)
+            encode_udp(req, m)
         }
     }
 
@@ -628,19 +659,26 @@ pub async fn serve(
                     Ok(r) => r,
                     Err(e) => {
                         tracing::debug!(%e, "DNS receive");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
                 };
-                let query = buf[..n].to_vec();
-                let server = server.clone();
-                let udp = udp.clone();
-                // Cluster names are answered at once; a forwarded one waits on its upstream
-                // in its own task (bounded by the forward permits).
-                tokio::spawn(async move {
-                    if let Some(answer) = server.handle(&query, false).await {
+                // Cluster names are answered here, at once; a forwarded one waits on its
+                // upstream in its own task (bounded by the forward permits).
+                match server.answer(&buf[..n], false) {
+                    Step::Done(Some(answer)) => {
                         let _ = udp.send_to(&answer, peer).await;
                     }
-                });
+                    Step::Done(None) => {}
+                    Step::Forward(req) => {
+                        let (query, server, udp) = (buf[..n].to_vec(), server.clone(), udp.clone());
+                        tokio::spawn(async move {
+                            if let Some(answer) = server.forwarded(&req, &query, false).await {
+                                let _ = udp.send_to(&answer, peer).await;
+                            }
+                        });
+                    }
+                }
             }
         }
     };
@@ -648,6 +686,8 @@ pub async fn serve(
         let connections = Arc::new(Semaphore::new(MAX_TCP));
         loop {
             let Ok((mut stream, _)) = tcp.accept().await else {
+                // Out of descriptors, say: do not spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
             let Ok(permit) = connections.clone().try_acquire_owned() else {
@@ -1109,6 +1149,44 @@ mod tests {
         );
         assert_eq!(d.servers, ["127.53.0.1", "192.0.2.9"], "no duplicate");
         assert_eq!(d.options, ["ndots:1"]);
+    }
+
+    #[tokio::test]
+    async fn garbage_gets_formerr_and_an_unreachable_outside_gets_servfail() {
+        let queries =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("q", "q"), &["answer"]).unwrap();
+        let server = Server {
+            cache: Cache::default(),
+            config: Config {
+                domain: "cluster.local".into(),
+                upstreams: Vec::new(),
+            },
+            forwards: Semaphore::new(MAX_FORWARDS),
+            queries: queries.clone(),
+        };
+        let formerr =
+            Message::from_vec(&server.handle(&[0x12, 0x34, 0xff], false).await.unwrap()).unwrap();
+        assert_eq!(
+            (formerr.id(), formerr.response_code()),
+            (0x1234, ResponseCode::FormErr)
+        );
+        assert!(
+            server.handle(&[0x12], false).await.is_none(),
+            "not even an id"
+        );
+        // No upstream answers (none configured; or every forward permit taken): SERVFAIL.
+        let q = query(5, "example.org", RecordType::A);
+        let m = Message::from_vec(&server.handle(&q, false).await.unwrap()).unwrap();
+        assert_eq!((m.id(), m.response_code()), (5, ResponseCode::ServFail));
+        let _all = server
+            .forwards
+            .acquire_many(MAX_FORWARDS as u32)
+            .await
+            .unwrap();
+        let m = Message::from_vec(&server.handle(&q, true).await.unwrap()).unwrap();
+        assert_eq!(m.response_code(), ResponseCode::ServFail);
+        assert_eq!(queries.with_label_values(&["refused"]).get(), 2);
+        assert_eq!(queries.with_label_values(&["upstream_failed"]).get(), 2);
     }
 
     #[test]

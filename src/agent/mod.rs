@@ -296,7 +296,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         tracing::info!(%addr, domain, "serving the cluster DNS");
     }
-    let shared = Shared {
+    let shared = Arc::new(Shared {
         api: api.clone(),
         runtime,
         metrics: metrics.clone(),
@@ -307,7 +307,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         host_resolv,
         pod_cidr,
         port,
-    };
+    });
     let nodes = if args.hollow == 0 {
         // One real node: registered before the proxy starts, so a refused registration
         // leaves nothing behind.
@@ -315,7 +315,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         tokio::spawn(heartbeat(api.clone(), args.clone(), metrics.clone()));
         vec![tokio::spawn(async move { sync_pods(env).await })]
     } else {
-        hollow_nodes(&args, &shared)
+        // (`--hollow` refuses the cluster DNS and pod ranges above: `shared` has neither.)
+        hollow_nodes(&args, shared)
     };
     let proxy = (args.proxy_mode == "iptables").then(|| {
         let options = proxy::Options {
@@ -420,19 +421,9 @@ async fn register_node(args: &AgentArgs, shared: &Shared) -> anyhow::Result<Arc<
 /// left out.
 fn hollow_nodes(
     args: &AgentArgs,
-    shared: &Shared,
+    shared: Arc<Shared>,
 ) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let gate = Arc::new(tokio::sync::Semaphore::new(HOLLOW_REGISTRATIONS));
-    let shared = Arc::new(Shared {
-        api: shared.api.clone(),
-        runtime: shared.runtime.clone(),
-        metrics: shared.metrics.clone(),
-        services: shared.services.clone(),
-        cluster_dns: None,
-        host_resolv: shared.host_resolv.clone(),
-        pod_cidr: None,
-        port: shared.port,
-    });
     tracing::info!(nodes = args.hollow, "starting hollow nodes");
     (0..args.hollow)
         .map(|i| {

@@ -290,11 +290,12 @@ async fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String
 /// The chains with `prefix` that exist in `table`.
 async fn existing(table: &str, prefix: &str) -> Result<BTreeSet<String>, String> {
     let text = run("iptables-save", &["-t", table], None).await?;
+    let ours = format!("{prefix}-");
     Ok(text
         .lines()
         .filter_map(|l| l.strip_prefix(':'))
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|c| c.starts_with(&format!("{prefix}-")))
+        .filter(|c| c.starts_with(&ours))
         .map(str::to_string)
         .collect())
 }

@@ -686,7 +686,9 @@ impl Kube {
             let mut examined = 0;
             for s in batch {
                 examined += 1;
-                last_key = Some(objects_key(&s, call));
+                if needle.is_none() {
+                    last_key = Some(objects_key(&s, call));
+                }
                 if labels.matches(&s.object) && fields.matches(&s.object) {
                     sink(s.object);
                     sent += 1;

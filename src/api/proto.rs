@@ -214,6 +214,16 @@ fn service_spec(b: &[u8]) -> Option<Value> {
     Some(Value::Object(s))
 }
 
+/// Sets `key` to an int32 varint (a field Go sends only when set: a pointer).
+fn put_int(m: &mut Map<String, Value>, key: &str, v: u64) {
+    m.insert(key.into(), json!(int32(v)));
+}
+
+/// Sets `key` to an int64 varint (a pointer field).
+fn put_int64(m: &mut Map<String, Value>, key: &str, v: u64) {
+    m.insert(key.into(), json!(v as i64));
+}
+
 /// Sets `key` to a non-zero int32 varint.
 fn set_int(m: &mut Map<String, Value>, key: &str, v: u64) {
     if v != 0 {
@@ -331,7 +341,7 @@ fn pod_template(b: &[u8]) -> Option<Value> {
                             .push(container(x)?),
                         (3, Field::Bytes(x)) => set_text(&mut spec, "restartPolicy", x)?,
                         (4, Field::Varint(x)) => {
-                            spec.insert("terminationGracePeriodSeconds".into(), json!(x as i64));
+                            put_int64(&mut spec, "terminationGracePeriodSeconds", x)
                         }
                         (7, Field::Bytes(x)) => {
                             let (k, val) = map_entry(x, false)?;
@@ -355,9 +365,7 @@ fn deployment_spec(b: &[u8]) -> Option<Value> {
     let mut s = Map::new();
     for (n, f) in fields(b)? {
         match (n, f) {
-            (1, Field::Varint(v)) => {
-                s.insert("replicas".into(), json!(int32(v)));
-            }
+            (1, Field::Varint(v)) => put_int(&mut s, "replicas", v),
             (2, Field::Bytes(v)) => {
                 s.insert("selector".into(), label_selector(v)?);
             }
@@ -376,15 +384,11 @@ fn deployment_spec(b: &[u8]) -> Option<Value> {
                 }
             }
             (5, Field::Varint(v)) => set_int(&mut s, "minReadySeconds", v),
-            (6, Field::Varint(v)) => {
-                s.insert("revisionHistoryLimit".into(), json!(int32(v)));
-            }
+            (6, Field::Varint(v)) => put_int(&mut s, "revisionHistoryLimit", v),
             (7, Field::Varint(v)) if v != 0 => {
                 s.insert("paused".into(), json!(true));
             }
-            (9, Field::Varint(v)) => {
-                s.insert("progressDeadlineSeconds".into(), json!(int32(v)));
-            }
+            (9, Field::Varint(v)) => put_int(&mut s, "progressDeadlineSeconds", v),
             _ => {}
         }
     }
@@ -397,27 +401,17 @@ fn job_spec(b: &[u8]) -> Option<Value> {
     let mut s = Map::new();
     for (n, f) in fields(b)? {
         match (n, f) {
-            (1, Field::Varint(v)) => {
-                s.insert("parallelism".into(), json!(int32(v)));
-            }
-            (2, Field::Varint(v)) => {
-                s.insert("completions".into(), json!(int32(v)));
-            }
-            (3, Field::Varint(v)) => {
-                s.insert("activeDeadlineSeconds".into(), json!(v as i64));
-            }
+            (1, Field::Varint(v)) => put_int(&mut s, "parallelism", v),
+            (2, Field::Varint(v)) => put_int(&mut s, "completions", v),
+            (3, Field::Varint(v)) => put_int64(&mut s, "activeDeadlineSeconds", v),
             (4, Field::Bytes(v)) => {
                 s.insert("selector".into(), label_selector(v)?);
             }
             (6, Field::Bytes(v)) => {
                 s.insert("template".into(), pod_template(v)?);
             }
-            (7, Field::Varint(v)) => {
-                s.insert("backoffLimit".into(), json!(int32(v)));
-            }
-            (8, Field::Varint(v)) => {
-                s.insert("ttlSecondsAfterFinished".into(), json!(int32(v)));
-            }
+            (7, Field::Varint(v)) => put_int(&mut s, "backoffLimit", v),
+            (8, Field::Varint(v)) => put_int(&mut s, "ttlSecondsAfterFinished", v),
             _ => {}
         }
     }

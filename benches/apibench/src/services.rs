@@ -197,6 +197,17 @@ async fn dns_load(server: SocketAddr, name: &str, clients: usize, seconds: u64) 
     Ok((rate, latency(all)))
 }
 
+/// [`dns_load`] on `NAME` at `server` for 10 s, labelled `label`.
+async fn dns_figures(label: &str, server: SocketAddr, clients: usize) -> anyhow::Result<DnsFigures> {
+    let (answers_per_sec, latency) = dns_load(server, NAME, clients, 10).await?;
+    Ok(DnsFigures {
+        server: label.into(),
+        clients,
+        answers_per_sec,
+        latency,
+    })
+}
+
 /// Connection setup to `addr`: sequential latency, then `clients` clients' rate, and how
 /// many connections failed.
 async fn connections(addr: SocketAddr, clients: usize) -> anyhow::Result<(Latency, f64, usize)> {
@@ -402,13 +413,7 @@ pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) 
         .await?;
         until("the proxy", || async { hello(vip).await.is_ok() }).await?;
         if round == 0 {
-            let (rate, lat) = dns_load(dns, NAME, args.concurrency, 10).await?;
-            res.dns.push(DnsFigures {
-                server: "flotilla agent".into(),
-                clients: args.concurrency,
-                answers_per_sec: rate,
-                latency: lat,
-            });
+            res.dns.push(dns_figures("flotilla agent", dns, args.concurrency).await?);
             match Command::new("dnsmasq")
                 .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces", "--user=root"])
                 .arg(format!("--listen-address={DNSMASQ}"))
@@ -422,13 +427,8 @@ pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) 
                     let _d = Dnsmasq(child);
                     let other: SocketAddr = format!("{DNSMASQ}:53").parse()?;
                     until("dnsmasq", || async { resolve(&sock, other, NAME).await.is_ok() }).await?;
-                    let (rate, lat) = dns_load(other, NAME, args.concurrency, 10).await?;
-                    res.dns.push(DnsFigures {
-                        server: "dnsmasq 2.90 (static record)".into(),
-                        clients: args.concurrency,
-                        answers_per_sec: rate,
-                        latency: lat,
-                    });
+                    let figures = dns_figures("dnsmasq 2.90 (static record)", other, args.concurrency);
+                    res.dns.push(figures.await?);
                 }
                 Err(e) => eprintln!("no dnsmasq to compare with: {e}"),
             }
