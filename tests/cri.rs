@@ -18,6 +18,8 @@ use serde_json::Value;
 struct Containerd {
     child: Child,
     dir: PathBuf,
+    /// The node whose pods it runs (their cgroups are under `flotilla/<node>`).
+    node: String,
 }
 
 impl Containerd {
@@ -25,12 +27,20 @@ impl Containerd {
         self.dir.join("containerd.sock")
     }
 
-    async fn start(dir: &Path) -> Containerd {
+    /// Starts containerd for `node`'s pods, with the CNI bridge of `deploy/containerd`
+    /// on `pod_cidr` if there is one (written before containerd starts).
+    async fn start(dir: &Path, node: &str, pod_cidr: Option<&str>) -> Containerd {
         let dir = dir.join("containerd");
         std::fs::create_dir_all(dir.join("cni")).unwrap();
         let config = include_str!("../deploy/containerd/config.toml")
             .replace("@DIR@", &dir.display().to_string());
         std::fs::write(dir.join("config.toml"), config).unwrap();
+        if let Some(cidr) = pod_cidr {
+            let cni = include_str!("../deploy/containerd/10-flotilla.conflist")
+                .replace("@DIR@", &dir.display().to_string())
+                .replace("@POD_CIDR@", cidr);
+            std::fs::write(dir.join("cni/10-flotilla.conflist"), cni).unwrap();
+        }
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
         let child = Command::new("containerd")
             .arg("--config")
@@ -40,7 +50,11 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("containerd is installed (apt-get install containerd runc)");
-        let c = Containerd { child, dir };
+        let c = Containerd {
+            child,
+            dir,
+            node: node.to_string(),
+        };
         let sock = c.socket();
         wait_for(Duration::from_secs(20), "containerd's socket", || async {
             sock.exists().then_some(())
@@ -119,7 +133,7 @@ impl Drop for Containerd {
             .flatten()
             .flatten()
         {
-            remove_empty_tree(&controller.path().join("flotilla").join("c1"));
+            remove_empty_tree(&controller.path().join("flotilla").join(&self.node));
             let _ = std::fs::remove_dir(controller.path().join("flotilla"));
         }
     }
@@ -135,6 +149,9 @@ fn remove_empty_tree(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// Every pod on the node's network (this containerd has no CNI configuration).
+const NODE_NETWORK: [&str; 2] = ["--cri-network", "node"];
+
 /// The agent, killed when the test ends.
 struct Agent(Child);
 
@@ -145,7 +162,8 @@ impl Drop for Agent {
     }
 }
 
-fn agent(c: &Cluster, ctd: &Containerd, data: &Path, n: usize) -> Agent {
+/// The agent of `ctd`'s node on the cri runtime, with `extra` flags.
+fn agent(c: &Cluster, ctd: &Containerd, data: &Path, n: usize, extra: &[&str]) -> Agent {
     let servers: Vec<String> = (1..=3).map(|i| c.replica(i).api()).collect();
     let log = std::fs::File::create(c.dir.path().join(format!("agent-{n}.log"))).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
@@ -154,7 +172,7 @@ fn agent(c: &Cluster, ctd: &Containerd, data: &Path, n: usize) -> Agent {
             "--servers",
             &servers.join(","),
             "--node-name",
-            "c1",
+            &ctd.node,
         ])
         .args([
             "--heartbeat-seconds",
@@ -166,6 +184,7 @@ fn agent(c: &Cluster, ctd: &Containerd, data: &Path, n: usize) -> Agent {
         .arg(format!("unix://{}", ctd.socket().display()))
         .arg("--data-dir")
         .arg(data)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -197,9 +216,9 @@ fn ready(p: &Value) -> bool {
 async fn pods_run_in_real_containers_under_containerd() {
     let c = Cluster::start(3, &[]).await;
     c.wait_leader().await;
-    let ctd = Containerd::start(c.dir.path()).await;
+    let ctd = Containerd::start(c.dir.path(), "c1", None).await;
     let data = c.dir.path().join("agent-c1");
-    let mut first = agent(&c, &ctd, &data, 1);
+    let mut first = agent(&c, &ctd, &data, 1, &NODE_NETWORK);
     let k = Kubectl::new(&c, 2);
     let version = wait_for(
         Duration::from_secs(30),
@@ -444,7 +463,7 @@ spec:
     // The agent dies and comes back: the container is adopted, not restarted.
     let _ = first.0.kill();
     let _ = first.0.wait();
-    let _second = agent(&c, &ctd, &data, 2);
+    let _second = agent(&c, &ctd, &data, 2, &NODE_NETWORK);
     let log = c.dir.path().join("agent-2.log");
     wait_for(
         Duration::from_secs(30),
@@ -494,6 +513,290 @@ spec:
                 .filter(|d| d.exists())
                 .collect();
             left.is_empty().then_some(())
+        },
+    )
+    .await;
+}
+
+/// Runs `script` with `sh`, failing the test with its output if it fails.
+fn sh(script: &str) {
+    let out = Command::new("sh").args(["-ec", script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The pods of a label selector, by name.
+async fn pods(c: &Cluster, selector: &str) -> Vec<Value> {
+    let (_, list) = req(
+        &[c.replica(2).api()],
+        http::Method::GET,
+        &format!("/api/v1/namespaces/default/pods?labelSelector={selector}"),
+        "application/json",
+        &Value::Null,
+    )
+    .await;
+    let mut items = list["items"].as_array().cloned().unwrap_or_default();
+    items.sort_by_key(|p| p["metadata"]["name"].as_str().unwrap_or("").to_string());
+    items
+}
+
+/// What `n` HTTP requests from pod `from` to the Service `name` (port 80) were answered
+/// with (each answer a web pod's hostname), failing on any request that fails. Each request
+/// looks the name up first (busybox's `nslookup`, through the pod's search path) and
+/// connects with `nc`: the static busybox's `wget` crashes in an image without glibc's NSS
+/// modules.
+fn answers(k: &Kubectl, from: &str, name: &str, n: usize) -> Vec<String> {
+    let script = format!(
+        r#"for i in $(seq {n}); do
+             ip=$(nslookup {name} | awk '/^Address: /{{print $2}}' | tail -n1)
+             a=$(printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 "$ip" 80 | tail -n1)
+             [ -n "$a" ] && echo "$a" || echo "FAILED: {name} -> $ip"
+           done"#
+    );
+    let out = k.ok(&["exec", from, "--", "sh", "-c", &script]);
+    let lines: Vec<String> = out.lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), n, "{out}");
+    assert!(
+        !out.contains("FAILED"),
+        "a request from {from} failed: {out}"
+    );
+    lines
+}
+
+const POD_CIDR: &str = "10.88.0.0/24";
+/// The cluster DNS where pods on the bridge reach it: a link-local address of the node's
+/// (on its loopback interface: reachable from the bridge, unlike 127.0.0.0/8), as
+/// NodeLocal DNSCache does.
+const CLUSTER_DNS: &str = "169.254.20.10";
+
+const WEB: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: c
+        image: busybox:1.35
+        command: ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe:
+          httpGet: {path: /, port: http}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox:1.35
+    command: ["sleep", "3600"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: on-host}
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox:1.35
+    command: ["sleep", "3600"]
+"#;
+
+/// CRI pods on containerd's CNI bridge (`--cri-network pod`): each gets an address of its
+/// own on the bridge (its `status.podIP`, what its HTTP readiness probe connects to), finds
+/// a Service by name through the node's cluster DNS and reaches every ready backend through
+/// the iptables proxy, including itself (hairpin); a scale-down reaches DNS and rules. The
+/// whole test runs in a network namespace of its own (replicas, containerd, the agent, the
+/// bridge and its rules), gone when the test process ends.
+#[test]
+fn pods_on_the_cni_bridge_reach_services() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("a network namespace of the test's own (root)");
+    // The node's prerequisites for a pod network, as Kubernetes lists them: forwarding, and
+    // bridged traffic through iptables (so a backend's answer to a pod on the same bridge
+    // goes back through the proxy's DNAT).
+    sh(&format!(
+        "ip link set lo up
+         ip addr add {CLUSTER_DNS}/32 dev lo
+         echo 1 > /proc/sys/net/ipv4/ip_forward
+         echo 1 > /proc/sys/net/bridge/bridge-nf-call-iptables"
+    ));
+    // The runtime's threads are made here, in the namespace.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(bridge_test());
+}
+
+async fn bridge_test() {
+    let mut c = Cluster::new(3, &[]);
+    c.args = vec!["--service-cluster-ip-range".into(), "10.96.0.0/24".into()];
+    for id in 1..=3 {
+        c.launch(id, &[]);
+    }
+    c.wait_leader().await;
+    c.wait_bootstrapped().await;
+    let ctd = Containerd::start(c.dir.path(), "b1", Some(POD_CIDR)).await;
+    let data = c.dir.path().join("agent-b1");
+    let _agent = agent(
+        &c,
+        &ctd,
+        &data,
+        1,
+        &["--cluster-dns", CLUSTER_DNS, "--proxy-mode", "iptables"],
+    );
+    let k = Kubectl::new(&c, 2);
+    let manifest = c.dir.path().join("web.yaml");
+    std::fs::write(&manifest, WEB).unwrap();
+    k.ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    let web = wait_for(
+        Duration::from_secs(120),
+        "three ready web pods (an HTTP probe to each pod's address)",
+        || async {
+            let p = pods(&c, "app=web").await;
+            (p.len() == 3 && p.iter().all(ready)).then_some(p)
+        },
+    )
+    .await;
+    let names: Vec<String> = web
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    // Each pod has an address of its own on the bridge, the one its eth0 has.
+    let mut ips = std::collections::BTreeSet::new();
+    for p in &web {
+        let ip = p["status"]["podIP"].as_str().unwrap().to_string();
+        assert!(ip.starts_with("10.88.0."), "{p}");
+        assert_ne!(p["status"]["hostIP"], p["status"]["podIP"], "{p}");
+        let name = p["metadata"]["name"].as_str().unwrap();
+        let inside = k.ok(&["exec", name, "--", "ip", "-4", "-o", "addr", "show", "eth0"]);
+        assert!(inside.contains(&format!(" {ip}/")), "{name}: {inside}");
+        assert_eq!(k.ok(&["exec", name, "--", "hostname"]).trim(), name);
+        ips.insert(ip);
+    }
+    assert_eq!(ips.len(), 3, "{ips:?}");
+    // A hostNetwork pod is on the node's network.
+    let on_host = wait_for(Duration::from_secs(60), "on-host to run", || async {
+        let p = pod(&c, "on-host").await;
+        (p["status"]["phase"] == "Running").then_some(p)
+    })
+    .await;
+    assert_eq!(
+        on_host["status"]["podIP"], on_host["status"]["hostIP"],
+        "{on_host}"
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "the client to be ready",
+        || async { ready(&pod(&c, "client").await).then_some(()) },
+    )
+    .await;
+    let (_, svc) = req(
+        &[c.replica(2).api()],
+        http::Method::GET,
+        "/api/v1/namespaces/default/services/web",
+        "application/json",
+        &Value::Null,
+    )
+    .await;
+    let cluster_ip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
+    assert!(cluster_ip.starts_with("10.96.0."), "{svc}");
+    // The client's resolver is the cluster DNS, which answers the Service's name.
+    let resolv = k.ok(&["exec", "client", "--", "cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains(&format!("nameserver {CLUSTER_DNS}"))
+            && resolv.contains("search default.svc.cluster.local svc.cluster.local cluster.local"),
+        "{resolv}"
+    );
+    let lookup = k.ok(&[
+        "exec",
+        "client",
+        "--",
+        "nslookup",
+        "web.default.svc.cluster.local",
+    ]);
+    assert!(lookup.contains(&cluster_ip), "{lookup}");
+    assert_eq!(
+        k.ok(&[
+            "exec",
+            "client",
+            "--",
+            "sh",
+            "-c",
+            "echo $WEB_SERVICE_HOST:$WEB_SERVICE_PORT"
+        ])
+        .trim(),
+        format!("{cluster_ip}:80")
+    );
+    // Many connections by name reach every backend, and only backends.
+    let seen: std::collections::BTreeSet<String> =
+        answers(&k, "client", "web.default.svc.cluster.local", 60)
+            .into_iter()
+            .collect();
+    assert_eq!(
+        seen,
+        names.iter().cloned().collect(),
+        "every web pod answers, nothing else"
+    );
+    // The short name through the search path; a backend reaches the Service too, itself
+    // included (the proxy masquerades the hairpin).
+    let own = answers(&k, &names[0], "web", 40);
+    assert!(own.iter().all(|a| names.contains(a)), "{own:?}");
+    assert!(
+        own.contains(&names[0]),
+        "{} never reached itself: {own:?}",
+        names[0]
+    );
+
+    // Scaled to one: DNS and rules follow, every connection reaches the one left.
+    k.ok(&["scale", "deployment/web", "--replicas=1"]);
+    let left = wait_for(Duration::from_secs(60), "one web pod left", || async {
+        let p = pods(&c, "app=web").await;
+        (p.len() == 1).then(|| p[0]["metadata"]["name"].as_str().unwrap().to_string())
+    })
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the proxy to send every connection to the one web pod left",
+        || async {
+            let a = answers(&k, "client", "web", 10);
+            a.iter().all(|x| *x == left).then_some(())
+        },
+    )
+    .await;
+    k.ok(&["delete", "-f", manifest.to_str().unwrap(), "--timeout=60s"]);
+    // The sandboxes go with their pods, and with them the bridge's addresses.
+    wait_for(
+        Duration::from_secs(60),
+        "every pod address to be released",
+        || async {
+            let held = std::fs::read_dir(ctd.dir.join("ipam/flotilla"))
+                .ok()?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("10.88."))
+                .count();
+            (held == 0).then_some(())
         },
     )
     .await;

@@ -1,7 +1,12 @@
 //! The `cri` runtime: containers through a CRI v1 runtime (containerd) over its gRPC socket.
 //!
-//! One pod sandbox per pod (host network: the pod IP is the node's), created with the first
-//! container the pod starts and removed with the pod; containers are created and started in
+//! One pod sandbox per pod, made before the pod's first container and removed with the pod.
+//! With `--cri-network pod` (the default) a pod that is not `hostNetwork` gets a network
+//! namespace of its own, its address from the runtime's CNI (a bridge, say: see
+//! `deploy/containerd`), read from the sandbox's status before any container starts (it is
+//! `status.podIP`, what probes connect to and what the pod's environment says); otherwise,
+//! and for `hostNetwork` pods, the pod is on the node's network and its IP is the node's.
+//! Containers are created and started in
 //! it from images the runtime already has (no registry is reachable: `IfNotPresent` and
 //! `Never` use a local image; a missing image, or `Always`, is a pull, whose failure is
 //! `ErrImagePull`). The runtime writes each container's CRI-format log to
@@ -27,7 +32,9 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use super::runtime::{BoxFuture, Container, ExecSession, Handle, Runtime, Spec, StartError, Stats};
+use super::runtime::{
+    BoxFuture, Container, ExecSession, Handle, Runtime, Sandbox, Spec, StartError, Stats,
+};
 use super::shim::{write_whole, Exit};
 
 /// What the poller knows: exits by container id, and the ids the runtime listed last.
@@ -47,6 +54,9 @@ pub struct CriRuntime {
     /// The runtime's name, the scheme of container ids (`containerd`).
     name: String,
     known: Arc<Mutex<Known>>,
+    /// Pods that are not `hostNetwork` get a network namespace of their own from the
+    /// runtime's CNI (`--cri-network pod`); otherwise every pod is on the node's network.
+    pod_network: bool,
 }
 
 /// A container's ids, current and previous run (`<name>.cri`).
@@ -63,7 +73,7 @@ fn status_err(what: &str, e: tonic::Status) -> String {
 impl CriRuntime {
     /// Connects to the CRI socket at `endpoint` (`unix:///run/containerd/containerd.sock`)
     /// and starts the exit poller.
-    pub async fn connect(endpoint: &str) -> anyhow::Result<CriRuntime> {
+    pub async fn connect(endpoint: &str, pod_network: bool) -> anyhow::Result<CriRuntime> {
         let path = PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
         let socket = path.clone();
         let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
@@ -102,11 +112,19 @@ impl CriRuntime {
             name: v.runtime_name,
             runtime,
             known,
+            pod_network,
         })
     }
 
+    /// Whether the pod gets a network namespace of its own.
+    fn own_network(&self, sb: &Sandbox<'_>) -> bool {
+        self.pod_network && !sb.pod.host_network
+    }
+
     /// The pod's sandbox config (the same each time: CreateContainer is given it too).
-    fn sandbox_config(spec: &Spec<'_>) -> cri::PodSandboxConfig {
+    fn sandbox_config(&self, sb: &Sandbox<'_>) -> cri::PodSandboxConfig {
+        let spec = sb;
+        let own_network = self.own_network(sb);
         let mut labels: HashMap<String, String> = spec.pod.labels.clone().into_iter().collect();
         labels.insert("io.kubernetes.pod.name".into(), spec.pod.name.clone());
         labels.insert(
@@ -121,8 +139,13 @@ impl CriRuntime {
                 namespace: spec.pod.namespace.clone(),
                 attempt: 0,
             }),
-            // A host-network sandbox takes the node's hostname (an empty one here).
-            hostname: String::new(),
+            // A host-network sandbox takes the node's hostname (an empty one here); a pod
+            // with a network of its own, its own.
+            hostname: if own_network {
+                spec.pod.hostname.clone()
+            } else {
+                String::new()
+            },
             log_directory: spec.state_dir.display().to_string(),
             labels,
             dns_config: spec.dns.as_ref().map(|d| cri::DnsConfig {
@@ -135,7 +158,11 @@ impl CriRuntime {
                 cgroup_parent: Self::cgroup_parent(spec),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Node as i32,
+                        network: if own_network {
+                            cri::NamespaceMode::Pod as i32
+                        } else {
+                            cri::NamespaceMode::Node as i32
+                        },
                         pid: cri::NamespaceMode::Container as i32,
                         ipc: cri::NamespaceMode::Pod as i32,
                         ..Default::default()
@@ -148,16 +175,15 @@ impl CriRuntime {
         }
     }
 
-    /// `/flotilla/<node>/<pod uid>`: the container's cgroup less its last part.
-    fn cgroup_parent(spec: &Spec<'_>) -> String {
-        let parent = spec.cgroup.rsplit_once('/').map_or("", |(p, _)| p);
-        format!("/{parent}")
+    /// `/flotilla/<node>/<pod uid>`: the pod's cgroup.
+    fn cgroup_parent(sb: &Sandbox<'_>) -> String {
+        format!("/{}", sb.cgroup)
     }
 
     /// The pod's sandbox, made if it has none that is ready.
     async fn sandbox(
         &self,
-        spec: &Spec<'_>,
+        spec: &Sandbox<'_>,
         config: &cri::PodSandboxConfig,
     ) -> Result<String, StartError> {
         let file = spec.state_dir.join("sandbox.id");
@@ -179,7 +205,7 @@ impl CriRuntime {
                 return Ok(id);
             }
         }
-        if let Some(n) = spec.pod_pids_limit {
+        if let Some(n) = spec.pids_limit {
             // The pod's process limit, on the cgroup the sandbox is put under.
             let dir = Path::new("/sys/fs/cgroup/pids")
                 .join(Self::cgroup_parent(spec).trim_start_matches('/'));
@@ -272,14 +298,53 @@ impl CriRuntime {
         }
     }
 
+    /// The pod's sandbox, made ready before its first container; its address when it has a
+    /// network of its own (what the runtime's CNI gave it).
+    async fn prepare(&self, sb: &Sandbox<'_>) -> Result<Option<String>, StartError> {
+        std::fs::create_dir_all(sb.state_dir).map_err(|e| StartError {
+            reason: "CreateContainerError",
+            message: format!("{}: {e}", sb.state_dir.display()),
+        })?;
+        let config = self.sandbox_config(sb);
+        let id = self.sandbox(sb, &config).await?;
+        if !self.own_network(sb) {
+            return Ok(None);
+        }
+        let status = self
+            .runtime
+            .clone()
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id,
+                verbose: false,
+            })
+            .await
+            .map_err(|e| StartError {
+                reason: "CreateContainerError",
+                message: status_err("the pod sandbox's status", e),
+            })?
+            .into_inner();
+        status
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .filter(|ip| !ip.is_empty())
+            .map(Some)
+            .ok_or_else(|| StartError {
+                reason: "CreateContainerError",
+                message: "the pod sandbox has no IP address (is the runtime's CNI configured?)"
+                    .into(),
+            })
+    }
+
     async fn start_container(&self, spec: &Spec<'_>) -> Result<Handle, StartError> {
         std::fs::create_dir_all(&spec.state_dir).map_err(|e| StartError {
             reason: "CreateContainerError",
             message: format!("{}: {e}", spec.state_dir.display()),
         })?;
-        let config = Self::sandbox_config(spec);
+        let sb = spec.sandbox();
+        let config = self.sandbox_config(&sb);
         self.image(spec, &config).await?;
-        let sandbox = self.sandbox(spec, &config).await?;
+        let sandbox = self.sandbox(&sb, &config).await?;
         let record_file = spec.state_dir.join(format!("{}.cri", spec.name));
         let old: Record = std::fs::read(&record_file)
             .ok()
@@ -413,6 +478,17 @@ impl Runtime for CriRuntime {
 
     fn start<'a>(&'a self, spec: &'a Spec<'a>) -> BoxFuture<'a, Result<Handle, StartError>> {
         Box::pin(self.start_container(spec))
+    }
+
+    fn pod_network(&self) -> bool {
+        self.pod_network
+    }
+
+    fn prepare_pod<'a>(
+        &'a self,
+        sb: &'a Sandbox<'a>,
+    ) -> BoxFuture<'a, Result<Option<String>, StartError>> {
+        Box::pin(self.prepare(sb))
     }
 
     fn adopt(&self, state_dir: &Path, name: &str) -> Option<Handle> {

@@ -62,6 +62,11 @@ pub struct AgentArgs {
     /// The CRI socket (with `--runtime cri`).
     #[arg(long, default_value = "unix:///run/containerd/containerd.sock")]
     pub cri_endpoint: String,
+    /// Where CRI pods that are not `hostNetwork` live: `pod`, a network namespace of their
+    /// own with an address from the runtime's CNI (as the kubelet does; the runtime must
+    /// have a CNI configuration), or `node`, the node's network like `hostNetwork` pods.
+    #[arg(long, default_value = "pod", value_parser = ["pod", "node"])]
+    pub cri_network: String,
     /// Extra node labels (`k=v,...`).
     #[arg(long, value_delimiter = ',')]
     pub labels: Vec<String>,
@@ -190,7 +195,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             runtime::ProcessRuntime::new()
                 .context("finding the flotilla executable for the shim")?,
         ),
-        "cri" => Arc::new(cri::CriRuntime::connect(&args.cri_endpoint).await?),
+        "cri" => {
+            Arc::new(cri::CriRuntime::connect(&args.cri_endpoint, args.cri_network == "pod").await?)
+        }
         other => bail!("unknown runtime {other:?}: process or cri"),
     };
     if args.servers.iter().all(|s| s.trim().is_empty()) {
@@ -327,6 +334,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             prefix = options.prefix,
             "running the service proxy (iptables)"
         );
+        if args.runtime == "cri" && args.cri_network == "pod" {
+            // A backend's answer to a pod on the same bridge is bridged, not routed: without
+            // this it skips the DNAT's conntrack entry and the client drops it.
+            let bridged = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables");
+            if bridged.ok().as_deref().map(str::trim) != Some("1") {
+                tracing::warn!("net.bridge.bridge-nf-call-iptables is not 1 (modprobe br_netfilter; sysctl -w net.bridge.bridge-nf-call-iptables=1): pods on a bridge will not reach Services whose endpoints share it");
+            }
+        }
         let p = Arc::new(proxy::Proxy::new(options, metrics.clone()));
         let cache = services.clone();
         let runner = p.clone();

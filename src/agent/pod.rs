@@ -532,16 +532,25 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
         metrics: env.metrics.clone(),
         counts: [0; 3],
     };
-    let pod_ip = match pod_ip(&first, &dir, &env) {
-        Ok(ip) => ip,
-        Err(e) => {
-            // Every address of the range is taken: the pod cannot start here.
-            env.events
-                .warning(&first, None, "FailedCreatePodSandBox", e.clone());
-            tracing::warn!(%e, "no pod address");
-            env.node_ip.clone()
+    // A pod with a network of the runtime's own learns its address from its sandbox,
+    // made before its first container (below; empty until then).
+    let sandboxed = env.runtime.pod_network() && !host_network(&first);
+    let mut pod_ip = if sandboxed {
+        String::new()
+    } else {
+        match pod_ip(&first, &dir, &env) {
+            Ok(ip) => ip,
+            Err(e) => {
+                // Every address of the range is taken: the pod cannot start here.
+                env.events
+                    .warning(&first, None, "FailedCreatePodSandBox", e.clone());
+                tracing::warn!(%e, "no pod address");
+                env.node_ip.clone()
+            }
         }
     };
+    let mut next_sandbox_try = Instant::now();
+    let mut sandbox_error: Option<String> = None;
     // Containers a previous run of this agent started are adopted, running or ended, so a
     // pod never runs twice and an agent restart restarts nothing.
     for c in inits.iter_mut().chain(mains.iter_mut()) {
@@ -632,10 +641,52 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                 }
             }
         }
-        let volumes_ready = volumes_synced.is_some();
+        if sandboxed && pod_ip.is_empty() && now >= next_sandbox_try {
+            let pod_ref = pod_ref(&pod);
+            let dns = pod_dns(&pod, &env);
+            let sb = super::runtime::Sandbox {
+                pod: &pod_ref,
+                state_dir: &dir,
+                cgroup: format!("flotilla/{}/{}", env.node, uid),
+                pids_limit: env.pod_pids_limit,
+                dns: dns.as_ref(),
+            };
+            let timer = env
+                .metrics
+                .runtime_seconds
+                .with_label_values(&["sandbox"])
+                .start_timer();
+            let made = env.runtime.prepare_pod(&sb).await;
+            timer.observe_duration();
+            match made {
+                Ok(ip) => {
+                    pod_ip = ip.unwrap_or_else(|| env.node_ip.clone());
+                    sandbox_error = None;
+                }
+                Err(e) => {
+                    env.metrics
+                        .runtime_errors
+                        .with_label_values(&["sandbox"])
+                        .inc();
+                    if sandbox_error.as_ref() != Some(&e.message) {
+                        env.events.warning(
+                            &pod,
+                            None,
+                            "FailedCreatePodSandBox",
+                            format!("Failed to create pod sandbox: {}", e.message),
+                        );
+                    }
+                    tracing::warn!(error = %e.message, "pod sandbox not made");
+                    sandbox_error = Some(e.message);
+                    next_sandbox_try = now + CONFIG_RETRY;
+                }
+            }
+        }
+        // Containers start once the volumes are ready and the pod has its address.
+        let ready_to_start = volumes_synced.is_some() && !pod_ip.is_empty();
         // Init containers, in order.
         let mut inits_done = true;
-        if !volumes_ready {
+        if !ready_to_start {
             inits_done = false;
         } else if !failed_init {
             for (i, c) in inits.iter_mut().enumerate() {
@@ -658,7 +709,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
                 break;
             }
         }
-        if volumes_ready && inits_done && !failed_init {
+        if ready_to_start && inits_done && !failed_init {
             for (i, c) in mains.iter_mut().enumerate() {
                 let was_running = c.handle.is_some();
                 poll(c, &restart, false, now, &env.metrics, &dir);
@@ -902,15 +953,6 @@ async fn launch(
             let _ = std::fs::remove_file(e.path());
         }
     }
-    let labels = pod
-        .pointer("/metadata/labels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
     let text = |k: &str| spec.get(k).and_then(Value::as_str).map(str::to_string);
     let _ = std::fs::remove_file(dir.join(format!("{}.ended", c.name)));
     // A run's log holds that run only (an attempt that failed may have left one).
@@ -919,12 +961,7 @@ async fn launch(
     }
     let s = Spec {
         name: &c.name,
-        pod: PodRef {
-            name: owner::name(pod).to_string(),
-            namespace: owner::namespace(pod).unwrap_or("").to_string(),
-            uid: owner::uid(pod).to_string(),
-            labels,
-        },
+        pod: pod_ref(pod),
         image: text("image").unwrap_or_default(),
         pull_policy: text("imagePullPolicy").unwrap_or_else(|| "IfNotPresent".into()),
         command,
@@ -943,11 +980,7 @@ async fn launch(
         cpu_limit: limit("cpu").map(|m| m as u64),
         pod_pids_limit: env.pod_pids_limit,
         cgroup: format!("flotilla/{}/{}/{}", env.node, owner::uid(pod), c.name),
-        dns: {
-            let cluster = env.cluster_dns.as_ref().map(|(ip, d)| (*ip, d.as_str()));
-            let d = super::dns::pod_config(pod, cluster, &env.host_resolv);
-            (d != super::dns::PodDns::parse(&env.host_resolv)).then_some(d)
-        },
+        dns: pod_dns(pod, env),
     };
     let timer = env
         .metrics
@@ -1118,8 +1151,6 @@ fn status_of(
         "phase": phase,
         "hostIP": env.node_ip,
         "hostIPs": [{"ip": env.node_ip}],
-        "podIP": pod_ip,
-        "podIPs": [{"ip": pod_ip}],
         "startTime": pod.pointer("/status/startTime").cloned().unwrap_or_else(|| json!(meta::rfc3339(start_time))),
         "conditions": [
             condition("PodScheduled", true),
@@ -1130,6 +1161,11 @@ fn status_of(
         "containerStatuses": statuses(mains, "containers"),
         "qosClass": pod.pointer("/status/qosClass").cloned().unwrap_or(json!("BestEffort")),
     });
+    // No address before the pod's sandbox has one.
+    if !pod_ip.is_empty() {
+        status["podIP"] = json!(pod_ip);
+        status["podIPs"] = json!([{"ip": pod_ip}]);
+    }
     if !inits.is_empty() {
         status["initContainerStatuses"] = json!(statuses(inits, "initContainers"));
     }
@@ -1186,12 +1222,48 @@ fn adopt(c: &mut Container, pod: &Value, dir: &std::path::Path, env: &Env) {
     c.handle = Some(h);
 }
 
+/// The runtime's view of the pod.
+fn pod_ref(pod: &Value) -> PodRef {
+    let labels = pod
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    PodRef {
+        name: owner::name(pod).to_string(),
+        namespace: owner::namespace(pod).unwrap_or("").to_string(),
+        uid: owner::uid(pod).to_string(),
+        labels,
+        host_network: host_network(pod),
+        hostname: pod
+            .pointer("/spec/hostname")
+            .and_then(Value::as_str)
+            .filter(|h| !h.is_empty())
+            .unwrap_or(owner::name(pod))
+            .to_string(),
+    }
+}
+
+fn host_network(pod: &Value) -> bool {
+    pod.pointer("/spec/hostNetwork").and_then(Value::as_bool) == Some(true)
+}
+
+/// The pod's resolver configuration, when it is not the host's.
+fn pod_dns(pod: &Value, env: &Env) -> Option<super::dns::PodDns> {
+    let cluster = env.cluster_dns.as_ref().map(|(ip, d)| (*ip, d.as_str()));
+    let d = super::dns::pod_config(pod, cluster, &env.host_resolv);
+    (d != super::dns::PodDns::parse(&env.host_resolv)).then_some(d)
+}
+
 /// The pod's IP: the node's for a host-network pod or without a pod range; otherwise the
 /// address it was given (kept in `<pod dir>/pod-ip` across agent restarts), or the lowest
 /// free one of the range.
 fn pod_ip(pod: &Value, dir: &std::path::Path, env: &Env) -> Result<String, String> {
-    let host_network = pod.pointer("/spec/hostNetwork").and_then(Value::as_bool) == Some(true);
-    let Some((base, prefix)) = env.pod_cidr.filter(|_| !host_network) else {
+    let Some((base, prefix)) = env.pod_cidr.filter(|_| !host_network(pod)) else {
         return Ok(env.node_ip.clone());
     };
     let file = dir.join("pod-ip");

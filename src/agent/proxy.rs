@@ -7,7 +7,11 @@
 //!
 //! Owns the iptables chains named after this agent (`FL<6 hex>-...`: a hash of its node
 //! name and data directory, so several agents on one machine never touch each other's
-//! rules), hooked from `nat` `OUTPUT` and `PREROUTING` and `filter` `OUTPUT`. Invariants:
+//! rules), hooked from `nat` `OUTPUT`, `PREROUTING` and `POSTROUTING` and `filter` `INPUT`,
+//! `FORWARD` and `OUTPUT` (so pods on a bridge are proxied as the node's own processes are).
+//! A connection DNAT-ed back to the pod it came from (a pod reaching itself through its
+//! Service) is masqueraded, as kube-proxy's hairpin rule does: its packets carry the mark
+//! [`HAIRPIN_MARK`] from the endpoint chain to `POSTROUTING`. Invariants:
 //! - the rules are a pure function of the Service/EndpointSlice cache ([`plan`]); a sync
 //!   replaces every chain of this agent in one `iptables-restore` per table (atomic: a
 //!   connection sees the old rules or the new ones), deleting chains no longer planned;
@@ -73,6 +77,14 @@ pub fn services_chain(prefix: &str) -> String {
     format!("{prefix}-SVCS")
 }
 
+/// The `nat` `POSTROUTING` chain: masquerades hairpin connections.
+fn postrouting_chain(prefix: &str) -> String {
+    format!("{prefix}-POST")
+}
+
+/// The packet mark bit of a hairpin connection (kube-proxy's masquerade mark is 0x4000).
+pub const HAIRPIN_MARK: &str = "0x2000";
+
 fn nodeports_chain(prefix: &str) -> String {
     format!("{prefix}-NODEPORTS")
 }
@@ -128,6 +140,13 @@ pub fn plan(t: &Tables, o: &Options) -> Plan {
     let nodeports = nodeports_chain(prefix);
     nat.chains.insert(svcs.clone());
     nat.chains.insert(nodeports.clone());
+    let post = postrouting_chain(prefix);
+    nat.chains.insert(post.clone());
+    nat.rules.extend([
+        format!("-A {post} -m mark ! --mark {HAIRPIN_MARK}/{HAIRPIN_MARK} -j RETURN"),
+        format!("-A {post} -j MARK --xor-mark {HAIRPIN_MARK}"),
+        format!("-A {post} -m comment --comment \"hairpin to a service\" -j MASQUERADE"),
+    ]);
     filter.chains.insert(svcs.clone());
     let mut services: Vec<(&str, &str, &services::Service)> = t.services().collect();
     services.sort_by_key(|(ns, name, _)| (*ns, *name));
@@ -206,6 +225,12 @@ pub fn plan(t: &Tables, o: &Options) -> Plan {
                 } else {
                     chain_rules.push(format!("-A {chain} -j {sep}"));
                 }
+                // An endpoint reaching itself through the service is masqueraded, so the
+                // answer comes back through the DNAT.
+                let ep_ip = dest.rsplit_once(':').map_or(dest.as_str(), |(ip, _)| ip);
+                chain_rules.push(format!(
+                    "-A {sep} -s {ep_ip}/32 -j MARK --set-xmark {HAIRPIN_MARK}/{HAIRPIN_MARK}"
+                ));
                 let mut rule = format!("-A {sep} -p {proto} -m comment --comment \"{comment}\"");
                 if s.affinity_seconds.is_some() {
                     let _ = write!(
@@ -300,12 +325,18 @@ async fn existing(table: &str, prefix: &str) -> Result<BTreeSet<String>, String>
         .collect())
 }
 
-/// Where each table's entry chain is hooked.
-const HOOKS: [(&str, &str); 3] = [
-    ("nat", "OUTPUT"),
-    ("nat", "PREROUTING"),
-    ("filter", "OUTPUT"),
-];
+/// Where this agent's chains are hooked: (table, built-in chain, this agent's chain).
+fn hooks(prefix: &str) -> [(&'static str, &'static str, String); 6] {
+    let svcs = services_chain(prefix);
+    [
+        ("nat", "OUTPUT", svcs.clone()),
+        ("nat", "PREROUTING", svcs.clone()),
+        ("nat", "POSTROUTING", postrouting_chain(prefix)),
+        ("filter", "INPUT", svcs.clone()),
+        ("filter", "FORWARD", svcs.clone()),
+        ("filter", "OUTPUT", svcs),
+    ]
+}
 
 /// The proxy of one agent.
 pub struct Proxy {
@@ -346,8 +377,7 @@ impl Proxy {
         run("iptables-restore", &["-w", "5", "--noflush"], Some(&input)).await?;
         *have = Some((plan.nat.chains.clone(), plan.filter.chains.clone()));
         if full {
-            let entry = services_chain(&self.prefix);
-            for (table, hook) in HOOKS {
+            for (table, hook, entry) in hooks(&self.prefix) {
                 let rule = ["-w", "5", "-t", table, "-C", hook, "-j", &entry];
                 if run("iptables", &rule, None).await.is_err() {
                     let insert = ["-w", "5", "-t", table, "-I", hook, "1", "-j", &entry];
@@ -360,8 +390,7 @@ impl Proxy {
 
     /// Removes every rule and chain of this agent.
     pub async fn clean_up(&self) {
-        let entry = services_chain(&self.prefix);
-        for (table, hook) in HOOKS {
+        for (table, hook, entry) in hooks(&self.prefix) {
             let rule = ["-w", "5", "-t", table, "-D", hook, "-j", &entry];
             while run("iptables", &rule, None).await.is_ok() {}
         }

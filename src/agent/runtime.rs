@@ -53,6 +53,25 @@ pub struct PodRef {
     pub uid: String,
     /// Its labels.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// `spec.hostNetwork`: the pod shares the node's network namespace.
+    pub host_network: bool,
+    /// Its hostname (`spec.hostname`, else its name), for a pod with a network of its own.
+    pub hostname: String,
+}
+
+/// What a pod's sandbox is made from: the parts of a [`Spec`] that belong to the pod, not
+/// to one container.
+pub struct Sandbox<'a> {
+    /// The pod.
+    pub pod: &'a PodRef,
+    /// The pod's directory.
+    pub state_dir: &'a Path,
+    /// The pod's cgroup, relative to each controller's root (`flotilla/<node>/<pod uid>`).
+    pub cgroup: String,
+    /// The pod's process limit.
+    pub pids_limit: Option<u64>,
+    /// The pod's resolver configuration, when it is not the host's.
+    pub dns: Option<&'a super::dns::PodDns>,
 }
 
 /// What to start.
@@ -102,6 +121,21 @@ pub struct Spec<'a> {
 }
 
 impl Spec<'_> {
+    /// The pod-level part of the spec.
+    pub fn sandbox(&self) -> Sandbox<'_> {
+        Sandbox {
+            pod: &self.pod,
+            state_dir: &self.state_dir,
+            cgroup: self
+                .cgroup
+                .rsplit_once('/')
+                .map_or("", |(p, _)| p)
+                .to_string(),
+            pids_limit: self.pod_pids_limit,
+            dns: self.dns.as_ref(),
+        }
+    }
+
     /// Where a container path lies on the host under the process runtime.
     pub fn host_dir(&self) -> PathBuf {
         match &self.working_dir {
@@ -469,6 +503,19 @@ pub trait Runtime: Send + Sync {
     /// Stops whatever still runs for the pod whose directory is `state_dir` (SIGKILL), and
     /// removes what the runtime made for it: its cgroups, sandbox and the directory.
     fn remove_pod<'a>(&'a self, state_dir: &'a Path) -> BoxFuture<'a, ()>;
+    /// Whether this runtime gives a pod that is not `hostNetwork` a network of its own (and
+    /// so its address, from [`Runtime::prepare_pod`]).
+    fn pod_network(&self) -> bool {
+        false
+    }
+    /// Makes the pod's sandbox ready before its first container starts, and returns the
+    /// pod's address when the runtime gave it one (a pod network); `None`: the agent's.
+    fn prepare_pod<'a>(
+        &'a self,
+        _sandbox: &'a Sandbox<'a>,
+    ) -> BoxFuture<'a, Result<Option<String>, StartError>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Where the cgroup v1 controllers are mounted.

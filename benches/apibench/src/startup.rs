@@ -301,7 +301,9 @@ pub(crate) async fn startup(
         .stdout(log.try_clone()?)
         .stderr(log);
         if args.runtime == "cri" {
-            cmd.args(["--runtime", "cri", "--cri-endpoint", &args.cri_endpoint]);
+            // The pods on the node's network: no CNI in the benchmark's containerd.
+            cmd.args(["--runtime", "cri", "--cri-network", "node"])
+                .args(["--cri-endpoint", &args.cri_endpoint]);
         } else {
             cmd.args(["--pod-cidr", &format!("127.{}.0.0/16", 110 + n)]);
         }
