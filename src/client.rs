@@ -68,17 +68,52 @@ impl ClientError {
 /// A failover client over a list of replicas' API addresses (`host:port`).
 pub struct Client {
     servers: Vec<String>,
-    http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    http: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<HttpConnector>,
+        Full<Bytes>,
+    >,
+    /// `https` when the client has a TLS config, else `http`.
+    scheme: &'static str,
+    /// `Authorization: Bearer` on every request, when set.
+    bearer: Option<http::HeaderValue>,
     preferred: AtomicUsize,
     timeout: Duration,
 }
 
 impl Client {
-    /// A client for `servers`, with a per-request deadline.
+    /// A client for `servers`, with a per-request deadline, over plain HTTP.
     pub fn new(servers: Vec<String>, timeout: Duration) -> Client {
+        Client::with_tls(servers, timeout, None)
+    }
+
+    /// A client for `servers` over HTTPS with `tls` (plain HTTP without).
+    pub fn with_tls(
+        servers: Vec<String>,
+        timeout: Duration,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Client {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        connector.enforce_http(false);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let tls = tls.map_or_else(
+            || {
+                // Only `http://` URLs are used without one; the builder wants a config.
+                rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth()
+            },
+            |t| (*t).clone(),
+        );
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(connector);
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
@@ -89,14 +124,30 @@ impl Client {
                 .map(|s| {
                     s.trim()
                         .trim_start_matches("http://")
+                        .trim_start_matches("https://")
                         .trim_end_matches('/')
                         .to_string()
                 })
                 .filter(|s| !s.is_empty())
                 .collect(),
             http,
+            scheme,
+            bearer: None,
             preferred: AtomicUsize::new(0),
             timeout,
+        }
+    }
+
+    /// Sends `token` as a bearer token with every request.
+    pub fn with_bearer(mut self, token: &str) -> Client {
+        self.bearer = http::HeaderValue::from_str(&format!("Bearer {token}")).ok();
+        self
+    }
+
+    fn authorize(&self, b: http::request::Builder) -> http::request::Builder {
+        match &self.bearer {
+            Some(v) => b.header(http::header::AUTHORIZATION, v.clone()),
+            None => b,
         }
     }
 
@@ -134,9 +185,10 @@ impl Client {
         body: Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<http::Response<Incoming>, ClientError> {
-        let req = http::Request::builder()
+        let req = self
+            .authorize(http::Request::builder())
             .method(method)
-            .uri(format!("http://{server}{path}"))
+            .uri(format!("{}://{server}{path}", self.scheme))
             .header(http::header::CONTENT_TYPE, content_type)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| ClientError::Protocol {
@@ -175,7 +227,11 @@ impl Client {
         server: &str,
         path: &str,
     ) -> Result<http::Response<Incoming>, ClientError> {
-        let req = http::Request::get(format!("http://{server}{path}"))
+        let req = self
+            .authorize(http::Request::get(format!(
+                "{}://{server}{path}",
+                self.scheme
+            )))
             .body(Full::new(Bytes::new()))
             .map_err(|e| ClientError::Protocol {
                 server: server.into(),

@@ -116,10 +116,53 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
 }
 
+/// How long a client has to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Finishes the TLS handshake of an accepted connection (when `tls`), and says what the
+/// connection tells of its client. `None`: the handshake failed (logged).
+pub async fn accept_tls(
+    stream: tokio::net::TcpStream,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+) -> Option<(
+    tokio_util::either::Either<
+        tokio::net::TcpStream,
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    >,
+    crate::tls::Conn,
+)> {
+    use tokio_util::either::Either;
+    let Some(acceptor) = tls else {
+        return Some((Either::Left(stream), crate::tls::Conn::default()));
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => {
+            let cert = s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(crate::tls::identity);
+            Some((Either::Right(s), crate::tls::Conn { tls: true, cert }))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%e, "TLS handshake refused");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// Serves connections from `listener` with `handler` until `shutdown`, then gives open
-/// connections `grace` to finish.
+/// connections `grace` to finish. With `tls`, connections are TLS (a failed handshake is
+/// dropped) and each request carries a [`crate::tls::Conn`] extension saying what the
+/// client's certificate proved.
 pub async fn serve<H, F>(
     listener: TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     handler: H,
     shutdown: CancellationToken,
     grace: Duration,
@@ -128,6 +171,7 @@ pub async fn serve<H, F>(
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let tracker = tokio_util::task::TaskTracker::new();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -144,8 +188,13 @@ pub async fn serve<H, F>(
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let token = shutdown.clone();
+        let acceptor = acceptor.clone();
         tracker.spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let Some((stream, conn_info)) = accept_tls(stream, acceptor.as_ref()).await else {
+                return;
+            };
+            let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                req.extensions_mut().insert(conn_info.clone());
                 // Every request runs in a span carrying its id (the client's `X-Request-Id`,
                 // or a new one), so whatever it logs on this replica (forwarding to the
                 // leader included) says which request it was; the response carries the id.

@@ -11,6 +11,8 @@
 
 pub mod agent;
 pub mod api;
+pub mod auth;
+pub mod certs;
 pub mod client;
 pub mod controllers;
 pub mod ctl;
@@ -19,4 +21,5 @@ pub mod http;
 pub mod metrics;
 pub mod scheduler;
 pub mod server;
+pub mod tls;
 pub mod up;

@@ -32,6 +32,8 @@ enum Cmd {
     Agent(flotilla::agent::AgentArgs),
     /// Run a local cluster as child processes until Ctrl-C.
     Up(flotilla::up::UpArgs),
+    /// Make a cluster CA and the certificates of replicas, agents and an admin.
+    Certs(flotilla::certs::CertsArgs),
     /// Supervise one container of the process runtime (started by the agent).
     #[command(hide = true)]
     Shim {
@@ -95,6 +97,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Ctl(a) => flotilla::ctl::run(a).await,
             Cmd::Up(a) => flotilla::up::run(a).await,
             Cmd::Agent(a) => flotilla::agent::run(a).await,
+            Cmd::Certs(a) => flotilla::certs::run(a),
             // Handled above, before the async runtime starts.
             Cmd::Shim { .. } => Ok(()),
             Cmd::Kubeconfig { server } => {

@@ -52,6 +52,8 @@ pub struct Metrics {
     forwarded_commands: IntCounter,
     read_barrier_seconds: HistogramVec,
     leader_changes: IntCounter,
+    /// Requests refused with 401.
+    pub auth_failures: IntCounter,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -131,6 +133,11 @@ impl Metrics {
                 &r,
                 IntGauge::new("flotilla_api_watches_open", "Open watch streams.")
                     .expect("valid metric"),
+            ),
+            auth_failures: counter(
+                &r,
+                "flotilla_api_authentication_failures_total",
+                "API requests refused with 401: no credentials, or ones that do not authenticate.",
             ),
             watch_events: counter(
                 &r,

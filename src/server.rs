@@ -97,6 +97,109 @@ pub struct ServerArgs {
     /// Store size above which puts are refused (deletes and compaction still work).
     #[arg(long, default_value_t = 8 * 1024 * 1024 * 1024)]
     pub quota_bytes: u64,
+    /// The API's certificate (PEM): with `--tls-private-key-file`, the API is HTTPS only.
+    #[arg(long, requires = "tls_private_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The key of `--tls-cert-file`.
+    #[arg(long, requires = "tls_cert_file")]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// Client certificates signed by this CA authenticate API requests (CN = user, O =
+    /// groups). Needs `--tls-cert-file`.
+    #[arg(long, requires = "tls_cert_file")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Bearer tokens that authenticate API requests: `token,user,uid[,"group1,group2"]` per
+    /// line, as kube-apiserver's static token file.
+    #[arg(long)]
+    pub token_auth_file: Option<PathBuf>,
+    /// With authentication on, anonymous requests may read `/livez`, `/readyz`, `/healthz`
+    /// and `/version` (everything else is 401 without credentials).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub anonymous_auth: bool,
+    /// The peer listener's certificate, also presented to peers this replica dials: with
+    /// `--peer-key-file` and `--peer-trusted-ca-file` the peer transport is mutual TLS.
+    #[arg(long, requires_all = ["peer_key_file", "peer_trusted_ca_file"])]
+    pub peer_cert_file: Option<PathBuf>,
+    /// The key of `--peer-cert-file`.
+    #[arg(long, requires = "peer_cert_file")]
+    pub peer_key_file: Option<PathBuf>,
+    /// The CA peers' certificates must be signed by (for both directions).
+    #[arg(long, requires = "peer_cert_file")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// The client certificate the API presents to node agents (logs, exec).
+    #[arg(long, requires_all = ["kubelet_client_key", "kubelet_certificate_authority"])]
+    pub kubelet_client_certificate: Option<PathBuf>,
+    /// The key of `--kubelet-client-certificate`.
+    #[arg(long, requires = "kubelet_client_certificate")]
+    pub kubelet_client_key: Option<PathBuf>,
+    /// The CA the agents' endpoint certificates must be signed by: with it, the API reaches
+    /// agents over TLS only.
+    #[arg(long, requires = "kubelet_client_certificate")]
+    pub kubelet_certificate_authority: Option<PathBuf>,
+}
+
+/// The TLS and authentication of `args`: the API listener's config, the authenticator,
+/// the peer transport's configs and the client config for agents.
+#[allow(clippy::type_complexity)]
+fn security(
+    args: &ServerArgs,
+) -> anyhow::Result<(
+    Option<Arc<rustls::ServerConfig>>,
+    crate::auth::Authenticator,
+    Option<flotilla_raft::PeerTls>,
+    Option<Arc<rustls::ClientConfig>>,
+)> {
+    use crate::tls::{client_config, server_config, ClientCerts};
+    let api_tls = match (&args.tls_cert_file, &args.tls_private_key_file) {
+        (Some(cert), Some(key)) => {
+            let mode = if args.client_ca_file.is_some() {
+                ClientCerts::Optional
+            } else {
+                ClientCerts::Ignored
+            };
+            Some(server_config(
+                cert,
+                key,
+                args.client_ca_file.as_deref(),
+                mode,
+            )?)
+        }
+        _ => None,
+    };
+    let tokens = match &args.token_auth_file {
+        Some(f) => {
+            let t = crate::auth::read_tokens(f)?;
+            if t.is_empty() {
+                bail!("the token file {} holds no token", f.display());
+            }
+            t
+        }
+        None => Default::default(),
+    };
+    if !tokens.is_empty() && api_tls.is_none() {
+        tracing::warn!("--token-auth-file without --tls-cert-file: tokens travel in plain text");
+    }
+    let auth =
+        crate::auth::Authenticator::new(args.client_ca_file.is_some(), tokens, args.anonymous_auth);
+    let peer = match (
+        &args.peer_cert_file,
+        &args.peer_key_file,
+        &args.peer_trusted_ca_file,
+    ) {
+        (Some(cert), Some(key), Some(ca)) => Some(flotilla_raft::PeerTls {
+            server: server_config(cert, key, Some(ca), ClientCerts::Required)?,
+            client: Arc::new(client_config(ca, Some((cert, key)))?),
+        }),
+        _ => None,
+    };
+    let agents = match (
+        &args.kubelet_client_certificate,
+        &args.kubelet_client_key,
+        &args.kubelet_certificate_authority,
+    ) {
+        (Some(cert), Some(key), Some(ca)) => Some(Arc::new(client_config(ca, Some((cert, key)))?)),
+        _ => None,
+    };
+    Ok((api_tls, auth, peer, agents))
 }
 
 /// Parses `1=127.0.0.1:7441,2=...`.
@@ -140,6 +243,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             "no --initial-cluster: this replica starts only if it already has cluster state"
         );
     }
+    let (api_tls, auth, peer_tls, agent_tls) = security(&args)?;
     let api_listener = tokio::net::TcpListener::bind(args.listen_api)
         .await
         .with_context(|| format!("binding the API address {}", args.listen_api))?;
@@ -167,6 +271,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         quota_bytes: args.quota_bytes,
         ..StoreOptions::default()
     };
+    cfg.tls = peer_tls;
 
     let metrics = Metrics::new();
     let replica = Replica::start(cfg, metrics.clone()).await?;
@@ -184,7 +289,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             shutdown.clone(),
             ranges,
         )
-        .with_metrics(metrics.clone()),
+        .with_metrics(metrics.clone())
+        .with_agent_tls(agent_tls),
     );
     // The leader's control loops (controllers, scheduler, system namespaces).
     crate::api::kinds::set_default_toleration_seconds(
@@ -216,9 +322,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             args.max_requests_inflight,
             args.max_mutating_requests_inflight,
         ),
+        auth,
     });
     let server = tokio::spawn(crate::http::serve(
         api_listener,
+        api_tls,
         move |req| api.clone().handle(req),
         shutdown.clone(),
         Duration::from_secs(2),

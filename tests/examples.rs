@@ -120,6 +120,7 @@ async fn the_examples_run_under_flotilla_up() {
         server: format!("http://{host}:6441"),
         cache: dir.path().join("kube-cache"),
         dir: dir.path().to_path_buf(),
+        kubeconfig: None,
     };
     let api = vec![format!("{host}:6441")];
     let get = |path: String| {

@@ -26,7 +26,9 @@ mod types;
 
 pub use error::{Error, StartError};
 pub use network::{CallError, PeerObserver};
-pub use replica::{Config, Leadership, Member, Observer, Replica, ReplicaObserver, Status};
+pub use replica::{
+    Config, Leadership, Member, Observer, PeerTls, Replica, ReplicaObserver, Status,
+};
 pub use state_machine::{NoObserver, SnapshotObserver, StateMachine};
 pub use types::{
     current_request_id, with_request_id, ApplyError, Command, CommandResult, Node, NodeId, Op,

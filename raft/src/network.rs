@@ -54,23 +54,46 @@ pub enum CallError {
 /// A shared HTTP/2 client for every peer of this replica.
 #[derive(Clone)]
 pub struct PeerClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `https` with TLS, else `http`.
+    scheme: &'static str,
 }
 
 impl PeerClient {
-    /// A client whose connections originate from `local_ip` (when given).
-    pub fn new(local_ip: Option<IpAddr>) -> PeerClient {
+    /// A client whose connections originate from `local_ip` (when given), over TLS with
+    /// `tls` (when given).
+    pub fn new(local_ip: Option<IpAddr>, tls: Option<Arc<rustls::ClientConfig>>) -> PeerClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
         connector.set_local_address(local_ip.filter(|ip| !ip.is_unspecified()));
+        connector.enforce_http(false);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let tls = tls.unwrap_or_else(|| {
+            // Never used for `http://` URLs; the builder wants a config.
+            Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+            )
+        });
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(16)
             .build(connector);
-        PeerClient { client }
+        PeerClient { client, scheme }
     }
 
     /// POSTs `body` to `http://{addr}{path}` and returns the response body.
@@ -81,7 +104,7 @@ impl PeerClient {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Bytes, CallError> {
-        let req = http::Request::post(format!("http://{addr}{path}"))
+        let req = http::Request::post(format!("{}://{addr}{path}", self.scheme))
             .header(http::header::CONTENT_TYPE, "application/x-bincode")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| CallError::Other(e.to_string()))?;

@@ -71,6 +71,25 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Store tunables.
     pub store: StoreOptions,
+    /// Mutual TLS on the peer transport: `None` is plaintext.
+    pub tls: Option<PeerTls>,
+}
+
+/// Mutual TLS between replicas: the listener accepts only clients whose certificate the
+/// server config's verifier accepts (the cluster CA's), and dials peers with the client
+/// config (the cluster CA as the only root, this replica's certificate as its identity).
+#[derive(Clone)]
+pub struct PeerTls {
+    /// The listener's config; it must require client certificates.
+    pub server: Arc<rustls::ServerConfig>,
+    /// The dialer's config.
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerTls")
+    }
 }
 
 impl Config {
@@ -90,6 +109,7 @@ impl Config {
             keep_logs: 1_000,
             request_timeout: Duration::from_secs(5),
             store: StoreOptions::default(),
+            tls: None,
         }
     }
 
@@ -338,7 +358,7 @@ impl Replica {
         .map_err(|e| StartError(format!("raft configuration: {e}")))?;
 
         let local_ip = Some(cfg.listen_peer.ip());
-        let peers = PeerClient::new(local_ip);
+        let peers = PeerClient::new(local_ip, cfg.tls.as_ref().map(|t| t.client.clone()));
         let acks = Arc::new(PeerAcks::default());
         let replica_observer: Arc<dyn ReplicaObserver> = observer.clone();
         let net_observer: Arc<dyn PeerObserver> = Arc::new(LoggingObserver {
@@ -422,7 +442,12 @@ impl Replica {
             .map_err(|e| {
                 StartError(format!("binding the peer address {}: {e}", cfg.listen_peer))
             })?;
-        tokio::spawn(service::serve(listener, replica.clone(), shutdown.clone()));
+        tokio::spawn(service::serve(
+            listener,
+            cfg.tls.as_ref().map(|t| t.server.clone()),
+            replica.clone(),
+            shutdown.clone(),
+        ));
 
         if !cfg.join && !cfg.initial_cluster.is_empty() {
             let initialized = raft

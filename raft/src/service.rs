@@ -19,8 +19,18 @@ use crate::network::MAX_PEER_BODY;
 use crate::replica::{ForwardRequest, ForwardResponse, Replica};
 use crate::types::{decode, encode, TypeConfig};
 
-/// Accepts peer connections until `shutdown`.
-pub(crate) async fn serve(listener: TcpListener, replica: Replica, shutdown: CancellationToken) {
+/// How long a peer has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts peer connections until `shutdown`; with `tls`, only those that complete a
+/// handshake with it (which requires a client certificate of the cluster).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    replica: Replica,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -36,7 +46,22 @@ pub(crate) async fn serve(listener: TcpListener, replica: Replica, shutdown: Can
         let _ = stream.set_nodelay(true);
         let replica = replica.clone();
         let token = shutdown.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
+            let stream = match acceptor {
+                None => tokio_util::either::Either::Left(stream),
+                Some(a) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(stream)).await {
+                    Ok(Ok(s)) => tokio_util::either::Either::Right(s),
+                    Ok(Err(e)) => {
+                        tracing::warn!(%e, "peer TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!("peer TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
             let svc = hyper::service::service_fn(move |req| handle(replica.clone(), req));
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder

@@ -32,6 +32,7 @@ impl Api {
             servers,
             timeout,
             prometheus::IntCounter::new("unregistered", "unregistered").expect("valid metric"),
+            None,
         )
     }
 
@@ -40,9 +41,10 @@ impl Api {
         servers: Vec<String>,
         timeout: Duration,
         failovers: prometheus::IntCounter,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     ) -> Api {
         Api {
-            client: Client::new(servers, timeout),
+            client: Client::with_tls(servers, timeout, tls),
             current: AtomicUsize::new(0),
             failovers,
         }

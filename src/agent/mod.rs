@@ -133,6 +133,19 @@ pub struct AgentArgs {
     /// `--nodeport-addresses`); unset: every local address.
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
+    /// The cluster CA (PEM): with `--cert-file` and `--key-file` the agent talks to the API
+    /// over HTTPS (replicas' certificates checked against it, its own shown as the client
+    /// certificate, `system:node:<name>`), and its endpoint is HTTPS too, letting in only
+    /// clients with a certificate of this CA; logs and exec only for the replicas'
+    /// (`system:flotilla:replicas`).
+    #[arg(long, requires_all = ["cert_file", "key_file"])]
+    pub ca_file: Option<PathBuf>,
+    /// The agent's certificate (`flotilla certs init --agents`).
+    #[arg(long, requires = "ca_file")]
+    pub cert_file: Option<PathBuf>,
+    /// The key of `--cert-file`.
+    #[arg(long, requires = "ca_file")]
+    pub key_file: Option<PathBuf>,
     /// Run this many hollow nodes (`<node-name>-0`, `-1`, ...) in this process instead of
     /// one real node (Kubernetes' kubemark): the agent's code above the runtime interface,
     /// each node with its own registration, Lease, pod watch and workers, and a runtime that
@@ -268,8 +281,25 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {listen}"))?;
     let port = listener.local_addr()?.port();
     let metrics = Arc::new(metrics::AgentMetrics::new());
+    let (server_tls, client_tls) = match (&args.ca_file, &args.cert_file, &args.key_file) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let mut server = (*crate::tls::server_config(
+                cert,
+                key,
+                Some(ca),
+                crate::tls::ClientCerts::Required,
+            )?)
+            .clone();
+            // The endpoint speaks HTTP/1.1 only (exec upgrades the connection).
+            server.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let client = crate::tls::client_config(ca, Some((cert, key)))?;
+            (Some(Arc::new(server)), Some(Arc::new(client)))
+        }
+        _ => (None, None),
+    };
     tokio::spawn(serve(
         listener,
+        server_tls,
         pods_dir.clone(),
         metrics.clone(),
         runtime.clone(),
@@ -278,6 +308,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         args.servers.clone(),
         Duration::from_secs(10),
         metrics.api_failovers.clone(),
+        client_tls,
     ));
     // Services (for pods' environment and the cluster DNS) from any replica.
     let services = services::Cache::default();
@@ -478,16 +509,30 @@ async fn shutdown_signal() {
 /// `/exec/...` ([`exec::serve`]).
 async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     pods_dir: PathBuf,
     metrics: Arc<metrics::AgentMetrics>,
     runtime: Arc<dyn runtime::Runtime>,
 ) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let (pods_dir, metrics, runtime) = (pods_dir.clone(), metrics.clone(), runtime.clone());
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
+            let Some((stream, conn)) = crate::http::accept_tls(stream, acceptor.as_ref()).await
+            else {
+                return;
+            };
+            // With TLS every client has a certificate of the cluster; logs and exec are for
+            // the replicas' alone (the API server relays them after its own checks).
+            let relay_allowed = !conn.tls
+                || conn
+                    .cert
+                    .as_ref()
+                    .is_some_and(|c| c.groups.iter().any(|g| g == crate::certs::REPLICAS_GROUP));
             let svc = hyper::service::service_fn(
                 move |req: http::Request<hyper::body::Incoming>| {
                     let (pods_dir, metrics, runtime) =
@@ -495,7 +540,13 @@ async fn serve(
                     async move {
                         let path = req.uri().path().to_string();
                         let query = req.uri().query().unwrap_or("").to_string();
+                        let relay =
+                            path.starts_with("/containerLogs/") || path.starts_with("/exec/");
                         let resp = match path.as_str() {
+                            _ if relay && !relay_allowed => crate::http::text(
+                                http::StatusCode::FORBIDDEN,
+                                "forbidden: logs and exec are for the API server's certificate only\n",
+                            ),
                             "/healthz" | "/livez" => {
                                 crate::http::text(http::StatusCode::OK, "ok\n")
                             }

@@ -174,6 +174,9 @@ pub struct Kube {
     pub(crate) events: watch::EventCache,
     /// Where open watch streams are counted (`flotilla_api_watches_open`).
     pub(crate) metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// How logs and exec reach agents: TLS with this config (the replica's client
+    /// certificate, the agents' CA), else plain TCP.
+    pub(crate) agent_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A parsed request: what handlers need besides the body.
@@ -336,12 +339,19 @@ impl Kube {
             ranges,
             events: watch::EventCache::default(),
             metrics: None,
+            agent_tls: None,
         }
     }
 
     /// Counts this API's open watch streams in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Kube {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Reaches agents over TLS with `tls`.
+    pub fn with_agent_tls(mut self, tls: Option<Arc<rustls::ClientConfig>>) -> Kube {
+        self.agent_tls = tls;
         self
     }
 
@@ -354,6 +364,7 @@ impl Kube {
             ranges: self.ranges,
             events: watch::EventCache::default(),
             metrics: None,
+            agent_tls: self.agent_tls.clone(),
         }
     }
 
@@ -1458,13 +1469,35 @@ impl Kube {
         let unreachable = |e: std::io::Error| {
             KubeError::internal(format!("exec through the agent at {agent}: {e}"))
         };
-        let mut conn = tokio::time::timeout(
+        let tcp = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             tokio::net::TcpStream::connect(&agent),
         )
         .await
         .map_err(|_| KubeError::internal(format!("exec: the agent at {agent} did not answer")))?
         .map_err(unreachable)?;
+        // Over TLS when agents serve it: the agent's certificate checked against their CA,
+        // this replica's shown to the agent.
+        let mut conn = match &self.agent_tls {
+            None => tokio_util::either::Either::Left(tcp),
+            Some(tls) => {
+                let name = crate::tls::server_name(crate::tls::host_of(&agent))
+                    .map_err(|e| KubeError::internal(format!("exec: {e}")))?;
+                // The upgrade below is HTTP/1.1: no h2 in the ALPN offer.
+                let mut config = (**tls).clone();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let s = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
+                )
+                .await
+                .map_err(|_| {
+                    KubeError::internal(format!("exec: the agent at {agent} did not answer"))
+                })?
+                .map_err(unreachable)?;
+                tokio_util::either::Either::Right(s)
+            }
+        };
         let head = format!(
             "GET {path} HTTP/1.1\r\nHost: {agent}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
             header("sec-websocket-key"),
@@ -1572,7 +1605,11 @@ impl Kube {
             call.name(),
             query.join("&")
         );
-        let client = crate::client::Client::new(Vec::new(), std::time::Duration::from_secs(10));
+        let client = crate::client::Client::with_tls(
+            Vec::new(),
+            std::time::Duration::from_secs(10),
+            self.agent_tls.clone(),
+        );
         let resp = client.get_stream(&agent, &path).await.map_err(|e| {
             KubeError::internal(format!("reading the log from the agent at {agent}: {e}"))
         })?;

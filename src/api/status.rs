@@ -244,6 +244,16 @@ impl KubeError {
         )
     }
 
+    /// 401: no credentials, or ones that do not authenticate (Kubernetes' body exactly).
+    pub fn unauthorized() -> KubeError {
+        KubeError::new(401, "Unauthorized", "Unauthorized")
+    }
+
+    /// 403 for a request as a whole (a path, not an object).
+    pub fn forbidden_path(message: impl Into<String>) -> KubeError {
+        KubeError::new(403, "Forbidden", message)
+    }
+
     /// 429: too much work queued; retry later.
     pub fn too_many_requests(message: String) -> KubeError {
         KubeError::new(429, "TooManyRequests", message)

@@ -38,6 +38,8 @@ pub struct Api {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Bounds on Kubernetes API requests being handled at once.
     pub inflight: InFlight,
+    /// Who requests come from.
+    pub auth: crate::auth::Authenticator,
 }
 
 /// Bounds on Kubernetes API requests being handled at once (kube-apiserver's
@@ -154,9 +156,45 @@ fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 
 impl Api {
     /// Routes one request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let timer = self.metrics.start_request();
         let path = req.uri().path().to_string();
+        use crate::auth::Outcome;
+        let outcome = self.auth.authenticate(
+            &path,
+            req.headers(),
+            req.extensions().get::<crate::tls::Conn>(),
+        );
+        match outcome {
+            Outcome::Unauthorized => {
+                self.metrics.auth_failures.inc();
+                let (verb, resource) = if crate::api::Kube::serves(&path) {
+                    crate::api::Kube::labels(req.method(), &path, req.uri().query())
+                } else {
+                    labels(&path)
+                };
+                timer.finish(verb, resource, 401);
+                return crate::api::status::KubeError::unauthorized().response();
+            }
+            // The key-value API is the raw store (every Secret in it): administrators only.
+            Outcome::User(ref u)
+                if !crate::api::Kube::serves(&path)
+                    && path.starts_with("/v3/")
+                    && !u.in_group("system:masters") =>
+            {
+                let (verb, resource) = labels(&path);
+                timer.finish(verb, resource, 403);
+                return crate::api::status::KubeError::forbidden_path(format!(
+                    "User {:?} cannot use the key-value API {path}: it is for system:masters only",
+                    u.name
+                ))
+                .response();
+            }
+            Outcome::User(u) => {
+                req.extensions_mut().insert(u);
+            }
+            Outcome::Off | Outcome::Anonymous => {}
+        }
         if crate::api::Kube::serves(&path) {
             let (verb, resource) = crate::api::Kube::labels(req.method(), &path, req.uri().query());
             let bound = match *req.method() {

@@ -21,6 +21,8 @@ pub struct Kubectl {
     pub cache: PathBuf,
     /// HOME and where `file` writes.
     pub dir: PathBuf,
+    /// A kubeconfig (credentials, CA) to use, if any.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Kubectl {
@@ -30,12 +32,17 @@ impl Kubectl {
             server: format!("http://{}", c.replica(id).api()),
             cache: c.dir.path().join(format!("kube-cache-{id}")),
             dir: c.dir.path().to_path_buf(),
+            kubeconfig: None,
         }
     }
 
     /// Runs kubectl; returns (success, stdout, stderr).
     pub fn run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(KUBECTL)
+        let mut cmd = Command::new(KUBECTL);
+        if let Some(k) = &self.kubeconfig {
+            cmd.arg(format!("--kubeconfig={}", k.display()));
+        }
+        let out = cmd
             .arg(format!("--server={}", self.server))
             .arg(format!("--cache-dir={}", self.cache.display()))
             .args(args)

@@ -86,6 +86,8 @@ pub struct Cluster {
     pub replicas: Vec<Replica>,
     pub args: Vec<String>,
     pub initial_cluster: String,
+    /// With TLS on the API: the clients' config (and `https`).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 fn free_prefix() -> String {
@@ -158,6 +160,7 @@ impl Cluster {
             prefix,
             args: args.iter().map(|s| s.to_string()).collect(),
             initial_cluster,
+            tls: None,
         }
     }
 
@@ -262,19 +265,24 @@ impl Cluster {
 
     /// A failover client over every running replica.
     pub fn client(&self) -> Client {
-        Client::new(
+        Client::with_tls(
             self.replicas
                 .iter()
                 .filter(|r| r.child.is_some())
                 .map(|r| r.api())
                 .collect(),
             Duration::from_secs(10),
+            self.tls.clone(),
         )
     }
 
     /// A client bound to one replica.
     pub fn client_for(&self, id: u64) -> Client {
-        Client::new(vec![self.replica(id).api()], Duration::from_secs(10))
+        Client::with_tls(
+            vec![self.replica(id).api()],
+            Duration::from_secs(10),
+            self.tls.clone(),
+        )
     }
 
     pub async fn status(&self, id: u64) -> Result<StatusResponse, ClientError> {

@@ -1,0 +1,362 @@
+//! TLS and authentication (`flotilla certs init`, HTTPS on the API, mutual TLS between
+//! replicas and to the agents' endpoints, client certificates and bearer tokens), against
+//! a three-replica cluster, a real agent and the real kubectl.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::agent::Agent;
+use common::*;
+use serde_json::Value;
+
+/// The files `flotilla certs init` wrote for this cluster (replicas on `prefix.1`–`.3`, the
+/// agent `s1` on `prefix.10`).
+fn certs(dir: &Path, prefix: &str) -> PathBuf {
+    let out = dir.join("pki");
+    let run = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["certs", "init", "--dir"])
+        .arg(&out)
+        .arg("--replicas")
+        .arg(format!("1={prefix}.1,2={prefix}.2,3={prefix}.3"))
+        .args(["--agents", &format!("s1={prefix}.10")])
+        .args(["--server", &format!("https://{prefix}.2:6441")])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    out
+}
+
+fn client_tls(pki: &Path, who: Option<&str>) -> Arc<rustls::ClientConfig> {
+    let identity = who.map(|w| (pki.join(format!("{w}.crt")), pki.join(format!("{w}.key"))));
+    Arc::new(
+        flotilla::tls::client_config(
+            &pki.join("ca.crt"),
+            identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        )
+        .unwrap(),
+    )
+}
+
+/// GET `path` from `server` as `client`; (status, body).
+async fn get(client: &flotilla::client::Client, server: &str, path: &str) -> (u16, String) {
+    client
+        .get_text(server, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// A TLS handshake with `addr` using `config`: Ok when it completes and the server takes a
+/// request on it.
+async fn handshake(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = flotilla::tls::server_name(flotilla::tls::host_of(addr)).unwrap();
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    // TLS 1.3: a refused client certificate shows on the first read.
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+    if buf.starts_with(b"HTTP/1.1") {
+        Ok(())
+    } else {
+        Err(format!(
+            "no HTTP answer: {:?}",
+            String::from_utf8_lossy(&buf)
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_clusters_certificates_and_tokens_get_in() {
+    let mut c = Cluster::new(3, &[]);
+    let prefix = c.prefix.clone();
+    let pki = certs(c.dir.path(), &prefix);
+    let tokens = c.dir.path().join("tokens.csv");
+    std::fs::write(
+        &tokens,
+        "t0ken-alice,alice,1001,\"dev\"\nt0ken-root,root,0,system:masters\n",
+    )
+    .unwrap();
+    let ca = pki.join("ca.crt");
+    let path = |p: &Path| p.display().to_string();
+    c.args = vec![
+        "--client-ca-file".into(),
+        path(&ca),
+        "--token-auth-file".into(),
+        path(&tokens),
+        "--peer-trusted-ca-file".into(),
+        path(&ca),
+        "--kubelet-certificate-authority".into(),
+        path(&ca),
+    ];
+    for id in 1..=3u64 {
+        let (crt, key) = (
+            path(&pki.join(format!("replica-{id}.crt"))),
+            path(&pki.join(format!("replica-{id}.key"))),
+        );
+        c.launch(
+            id,
+            &[
+                "--tls-cert-file",
+                &crt,
+                "--tls-private-key-file",
+                &key,
+                "--peer-cert-file",
+                &crt,
+                "--peer-key-file",
+                &key,
+                "--kubelet-client-certificate",
+                &crt,
+                "--kubelet-client-key",
+                &key,
+            ],
+        );
+    }
+    // The harness's own requests (leader, bootstrap) go as the administrator.
+    c.tls = Some(client_tls(&pki, Some("admin")));
+    c.wait_leader().await;
+    c.wait_bootstrapped().await;
+    let api = c.replica(2).api();
+
+    // Without credentials: 401 with Kubernetes' Status, except the health and version
+    // paths; a wrong token is a 401 even there.
+    let nobody = flotilla::client::Client::with_tls(
+        vec![],
+        Duration::from_secs(5),
+        Some(client_tls(&pki, None)),
+    );
+    let (code, body) = get(&nobody, &api, "/api/v1/namespaces/default/pods").await;
+    assert_eq!(code, 401, "{body}");
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["reason"], "Unauthorized", "{body}");
+    assert_eq!(status["code"], 401, "{body}");
+    for p in ["/metrics", "/v3/maintenance/status", "/apis"] {
+        assert_eq!(get(&nobody, &api, p).await.0, 401, "{p}");
+    }
+    for p in ["/version", "/livez", "/readyz", "/healthz"] {
+        assert_eq!(get(&nobody, &api, p).await.0, 200, "{p}");
+    }
+    let wrong = flotilla::client::Client::with_tls(
+        vec![],
+        Duration::from_secs(5),
+        Some(client_tls(&pki, None)),
+    )
+    .with_bearer("not-a-token");
+    assert_eq!(get(&wrong, &api, "/version").await.0, 401);
+    // Plain HTTP to the HTTPS port gets nothing useful.
+    let plain = flotilla::client::Client::new(vec![], Duration::from_secs(5));
+    let plain_answer = plain.get_text(&api, "/api/v1/namespaces").await;
+    assert!(
+        !matches!(plain_answer, Ok((200, _))),
+        "plain HTTP was served: {plain_answer:?}"
+    );
+    // A server certificate the client does not trust: refused by the client.
+    let other = c.dir.path().join("other-pki");
+    let made = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["certs", "init", "--dir"])
+        .arg(&other)
+        .args(["--replicas", &format!("1={prefix}.1")])
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let stranger = flotilla::client::Client::with_tls(
+        vec![],
+        Duration::from_secs(5),
+        Some(client_tls(&other, Some("admin"))),
+    );
+    assert!(stranger.get_text(&api, "/version").await.is_err());
+
+    // A token authenticates; a user outside system:masters may not use the raw store.
+    let alice = flotilla::client::Client::with_tls(
+        vec![],
+        Duration::from_secs(5),
+        Some(client_tls(&pki, None)),
+    )
+    .with_bearer("t0ken-alice");
+    assert_eq!(get(&alice, &api, "/api/v1/namespaces").await.0, 200);
+    let (code, body) = get(&alice, &api, "/v3/maintenance/status").await;
+    assert_eq!(code, 403, "{body}");
+    let root = flotilla::client::Client::with_tls(
+        vec![],
+        Duration::from_secs(5),
+        Some(client_tls(&pki, None)),
+    )
+    .with_bearer("t0ken-root");
+    assert_eq!(get(&root, &api, "/metrics").await.0, 200);
+
+    // The peer port: only certificates of the cluster's CA complete a handshake; plain
+    // HTTP gets no answer.
+    let peer = c.replica(1).peer();
+    handshake(&peer, client_tls(&pki, Some("replica-2")))
+        .await
+        .expect("a replica's certificate gets in");
+    for (who, config) in [
+        ("no certificate", client_tls(&pki, None)),
+        ("the admin of another CA", {
+            // Trusts this cluster's CA for the server, shows another CA's certificate.
+            Arc::new(
+                flotilla::tls::client_config(
+                    &ca,
+                    Some((&other.join("admin.crt"), &other.join("admin.key"))),
+                )
+                .unwrap(),
+            )
+        }),
+    ] {
+        let r = handshake(&peer, config).await;
+        assert!(r.is_err(), "{who} got through to the peer port");
+    }
+    let plain_peer = plain.get_text(&peer, "/raft/vote").await;
+    assert!(
+        !matches!(plain_peer, Ok((200, _))),
+        "plain HTTP on the peer port: {plain_peer:?}"
+    );
+
+    // kubectl with the kubeconfig `certs init` wrote (admin's certificate), through the
+    // dispatcher too (its /version is anonymous).
+    let mut k = Kubectl::new(&c, 2);
+    k.server = format!("https://{api}");
+    k.kubeconfig = Some(pki.join("admin.kubeconfig"));
+    assert!(k.ok(&["get", "namespaces"]).contains("kube-system"));
+    let dispatched = Command::new("/usr/bin/kubectl")
+        .arg(format!(
+            "--kubeconfig={}",
+            pki.join("admin.kubeconfig").display()
+        ))
+        .args(["get", "namespace", "default", "-o", "name"])
+        .env("HOME", c.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&dispatched.stdout).trim(),
+        "namespace/default",
+        "{}",
+        String::from_utf8_lossy(&dispatched.stderr)
+    );
+    // kubectl with a token the server does not know is refused (with none at all it would
+    // prompt for a user name).
+    let mut anon = Kubectl::new(&c, 2);
+    anon.server = format!("https://{api}");
+    let err = anon.fails(&[
+        "--certificate-authority",
+        &path(&ca),
+        "--token",
+        "not-a-token",
+        "get",
+        "pods",
+    ]);
+    assert!(err.contains("You must be logged in"), "{err}");
+
+    // An agent with its certificate: registers, runs a pod; logs and exec reach it
+    // through the API server's certificate.
+    let data = c.dir.path().join("agent-s1");
+    let _agent = Agent::start(
+        &c,
+        "s1",
+        &data,
+        &[
+            "--node-ip",
+            &format!("{prefix}.10"),
+            "--ca-file",
+            &path(&ca),
+            "--cert-file",
+            &path(&pki.join("agent-s1.crt")),
+            "--key-file",
+            &path(&pki.join("agent-s1.key")),
+        ],
+    );
+    let manifest = c.dir.path().join("pod.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: talk\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: busybox\n    command: [\"sh\", \"-c\", \"echo hello over tls; exec sleep 600\"]\n",
+    )
+    .unwrap();
+    k.ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    wait_for(Duration::from_secs(60), "the pod to run on s1", || async {
+        let (code, body) = get(&alice, &api, "/api/v1/namespaces/default/pods/talk").await;
+        let p: Value = serde_json::from_str(&body).ok()?;
+        (code == 200 && p["status"]["phase"] == "Running" && p["spec"]["nodeName"] == "s1")
+            .then_some(())
+    })
+    .await;
+    let logs = wait_for(Duration::from_secs(30), "the pod's log", || async {
+        let (ok, out, _) = k.run(&["logs", "talk"]);
+        (ok && out.contains("hello")).then_some(out)
+    })
+    .await;
+    assert_eq!(logs.trim(), "hello over tls");
+    assert_eq!(
+        k.ok(&["exec", "talk", "--", "echo", "exec over tls"])
+            .trim(),
+        "exec over tls"
+    );
+    // The agent's endpoint: only the cluster's certificates get a connection, and logs
+    // only for the replicas'.
+    let (_, node) = req_tls(&c, "/api/v1/nodes/s1").await;
+    let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        .as_u64()
+        .unwrap();
+    let agent_addr = format!("{prefix}.10:{port}");
+    let logs_path = "/containerLogs/default/talk/c";
+    let as_admin = flotilla::client::Client::with_tls(
+        vec![],
+        Duration::from_secs(5),
+        Some(client_tls(&pki, Some("admin"))),
+    );
+    let (code, body) = get(&as_admin, &agent_addr, logs_path).await;
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(get(&as_admin, &agent_addr, "/healthz").await.0, 200);
+    let as_replica = flotilla::client::Client::with_tls(
+        vec![],
+        Duration::from_secs(5),
+        Some(client_tls(&pki, Some("replica-1"))),
+    );
+    let (code, body) = get(&as_replica, &agent_addr, logs_path).await;
+    assert_eq!((code, body.trim()), (200, "hello over tls"));
+    assert!(handshake(&agent_addr, client_tls(&pki, None))
+        .await
+        .is_err());
+
+    // Raft over mutual TLS survives losing its leader: a new one, and writes go on.
+    let leader = c.wait_leader().await;
+    c.kill(leader);
+    let survivor = (1..=3).find(|&i| i != leader).unwrap();
+    let mut k2 = Kubectl::new(&c, survivor);
+    k2.server = format!("https://{}", c.replica(survivor).api());
+    k2.kubeconfig = Some(pki.join("admin.kubeconfig"));
+    wait_for(
+        Duration::from_secs(30),
+        "a write after the leader died",
+        || async {
+            let (ok, _, _) = k2.run(&["create", "configmap", "after-failover"]);
+            ok.then_some(())
+        },
+    )
+    .await;
+    k.ok(&["delete", "pod", "talk", "--wait=false"]);
+}
+
+/// GET as the administrator from any replica; (status, JSON).
+async fn req_tls(c: &Cluster, path: &str) -> (u16, Value) {
+    let client = c.client();
+    let server = client.servers()[1].clone();
+    let (code, body) = client.get_text(&server, path).await.unwrap();
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
