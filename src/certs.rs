@@ -95,9 +95,10 @@ fn validity(params: &mut CertificateParams) {
     params.not_after = now + time::Duration::days(VALID_DAYS);
 }
 
-fn write_key(path: &Path, pem: &str) -> Result<()> {
+/// Writes a file only its owner may read (keys, kubeconfigs with credentials), synced.
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -105,7 +106,9 @@ fn write_key(path: &Path, pem: &str) -> Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(pem.as_bytes())
+    // An existing file keeps its mode on open: narrow it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| f.write_all(text.as_bytes()))
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", path.display()))
 }
@@ -141,7 +144,7 @@ fn ca(dir: &Path, written: &mut Vec<PathBuf>) -> Result<(rcgen::Certificate, Key
     params.not_after = now + time::Duration::days(10 * VALID_DAYS);
     let key_pair = KeyPair::generate()?;
     let cert = params.self_signed(&key_pair)?;
-    write_key(&key, &key_pair.serialize_pem())?;
+    write_private(&key, &key_pair.serialize_pem())?;
     std::fs::write(&crt, cert.pem()).with_context(|| format!("writing {}", crt.display()))?;
     written.extend([crt, key]);
     Ok((cert, key_pair))
@@ -193,7 +196,7 @@ fn leaf(
         dir.join(format!("{name}.crt")),
         dir.join(format!("{name}.key")),
     );
-    write_key(&key, &key_pair.serialize_pem())?;
+    write_private(&key, &key_pair.serialize_pem())?;
     std::fs::write(&crt, cert.pem()).with_context(|| format!("writing {}", crt.display()))?;
     written.extend([crt, key]);
     Ok(())
@@ -286,7 +289,7 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
         Some((&dir.join("admin.crt"), &dir.join("admin.key"))),
     );
     let path = dir.join("admin.kubeconfig");
-    write_key(&path, &config)?;
+    write_private(&path, &config)?;
     written.push(path);
     Ok(written)
 }

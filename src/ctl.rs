@@ -30,6 +30,19 @@ pub struct CtlArgs {
     /// Print the API's JSON answers instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The cluster CA (PEM): talk HTTPS, checking the replicas' certificates against it
+    /// (etcdctl's flag).
+    #[arg(long, env = "FLOTILLA_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// A client certificate (an administrator's: the key-value API is for system:masters).
+    #[arg(long, env = "FLOTILLA_CERT", requires_all = ["key", "cacert"])]
+    pub cert: Option<PathBuf>,
+    /// The key of `--cert`.
+    #[arg(long, env = "FLOTILLA_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// A bearer token from the replicas' `--token-auth-file`.
+    #[arg(long, env = "FLOTILLA_TOKEN")]
+    pub token: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -219,7 +232,21 @@ fn print_json<T: serde::Serialize>(v: &T) {
 
 /// Runs a `flotilla ctl` command.
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
-    let client = Client::new(args.servers.clone(), Duration::from_millis(args.timeout_ms));
+    let tls = match &args.cacert {
+        Some(ca) => Some(std::sync::Arc::new(crate::tls::client_config(
+            ca,
+            args.cert.as_deref().zip(args.key.as_deref()),
+        )?)),
+        None => None,
+    };
+    let mut client = Client::with_tls(
+        args.servers.clone(),
+        Duration::from_millis(args.timeout_ms),
+        tls,
+    );
+    if let Some(t) = &args.token {
+        client = client.with_bearer(t);
+    }
     match args.command {
         CtlCommand::Members => {
             let r: MemberListResponse = client

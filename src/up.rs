@@ -10,6 +10,12 @@
 //! (`--service-cidr`), so nothing of the local cluster is reachable from, or routed to, the
 //! network. Without root there is no cluster DNS (port 53) and the proxy runs in userspace
 //! (the agent listens on the cluster IPs).
+//!
+//! Secure by default: `flotilla certs init` into `--data-dir/pki` (the CA is kept across
+//! runs, the leaf certificates renewed), HTTPS and client-certificate authentication on
+//! every replica's API, mutual TLS between replicas and from replicas to agents, agents
+//! authenticated by their `system:node:<name>` certificates, and `--data-dir/kubeconfig`
+//! with the admin's certificate. `--insecure` runs it all over plain HTTP instead.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -46,6 +52,60 @@ pub struct UpArgs {
     /// Where Services' cluster IPs come from (a loopback range keeps them on this machine).
     #[arg(long, default_value = "127.96.0.0/16")]
     pub service_cidr: String,
+    /// Plain HTTP and no authentication anywhere (the default is TLS with certificates from
+    /// `--data-dir/pki`).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// Where `up` keeps the cluster's certificates.
+fn pki(args: &UpArgs) -> PathBuf {
+    args.data_dir.join("pki")
+}
+
+/// The security flags of replica `id` (none with `--insecure`).
+fn replica_security(args: &UpArgs, id: u64) -> Vec<String> {
+    if args.insecure {
+        return Vec::new();
+    }
+    let pki = pki(args);
+    let f = |name: &str| pki.join(name).display().to_string();
+    let (crt, key) = (
+        f(&format!("replica-{id}.crt")),
+        f(&format!("replica-{id}.key")),
+    );
+    let ca = f("ca.crt");
+    [
+        ("--tls-cert-file", &crt),
+        ("--tls-private-key-file", &key),
+        ("--client-ca-file", &ca),
+        ("--peer-cert-file", &crt),
+        ("--peer-key-file", &key),
+        ("--peer-trusted-ca-file", &ca),
+        ("--kubelet-client-certificate", &crt),
+        ("--kubelet-client-key", &key),
+        ("--kubelet-certificate-authority", &ca),
+    ]
+    .iter()
+    .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+    .collect()
+}
+
+/// The security flags of agent `n` (none with `--insecure`).
+fn agent_security(args: &UpArgs, n: u64) -> Vec<String> {
+    if args.insecure {
+        return Vec::new();
+    }
+    let pki = pki(args);
+    let f = |name: &str| pki.join(name).display().to_string();
+    vec![
+        "--ca-file".into(),
+        f("ca.crt"),
+        "--cert-file".into(),
+        f(&format!("agent-node-{n}.crt")),
+        "--key-file".into(),
+        f(&format!("agent-node-{n}.key")),
+    ]
 }
 
 /// Agent `n`'s cluster DNS address: `--host` with 200 + n - 1 added to its last octet, if
@@ -84,6 +144,7 @@ fn spawn(exe: &Path, args: &UpArgs, id: u64, cluster: &str) -> anyhow::Result<Ch
         .args(["--listen-peer", &format!("{}:{peer_port}", args.host)])
         .args(["--initial-cluster", cluster])
         .args(["--service-cluster-ip-range", &args.service_cidr])
+        .args(replica_security(args, id))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -123,6 +184,7 @@ fn spawn_agent(exe: &Path, args: &UpArgs, n: u64, servers: &str) -> anyhow::Resu
         .args(["--node-ip", &args.host])
         // Each pod its own loopback address, so pods of one node can serve the same port.
         .args(["--pod-cidr", &format!("127.{}.0.0/16", 100 + n)])
+        .args(agent_security(args, n))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -148,6 +210,28 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         bail!("--replicas must be between 1 and 9");
     }
     let exe = std::env::current_exe()?;
+    let scheme = if args.insecure { "http" } else { "https" };
+    let tls = if args.insecure {
+        None
+    } else {
+        // The CA is kept; the leaf certificates are made anew (for the current --host).
+        crate::certs::init(&crate::certs::InitArgs {
+            dir: pki(&args),
+            replicas: (1..=args.replicas)
+                .map(|id| format!("{id}={}", args.host))
+                .collect(),
+            agents: (1..=args.agents)
+                .map(|n| format!("node-{n}={}", args.host))
+                .collect(),
+            server: Some(format!("{scheme}://{}:{}", args.host, args.base_port)),
+        })
+        .context("making the cluster's certificates")?;
+        let pki = pki(&args);
+        Some(std::sync::Arc::new(crate::tls::client_config(
+            &pki.join("ca.crt"),
+            Some((&pki.join("admin.crt"), &pki.join("admin.key"))),
+        )?))
+    };
     let cluster = (1..=args.replicas)
         .map(|id| {
             format!(
@@ -168,7 +252,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         });
     }
     let servers: Vec<String> = replicas.iter().map(|r| r.api.clone()).collect();
-    let client = Client::new(servers.clone(), Duration::from_millis(500));
+    let client = Client::with_tls(servers.clone(), Duration::from_millis(500), tls);
     let mut agents = Vec::new();
     for n in 1..=args.agents {
         match spawn_agent(&exe, &args, n, &servers.join(",")) {
@@ -247,8 +331,9 @@ async fn supervise(args: &UpArgs, replicas: &mut [Replica], client: &Client) -> 
     );
     for r in replicas.iter() {
         println!(
-            "  replica {}: api http://{}  data {}",
+            "  replica {}: api {}://{}  data {}",
             r.id,
+            if args.insecure { "http" } else { "https" },
             r.api,
             args.data_dir.join(r.id.to_string()).display()
         );
@@ -264,17 +349,39 @@ async fn supervise(args: &UpArgs, replicas: &mut [Replica], client: &Client) -> 
         );
     }
     let kubeconfig_path = args.data_dir.join("kubeconfig");
-    std::fs::write(&kubeconfig_path, kubeconfig(&replicas[0].api))?;
+    if args.insecure {
+        std::fs::write(&kubeconfig_path, kubeconfig(&replicas[0].api))?;
+    } else {
+        // The admin's credentials: readable by this user only.
+        let pki = std::fs::canonicalize(pki(args))?;
+        let text = crate::certs::kubeconfig(
+            &format!("https://{}", replicas[0].api),
+            Some(&pki.join("ca.crt")),
+            Some((&pki.join("admin.crt"), &pki.join("admin.key"))),
+        );
+        crate::certs::write_private(&kubeconfig_path, &text)?;
+    }
     let kubeconfig_path = std::fs::canonicalize(&kubeconfig_path).unwrap_or(kubeconfig_path);
     println!("Kubeconfig: {}", kubeconfig_path.display());
     println!(
         "  export KUBECONFIG={}; kubectl get namespaces",
         kubeconfig_path.display()
     );
-    println!(
-        "Try: flotilla ctl --servers {} status",
-        client.servers().join(",")
-    );
+    if args.insecure {
+        println!(
+            "Try: flotilla ctl --servers {} status",
+            client.servers().join(",")
+        );
+    } else {
+        let pki = std::fs::canonicalize(pki(args))?;
+        println!(
+            "Try: flotilla ctl --servers {} --cacert {} --cert {} --key {} status",
+            client.servers().join(","),
+            pki.join("ca.crt").display(),
+            pki.join("admin.crt").display(),
+            pki.join("admin.key").display()
+        );
+    }
     println!("Press Ctrl-C to stop.");
 
     let tty = std::io::stdout().is_terminal();

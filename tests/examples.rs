@@ -116,17 +116,40 @@ async fn the_examples_run_under_flotilla_up() {
             break;
         }
     }
+    // Secure by default: HTTPS, and the admin's certificate in the kubeconfig `up` wrote.
     let k = Kubectl {
-        server: format!("http://{host}:6441"),
+        server: format!("https://{host}:6441"),
         cache: dir.path().join("kube-cache"),
         dir: dir.path().to_path_buf(),
-        kubeconfig: None,
+        kubeconfig: Some(data.join("kubeconfig")),
     };
+    let pki = data.join("pki");
+    let admin = std::sync::Arc::new(
+        flotilla::tls::client_config(
+            &pki.join("ca.crt"),
+            Some((&pki.join("admin.crt"), &pki.join("admin.key"))),
+        )
+        .unwrap(),
+    );
+    let nobody =
+        std::sync::Arc::new(flotilla::tls::client_config(&pki.join("ca.crt"), None).unwrap());
+    let (anonymous, _) = req_tls(
+        Some(nobody),
+        &[format!("{host}:6441")],
+        http::Method::GET,
+        "/api/v1/nodes",
+        "application/json",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(anonymous, 401, "`flotilla up` lets anonymous requests in");
     let api = vec![format!("{host}:6441")];
     let get = |path: String| {
         let api = api.clone();
+        let admin = admin.clone();
         async move {
-            req(
+            req_tls(
+                Some(admin),
                 &api,
                 http::Method::GET,
                 &path,
@@ -219,6 +242,10 @@ async fn the_examples_run_under_flotilla_up() {
 
     // Deleting it: the servers see SIGTERM (a followed log shows it) and exit.
     let follow = Command::new(KUBECTL)
+        .arg(format!(
+            "--kubeconfig={}",
+            data.join("kubeconfig").display()
+        ))
         .arg(format!("--server={}", k.server))
         .arg(format!("--cache-dir={}", k.cache.display()))
         .args(["logs", "-f", &name])

@@ -49,7 +49,18 @@ async fn up_once(host: &str, data: &std::path::Path, key: &str) -> Vec<String> {
         }
     }
     let servers: Vec<String> = (0..3).map(|i| format!("{host}:{}", 6441 + i)).collect();
-    let client = flotilla::client::Client::new(servers, Duration::from_secs(10));
+    // Secure by default: the administrator's certificate from `--data-dir/pki`.
+    let pki = data.join("pki");
+    let admin = flotilla::tls::client_config(
+        &pki.join("ca.crt"),
+        Some((&pki.join("admin.crt"), &pki.join("admin.key"))),
+    )
+    .unwrap();
+    let client = flotilla::client::Client::with_tls(
+        servers,
+        Duration::from_secs(10),
+        Some(std::sync::Arc::new(admin)),
+    );
     put(&client, key, "through-up").await;
     // The agent `flotilla up` starts registers node-1, Ready.
     wait_for(Duration::from_secs(60), "node-1 to be Ready", || async {
@@ -96,9 +107,17 @@ async fn up_starts_a_cluster_stops_it_cleanly_and_reuses_its_data() {
     );
     let kubeconfig = std::fs::read_to_string(data.join("kubeconfig")).unwrap();
     assert!(
-        kubeconfig.contains(&format!("server: http://{host}:6441")),
+        kubeconfig.contains(&format!("server: https://{host}:6441"))
+            && kubeconfig.contains("client-certificate: "),
         "{kubeconfig}"
     );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("kubeconfig"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the kubeconfig holds credentials");
+    let ca = std::fs::read(data.join("pki/ca.crt")).unwrap();
     for id in 1..=3 {
         let log = std::fs::read_to_string(data.join(id.to_string()).join("server.log")).unwrap();
         assert!(
@@ -106,8 +125,9 @@ async fn up_starts_a_cluster_stops_it_cleanly_and_reuses_its_data() {
             "replica {id} shut down cleanly:\n{log}"
         );
     }
-    // The second run finds the first run's data.
+    // The second run finds the first run's data, and keeps the cluster's CA.
     up_once(&host, &data, "second").await;
+    assert_eq!(std::fs::read(data.join("pki/ca.crt")).unwrap(), ca);
     let mut c = Cluster::new(3, &[]);
     c.initial_cluster = (1..=3)
         .map(|id| format!("{id}={host}:{}", 7441 + id - 1))

@@ -87,12 +87,24 @@ pub async fn req(
     ctype: &str,
     body: &Value,
 ) -> (u16, Value) {
+    req_tls(None, servers, method, path, ctype, body).await
+}
+
+/// [`req`] over HTTPS with `tls` (plain HTTP without).
+pub async fn req_tls(
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    servers: &[String],
+    method: http::Method,
+    path: &str,
+    ctype: &str,
+    body: &Value,
+) -> (u16, Value) {
     let bytes = if body.is_null() {
         Vec::new()
     } else {
         serde_json::to_vec(body).unwrap()
     };
-    let client = flotilla::client::Client::new(servers.to_vec(), Duration::from_secs(5));
+    let client = flotilla::client::Client::with_tls(servers.to_vec(), Duration::from_secs(5), tls);
     for server in servers {
         if let Ok(resp) = client
             .send_raw(method.clone(), server, path, ctype, bytes.clone(), None)
