@@ -290,7 +290,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             ranges,
         )
         .with_metrics(metrics.clone())
-        .with_agent_tls(agent_tls),
+        .with_agent_tls(agent_tls)
+        .with_authorizer(auth.enabled().then(|| {
+            crate::api::authz::Authorizer::start(
+                crate::api::objects::Objects::new(replica.clone()),
+                shutdown.clone(),
+            )
+        })),
     );
     // The leader's control loops (controllers, scheduler, system namespaces).
     crate::api::kinds::set_default_toleration_seconds(

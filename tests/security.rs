@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::agent::Agent;
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// The files `flotilla certs init` wrote for this cluster (replicas on `prefix.1`–`.3`, the
 /// agent `s1` on `prefix.10`).
@@ -83,24 +83,22 @@ async fn handshake(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<(), 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_the_clusters_certificates_and_tokens_get_in() {
+/// A three-replica cluster with everything on: HTTPS, client certificates, the token file
+/// `tokens`, mutual TLS between replicas and to agents. The harness's own requests go as
+/// the administrator. Returns the cluster and its certificates' directory.
+async fn secure_cluster(tokens: &str) -> (Cluster, PathBuf) {
     let mut c = Cluster::new(3, &[]);
     let prefix = c.prefix.clone();
     let pki = certs(c.dir.path(), &prefix);
-    let tokens = c.dir.path().join("tokens.csv");
-    std::fs::write(
-        &tokens,
-        "t0ken-alice,alice,1001,\"dev\"\nt0ken-root,root,0,system:masters\n",
-    )
-    .unwrap();
+    let token_file = c.dir.path().join("tokens.csv");
+    std::fs::write(&token_file, tokens).unwrap();
     let ca = pki.join("ca.crt");
     let path = |p: &Path| p.display().to_string();
     c.args = vec![
         "--client-ca-file".into(),
         path(&ca),
         "--token-auth-file".into(),
-        path(&tokens),
+        path(&token_file),
         "--peer-trusted-ca-file".into(),
         path(&ca),
         "--kubelet-certificate-authority".into(),
@@ -129,10 +127,19 @@ async fn only_the_clusters_certificates_and_tokens_get_in() {
             ],
         );
     }
-    // The harness's own requests (leader, bootstrap) go as the administrator.
     c.tls = Some(client_tls(&pki, Some("admin")));
     c.wait_leader().await;
     c.wait_bootstrapped().await;
+    (c, pki)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_clusters_certificates_and_tokens_get_in() {
+    let (mut c, pki) =
+        secure_cluster("t0ken-alice,alice,1001,\"dev\"\nt0ken-root,root,0,system:masters\n").await;
+    let prefix = c.prefix.clone();
+    let ca = pki.join("ca.crt");
+    let path = |p: &Path| p.display().to_string();
     let api = c.replica(2).api();
 
     // Without credentials: 401 with Kubernetes' Status, except the health and version
@@ -183,14 +190,20 @@ async fn only_the_clusters_certificates_and_tokens_get_in() {
     );
     assert!(stranger.get_text(&api, "/version").await.is_err());
 
-    // A token authenticates; a user outside system:masters may not use the raw store.
+    // A token authenticates (alice has no RBAC grant: authenticated, then forbidden); a
+    // user outside system:masters may not use the raw store.
     let alice = flotilla::client::Client::with_tls(
         vec![],
         Duration::from_secs(5),
         Some(client_tls(&pki, None)),
     )
     .with_bearer("t0ken-alice");
-    assert_eq!(get(&alice, &api, "/api/v1/namespaces").await.0, 200);
+    let (code, body) = get(&alice, &api, "/api/v1/namespaces").await;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains(r#"User \"alice\" cannot list resource \"namespaces\" in API group \"\" at the cluster scope"#),
+        "{body}"
+    );
     let (code, body) = get(&alice, &api, "/v3/maintenance/status").await;
     assert_eq!(code, 403, "{body}");
     let root = flotilla::client::Client::with_tls(
@@ -290,8 +303,7 @@ async fn only_the_clusters_certificates_and_tokens_get_in() {
     .unwrap();
     k.ok(&["apply", "-f", manifest.to_str().unwrap()]);
     wait_for(Duration::from_secs(60), "the pod to run on s1", || async {
-        let (code, body) = get(&alice, &api, "/api/v1/namespaces/default/pods/talk").await;
-        let p: Value = serde_json::from_str(&body).ok()?;
+        let (code, p) = req_tls(&c, "/api/v1/namespaces/default/pods/talk").await;
         (code == 200 && p["status"]["phase"] == "Running" && p["spec"]["nodeName"] == "s1")
             .then_some(())
     })
@@ -350,7 +362,7 @@ async fn only_the_clusters_certificates_and_tokens_get_in() {
         },
     )
     .await;
-    k.ok(&["delete", "pod", "talk", "--wait=false"]);
+    k2.ok(&["delete", "pod", "talk", "--wait=false"]);
 }
 
 /// GET as the administrator from any replica; (status, JSON).
@@ -359,4 +371,530 @@ async fn req_tls(c: &Cluster, path: &str) -> (u16, Value) {
     let server = client.servers()[1].clone();
     let (code, body) = client.get_text(&server, path).await.unwrap();
     (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// Sends one request as `client`; (status, JSON body).
+async fn send(
+    client: &flotilla::client::Client,
+    server: &str,
+    method: http::Method,
+    path: &str,
+    ctype: &str,
+    body: &Value,
+) -> (u16, Value) {
+    use http_body_util::BodyExt;
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(body).unwrap()
+    };
+    let resp = client
+        .send_raw(method, server, path, ctype, bytes, None)
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    let status = resp.status().as_u16();
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+/// kubectl as a token's user.
+fn kubectl_as(c: &Cluster, pki: &Path, token: &str) -> impl Fn(&[&str]) -> (bool, String, String) {
+    let mut k = Kubectl::new(c, 2);
+    k.server = format!("https://{}", c.replica(2).api());
+    k.cache = c.dir.path().join(format!("cache-{token}"));
+    let ca = pki.join("ca.crt").display().to_string();
+    let token = token.to_string();
+    move |args: &[&str]| {
+        let mut all = vec!["--certificate-authority", &ca, "--token", &token];
+        all.extend_from_slice(args);
+        k.run(&all)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_and_the_node_authorizer_decide_what_each_identity_may_do() {
+    let (c, pki) =
+        secure_cluster("view-token,val,2,team-viewers\nadmin-token,ada,3\nnobody-token,nobody,4\n")
+            .await;
+    let api = c.replica(2).api();
+    let mut k = Kubectl::new(&c, 2);
+    k.server = format!("https://{api}");
+    k.kubeconfig = Some(pki.join("admin.kubeconfig"));
+    // The default roles exist, aggregated.
+    let view = k.ok(&["get", "clusterrole", "view", "-o", "json"]);
+    assert!(view.contains("\"pods/log\""), "{view}");
+    k.ok(&["create", "namespace", "team"]);
+    k.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s1",
+        "-n",
+        "team",
+        "--from-literal=k=v",
+    ]);
+    // Imperative RBAC (kubectl sends these as protobuf): val views the namespace through
+    // its group, ada administers it.
+    k.ok(&[
+        "create",
+        "rolebinding",
+        "viewers",
+        "--clusterrole=view",
+        "--group=team-viewers",
+        "-n",
+        "team",
+    ]);
+    k.ok(&[
+        "create",
+        "rolebinding",
+        "ada-admin",
+        "--clusterrole=admin",
+        "--user=ada",
+        "-n",
+        "team",
+    ]);
+    let rb = k.ok(&["get", "rolebinding", "viewers", "-n", "team", "-o", "json"]);
+    let rb: Value = serde_json::from_str(&rb).unwrap();
+    assert_eq!(rb["roleRef"]["name"], "view", "{rb}");
+    assert_eq!(rb["subjects"][0]["kind"], "Group", "{rb}");
+    assert_eq!(rb["subjects"][0]["name"], "team-viewers", "{rb}");
+
+    // A viewer lists pods but cannot create them or read Secrets, and only in its namespace.
+    let val = kubectl_as(&c, &pki, "view-token");
+    let (ok, _, err) = val(&["get", "pods", "-n", "team"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = val(&["run", "x", "--image=busybox", "-n", "team"]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    assert!(
+        err.contains(
+            r#"User "val" cannot create resource "pods" in API group "" in the namespace "team""#
+        ),
+        "{err}"
+    );
+    let (ok, _, err) = val(&["get", "secret", "s1", "-n", "team"]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    let (ok, _, err) = val(&["get", "pods", "-n", "default"]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    // kubectl auth can-i (a protobuf SelfSubjectAccessReview).
+    for (args, want) in [
+        (vec!["list", "pods", "-n", "team"], "yes"),
+        (vec!["create", "pods", "-n", "team"], "no"),
+        (vec!["get", "secrets", "-n", "team"], "no"),
+        (vec!["list", "pods", "-n", "default"], "no"),
+    ] {
+        let mut all = vec!["auth", "can-i"];
+        all.extend(args.iter());
+        let (ok, out, err) = val(&all);
+        assert_eq!(out.trim(), want, "{args:?}: {err}");
+        assert_eq!(ok, want == "yes", "{args:?}");
+    }
+    // Someone without any binding: authenticated, allowed nothing but discovery.
+    let nobody = kubectl_as(&c, &pki, "nobody-token");
+    let (ok, _, err) = nobody(&["get", "pods", "-n", "team"]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    let (ok, out, _) = nobody(&["auth", "can-i", "get", "pods"]);
+    assert!(!ok && out.trim() == "no");
+    // The server's metrics are not for everyone.
+    let as_val = flotilla::client::Client::with_tls(
+        vec![],
+        Duration::from_secs(5),
+        Some(client_tls(&pki, None)),
+    )
+    .with_bearer("view-token");
+    assert_eq!(get(&as_val, &api, "/metrics").await.0, 403);
+    assert_eq!(get(&as_val, &api, "/api").await.0, 200);
+
+    // Escalation: ada administers the namespace and may grant what she holds there, not
+    // more: not cluster-admin, not reading nodes.
+    let ada = kubectl_as(&c, &pki, "admin-token");
+    let (ok, _, err) = ada(&[
+        "create",
+        "role",
+        "pod-reader",
+        "--verb=get,list",
+        "--resource=pods",
+        "-n",
+        "team",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = ada(&[
+        "create",
+        "rolebinding",
+        "readers",
+        "--role=pod-reader",
+        "--user=nobody",
+        "-n",
+        "team",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = nobody(&["get", "pods", "-n", "team"]);
+    assert!(ok, "the binding ada made works: {err}");
+    let (ok, _, err) = ada(&[
+        "create",
+        "rolebinding",
+        "root",
+        "--clusterrole=cluster-admin",
+        "--user=ada",
+        "-n",
+        "team",
+    ]);
+    assert!(
+        !ok && err.contains("attempting to grant RBAC permissions not currently held"),
+        "{err}"
+    );
+    let (ok, _, err) = ada(&[
+        "create",
+        "role",
+        "node-reader",
+        "--verb=get",
+        "--resource=nodes",
+        "-n",
+        "team",
+    ]);
+    assert!(!ok && err.contains("not currently held"), "{err}");
+    let (ok, _, err) = ada(&[
+        "create",
+        "clusterrolebinding",
+        "x",
+        "--clusterrole=view",
+        "--user=ada",
+    ]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+
+    // Aggregation: a ClusterRole labelled aggregate-to-view extends view (and, through
+    // edit, admin) within moments: viewers may then read Roles.
+    let extra = c.dir.path().join("role-viewer.yaml");
+    std::fs::write(
+        &extra,
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: role-viewer\n  labels:\n    rbac.authorization.k8s.io/aggregate-to-view: \"true\"\nrules:\n- apiGroups: [rbac.authorization.k8s.io]\n  resources: [roles]\n  verbs: [get, list]\n",
+    )
+    .unwrap();
+    let (_, before, _) = val(&["auth", "can-i", "list", "roles", "-n", "team"]);
+    assert_eq!(before.trim(), "no");
+    k.ok(&["apply", "-f", extra.to_str().unwrap()]);
+    wait_for(
+        Duration::from_secs(20),
+        "view to aggregate role-viewer",
+        || async {
+            let (_, out, _) = val(&["auth", "can-i", "list", "roles", "-n", "team"]);
+            (out.trim() == "yes").then_some(())
+        },
+    )
+    .await;
+    let (ok, out, err) = val(&["get", "roles", "-n", "team"]);
+    assert!(ok && out.contains("pod-reader"), "{out}{err}");
+    // ... and stops when the role goes.
+    k.ok(&["delete", "clusterrole", "role-viewer"]);
+    wait_for(
+        Duration::from_secs(20),
+        "view to drop role-viewer",
+        || async {
+            let (_, out, _) = val(&["auth", "can-i", "list", "roles", "-n", "team"]);
+            (out.trim() == "no").then_some(())
+        },
+    )
+    .await;
+
+    // The node authorizer: node s1's certificate.
+    let s1 = flotilla::client::Client::with_tls(
+        vec![],
+        Duration::from_secs(5),
+        Some(client_tls(&pki, Some("agent-s1"))),
+    );
+    let json = "application/json";
+    let merge = "application/merge-patch+json";
+    let node = |name: &str| {
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+               "status": {"conditions": []}})
+    };
+    let admin = c.client();
+    let (code, body) = send(
+        &admin,
+        &api,
+        http::Method::POST,
+        "/api/v1/nodes",
+        json,
+        &node("s2"),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = send(
+        &s1,
+        &api,
+        http::Method::POST,
+        "/api/v1/nodes",
+        json,
+        &node("s1"),
+    )
+    .await;
+    assert_eq!(code, 201, "its own Node: {body}");
+    let (code, body) = send(
+        &s1,
+        &api,
+        http::Method::POST,
+        "/api/v1/nodes",
+        json,
+        &node("s3"),
+    )
+    .await;
+    assert_eq!(code, 403, "another Node: {body}");
+    assert_eq!(
+        send(
+            &s1,
+            &api,
+            http::Method::GET,
+            "/api/v1/nodes",
+            json,
+            &Value::Null
+        )
+        .await
+        .0,
+        200
+    );
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+    assert_eq!(
+        send(
+            &s1,
+            &api,
+            http::Method::PATCH,
+            "/api/v1/nodes/s1/status",
+            merge,
+            &status
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        send(
+            &s1,
+            &api,
+            http::Method::PATCH,
+            "/api/v1/nodes/s2/status",
+            merge,
+            &status
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        send(
+            &s1,
+            &api,
+            http::Method::DELETE,
+            "/api/v1/nodes/s2",
+            json,
+            &Value::Null
+        )
+        .await
+        .0,
+        403
+    );
+    // Leases: its own only.
+    let lease = |name: &str| {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name},
+               "spec": {"holderIdentity": name}})
+    };
+    let leases = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases";
+    assert_eq!(
+        send(&s1, &api, http::Method::POST, leases, json, &lease("s1"))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        send(&s1, &api, http::Method::POST, leases, json, &lease("s2"))
+            .await
+            .0,
+        403
+    );
+    let (code, _) = send(&admin, &api, http::Method::POST, leases, json, &lease("s2")).await;
+    assert_eq!(code, 201);
+    let renew = json!({"spec": {"renewTime": "2026-01-01T00:00:00.000000Z"}});
+    assert_eq!(
+        send(
+            &s1,
+            &api,
+            http::Method::PATCH,
+            &format!("{leases}/s1"),
+            merge,
+            &renew
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        send(
+            &s1,
+            &api,
+            http::Method::PATCH,
+            &format!("{leases}/s2"),
+            merge,
+            &renew
+        )
+        .await
+        .0,
+        403
+    );
+    // Pods: the status of its own, not of pods bound elsewhere; Secrets only while a pod of
+    // its refers to them.
+    for (name, secret) in [("used", "used"), ("unused", "unused")] {
+        let (code, _) = send(
+            &admin,
+            &api,
+            http::Method::POST,
+            "/api/v1/namespaces/team/secrets",
+            json,
+            &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": {"k": secret}}),
+        )
+        .await;
+        assert_eq!(code, 201);
+    }
+    let pod = |name: &str, node: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+               "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox", "command": ["true"],
+                 "env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": "used", "key": "k"}}}]}]}})
+    };
+    let pods = "/api/v1/namespaces/team/pods";
+    assert_eq!(
+        send(
+            &admin,
+            &api,
+            http::Method::POST,
+            pods,
+            json,
+            &pod("mine", "s1")
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(
+        send(
+            &admin,
+            &api,
+            http::Method::POST,
+            pods,
+            json,
+            &pod("theirs", "s2")
+        )
+        .await
+        .0,
+        201
+    );
+    let phase = json!({"status": {"phase": "Running"}});
+    let (code, body) = send(
+        &s1,
+        &api,
+        http::Method::PATCH,
+        &format!("{pods}/mine/status"),
+        merge,
+        &phase,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = send(
+        &s1,
+        &api,
+        http::Method::PATCH,
+        &format!("{pods}/theirs/status"),
+        merge,
+        &phase,
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        send(
+            &s1,
+            &api,
+            http::Method::DELETE,
+            &format!("{pods}/theirs"),
+            json,
+            &Value::Null
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        send(&s1, &api, http::Method::POST, pods, json, &pod("new", "s1"))
+            .await
+            .0,
+        403
+    );
+    let secret = |name: &str| format!("/api/v1/namespaces/team/secrets/{name}");
+    wait_for(
+        Duration::from_secs(10),
+        "s1 to read the Secret its pod uses",
+        || async {
+            (send(
+                &s1,
+                &api,
+                http::Method::GET,
+                &secret("used"),
+                json,
+                &Value::Null,
+            )
+            .await
+            .0 == 200)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        send(
+            &s1,
+            &api,
+            http::Method::GET,
+            &secret("unused"),
+            json,
+            &Value::Null
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        send(
+            &s1,
+            &api,
+            http::Method::GET,
+            "/api/v1/namespaces/team/secrets",
+            json,
+            &Value::Null
+        )
+        .await
+        .0,
+        403
+    );
+    // Once the pod is gone, so is the access.
+    assert_eq!(
+        send(
+            &admin,
+            &api,
+            http::Method::DELETE,
+            &format!("{pods}/mine?gracePeriodSeconds=0"),
+            json,
+            &Value::Null
+        )
+        .await
+        .0,
+        200
+    );
+    wait_for(Duration::from_secs(10), "s1 to lose the Secret", || async {
+        (send(
+            &s1,
+            &api,
+            http::Method::GET,
+            &secret("used"),
+            json,
+            &Value::Null,
+        )
+        .await
+        .0 == 403)
+            .then_some(())
+    })
+    .await;
 }

@@ -262,6 +262,10 @@ fn kind_fields(kind: &str) -> &'static [&'static str] {
             &["spec", "status"]
         }
         "Endpoints" => &["subsets"],
+        "Role" => &["rules"],
+        "ClusterRole" => &["rules", "aggregationRule"],
+        "RoleBinding" | "ClusterRoleBinding" => &["subjects", "roleRef"],
+        "SelfSubjectAccessReview" => &["spec", "status"],
         "EndpointSlice" => &["addressType", "endpoints", "ports"],
         "Event" => &[
             "involvedObject",

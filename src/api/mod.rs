@@ -15,6 +15,7 @@
 //!    `Conflict` and `AlreadyExists` follow from that.
 //! 4. Failures become `Status` objects in exactly one place ([`status`]).
 
+pub mod authz;
 pub mod discovery;
 pub mod kinds;
 pub mod managed;
@@ -23,6 +24,7 @@ pub mod objects;
 pub mod patch;
 pub mod proto;
 pub mod quantity;
+pub mod rbac;
 pub mod resources;
 pub mod selector;
 pub mod services;
@@ -177,6 +179,8 @@ pub struct Kube {
     /// How logs and exec reach agents: TLS with this config (the replica's client
     /// certificate, the agents' CA), else plain TCP.
     pub(crate) agent_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Authorization of authenticated requests (none: everything is allowed).
+    pub(crate) authz: Option<Arc<authz::Authorizer>>,
 }
 
 /// A parsed request: what handlers need besides the body.
@@ -191,6 +195,11 @@ pub(crate) struct Call {
     pub(crate) sub: Option<String>,
     /// Who writes: `fieldManager`, else the client's user-agent name (as the Go server).
     pub(crate) manager: String,
+    /// Who asks, when authentication is on (`None`: the server itself, or no
+    /// authentication).
+    pub(crate) user: Option<Arc<crate::auth::User>>,
+    /// The authorizer, for the checks that need the object written (RBAC escalation).
+    pub(crate) authz: Option<Arc<authz::Authorizer>>,
 }
 
 impl Call {
@@ -210,6 +219,8 @@ impl Call {
             accept: String::new(),
             sub: sub.map(str::to_string),
             manager: manager.to_string(),
+            user: None,
+            authz: None,
         }
     }
 
@@ -250,6 +261,23 @@ impl Call {
 
 /// The manager a write is recorded under: `fieldManager`, else the user agent up to its
 /// first `/` (as the Go server does), else `unknown`.
+/// The authorization verb of a request (kube-apiserver's mapping).
+fn verb_of(method: &Method, named: bool, watching: bool, sub: Option<&str>) -> &'static str {
+    match (method, named, sub) {
+        // Exec upgrades a GET; what it does is create a session.
+        (_, _, Some("exec" | "attach" | "portforward")) => "create",
+        (&Method::GET | &Method::HEAD, _, _) if watching => "watch",
+        (&Method::GET | &Method::HEAD, true, _) => "get",
+        (&Method::GET | &Method::HEAD, false, _) => "list",
+        (&Method::POST, _, _) => "create",
+        (&Method::PUT, _, _) => "update",
+        (&Method::PATCH, _, _) => "patch",
+        (&Method::DELETE, true, _) => "delete",
+        (&Method::DELETE, false, _) => "deletecollection",
+        _ => "unknown",
+    }
+}
+
 fn manager_of(
     params: &HashMap<String, String>,
     user_agent: &str,
@@ -340,6 +368,7 @@ impl Kube {
             events: watch::EventCache::default(),
             metrics: None,
             agent_tls: None,
+            authz: None,
         }
     }
 
@@ -347,6 +376,82 @@ impl Kube {
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Kube {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Authorizes every authenticated request with `authz`.
+    pub fn with_authorizer(mut self, authz: Option<Arc<authz::Authorizer>>) -> Kube {
+        self.authz = authz;
+        self
+    }
+
+    /// `POST selfsubjectaccessreviews` (`kubectl auth can-i`): whether the asking user may
+    /// do what the review describes, answered at once and stored nowhere.
+    async fn self_subject_access_review(&self, call: &Call, body: Value) -> KubeResult {
+        let spec = body.get("spec").cloned().unwrap_or(Value::Null);
+        let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let res = spec.get("resourceAttributes");
+        let non = spec.get("nonResourceAttributes");
+        if res.is_some() == non.is_some() {
+            return Err(KubeError::invalid(
+                call.r,
+                "",
+                vec![status::Cause {
+                    reason: "FieldValueRequired".into(),
+                    message: "Required value: exactly one of nonResourceAttributes or resourceAttributes must be specified".into(),
+                    field: "spec.resourceAttributes".into(),
+                }],
+            ));
+        }
+        let user = call.user.as_deref();
+        let (verb, attrs) = match (res, non) {
+            (Some(r), _) => (
+                text(r, "verb"),
+                Some([
+                    text(r, "group"),
+                    text(r, "resource"),
+                    text(r, "subresource"),
+                    text(r, "namespace"),
+                    text(r, "name"),
+                ]),
+            ),
+            (None, Some(n)) => (text(n, "verb"), None),
+            (None, None) => unreachable!("checked above"),
+        };
+        let path = non.map(|n| text(n, "path")).unwrap_or_default();
+        let decision = match (&self.authz, user) {
+            (Some(az), Some(u)) => {
+                let a = rbac::Attributes {
+                    user: u,
+                    verb: &verb,
+                    resource: attrs
+                        .as_ref()
+                        .map(|[g, r, s, ns, n]| rbac::ResourceAttributes {
+                            group: g,
+                            resource: r,
+                            subresource: s,
+                            namespace: ns,
+                            name: n,
+                        }),
+                    path: &path,
+                };
+                az.authorize(&a).await
+            }
+            // No authentication, no authorization: everything is allowed.
+            _ => Ok("no authorization configured".to_string()),
+        };
+        let mut out = json!({
+            "kind": "SelfSubjectAccessReview",
+            "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": null},
+            "spec": spec,
+            "status": {"allowed": decision.is_ok()},
+        });
+        // As kube-apiserver: the reason of an allow; a denial by RBAC has none (kubectl
+        // prints "no" alone).
+        if let Ok(why) = decision {
+            out["status"]["reason"] = json!(why);
+        }
+        Ok(json_response(StatusCode::CREATED, &out))
     }
 
     /// Reaches agents over TLS with `tls`.
@@ -365,6 +470,7 @@ impl Kube {
             events: watch::EventCache::default(),
             metrics: None,
             agent_tls: self.agent_tls.clone(),
+            authz: self.authz.clone(),
         }
     }
 
@@ -445,6 +551,13 @@ impl Kube {
 
     async fn dispatch(self: &Arc<Self>, req: Request<Incoming>) -> KubeResult {
         let method = req.method().clone();
+        // Who asks (set by the gateway when authentication is on) and who decides.
+        let user = req
+            .extensions()
+            .get::<crate::auth::User>()
+            .cloned()
+            .map(Arc::new);
+        let authz = self.authz.clone().filter(|_| user.is_some());
         let accept = req
             .headers()
             .get(header::ACCEPT)
@@ -460,6 +573,18 @@ impl Kube {
                 Err(KubeError::method_not_allowed(method.as_str()))
             }
         };
+        if let (Some(u), Some(az), false) = (&user, &authz, matches!(route, Route::Resource { .. }))
+        {
+            let a = rbac::Attributes {
+                user: u,
+                verb: &method.as_str().to_ascii_lowercase(),
+                resource: None,
+                path: req.uri().path(),
+            };
+            az.authorize(&a)
+                .await
+                .map_err(|why| KubeError::forbidden_path(format!("forbidden: {why}")))?;
+        }
         match route {
             Route::Version => get_only(Ok(discovery::version())),
             Route::Root { core } => get_only(Ok(discovery::root(core, &accept))),
@@ -507,8 +632,48 @@ impl Kube {
                     accept,
                     sub,
                     manager,
+                    user,
+                    authz,
                 };
                 let watching = matches!(call.param("watch"), Some("true" | "1"));
+                if let (Some(u), Some(az)) = (&call.user, &call.authz) {
+                    let verb = verb_of(&method, call.name.is_some(), watching, call.sub.as_deref());
+                    let a = rbac::Attributes {
+                        user: u,
+                        verb,
+                        resource: Some(rbac::ResourceAttributes {
+                            group: r.group,
+                            resource: r.plural,
+                            subresource: call.sub.as_deref().unwrap_or(""),
+                            namespace: call.namespace.as_deref().unwrap_or(""),
+                            name: call.name.as_deref().unwrap_or(""),
+                        }),
+                        path: "",
+                    };
+                    if let Err(why) = az.authorize(&a).await {
+                        return Err(KubeError::forbidden(
+                            r,
+                            call.name.as_deref().unwrap_or(""),
+                            format!(
+                                "{} is forbidden: {why}",
+                                match &call.name {
+                                    Some(n) => format!("{} {n:?}", r.qualified()),
+                                    None => r.qualified(),
+                                }
+                            ),
+                        ));
+                    }
+                }
+                if resources::is_review(r) {
+                    return match (&method, call.name.is_some()) {
+                        (&Method::POST, false) => {
+                            let body =
+                                read_json(req.into_body(), &content_type, JSON_OR_YAML).await?;
+                            self.self_subject_access_review(&call, body).await
+                        }
+                        (m, _) => Err(KubeError::method_not_allowed(m.as_str())),
+                    };
+                }
                 match (&method, call.name.is_some(), call.sub.as_deref()) {
                     (&Method::POST, true, Some("binding")) => {
                         let body = read_json(req.into_body(), &content_type, JSON_OR_YAML).await?;
@@ -860,6 +1025,8 @@ impl Kube {
             r: call.r,
             sub: None,
             manager: call.manager.clone(),
+            user: None,
+            authz: None,
         };
         self.check_namespace(&call).await?;
         let stored = if call.r.kind == "Service" {
@@ -911,6 +1078,8 @@ impl Kube {
 
     /// Ensures the system namespaces exist (run by the leader after it is elected).
     pub async fn ensure_system_namespaces(&self) -> Result<(), KubeError> {
+        // The default roles first: a cluster whose namespaces exist has them.
+        self.ensure_default_rbac().await?;
         let ns = resources::find("", "v1", "namespaces").expect("served");
         for name in SYSTEM_NAMESPACES {
             let mut obj =
@@ -923,12 +1092,40 @@ impl Kube {
                 accept: String::new(),
                 sub: None,
                 manager: "flotilla".into(),
+                user: None,
+                authz: None,
             };
             normalize_new(&call, &mut obj, false)?;
             managed::record_update(None, &mut obj, &call.writer())?;
             match self
                 .objects
                 .create(ns, &ns.key(None, name), name, &obj)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.reason == "AlreadyExists" => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the default ClusterRoles and ClusterRoleBindings that are missing (never
+    /// changing one that exists: an administrator's edits stand).
+    pub async fn ensure_default_rbac(&self) -> Result<(), KubeError> {
+        for mut obj in rbac::defaults_aggregated() {
+            let plural = match obj["kind"].as_str() {
+                Some("ClusterRole") => "clusterroles",
+                _ => "clusterrolebindings",
+            };
+            let r = resources::find(rbac::GROUP, "v1", plural).expect("served");
+            let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
+            let call = Call::internal(r, None, None, None, "flotilla");
+            normalize_new(&call, &mut obj, false)?;
+            managed::record_update(None, &mut obj, &call.writer())?;
+            match self
+                .objects
+                .create(r, &r.key(None, &name), &name, &obj)
                 .await
             {
                 Ok(_) => {}
@@ -1878,6 +2075,8 @@ impl Kube {
                 accept: String::new(),
                 sub: None,
                 manager: call.manager.clone(),
+                user: None,
+                authz: None,
             };
             match self.delete(&one, None).await {
                 Ok(_) => {}
@@ -2105,6 +2304,15 @@ fn validate(r: &Resource, obj: &Value) -> Vec<Cause> {
         });
     } else if let Some(c) = if r.kind == "Namespace" {
         meta::check_dns1123_label("metadata.name", name)
+    } else if r.group == rbac::GROUP {
+        // RBAC names are path segments (`system:node`, say), as Kubernetes checks them.
+        (name == "." || name == ".." || name.contains('/') || name.contains('%')).then(|| Cause {
+            reason: "FieldValueInvalid".into(),
+            message: format!(
+                "Invalid value: {name:?}: may not be '.' or '..' and may not contain '/' or '%'"
+            ),
+            field: "metadata.name".into(),
+        })
     } else {
         meta::check_dns1123_subdomain("metadata.name", name)
     } {
@@ -2121,6 +2329,9 @@ fn validate(r: &Resource, obj: &Value) -> Vec<Cause> {
     };
     match r.kind {
         "Pod" => causes.extend(kinds::validate_pod(obj)),
+        "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => {
+            causes.extend(rbac::validate(r.kind, obj))
+        }
         "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "Service" | "EndpointSlice" => {
             causes.extend(kinds::validate_workload(r.kind, obj))
         }
@@ -2318,6 +2529,33 @@ fn normalize_new(call: &Call, obj: &mut Value, strict: bool) -> Result<(), KubeE
     let causes = validate(r, obj);
     if !causes.is_empty() {
         return Err(KubeError::invalid(r, &name, causes));
+    }
+    admit(call, obj, &name)
+}
+
+/// The checks on who writes what, past authorization: a node creates only its own Node and
+/// Lease (NodeRestriction), and nobody grants RBAC permissions they do not hold.
+fn admit(call: &Call, obj: &Value, name: &str) -> Result<(), KubeError> {
+    let Some(user) = &call.user else {
+        return Ok(());
+    };
+    authz::node_admits(user, call.r.kind, obj).map_err(|why| {
+        KubeError::forbidden(
+            call.r,
+            name,
+            format!("{} {name:?} is forbidden: {why}", call.r.qualified()),
+        )
+    })?;
+    if let Some(az) = &call.authz {
+        if call.r.group == rbac::GROUP {
+            az.may_write_rbac(user, call.r.kind, obj).map_err(|why| {
+                KubeError::forbidden(
+                    call.r,
+                    name,
+                    format!("{} {name:?} is forbidden: {why}", call.r.qualified()),
+                )
+            })?;
+        }
     }
     Ok(())
 }
@@ -2556,6 +2794,17 @@ fn normalize_update(
             );
         }
         "Secret" => default_kind(r, map),
+        "RoleBinding" | "ClusterRoleBinding" if current.get("roleRef") != map.get("roleRef") => {
+            return Err(KubeError::invalid(
+                r,
+                call.name(),
+                vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: "Invalid value: cannot change roleRef".into(),
+                    field: "roleRef".into(),
+                }],
+            ));
+        }
         _ => {}
     }
     if (r.kind == "ConfigMap" || r.kind == "Secret")
@@ -2584,7 +2833,7 @@ fn normalize_update(
     if !causes.is_empty() {
         return Err(KubeError::invalid(r, call.name(), causes));
     }
-    Ok(())
+    admit(call, next, call.name())
 }
 
 /// Most keys a list reads from the store (and decodes) at once.

@@ -418,6 +418,82 @@ fn job_spec(b: &[u8]) -> Option<Value> {
     Some(Value::Object(s))
 }
 
+/// A message whose fields are all strings (or repeated strings): `(number, key, repeated)`.
+fn strings_message(b: &[u8], layout: &[(u64, &str, bool)]) -> Option<Value> {
+    let mut m = Map::new();
+    for (n, f) in fields(b)? {
+        let Field::Bytes(v) = f else { continue };
+        if let Some((_, key, repeated)) = layout.iter().find(|(num, _, _)| *num == n) {
+            if *repeated {
+                push_text(&mut m, key, v)?;
+            } else {
+                set_text(&mut m, key, v)?;
+            }
+        }
+    }
+    Some(Value::Object(m))
+}
+
+/// `PolicyRule`: verbs, apiGroups, resources, resourceNames, nonResourceURLs.
+fn policy_rule(b: &[u8]) -> Option<Value> {
+    let mut rule = strings_message(
+        b,
+        &[
+            (1, "verbs", true),
+            (2, "apiGroups", true),
+            (3, "resources", true),
+            (4, "resourceNames", true),
+            (5, "nonResourceURLs", true),
+        ],
+    )?;
+    // An empty apiGroups entry is the core group: kept (push_text drops empty strings).
+    for (n, f) in fields(b)? {
+        if let (2, Field::Bytes(v)) = (n, f) {
+            if v.is_empty() {
+                rule["apiGroups"]
+                    .as_array_mut()
+                    .map(|a| a.push(json!("")))
+                    .unwrap_or_else(|| rule["apiGroups"] = json!([""]));
+            }
+        }
+    }
+    Some(rule)
+}
+
+/// `SelfSubjectAccessReviewSpec`: resourceAttributes, nonResourceAttributes.
+fn access_review_spec(b: &[u8]) -> Option<Value> {
+    let mut spec = Map::new();
+    for (n, f) in fields(b)? {
+        match (n, f) {
+            (1, Field::Bytes(v)) => {
+                spec.insert(
+                    "resourceAttributes".into(),
+                    strings_message(
+                        v,
+                        &[
+                            (1, "namespace", false),
+                            (2, "verb", false),
+                            (3, "group", false),
+                            (4, "version", false),
+                            (5, "resource", false),
+                            (6, "subresource", false),
+                            (7, "name", false),
+                        ],
+                    )?,
+                );
+            }
+            (2, Field::Bytes(v)) => {
+                spec.insert(
+                    "nonResourceAttributes".into(),
+                    strings_message(v, &[(1, "path", false), (2, "verb", false)])?,
+                );
+            }
+            _ => {}
+        }
+    }
+    Some(Value::Object(spec))
+}
+
 /// The object in a `k8s\0`-prefixed protobuf body, as JSON; `None` if it is malformed or
 /// of a kind this server does not read as protobuf.
 pub fn decode(body: &[u8]) -> Option<Value> {
@@ -449,14 +525,65 @@ pub fn decode(body: &[u8]) -> Option<Value> {
         ("v1", "ConfigMap") => (Some("data"), false),
         ("v1", "Secret") => (Some("data"), true),
         ("v1", "Service") | ("apps/v1", "Deployment") | ("batch/v1", "Job") => (None, false),
+        ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => (None, false),
+        (
+            "rbac.authorization.k8s.io/v1",
+            "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding",
+        ) => (None, false),
         _ => return None,
     };
+    let rbac_role = matches!(kind.as_str(), "Role" | "ClusterRole");
+    let rbac_binding = matches!(kind.as_str(), "RoleBinding" | "ClusterRoleBinding");
     for (n, f) in fields(raw)? {
         match (n, f) {
             (1, Field::Bytes(v)) => obj["metadata"] = object_meta(v)?,
             (2, Field::Bytes(v)) if kind == "Service" => obj["spec"] = service_spec(v)?,
             (2, Field::Bytes(v)) if kind == "Deployment" => obj["spec"] = deployment_spec(v)?,
             (2, Field::Bytes(v)) if kind == "Job" => obj["spec"] = job_spec(v)?,
+            (2, Field::Bytes(v)) if kind == "SelfSubjectAccessReview" => {
+                obj["spec"] = access_review_spec(v)?
+            }
+            (2, Field::Bytes(v)) if rbac_role => {
+                if !obj["rules"].is_array() {
+                    obj["rules"] = json!([]);
+                }
+                let rule = policy_rule(v)?;
+                obj["rules"].as_array_mut()?.push(rule);
+            }
+            (3, Field::Bytes(v)) if kind == "ClusterRole" => {
+                let mut selectors = Vec::new();
+                for (m, g) in fields(v)? {
+                    if let (1, Field::Bytes(sel)) = (m, g) {
+                        selectors.push(label_selector(sel)?);
+                    }
+                }
+                obj["aggregationRule"] = json!({"clusterRoleSelectors": selectors});
+            }
+            (2, Field::Bytes(v)) if rbac_binding => {
+                let subject = strings_message(
+                    v,
+                    &[
+                        (1, "kind", false),
+                        (2, "apiGroup", false),
+                        (3, "name", false),
+                        (4, "namespace", false),
+                    ],
+                )?;
+                if !obj["subjects"].is_array() {
+                    obj["subjects"] = json!([]);
+                }
+                obj["subjects"].as_array_mut()?.push(subject);
+            }
+            (3, Field::Bytes(v)) if rbac_binding => {
+                obj["roleRef"] = strings_message(
+                    v,
+                    &[
+                        (1, "apiGroup", false),
+                        (2, "kind", false),
+                        (3, "name", false),
+                    ],
+                )?;
+            }
             (2, Field::Bytes(v)) if data_field.is_some() => {
                 let (k, val) = map_entry(v, binary)?;
                 obj["data"][k] = val;

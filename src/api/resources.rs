@@ -63,6 +63,9 @@ impl Resource {
 
     /// The verbs it supports.
     pub fn verbs(&self) -> &'static [&'static str] {
+        if is_review(self) {
+            return &["create"];
+        }
         &[
             "create",
             "delete",
@@ -243,7 +246,68 @@ pub const RESOURCES: &[Resource] = &[
         categories: &[],
         subresources: &[],
     },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "roles",
+        singular: "role",
+        kind: "Role",
+        namespaced: true,
+        short_names: &[],
+        categories: &[],
+        subresources: &[],
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "rolebindings",
+        singular: "rolebinding",
+        kind: "RoleBinding",
+        namespaced: true,
+        short_names: &[],
+        categories: &[],
+        subresources: &[],
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "clusterroles",
+        singular: "clusterrole",
+        kind: "ClusterRole",
+        namespaced: false,
+        short_names: &[],
+        categories: &[],
+        subresources: &[],
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "clusterrolebindings",
+        singular: "clusterrolebinding",
+        kind: "ClusterRoleBinding",
+        namespaced: false,
+        short_names: &[],
+        categories: &[],
+        subresources: &[],
+    },
+    // Not stored: a question answered at once (`kubectl auth can-i`).
+    Resource {
+        group: "authorization.k8s.io",
+        version: "v1",
+        plural: "selfsubjectaccessreviews",
+        singular: "selfsubjectaccessreview",
+        kind: "SelfSubjectAccessReview",
+        namespaced: false,
+        short_names: &[],
+        categories: &[],
+        subresources: &[],
+    },
 ];
+
+/// Resources that are questions, not stored objects: only `create`.
+pub fn is_review(r: &Resource) -> bool {
+    r.group == "authorization.k8s.io"
+}
 
 /// The groups served under `/apis`, in discovery order (core is served under `/api`).
 pub fn groups() -> Vec<&'static str> {

@@ -198,6 +198,8 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
                     .collect(),
                 accept: String::new(),
                 manager: call.manager.clone(),
+                user: call.user.clone(),
+                authz: call.authz.clone(),
             };
             let (items, rev, _, _) = kube.list_objects(&listing).await?;
             (items, rev + 1)

@@ -42,6 +42,8 @@ pub struct Informer {
     cache: RwLock<HashMap<String, Arc<Value>>>,
     handlers: RwLock<Vec<Handler>>,
     synced: watch::Sender<bool>,
+    /// What is kept of each object (all of it without one).
+    project: Option<fn(&Value) -> Value>,
 }
 
 /// Keys read from the store at once while listing.
@@ -55,6 +57,26 @@ impl Informer {
             cache: RwLock::new(HashMap::new()),
             handlers: RwLock::new(Vec::new()),
             synced: watch::channel(false).0,
+            project: None,
+        })
+    }
+
+    /// An informer of `r` that keeps only `project(object)` of each object (what an index
+    /// needs, not the whole object); subscribers see the projections.
+    pub fn projected(r: &'static Resource, project: fn(&Value) -> Value) -> Arc<Informer> {
+        Arc::new(Informer {
+            r,
+            cache: RwLock::new(HashMap::new()),
+            handlers: RwLock::new(Vec::new()),
+            synced: watch::channel(false).0,
+            project: Some(project),
+        })
+    }
+
+    fn keep(&self, object: Value) -> Arc<Value> {
+        Arc::new(match self.project {
+            Some(p) => p(&object),
+            None => object,
         })
     }
 
@@ -178,7 +200,7 @@ impl Informer {
         match e.kind {
             store::EventKind::Put => match objects::decode(&e.kv) {
                 Ok(s) => {
-                    let new = Arc::new(s.object);
+                    let new = self.keep(s.object);
                     let old = self
                         .cache
                         .write()
@@ -223,7 +245,7 @@ impl Informer {
                     .map(str::to_string);
                 let key = self.r.key(ns.as_deref(), &name);
                 last = Some(key.clone());
-                fresh.insert(key, Arc::new(s.object));
+                fresh.insert(key, self.keep(s.object));
             }
             match last {
                 Some(k) if remaining > 0 => {

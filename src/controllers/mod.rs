@@ -32,6 +32,7 @@ pub mod nodelifecycle;
 pub mod owner;
 pub mod pod;
 pub mod queue;
+pub mod rbac;
 pub mod replicaset;
 
 use std::future::Future;
@@ -110,6 +111,8 @@ pub struct Ctx {
     pub endpoints: Arc<Informer>,
     /// EndpointSlices.
     pub endpointslices: Arc<Informer>,
+    /// ClusterRoles (their aggregation).
+    pub clusterroles: Arc<Informer>,
     /// Settings.
     pub config: Config,
     /// Event recorder.
@@ -147,6 +150,11 @@ impl Ctx {
             services: Informer::new(resource("", "v1", "services")),
             endpoints: Informer::new(resource("", "v1", "endpoints")),
             endpointslices: Informer::new(resource("discovery.k8s.io", "v1", "endpointslices")),
+            clusterroles: Informer::new(resource(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterroles",
+            )),
             config,
             events,
             metrics,
@@ -167,6 +175,7 @@ impl Ctx {
             self.services.clone(),
             self.endpoints.clone(),
             self.endpointslices.clone(),
+            self.clusterroles.clone(),
         ]
     }
 }
@@ -518,6 +527,7 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
     let namespaces = Arc::new(namespace::Controller::new(ctx));
     let accounts = Arc::new(namespace::ServiceAccounts::new(ctx));
     let endpoints = Arc::new(endpoints::Controller::new(ctx));
+    let aggregation = Arc::new(rbac::Aggregation::new(ctx));
     let sched = Arc::new(crate::scheduler::Scheduler::new(ctx));
     let lifecycle = Arc::new(nodelifecycle::NodeLifecycle::new(ctx));
     {
@@ -560,6 +570,7 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
     controller!("serviceaccount", accounts, ctx.namespaces, 1);
     controller!("endpoints", endpoints, ctx.services, 4);
     controller!("garbage-collector", gc, ctx.pods, 2);
+    controller!("clusterrole-aggregation", aggregation, ctx.clusterroles, 1);
     {
         let ctx = ctx.clone();
         set.spawn(async move {

@@ -193,7 +193,43 @@ impl Api {
             Outcome::User(u) => {
                 req.extensions_mut().insert(u);
             }
-            Outcome::Off | Outcome::Anonymous => {}
+            // Authorization decides what the anonymous user may see (RBAC's
+            // system:public-info-viewer: health and version).
+            Outcome::Anonymous => {
+                req.extensions_mut().insert(crate::auth::User {
+                    name: "system:anonymous".into(),
+                    uid: String::new(),
+                    groups: vec!["system:unauthenticated".into()],
+                });
+            }
+            Outcome::Off => {}
+        }
+        // The server's own paths (metrics, and anything else not health, the key-value API
+        // or the Kubernetes API): a non-resource permission, as kube-apiserver's /metrics.
+        if !crate::api::Kube::serves(&path)
+            && !crate::auth::anonymous_path(&path)
+            && !path.starts_with("/v3/")
+        {
+            if let (Some(az), Some(u)) = (
+                self.kube.authz.as_ref(),
+                req.extensions().get::<crate::auth::User>(),
+            ) {
+                let verb = req.method().as_str().to_ascii_lowercase();
+                let a = crate::api::rbac::Attributes {
+                    user: u,
+                    verb: &verb,
+                    resource: None,
+                    path: &path,
+                };
+                if let Err(why) = az.authorize(&a).await {
+                    let (verb, resource) = labels(&path);
+                    timer.finish(verb, resource, 403);
+                    return crate::api::status::KubeError::forbidden_path(format!(
+                        "forbidden: {why}"
+                    ))
+                    .response();
+                }
+            }
         }
         if crate::api::Kube::serves(&path) {
             let (verb, resource) = crate::api::Kube::labels(req.method(), &path, req.uri().query());
