@@ -135,6 +135,11 @@ pub struct ServerArgs {
     /// agents over TLS only.
     #[arg(long, requires = "kubelet_client_certificate")]
     pub kubelet_certificate_authority: Option<PathBuf>,
+    /// Encryption at rest: a Kubernetes `EncryptionConfiguration` (`aesgcm` and `identity`
+    /// providers) naming the resources stored encrypted (Secrets, say). Every replica needs
+    /// the same keys.
+    #[arg(long)]
+    pub encryption_provider_config: Option<PathBuf>,
 }
 
 /// The TLS and authentication of `args`: the API listener's config, the authenticator,
@@ -244,6 +249,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         );
     }
     let (api_tls, auth, peer_tls, agent_tls) = security(&args)?;
+    if let Some(path) = &args.encryption_provider_config {
+        crate::api::encryption::install(crate::api::encryption::load(path)?)?;
+        tracing::info!(config = %path.display(), "encrypting at rest");
+    }
     let api_listener = tokio::net::TcpListener::bind(args.listen_api)
         .await
         .with_context(|| format!("binding the API address {}", args.listen_api))?;

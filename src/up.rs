@@ -15,7 +15,8 @@
 //! runs, the leaf certificates renewed), HTTPS and client-certificate authentication on
 //! every replica's API, mutual TLS between replicas and from replicas to agents, agents
 //! authenticated by their `system:node:<name>` certificates, and `--data-dir/kubeconfig`
-//! with the admin's certificate. `--insecure` runs it all over plain HTTP instead.
+//! with the admin's certificate; Secrets are encrypted at rest with a key made once in
+//! `--data-dir/pki/encryption.yaml`. `--insecure` runs it all over plain HTTP, unencrypted.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -85,10 +86,26 @@ fn replica_security(args: &UpArgs, id: u64) -> Vec<String> {
         ("--kubelet-client-certificate", &crt),
         ("--kubelet-client-key", &key),
         ("--kubelet-certificate-authority", &ca),
+        ("--encryption-provider-config", &f("encryption.yaml")),
     ]
     .iter()
     .flat_map(|(k, v)| [k.to_string(), v.to_string()])
     .collect()
+}
+
+/// Secrets encrypted at rest: an `EncryptionConfiguration` with one random AES-256 key,
+/// made once (a later run keeps it: the stored Secrets need it).
+fn encryption_config(path: &Path) -> anyhow::Result<()> {
+    use base64::Engine;
+    if path.exists() {
+        return Ok(());
+    }
+    let key: [u8; 32] = rand::random();
+    let text = format!(
+        "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n  - resources: [secrets]\n    providers:\n    - aesgcm:\n        keys:\n        - name: key1\n          secret: {}\n    - identity: {{}}\n",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    );
+    crate::certs::write_private(path, &text)
 }
 
 /// The security flags of agent `n` (none with `--insecure`).
@@ -227,6 +244,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         })
         .context("making the cluster's certificates")?;
         let pki = pki(&args);
+        encryption_config(&pki.join("encryption.yaml"))?;
         Some(std::sync::Arc::new(crate::tls::client_config(
             &pki.join("ca.crt"),
             Some((&pki.join("admin.crt"), &pki.join("admin.key"))),
@@ -297,13 +315,26 @@ async fn statuses(client: &Client, replicas: &[Replica]) -> Vec<Result<StatusRes
 async fn supervise(args: &UpArgs, replicas: &mut [Replica], client: &Client) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let leader = loop {
-        if let Some(l) = statuses(client, replicas)
+        // Up means usable: a leader, and the system objects it makes (the default
+        // namespace, the default roles) in place.
+        let leader = statuses(client, replicas)
             .await
             .iter()
             .flatten()
-            .find_map(|s| (s.leader != 0).then_some(s.leader))
-        {
-            break l;
+            .find_map(|s| (s.leader != 0).then_some(s.leader));
+        if let Some(l) = leader {
+            let ready = match client.servers().first() {
+                Some(server) => matches!(
+                    client
+                        .get_text(server, "/api/v1/namespaces/default/serviceaccounts/default")
+                        .await,
+                    Ok((200, _))
+                ),
+                None => true,
+            };
+            if ready {
+                break l;
+            }
         }
         for r in replicas.iter_mut() {
             if let Some(Some(status)) = r.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
@@ -319,7 +350,7 @@ async fn supervise(args: &UpArgs, replicas: &mut [Replica], client: &Client) -> 
         }
         if Instant::now() > deadline {
             bail!(
-                "no leader after 60 s; see the server.log files under {}",
+                "the cluster is not ready after 60 s (no leader, or no system namespaces yet); see the server.log files under {}",
                 args.data_dir.display()
             );
         }

@@ -118,6 +118,14 @@ async fn up_starts_a_cluster_stops_it_cleanly_and_reuses_its_data() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "the kubeconfig holds credentials");
     let ca = std::fs::read(data.join("pki/ca.crt")).unwrap();
+    // Secrets at rest are encrypted with a key only this user may read.
+    let enc = std::fs::read(data.join("pki/encryption.yaml")).unwrap();
+    assert!(String::from_utf8_lossy(&enc).contains("aesgcm"));
+    let mode = std::fs::metadata(data.join("pki/encryption.yaml"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
     for id in 1..=3 {
         let log = std::fs::read_to_string(data.join(id.to_string()).join("server.log")).unwrap();
         assert!(
@@ -128,6 +136,11 @@ async fn up_starts_a_cluster_stops_it_cleanly_and_reuses_its_data() {
     // The second run finds the first run's data, and keeps the cluster's CA.
     up_once(&host, &data, "second").await;
     assert_eq!(std::fs::read(data.join("pki/ca.crt")).unwrap(), ca);
+    assert_eq!(
+        std::fs::read(data.join("pki/encryption.yaml")).unwrap(),
+        enc,
+        "the key of the stored Secrets is kept"
+    );
     let mut c = Cluster::new(3, &[]);
     c.initial_cluster = (1..=3)
         .map(|id| format!("{id}={host}:{}", 7441 + id - 1))

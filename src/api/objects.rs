@@ -32,16 +32,22 @@ pub struct Stored {
     pub object: Value,
     /// Its mod revision.
     pub revision: i64,
+    /// Its stored bytes are not what a write would store now (encrypted with a key that is
+    /// no longer the first, or not encrypted where encryption is configured): an update
+    /// that changes nothing still rewrites it.
+    pub stale: bool,
 }
 
 /// Decodes a stored value and stamps its resourceVersion.
 pub fn decode(kv: &KeyValue) -> Result<Stored, KubeError> {
-    let mut object: Value = serde_json::from_slice(&kv.value)
+    let bytes = super::encryption::open(&kv.key, &kv.value)?;
+    let mut object: Value = serde_json::from_slice(&bytes)
         .map_err(|e| KubeError::internal(format!("stored object is not JSON: {e}")))?;
     set_resource_version(&mut object, kv.mod_revision);
     Ok(Stored {
         object,
         revision: kv.mod_revision,
+        stale: super::encryption::stale(&kv.key, &kv.value),
     })
 }
 
@@ -321,7 +327,12 @@ impl Objects {
         let items = resp
             .kvs
             .iter()
-            .filter(|kv| needle.is_none_or(|n| kv.value.windows(n.len()).any(|w| w == n)))
+            // Encrypted values cannot be searched: every one is decoded.
+            .filter(|kv| {
+                needle
+                    .filter(|_| !super::encryption::may_encrypt(start))
+                    .is_none_or(|n| kv.value.windows(n.len()).any(|w| w == n))
+            })
             .map(decode)
             .collect::<Result<Vec<_>, _>>()?;
         Ok((items, resp.revision, remaining, last))
@@ -368,7 +379,7 @@ impl Objects {
         let k = key.as_bytes().to_vec();
         let mut compare = vec![absent(&k)];
         compare.extend(claims.take.iter().map(|c| absent(c.as_bytes())));
-        let mut success = vec![put(&k, encode(object))];
+        let mut success = vec![put(&k, super::encryption::seal(&k, encode(object))?)];
         success.extend(claims.take.iter().map(|c| put(c.as_bytes(), k.clone())));
         success.extend(claims.release.iter().map(|c| remove(c.as_bytes())));
         let mut failure = vec![read(&k)];
@@ -386,6 +397,7 @@ impl Objects {
             return Ok(Ok(Stored {
                 object,
                 revision: t.revision,
+                stale: false,
             }));
         }
         Ok(Err(refusal(&t, claims)?))
@@ -420,7 +432,7 @@ impl Objects {
         let t = self
             .txn(TxnRequest {
                 compare: vec![at_revision(&k, revision)],
-                success: vec![put(&k, bytes)],
+                success: vec![put(&k, super::encryption::seal(&k, bytes)?)],
                 failure: vec![read(&k)],
             })
             .await?;
@@ -446,7 +458,7 @@ impl Objects {
         let k = key.as_bytes().to_vec();
         let mut compare = vec![at_revision(&k, revision)];
         compare.extend(claims.take.iter().map(|c| absent(c.as_bytes())));
-        let mut success = vec![put(&k, encode(&object))];
+        let mut success = vec![put(&k, super::encryption::seal(&k, encode(&object))?)];
         success.extend(claims.take.iter().map(|c| put(c.as_bytes(), k.clone())));
         success.extend(claims.release.iter().map(|c| remove(c.as_bytes())));
         let mut failure = vec![read(&k)];
@@ -463,6 +475,7 @@ impl Objects {
             return Ok(Ok(Stored {
                 object,
                 revision: t.revision,
+                stale: false,
             }));
         }
         match refusal(&t, claims)? {

@@ -65,9 +65,18 @@ pub(crate) struct Side {
 }
 
 impl Side {
-    fn new(raw: &[u8], revision: i64) -> Side {
+    /// The side of the value stored at `key` (opened if it is encrypted; one that does not
+    /// open is logged and serves as an error).
+    fn new(key: &[u8], raw: &[u8], revision: i64) -> Side {
+        let raw = match super::encryption::open(key, raw) {
+            Ok(b) => b.into_owned(),
+            Err(e) => {
+                tracing::warn!(key = %String::from_utf8_lossy(key), %e, "a stored object does not open");
+                Vec::new()
+            }
+        };
         Side {
-            raw: raw.to_vec(),
+            raw,
             revision,
             value: std::sync::OnceLock::new(),
         }
@@ -114,16 +123,16 @@ impl EventCache {
         }
         let (new, prev) = match e.kind {
             store::EventKind::Put => (
-                Some(Side::new(&e.kv.value, e.kv.mod_revision)),
+                Some(Side::new(&e.kv.key, &e.kv.value, e.kv.mod_revision)),
                 e.prev_kv
                     .as_ref()
-                    .map(|p| Side::new(&p.value, p.mod_revision)),
+                    .map(|p| Side::new(&p.key, &p.value, p.mod_revision)),
             ),
             store::EventKind::Delete => (
                 None,
                 e.prev_kv
                     .as_ref()
-                    .map(|p| Side::new(&p.value, e.kv.mod_revision)),
+                    .map(|p| Side::new(&p.key, &p.value, e.kv.mod_revision)),
             ),
         };
         let d = Arc::new(Decoded {
