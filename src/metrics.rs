@@ -54,6 +54,8 @@ pub struct Metrics {
     leader_changes: IntCounter,
     /// Requests refused with 401.
     pub auth_failures: IntCounter,
+    /// Requests refused by a limit (429) or cut off by the request timeout (504), by reason.
+    rejected_requests: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -75,6 +77,11 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram
 }
 
 impl Metrics {
+    /// Counts a request refused for `reason`.
+    pub fn rejected(&self, reason: &str) {
+        self.rejected_requests.with_label_values(&[reason]).inc();
+    }
+
     /// The registry (other subsystems register their metrics in it).
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -133,6 +140,17 @@ impl Metrics {
                 &r,
                 IntGauge::new("flotilla_api_watches_open", "Open watch streams.")
                     .expect("valid metric"),
+            ),
+            rejected_requests: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "flotilla_api_rejected_requests_total",
+                        "Kubernetes API requests refused by a limit (429: inflight, client_rate, client_inflight, client_watches) or cut off by the request timeout (504: timeout).",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid metric"),
             ),
             auth_failures: counter(
                 &r,

@@ -135,6 +135,23 @@ pub struct ServerArgs {
     /// agents over TLS only.
     #[arg(long, requires = "kubelet_client_certificate")]
     pub kubelet_certificate_authority: Option<PathBuf>,
+    /// Per client (with authentication on; `system:masters` exempt): Kubernetes API
+    /// requests per second, sustained (0: no bound); beyond it 429 with `Retry-After`.
+    #[arg(long, default_value_t = 200.0)]
+    pub client_qps: f64,
+    /// Per client: requests allowed at once above `--client-qps`.
+    #[arg(long, default_value_t = 400.0)]
+    pub client_burst: f64,
+    /// Per client: Kubernetes API requests handled at once (0: no bound).
+    #[arg(long, default_value_t = 100)]
+    pub max_requests_inflight_per_client: usize,
+    /// Per client: watches open at once (0: no bound).
+    #[arg(long, default_value_t = 200)]
+    pub max_watches_per_client: usize,
+    /// The longest a Kubernetes API request may take (watches, followed logs and exec
+    /// excepted) before it is answered 504 (kube-apiserver's `--request-timeout`).
+    #[arg(long, default_value_t = 60.0)]
+    pub api_request_timeout_seconds: f64,
     /// Encryption at rest: a Kubernetes `EncryptionConfiguration` (`aesgcm` and `identity`
     /// providers) naming the resources stored encrypted (Secrets, say). Every replica needs
     /// the same keys.
@@ -338,6 +355,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             args.max_mutating_requests_inflight,
         ),
         auth,
+        fair: crate::gateway::fair::Fair::new(crate::gateway::fair::Limits {
+            qps: args.client_qps.max(0.0),
+            burst: args.client_burst.max(1.0),
+            inflight: args.max_requests_inflight_per_client,
+            watches: args.max_watches_per_client,
+        }),
+        request_timeout: Duration::from_secs_f64(
+            args.api_request_timeout_seconds.clamp(0.1, 3600.0),
+        ),
     });
     let server = tokio::spawn(crate::http::serve(
         api_listener,

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -86,7 +87,7 @@ async fn handshake(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<(), 
 /// A three-replica cluster with everything on: HTTPS, client certificates, the token file
 /// `tokens`, mutual TLS between replicas and to agents. The harness's own requests go as
 /// the administrator. Returns the cluster and its certificates' directory.
-async fn secure_cluster(tokens: &str) -> (Cluster, PathBuf) {
+async fn secure_cluster(tokens: &str, extra: &[&str]) -> (Cluster, PathBuf) {
     let mut c = Cluster::new(3, &[]);
     let prefix = c.prefix.clone();
     let pki = certs(c.dir.path(), &prefix);
@@ -104,6 +105,7 @@ async fn secure_cluster(tokens: &str) -> (Cluster, PathBuf) {
         "--kubelet-certificate-authority".into(),
         path(&ca),
     ];
+    c.args.extend(extra.iter().map(|s| s.to_string()));
     for id in 1..=3u64 {
         let (crt, key) = (
             path(&pki.join(format!("replica-{id}.crt"))),
@@ -135,8 +137,11 @@ async fn secure_cluster(tokens: &str) -> (Cluster, PathBuf) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_clusters_certificates_and_tokens_get_in() {
-    let (mut c, pki) =
-        secure_cluster("t0ken-alice,alice,1001,\"dev\"\nt0ken-root,root,0,system:masters\n").await;
+    let (mut c, pki) = secure_cluster(
+        "t0ken-alice,alice,1001,\"dev\"\nt0ken-root,root,0,system:masters\n",
+        &[],
+    )
+    .await;
     let prefix = c.prefix.clone();
     let ca = pki.join("ca.crt");
     let path = |p: &Path| p.display().to_string();
@@ -413,9 +418,11 @@ fn kubectl_as(c: &Cluster, pki: &Path, token: &str) -> impl Fn(&[&str]) -> (bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbac_and_the_node_authorizer_decide_what_each_identity_may_do() {
-    let (c, pki) =
-        secure_cluster("view-token,val,2,team-viewers\nadmin-token,ada,3\nnobody-token,nobody,4\n")
-            .await;
+    let (c, pki) = secure_cluster(
+        "view-token,val,2,team-viewers\nadmin-token,ada,3\nnobody-token,nobody,4\n",
+        &[],
+    )
+    .await;
     let api = c.replica(2).api();
     let mut k = Kubectl::new(&c, 2);
     k.server = format!("https://{api}");
@@ -1046,4 +1053,213 @@ async fn secrets_are_encrypted_at_rest_and_keys_rotate() {
         k.run(&["get", "secret", "s"])
     };
     assert!(!ok && err.contains("not configured"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_starve_the_others() {
+    let (c, pki) = secure_cluster(
+        "flood-token,flood,1,viewers\ncalm-token,calm,2,viewers\n",
+        &[
+            "--client-qps",
+            "20",
+            "--client-burst",
+            "20",
+            "--max-requests-inflight-per-client",
+            "4",
+            "--max-watches-per-client",
+            "2",
+            "--api-request-timeout-seconds",
+            "1",
+        ],
+    )
+    .await;
+    let api = c.replica(2).api();
+    let mut k = Kubectl::new(&c, 2);
+    k.server = format!("https://{api}");
+    k.kubeconfig = Some(pki.join("admin.kubeconfig"));
+    k.ok(&[
+        "create",
+        "clusterrolebinding",
+        "viewers",
+        "--clusterrole=view",
+        "--group=viewers",
+    ]);
+    let as_user = |token: &str| {
+        Arc::new(
+            flotilla::client::Client::with_tls(
+                vec![],
+                Duration::from_secs(10),
+                Some(client_tls(&pki, None)),
+            )
+            .with_bearer(token),
+        )
+    };
+    let (flood, calm) = (as_user("flood-token"), as_user("calm-token"));
+    let pods = "/api/v1/namespaces/default/pods";
+    wait_for(
+        Duration::from_secs(10),
+        "the viewers' binding to apply",
+        || async { (get(&calm, &api, pods).await.0 == 200).then_some(()) },
+    )
+    .await;
+
+    // One client floods from 8 connections; another asks at its own pace meanwhile.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flooders = Vec::new();
+    for _ in 0..8 {
+        let (flood, api, stop) = (flood.clone(), api.clone(), stop.clone());
+        flooders.push(tokio::spawn(async move {
+            let mut codes: HashMap<u16, u64> = HashMap::new();
+            let mut retry_after = false;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let resp = flood
+                    .send_raw(
+                        http::Method::GET,
+                        &api,
+                        pods,
+                        "application/json",
+                        vec![],
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                retry_after |= resp.headers().contains_key(http::header::RETRY_AFTER);
+                *codes.entry(resp.status().as_u16()).or_default() += 1;
+            }
+            (codes, retry_after)
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for _ in 0..30 {
+        let started = std::time::Instant::now();
+        let (code, body) = get(&calm, &api, pods).await;
+        assert_eq!(code, 200, "the calm client was refused: {body}");
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut codes: HashMap<u16, u64> = HashMap::new();
+    let mut retry_after = false;
+    for f in flooders {
+        let (c, r) = f.await.unwrap();
+        for (k, v) in c {
+            *codes.entry(k).or_default() += v;
+        }
+        retry_after |= r;
+    }
+    assert!(codes.get(&429).copied().unwrap_or(0) > 0, "{codes:?}");
+    assert!(codes.get(&200).copied().unwrap_or(0) > 0, "{codes:?}");
+    assert_eq!(codes.len(), 2, "only 200 and 429: {codes:?}");
+    assert!(retry_after, "a 429 says when to retry");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "the calm client waited {slowest:?}"
+    );
+
+    // Watches: two per client; a third waits for one to end.
+    let watch = format!("{pods}?watch=true");
+    let w1 = calm.get_stream(&api, &watch).await.unwrap();
+    let w2 = calm.get_stream(&api, &watch).await.unwrap();
+    assert_eq!((w1.status().as_u16(), w2.status().as_u16()), (200, 200));
+    let refused = calm.get_stream(&api, &watch).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let body = flotilla::client::read_all(&api, refused.into_body(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&body).contains("too many watches"),
+        "{body:?}"
+    );
+    drop(w1);
+    wait_for(
+        Duration::from_secs(10),
+        "a watch slot to free up",
+        || async {
+            let w = calm.get_stream(&api, &watch).await.ok()?;
+            (w.status() == 200).then_some(())
+        },
+    )
+    .await;
+    drop(w2);
+
+    // The request timeout: a log from a node whose agent accepts connections and never
+    // answers is cut off with a 504 after a second.
+    let ghost = tokio::net::TcpListener::bind(format!("{}.250:0", c.prefix))
+        .await
+        .unwrap();
+    let port = ghost.local_addr().unwrap().port();
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = ghost.accept().await {
+            held.push(s);
+        }
+    });
+    let admin = c.client();
+    let json = "application/json";
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "ghost"}});
+    assert_eq!(
+        send(
+            &admin,
+            &api,
+            http::Method::POST,
+            "/api/v1/nodes",
+            json,
+            &node
+        )
+        .await
+        .0,
+        201
+    );
+    let status = json!({"status": {
+        "addresses": [{"type": "InternalIP", "address": format!("{}.250", c.prefix)}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}});
+    let (code, body) = send(
+        &admin,
+        &api,
+        http::Method::PATCH,
+        "/api/v1/nodes/ghost/status",
+        "application/merge-patch+json",
+        &status,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "haunted"},
+        "spec": {"nodeName": "ghost", "containers": [{"name": "c", "image": "busybox", "command": ["true"]}]}});
+    assert_eq!(
+        send(&admin, &api, http::Method::POST, pods, json, &pod)
+            .await
+            .0,
+        201
+    );
+    let started = std::time::Instant::now();
+    let (code, body) = send(
+        &admin,
+        &api,
+        http::Method::GET,
+        &format!("{pods}/haunted/log"),
+        json,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(code, 504, "{body}");
+    assert_eq!(body["reason"], "Timeout", "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Every refusal is counted.
+    let (_, metrics) = get(&admin, &api, "/metrics").await;
+    for reason in ["client_rate", "client_watches", "timeout"] {
+        let prefix = format!("flotilla_api_rejected_requests_total{{reason=\"{reason}\"}}");
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {reason} count"));
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n > 0.0, "{line}");
+    }
+    // The cluster is fine: writes go through.
+    k.ok(&["create", "configmap", "after-the-flood"]);
 }

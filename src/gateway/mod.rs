@@ -7,6 +7,7 @@
 //! failure is answered with etcd's error shape (`{"error", "code", "message"}`) and an HTTP
 //! status that says what kind of failure it was; see [`ApiError`].
 
+pub mod fair;
 pub mod json;
 mod watch;
 
@@ -40,6 +41,11 @@ pub struct Api {
     pub inflight: InFlight,
     /// Who requests come from.
     pub auth: crate::auth::Authenticator,
+    /// Per-client limits (with authentication on).
+    pub fair: fair::Fair,
+    /// The longest a Kubernetes API request other than a watch, a followed log or an exec
+    /// may take before it is answered 504.
+    pub request_timeout: std::time::Duration,
 }
 
 /// Bounds on Kubernetes API requests being handled at once (kube-apiserver's
@@ -237,8 +243,42 @@ impl Api {
                 Method::GET | Method::HEAD | Method::OPTIONS => &self.inflight.readonly,
                 _ => &self.inflight.mutating,
             };
+            let watching = verb == "watch";
+            let long_running = watching
+                || path.ends_with("/exec")
+                || (path.ends_with("/log")
+                    && req
+                        .uri()
+                        .query()
+                        .is_some_and(|q| q.split('&').any(|p| p == "follow=true")));
+            // Per client first: one client over its share is refused without taking a
+            // replica-wide slot.
+            let mut admitted = None;
+            if let Some(u) = req
+                .extensions()
+                .get::<crate::auth::User>()
+                .filter(|u| self.auth.enabled() && !u.in_group(crate::api::rbac::MASTERS))
+            {
+                match self.fair.admit(&u.name, watching) {
+                    Ok(a) => admitted = Some(a),
+                    Err(refusal) => {
+                        self.metrics.rejected(refusal.label());
+                        timer.finish(verb, resource, 429);
+                        let mut resp = crate::api::status::KubeError::too_many_requests(
+                            refusal.message(&u.name),
+                        )
+                        .response();
+                        resp.headers_mut().insert(
+                            http::header::RETRY_AFTER,
+                            http::HeaderValue::from_static("1"),
+                        );
+                        return resp;
+                    }
+                }
+            }
             let permit = match bound.as_ref().map(|s| s.try_acquire()) {
                 Some(Err(_)) => {
+                    self.metrics.rejected("inflight");
                     let mut resp = crate::api::status::KubeError::too_many_requests(
                         "Too many requests, please try again later.".into(),
                     )
@@ -253,8 +293,30 @@ impl Api {
                 Some(Ok(p)) => Some(p),
                 None => None,
             };
-            let resp = self.kube.clone().handle(req).await;
+            let handled = self.kube.clone().handle(req);
+            let mut resp = if long_running {
+                handled.await
+            } else {
+                match tokio::time::timeout(self.request_timeout, handled).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.metrics.rejected("timeout");
+                        crate::api::status::KubeError::timeout(format!(
+                            "request did not complete within {:?}",
+                            self.request_timeout
+                        ))
+                        .response()
+                    }
+                }
+            };
             drop(permit);
+            if let Some(a) = admitted {
+                drop(a.inflight);
+                // A watch holds its client's watch permit for as long as it streams.
+                if let Some(w) = a.watch {
+                    resp = resp.map(|b| http_body_util::BodyExt::boxed(fair::Guarded::new(b, w)));
+                }
+            }
             timer.finish(verb, resource, resp.status().as_u16());
             return resp;
         }
