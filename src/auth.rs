@@ -250,6 +250,7 @@ mod tests {
                 user: "system:node:n1".into(),
                 groups: vec!["system:nodes".into()],
             }),
+            remote: None,
         };
         match a.authenticate("/api/v1/pods", &headers(None), Some(&cert)) {
             Outcome::User(u) => {

@@ -100,6 +100,10 @@ pub async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyEr
 /// How much of an oversized body is read and dropped before the 413.
 const DRAIN_LIMIT: usize = 64 << 20;
 
+/// The id of the request being handled (a request extension).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
 /// The request's id: the client's `X-Request-Id` when it is short and plain (letters,
 /// digits, `-`, `_`, `.`; at most 64), else 16 new hex digits.
 pub fn request_id(headers: &http::HeaderMap) -> String {
@@ -132,8 +136,15 @@ pub async fn accept_tls(
     crate::tls::Conn,
 )> {
     use tokio_util::either::Either;
+    let remote = stream.peer_addr().ok();
     let Some(acceptor) = tls else {
-        return Some((Either::Left(stream), crate::tls::Conn::default()));
+        return Some((
+            Either::Left(stream),
+            crate::tls::Conn {
+                remote,
+                ..Default::default()
+            },
+        ));
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(s)) => {
@@ -143,7 +154,14 @@ pub async fn accept_tls(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(crate::tls::identity);
-            Some((Either::Right(s), crate::tls::Conn { tls: true, cert }))
+            Some((
+                Either::Right(s),
+                crate::tls::Conn {
+                    tls: true,
+                    cert,
+                    remote,
+                },
+            ))
         }
         Ok(Err(e)) => {
             tracing::debug!(%e, "TLS handshake refused");
@@ -199,6 +217,7 @@ pub async fn serve<H, F>(
                 // or a new one), so whatever it logs on this replica (forwarding to the
                 // leader included) says which request it was; the response carries the id.
                 let id = request_id(req.headers());
+                req.extensions_mut().insert(RequestId(id.clone()));
                 let span = tracing::info_span!(
                     "request",
                     id = %id,

@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod certs;
 pub mod client;

@@ -152,6 +152,16 @@ pub struct ServerArgs {
     /// excepted) before it is answered 504 (kube-apiserver's `--request-timeout`).
     #[arg(long, default_value_t = 60.0)]
     pub api_request_timeout_seconds: f64,
+    /// The audit log: one JSON line (an `audit.k8s.io/v1` Event at the Metadata level) per
+    /// API request: who, what, and the response code. Unset: no audit log.
+    #[arg(long)]
+    pub audit_log_path: Option<PathBuf>,
+    /// The audit log's size in megabytes past which it is rotated.
+    #[arg(long, default_value_t = 100)]
+    pub audit_log_maxsize: u64,
+    /// Rotated audit logs kept (`<path>.1` the newest).
+    #[arg(long, default_value_t = 1)]
+    pub audit_log_maxbackup: usize,
     /// Encryption at rest: a Kubernetes `EncryptionConfiguration` (`aesgcm` and `identity`
     /// providers) naming the resources stored encrypted (Secrets, say). Every replica needs
     /// the same keys.
@@ -338,6 +348,22 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         job_backoff: Duration::from_secs(args.job_backoff_seconds.min(360)),
     };
     let control_metrics = crate::controllers::metrics::ControlMetrics::new(metrics.registry());
+    let audit = match &args.audit_log_path {
+        Some(path) => {
+            let dropped = prometheus::IntCounter::new(
+                "flotilla_audit_events_dropped_total",
+                "Audit events dropped because the audit log writer was behind.",
+            )?;
+            metrics.registry().register(Box::new(dropped.clone()))?;
+            Some(crate::audit::Auditor::start(
+                path.clone(),
+                args.audit_log_maxsize.saturating_mul(1 << 20),
+                args.audit_log_maxbackup,
+                dropped,
+            )?)
+        }
+        None => None,
+    };
     let control = tokio::spawn(crate::controllers::run(
         replica.clone(),
         kube.clone(),
@@ -364,6 +390,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs_f64(
             args.api_request_timeout_seconds.clamp(0.1, 3600.0),
         ),
+        audit,
     });
     let server = tokio::spawn(crate::http::serve(
         api_listener,

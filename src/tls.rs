@@ -165,6 +165,8 @@ pub struct Conn {
     pub tls: bool,
     /// The identity of the client's verified certificate, if it offered one.
     pub cert: Option<CertIdentity>,
+    /// The client's address.
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 /// The TLS server name of `host` (an IP address or a DNS name).

@@ -126,6 +126,8 @@ async fn secure_cluster(tokens: &str, extra: &[&str]) -> (Cluster, PathBuf) {
                 &crt,
                 "--kubelet-client-key",
                 &key,
+                "--audit-log-path",
+                &path(&c.replica(id).data_dir.with_extension("audit.log")),
             ],
         );
     }
@@ -601,6 +603,25 @@ async fn rbac_and_the_node_authorizer_decide_what_each_identity_may_do() {
         },
     )
     .await;
+
+    // The audit log of the replica these requests went to: who, what, how it went.
+    let audit = std::fs::read_to_string(c.replica(2).data_dir.with_extension("audit.log")).unwrap();
+    let events: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let found = |user: &str, verb: &str, resource: &str, code: u64| {
+        events.iter().any(|e| {
+            e["user"]["username"] == user
+                && e["verb"] == verb
+                && e["objectRef"]["resource"] == resource
+                && e["responseStatus"]["code"] == code
+        })
+    };
+    assert!(found("val", "create", "pods", 403), "{audit}");
+    assert!(found("val", "list", "pods", 200), "{audit}");
+    assert!(found("admin", "create", "rolebindings", 201), "{audit}");
+    assert!(found("ada", "create", "rolebindings", 403), "{audit}");
 
     // The node authorizer: node s1's certificate.
     let s1 = flotilla::client::Client::with_tls(

@@ -46,6 +46,8 @@ pub struct Api {
     /// The longest a Kubernetes API request other than a watch, a followed log or an exec
     /// may take before it is answered 504.
     pub request_timeout: std::time::Duration,
+    /// The audit log, when on.
+    pub audit: Option<crate::audit::Auditor>,
 }
 
 /// Bounds on Kubernetes API requests being handled at once (kube-apiserver's
@@ -162,7 +164,69 @@ fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 
 impl Api {
     /// Routes one request.
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let Some(audit) = self.audit.as_ref() else {
+            return self.clone().serve(req, &mut None).await;
+        };
+        // What the audit log needs, taken before the request is consumed.
+        let received = std::time::SystemTime::now();
+        // Path and query (an HTTP/2 request's URI carries the scheme and authority too).
+        let uri = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path().to_string(), |pq| pq.to_string());
+        let path = req.uri().path().to_string();
+        let verb = if crate::api::Kube::serves(&path) {
+            crate::api::Kube::labels(req.method(), &path, req.uri().query()).0
+        } else {
+            "other"
+        };
+        let verb = match (verb, req.method()) {
+            ("other" | "get", m) if !crate::api::Kube::serves(&path) => {
+                m.as_str().to_ascii_lowercase()
+            }
+            (v, _) => v.to_string(),
+        };
+        let user_agent = req
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let id = req
+            .extensions()
+            .get::<crate::http::RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
+        let source = req
+            .extensions()
+            .get::<crate::tls::Conn>()
+            .and_then(|c| c.remote);
+        let streaming = verb == "watch"
+            || path.ends_with("/exec")
+            || (path.ends_with("/log") && uri.contains("follow=true"));
+        let mut who = None;
+        let resp = self.clone().serve(req, &mut who).await;
+        audit.record(&crate::audit::Record {
+            id: &id,
+            verb: &verb,
+            uri: &uri,
+            user: who.as_ref(),
+            source,
+            user_agent: &user_agent,
+            code: resp.status().as_u16(),
+            streaming,
+            received,
+        });
+        resp
+    }
+
+    /// Handles one request; `who` is set to the requester once known (for the audit log).
+    async fn serve(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        who: &mut Option<crate::auth::User>,
+    ) -> Response<Body> {
         let timer = self.metrics.start_request();
         let path = req.uri().path().to_string();
         use crate::auth::Outcome;
@@ -197,16 +261,19 @@ impl Api {
                 .response();
             }
             Outcome::User(u) => {
+                *who = Some(u.clone());
                 req.extensions_mut().insert(u);
             }
             // Authorization decides what the anonymous user may see (RBAC's
             // system:public-info-viewer: health and version).
             Outcome::Anonymous => {
-                req.extensions_mut().insert(crate::auth::User {
+                let anonymous = crate::auth::User {
                     name: "system:anonymous".into(),
                     uid: String::new(),
                     groups: vec!["system:unauthenticated".into()],
-                });
+                };
+                *who = Some(anonymous.clone());
+                req.extensions_mut().insert(anonymous);
             }
             Outcome::Off => {}
         }
