@@ -1,6 +1,7 @@
 //! Authentication: who a request to the API comes from, as kube-apiserver decides it — a
 //! verified client certificate (CN = user, O = groups), else a bearer token from the static
-//! token file (`--token-auth-file`), else nobody (anonymous).
+//! token file (`--token-auth-file`) or a ServiceAccount token this cluster signed
+//! ([`crate::api::satoken`]), else nobody (anonymous).
 //!
 //! Owns the token table (read once at start). Invariants:
 //! - with authentication off (no client CA, no token file: the plain-HTTP development mode)
@@ -61,7 +62,12 @@ pub struct Authenticator {
     tokens: HashMap<String, User>,
     /// Anonymous requests may use the health and version paths.
     anonymous: bool,
+    /// ServiceAccount tokens.
+    issuer: Option<std::sync::Arc<crate::api::satoken::Issuer>>,
 }
+
+/// The groups of every ServiceAccount.
+pub const SERVICE_ACCOUNTS: &str = "system:serviceaccounts";
 
 /// Paths anonymous requests may use (with `--anonymous-auth`).
 pub fn anonymous_path(path: &str) -> bool {
@@ -146,12 +152,22 @@ impl Authenticator {
             certs,
             tokens,
             anonymous,
+            issuer: None,
         }
+    }
+
+    /// Also authenticates ServiceAccount tokens signed by `issuer`.
+    pub fn with_issuer(
+        mut self,
+        issuer: Option<std::sync::Arc<crate::api::satoken::Issuer>>,
+    ) -> Authenticator {
+        self.issuer = issuer;
+        self
     }
 
     /// Whether authentication is on.
     pub fn enabled(&self) -> bool {
-        self.certs || !self.tokens.is_empty()
+        self.certs || !self.tokens.is_empty() || self.issuer.is_some()
     }
 
     /// Who the request with `headers`, on connection `conn`, to `path` is from.
@@ -182,8 +198,24 @@ impl Authenticator {
                     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
                 })
                 .filter(|t| !t.is_empty());
-            return match token.and_then(|t| self.tokens.get(t)) {
-                Some(u) => Outcome::User(u.clone()),
+            if let Some(u) = token.and_then(|t| self.tokens.get(t)) {
+                return Outcome::User(u.clone());
+            }
+            // A ServiceAccount token (whether its account still exists is the caller's
+            // check: the user's uid is the account's).
+            let sa = token
+                .zip(self.issuer.as_ref())
+                .and_then(|(t, i)| i.verify(t).ok());
+            return match sa {
+                Some(c) => Outcome::User(User {
+                    name: c.user(),
+                    uid: c.uid.clone(),
+                    groups: vec![
+                        SERVICE_ACCOUNTS.to_string(),
+                        format!("{SERVICE_ACCOUNTS}:{}", c.namespace),
+                        AUTHENTICATED.to_string(),
+                    ],
+                }),
                 None => Outcome::Unauthorized,
             };
         }

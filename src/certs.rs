@@ -7,6 +7,7 @@
 //! | `replica-<id>.crt/.key` | `system:flotilla:replica:<id>` | `system:flotilla:replicas` | the API's and the peer listener's certificate, the peer client's, and the client certificate replicas show agents |
 //! | `agent-<name>.crt/.key` | `system:node:<name>` | `system:nodes` | the agent's client certificate and its endpoint's certificate |
 //! | `admin.crt/.key` | `admin` | `system:masters` | an administrator (`admin.kubeconfig`) |
+//! | `sa.key` | | | signs ServiceAccount tokens (`--service-account-signing-key-file`) |
 //!
 //! Owns the files of `--dir`. Invariants: an existing CA is reused (so agents can be added
 //! later) and never overwritten; keys are written mode 0600; every certificate names its
@@ -279,6 +280,12 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
         &ca,
         &mut written,
     )?;
+    // The ServiceAccount token signing key: kept (tokens stay valid across runs).
+    let sa = dir.join("sa.key");
+    if !sa.exists() {
+        write_private(&sa, &KeyPair::generate()?.serialize_pem())?;
+        written.push(sa);
+    }
     let server = args.server.clone().unwrap_or_else(|| {
         let host = replicas.first().map_or("127.0.0.1", |(_, h)| h.as_str());
         format!("https://{host}:6443")

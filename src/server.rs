@@ -152,6 +152,14 @@ pub struct ServerArgs {
     /// excepted) before it is answered 504 (kube-apiserver's `--request-timeout`).
     #[arg(long, default_value_t = 60.0)]
     pub api_request_timeout_seconds: f64,
+    /// ServiceAccount tokens: the ECDSA P-256 key (PKCS#8 PEM; `flotilla certs init` writes
+    /// `sa.key`) that signs them (`serviceaccounts/<name>/token`, `kubectl create token`)
+    /// and verifies them; the same file on every replica.
+    #[arg(long)]
+    pub service_account_signing_key_file: Option<PathBuf>,
+    /// The tokens' issuer (`iss`), also the audience the API accepts.
+    #[arg(long, default_value = "https://kubernetes.default.svc.cluster.local")]
+    pub service_account_issuer: String,
     /// The audit log: one JSON line (an `audit.k8s.io/v1` Event at the Metadata level) per
     /// API request: who, what, and the response code. Unset: no audit log.
     #[arg(long)]
@@ -179,6 +187,7 @@ fn security(
     crate::auth::Authenticator,
     Option<flotilla_raft::PeerTls>,
     Option<Arc<rustls::ClientConfig>>,
+    Option<Arc<crate::api::satoken::Issuer>>,
 )> {
     use crate::tls::{client_config, server_config, ClientCerts};
     let api_tls = match (&args.tls_cert_file, &args.tls_private_key_file) {
@@ -210,8 +219,16 @@ fn security(
     if !tokens.is_empty() && api_tls.is_none() {
         tracing::warn!("--token-auth-file without --tls-cert-file: tokens travel in plain text");
     }
+    let issuer = match &args.service_account_signing_key_file {
+        Some(f) => Some(Arc::new(crate::api::satoken::Issuer::load(
+            f,
+            &args.service_account_issuer,
+        )?)),
+        None => None,
+    };
     let auth =
-        crate::auth::Authenticator::new(args.client_ca_file.is_some(), tokens, args.anonymous_auth);
+        crate::auth::Authenticator::new(args.client_ca_file.is_some(), tokens, args.anonymous_auth)
+            .with_issuer(issuer.clone());
     let peer = match (
         &args.peer_cert_file,
         &args.peer_key_file,
@@ -231,7 +248,7 @@ fn security(
         (Some(cert), Some(key), Some(ca)) => Some(Arc::new(client_config(ca, Some((cert, key)))?)),
         _ => None,
     };
-    Ok((api_tls, auth, peer, agents))
+    Ok((api_tls, auth, peer, agents, issuer))
 }
 
 /// Parses `1=127.0.0.1:7441,2=...`.
@@ -275,7 +292,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             "no --initial-cluster: this replica starts only if it already has cluster state"
         );
     }
-    let (api_tls, auth, peer_tls, agent_tls) = security(&args)?;
+    let (api_tls, auth, peer_tls, agent_tls, issuer) = security(&args)?;
     if let Some(path) = &args.encryption_provider_config {
         crate::api::encryption::install(crate::api::encryption::load(path)?)?;
         tracing::info!(config = %path.display(), "encrypting at rest");
@@ -327,6 +344,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         )
         .with_metrics(metrics.clone())
         .with_agent_tls(agent_tls)
+        .with_token_issuer(issuer)
         .with_authorizer(auth.enabled().then(|| {
             crate::api::authz::Authorizer::start(
                 crate::api::objects::Objects::new(replica.clone()),

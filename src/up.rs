@@ -87,6 +87,7 @@ fn replica_security(args: &UpArgs, id: u64) -> Vec<String> {
         ("--kubelet-client-key", &key),
         ("--kubelet-certificate-authority", &ca),
         ("--encryption-provider-config", &f("encryption.yaml")),
+        ("--service-account-signing-key-file", &f("sa.key")),
     ]
     .iter()
     .flat_map(|(k, v)| [k.to_string(), v.to_string()])

@@ -105,6 +105,10 @@ async fn secure_cluster(tokens: &str, extra: &[&str]) -> (Cluster, PathBuf) {
         "--kubelet-certificate-authority".into(),
         path(&ca),
     ];
+    c.args.extend([
+        "--service-account-signing-key-file".into(),
+        path(&pki.join("sa.key")),
+    ]);
     c.args.extend(extra.iter().map(|s| s.to_string()));
     for id in 1..=3u64 {
         let (crt, key) = (
@@ -408,7 +412,14 @@ async fn send(
 fn kubectl_as(c: &Cluster, pki: &Path, token: &str) -> impl Fn(&[&str]) -> (bool, String, String) {
     let mut k = Kubectl::new(c, 2);
     k.server = format!("https://{}", c.replica(2).api());
-    k.cache = c.dir.path().join(format!("cache-{token}"));
+    // (A JWT is too long for a file name: its signature's end tells tokens apart.)
+    let tail: String = token
+        .chars()
+        .rev()
+        .take(16)
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    k.cache = c.dir.path().join(format!("cache-{tail}"));
     let ca = pki.join("ca.crt").display().to_string();
     let token = token.to_string();
     move |args: &[&str]| {
@@ -600,6 +611,67 @@ async fn rbac_and_the_node_authorizer_decide_what_each_identity_may_do() {
         || async {
             let (_, out, _) = val(&["auth", "can-i", "list", "roles", "-n", "team"]);
             (out.trim() == "no").then_some(())
+        },
+    )
+    .await;
+
+    // ServiceAccount tokens (`kubectl create token`): they authenticate as the account,
+    // RBAC applies to it, and deleting the account revokes them.
+    k.ok(&["create", "serviceaccount", "robot", "-n", "team"]);
+    k.ok(&[
+        "create",
+        "rolebinding",
+        "robot-view",
+        "--clusterrole=view",
+        "--serviceaccount=team:robot",
+        "-n",
+        "team",
+    ]);
+    let token = k
+        .ok(&["create", "token", "robot", "-n", "team", "--duration=20m"])
+        .trim()
+        .to_string();
+    let claims: Value = {
+        use base64::Engine;
+        let part = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        claims["sub"], "system:serviceaccount:team:robot",
+        "{claims}"
+    );
+    let lifetime = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
+    assert_eq!(lifetime, 1200, "--duration=20m: {claims}");
+    let robot = kubectl_as(&c, &pki, &token);
+    let (ok, _, err) = robot(&["get", "pods", "-n", "team"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = robot(&["get", "secrets", "-n", "team"]);
+    assert!(
+        !ok && err.contains("system:serviceaccount:team:robot"),
+        "{err}"
+    );
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let (ok, _, err) = kubectl_as(&c, &pki, &forged)(&["get", "pods", "-n", "team"]);
+    assert!(!ok && err.contains("You must be logged in"), "{err}");
+    // Who may ask for a token: ada (admin of team) yes, val (view) no.
+    let (ok, _, err) = ada(&["create", "token", "robot", "-n", "team"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = val(&["create", "token", "robot", "-n", "team"]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    k.ok(&["delete", "serviceaccount", "robot", "-n", "team"]);
+    wait_for(
+        Duration::from_secs(10),
+        "the deleted account's token to stop working",
+        || async {
+            let (ok, _, err) = robot(&["get", "pods", "-n", "team"]);
+            (!ok && err.contains("You must be logged in")).then_some(())
         },
     )
     .await;

@@ -27,6 +27,7 @@ pub mod proto;
 pub mod quantity;
 pub mod rbac;
 pub mod resources;
+pub mod satoken;
 pub mod selector;
 pub mod services;
 pub mod status;
@@ -182,6 +183,8 @@ pub struct Kube {
     pub(crate) agent_tls: Option<Arc<rustls::ClientConfig>>,
     /// Authorization of authenticated requests (none: everything is allowed).
     pub(crate) authz: Option<Arc<authz::Authorizer>>,
+    /// The ServiceAccount token issuer (none: no TokenRequest).
+    pub(crate) issuer: Option<Arc<satoken::Issuer>>,
 }
 
 /// A parsed request: what handlers need besides the body.
@@ -370,6 +373,7 @@ impl Kube {
             metrics: None,
             agent_tls: None,
             authz: None,
+            issuer: None,
         }
     }
 
@@ -377,6 +381,89 @@ impl Kube {
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Kube {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Issues ServiceAccount tokens with `issuer`.
+    pub fn with_token_issuer(mut self, issuer: Option<Arc<satoken::Issuer>>) -> Kube {
+        self.issuer = issuer;
+        self
+    }
+
+    /// `POST serviceaccounts/<name>/token` (`kubectl create token`): a signed token for
+    /// the account, valid `spec.expirationSeconds` (600 s to 48 h, default 1 h), for
+    /// `spec.audiences` (the API's by default). Stored nowhere.
+    async fn token_request(&self, call: &Call, body: Value) -> KubeResult {
+        let Some(issuer) = &self.issuer else {
+            return Err(KubeError::bad_request(
+                "ServiceAccount tokens are not enabled (--service-account-signing-key-file)",
+            ));
+        };
+        let main = Call {
+            sub: None,
+            ..call.clone()
+        };
+        let sa = self
+            .objects
+            .get(&main.key(), Consistency::Linearizable)
+            .await?
+            .ok_or_else(|| KubeError::not_found(call.r, call.name()))?
+            .object;
+        let spec = body.get("spec").cloned().unwrap_or_else(|| json!({}));
+        let audiences: Vec<String> = spec
+            .get("audiences")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect();
+        let seconds = spec
+            .get("expirationSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(satoken::DEFAULT_SECONDS);
+        if seconds < satoken::MIN_SECONDS {
+            return Err(KubeError::invalid(
+                call.r,
+                call.name(),
+                vec![status::Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: format!(
+                        "Invalid value: {seconds}: may not specify a duration less than {} seconds",
+                        satoken::MIN_SECONDS
+                    ),
+                    field: "spec.expirationSeconds".into(),
+                }],
+            ));
+        }
+        let seconds = seconds.min(satoken::MAX_SECONDS);
+        let uid = sa
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let (token, exp) = issuer
+            .issue(
+                call.namespace.as_deref().unwrap_or(""),
+                call.name(),
+                uid,
+                &audiences,
+                seconds,
+            )
+            .map_err(|e| KubeError::internal(e.to_string()))?;
+        let mut spec = spec;
+        spec["expirationSeconds"] = json!(seconds);
+        if audiences.is_empty() {
+            spec["audiences"] = json!([issuer.issuer]);
+        }
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({
+                "kind": "TokenRequest",
+                "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"name": call.name(), "namespace": call.namespace, "creationTimestamp": meta::rfc3339(meta::now_secs())},
+                "spec": spec,
+                "status": {"token": token, "expirationTimestamp": meta::rfc3339(exp.max(0) as u64)},
+            }),
+        ))
     }
 
     /// Authorizes every authenticated request with `authz`.
@@ -472,6 +559,7 @@ impl Kube {
             metrics: None,
             agent_tls: self.agent_tls.clone(),
             authz: self.authz.clone(),
+            issuer: self.issuer.clone(),
         }
     }
 
@@ -681,6 +769,11 @@ impl Kube {
                         self.bind(&call, body).await
                     }
                     (_, _, Some("binding")) => Err(KubeError::method_not_allowed(method.as_str())),
+                    (&Method::POST, true, Some("token")) => {
+                        let body = read_json(req.into_body(), &content_type, JSON_OR_YAML).await?;
+                        self.token_request(&call, body).await
+                    }
+                    (_, _, Some("token")) => Err(KubeError::method_not_allowed(method.as_str())),
                     (&Method::POST, true, Some("eviction")) => {
                         let body = read_json(req.into_body(), &content_type, JSON_OR_YAML).await?;
                         self.evict(&call, body).await

@@ -526,6 +526,7 @@ pub fn decode(body: &[u8]) -> Option<Value> {
         ("v1", "Secret") => (Some("data"), true),
         ("v1", "Service") | ("apps/v1", "Deployment") | ("batch/v1", "Job") => (None, false),
         ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => (None, false),
+        ("authentication.k8s.io/v1", "TokenRequest") => (None, false),
         (
             "rbac.authorization.k8s.io/v1",
             "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding",
@@ -542,6 +543,20 @@ pub fn decode(body: &[u8]) -> Option<Value> {
             (2, Field::Bytes(v)) if kind == "Job" => obj["spec"] = job_spec(v)?,
             (2, Field::Bytes(v)) if kind == "SelfSubjectAccessReview" => {
                 obj["spec"] = access_review_spec(v)?
+            }
+            (2, Field::Bytes(v)) if kind == "TokenRequest" => {
+                // TokenRequestSpec: audiences (1), boundObjectRef (3), expirationSeconds (4).
+                let mut spec = Map::new();
+                for (m, g) in fields(v)? {
+                    match (m, g) {
+                        (1, Field::Bytes(a)) => push_text(&mut spec, "audiences", a)?,
+                        (4, Field::Varint(s)) => {
+                            spec.insert("expirationSeconds".into(), json!(s as i64));
+                        }
+                        _ => {}
+                    }
+                }
+                obj["spec"] = Value::Object(spec);
             }
             (2, Field::Bytes(v)) if rbac_role => {
                 if !obj["rules"].is_array() {

@@ -601,7 +601,7 @@ pub fn defaults() -> Vec<Value> {
         rule(WRITE, &["batch"], &["jobs", "cronjobs"]),
         rule(WRITE, &["discovery.k8s.io"], &["endpointslices"]),
         rule(WRITE, &["coordination.k8s.io"], &["leases"]),
-        rule(&["create"], &[""], &["pods/exec"]),
+        rule(&["create"], &[""], &["pods/exec", "serviceaccounts/token"]),
         rule(&["impersonate"], &[""], &["serviceaccounts"]),
     ]);
     vec![

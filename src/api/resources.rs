@@ -145,7 +145,7 @@ pub const RESOURCES: &[Resource] = &[
         namespaced: true,
         short_names: &["sa"],
         categories: &[],
-        subresources: &[],
+        subresources: &["token"],
     },
     Resource {
         group: "coordination.k8s.io",

@@ -261,6 +261,34 @@ impl Api {
                 .response();
             }
             Outcome::User(u) => {
+                // A ServiceAccount token holds only while its account exists, with the uid
+                // the token names (deleting the account revokes its tokens).
+                if let Some(rest) = u.name.strip_prefix("system:serviceaccount:") {
+                    let (ns, name) = rest.split_once(':').unwrap_or(("", ""));
+                    let r =
+                        crate::api::resources::find("", "v1", "serviceaccounts").expect("served");
+                    let live = self
+                        .kube
+                        .objects()
+                        .get(
+                            &r.key(Some(ns), name),
+                            crate::api::objects::Consistency::Local,
+                        )
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some_and(|s| {
+                            s.object
+                                .pointer("/metadata/uid")
+                                .and_then(serde_json::Value::as_str)
+                                == Some(u.uid.as_str())
+                        });
+                    if !live {
+                        self.metrics.auth_failures.inc();
+                        timer.finish("other", "other", 401);
+                        return crate::api::status::KubeError::unauthorized().response();
+                    }
+                }
                 *who = Some(u.clone());
                 req.extensions_mut().insert(u);
             }
