@@ -160,6 +160,8 @@ pub struct Authorizer {
     cluster_role_bindings: Arc<Informer>,
     pods: Arc<Informer>,
     graph: Arc<Mutex<Graph>>,
+    /// Every cache has listed (it stays so): the per-request check is one load.
+    listed: std::sync::atomic::AtomicBool,
 }
 
 impl rbac::Store for Authorizer {
@@ -213,6 +215,7 @@ impl Authorizer {
             cluster_role_bindings: informer("clusterrolebindings"),
             pods,
             graph,
+            listed: std::sync::atomic::AtomicBool::new(false),
         });
         for inf in a.informers() {
             tokio::spawn(inf.run(objects.clone(), stop.clone()));
@@ -232,9 +235,14 @@ impl Authorizer {
 
     /// Waits until every cache has listed once.
     pub async fn synced(&self) {
+        use std::sync::atomic::Ordering;
+        if self.listed.load(Ordering::Acquire) {
+            return;
+        }
         for inf in self.informers() {
             inf.synced().await;
         }
+        self.listed.store(true, Ordering::Release);
     }
 
     /// Whether the pod `namespace/name` is bound to `node`: the cache, confirmed from the
