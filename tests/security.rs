@@ -393,19 +393,9 @@ async fn send(
     ctype: &str,
     body: &Value,
 ) -> (u16, Value) {
-    use http_body_util::BodyExt;
-    let bytes = if body.is_null() {
-        Vec::new()
-    } else {
-        serde_json::to_vec(body).unwrap()
-    };
-    let resp = client
-        .send_raw(method, server, path, ctype, bytes, None)
-        .await
-        .unwrap_or_else(|e| panic!("{path}: {e}"));
-    let status = resp.status().as_u16();
-    let b = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    let answer = req_with(client, &[server.to_string()], method, path, ctype, body).await;
+    assert_ne!(answer.0, 0, "{path}: no answer");
+    answer
 }
 
 /// kubectl as a token's user.

@@ -99,12 +99,24 @@ pub async fn req_tls(
     ctype: &str,
     body: &Value,
 ) -> (u16, Value) {
+    let client = flotilla::client::Client::with_tls(servers.to_vec(), Duration::from_secs(5), tls);
+    req_with(&client, servers, method, path, ctype, body).await
+}
+
+/// [`req`] as `client` (its TLS identity or bearer token).
+pub async fn req_with(
+    client: &flotilla::client::Client,
+    servers: &[String],
+    method: http::Method,
+    path: &str,
+    ctype: &str,
+    body: &Value,
+) -> (u16, Value) {
     let bytes = if body.is_null() {
         Vec::new()
     } else {
         serde_json::to_vec(body).unwrap()
     };
-    let client = flotilla::client::Client::with_tls(servers.to_vec(), Duration::from_secs(5), tls);
     for server in servers {
         if let Ok(resp) = client
             .send_raw(method.clone(), server, path, ctype, bytes.clone(), None)

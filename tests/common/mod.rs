@@ -11,7 +11,7 @@ pub mod kubectl;
 #[allow(unused_imports)]
 pub use agent::Agent;
 #[allow(unused_imports)]
-pub use kubectl::{req, req_tls, Kubectl, KUBECTL};
+pub use kubectl::{req, req_tls, req_with, Kubectl, KUBECTL};
 
 use std::future::Future;
 use std::path::PathBuf;
