@@ -112,9 +112,12 @@ impl Auditor {
     ) -> anyhow::Result<Auditor> {
         use anyhow::Context;
         let open = |p: &PathBuf| {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Who did what: for the owner's eyes only.
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(p)
                 .with_context(|| format!("opening the audit log {}", p.display()))
         };

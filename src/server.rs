@@ -189,7 +189,7 @@ fn security(
     Option<Arc<rustls::ClientConfig>>,
     Option<Arc<crate::api::satoken::Issuer>>,
 )> {
-    use crate::tls::{client_config, server_config, ClientCerts};
+    use crate::tls::{server_config, ClientCerts};
     let api_tls = match (&args.tls_cert_file, &args.tls_private_key_file) {
         (Some(cert), Some(key)) => {
             let mode = if args.client_ca_file.is_some() {
@@ -236,7 +236,13 @@ fn security(
     ) {
         (Some(cert), Some(key), Some(ca)) => Some(flotilla_raft::PeerTls {
             server: server_config(cert, key, Some(ca), ClientCerts::Required)?,
-            client: Arc::new(client_config(ca, Some((cert, key)))?),
+            // Replicas only, both ways: the CA also signs agents and administrators.
+            client: Arc::new(crate::tls::client_config_requiring(
+                ca,
+                Some((cert, key)),
+                crate::certs::REPLICAS_GROUP,
+            )?),
+            is_peer: Arc::new(|der: &[u8]| crate::tls::in_group(der, crate::certs::REPLICAS_GROUP)),
         }),
         _ => None,
     };
@@ -245,7 +251,11 @@ fn security(
         &args.kubelet_client_key,
         &args.kubelet_certificate_authority,
     ) {
-        (Some(cert), Some(key), Some(ca)) => Some(Arc::new(client_config(ca, Some((cert, key)))?)),
+        (Some(cert), Some(key), Some(ca)) => Some(Arc::new(crate::tls::client_config_requiring(
+            ca,
+            Some((cert, key)),
+            crate::certs::NODES_GROUP,
+        )?)),
         _ => None,
     };
     Ok((api_tls, auth, peer, agents, issuer))

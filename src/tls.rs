@@ -130,6 +130,105 @@ pub fn client_config(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<rust
     Ok(config)
 }
 
+/// A server verifier that accepts what the CA's WebPKI verifier accepts and whose
+/// certificate is also in `group`: a replica dialing a peer, an agent dialing the API and
+/// the API dialing an agent each expect one kind of certificate, not any of the CA's.
+#[derive(Debug)]
+struct GroupVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    group: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for GroupVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ok = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        if identity(end_entity).is_some_and(|i| i.groups.contains(&self.group)) {
+            Ok(ok)
+        } else {
+            Err(rustls::Error::General(format!(
+                "the server's certificate is not in {}",
+                self.group
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// [`client_config`], also requiring the server's certificate to be in `group` (replicas'
+/// `system:flotilla:replicas`, agents' `system:nodes`).
+pub fn client_config_requiring(
+    ca: &Path,
+    identity_files: Option<(&Path, &Path)>,
+    group: &str,
+) -> Result<rustls::ClientConfig> {
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots(ca)?),
+        provider(),
+    )
+    .build()
+    .context("the server certificate verifier")?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(GroupVerifier {
+            inner,
+            group: group.to_string(),
+        }));
+    Ok(match identity_files {
+        None => builder.with_no_client_auth(),
+        Some((cert, key_file)) => builder
+            .with_client_auth_cert(certs(cert)?, key(key_file)?)
+            .with_context(|| {
+                format!(
+                    "{} and {} are not a certificate and its key",
+                    cert.display(),
+                    key_file.display()
+                )
+            })?,
+    })
+}
+
+/// Whether the certificate `der` is in `group`.
+pub fn in_group(der: &[u8], group: &str) -> bool {
+    identity(&CertificateDer::from(der.to_vec()))
+        .is_some_and(|i| i.groups.iter().any(|g| g == group))
+}
+
 /// Who a certificate names, as Kubernetes reads client certificates: the subject's common
 /// name is the user, its organizations the groups.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -233,6 +233,15 @@ async fn only_the_clusters_certificates_and_tokens_get_in() {
         .expect("a replica's certificate gets in");
     for (who, config) in [
         ("no certificate", client_tls(&pki, None)),
+        // The cluster's CA signed these, but they are not replicas'.
+        (
+            "a node agent's certificate",
+            client_tls(&pki, Some("agent-s1")),
+        ),
+        (
+            "the administrator's certificate",
+            client_tls(&pki, Some("admin")),
+        ),
         ("the admin of another CA", {
             // Trusts this cluster's CA for the server, shows another CA's certificate.
             Arc::new(
@@ -655,6 +664,16 @@ async fn rbac_and_the_node_authorizer_decide_what_each_identity_may_do() {
     assert!(ok, "{err}");
     let (ok, _, err) = val(&["create", "token", "robot", "-n", "team"]);
     assert!(!ok && err.contains("forbidden"), "{err}");
+    let (code, body) = send(
+        &c.client(),
+        &api,
+        http::Method::POST,
+        "/api/v1/namespaces/team/serviceaccounts/robot/token",
+        "application/json",
+        &json!({"spec": 1}),
+    )
+    .await;
+    assert_eq!(code, 400, "a malformed TokenRequest: {body}");
     k.ok(&["delete", "serviceaccount", "robot", "-n", "team"]);
     wait_for(
         Duration::from_secs(10),
@@ -740,6 +759,50 @@ async fn rbac_and_the_node_authorizer_decide_what_each_identity_may_do() {
         .await
         .0,
         200
+    );
+    // Its own labels, but not the restricted ones, and not its taints once registered.
+    let label = |k: &str| json!({"metadata": {"labels": {k: "x"}}});
+    assert_eq!(
+        send(
+            &s1,
+            &api,
+            http::Method::PATCH,
+            "/api/v1/nodes/s1",
+            merge,
+            &label("zone")
+        )
+        .await
+        .0,
+        200
+    );
+    for k in [
+        "node-role.kubernetes.io/control-plane",
+        "node-restriction.kubernetes.io/pci",
+    ] {
+        let (code, body) = send(
+            &s1,
+            &api,
+            http::Method::PATCH,
+            "/api/v1/nodes/s1",
+            merge,
+            &label(k),
+        )
+        .await;
+        assert_eq!(code, 403, "{k}: {body}");
+    }
+    let taint = json!({"spec": {"taints": [{"key": "dedicated", "effect": "NoSchedule"}]}});
+    assert_eq!(
+        send(
+            &s1,
+            &api,
+            http::Method::PATCH,
+            "/api/v1/nodes/s1",
+            merge,
+            &taint
+        )
+        .await
+        .0,
+        403
     );
     let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}});
     assert_eq!(

@@ -27,7 +27,7 @@ mod types;
 pub use error::{Error, StartError};
 pub use network::{CallError, PeerObserver};
 pub use replica::{
-    Config, Leadership, Member, Observer, PeerTls, Replica, ReplicaObserver, Status,
+    Config, IsPeer, Leadership, Member, Observer, PeerTls, Replica, ReplicaObserver, Status,
 };
 pub use state_machine::{NoObserver, SnapshotObserver, StateMachine};
 pub use types::{

@@ -75,6 +75,9 @@ pub struct Config {
     pub tls: Option<PeerTls>,
 }
 
+/// Whether a verified client certificate (DER, the leaf) is a replica's.
+pub type IsPeer = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
 /// Mutual TLS between replicas: the listener accepts only clients whose certificate the
 /// server config's verifier accepts (the cluster CA's), and dials peers with the client
 /// config (the cluster CA as the only root, this replica's certificate as its identity).
@@ -82,8 +85,11 @@ pub struct Config {
 pub struct PeerTls {
     /// The listener's config; it must require client certificates.
     pub server: Arc<rustls::ServerConfig>,
-    /// The dialer's config.
+    /// The dialer's config (its verifier must accept replicas' certificates only).
     pub client: Arc<rustls::ClientConfig>,
+    /// Whether a verified client certificate (DER, the leaf) is a replica's: a certificate
+    /// of the cluster's CA is not enough (node agents and administrators have those too).
+    pub is_peer: IsPeer,
 }
 
 impl std::fmt::Debug for PeerTls {
@@ -444,7 +450,9 @@ impl Replica {
             })?;
         tokio::spawn(service::serve(
             listener,
-            cfg.tls.as_ref().map(|t| t.server.clone()),
+            cfg.tls
+                .as_ref()
+                .map(|t| (t.server.clone(), t.is_peer.clone())),
             replica.clone(),
             shutdown.clone(),
         ));

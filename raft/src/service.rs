@@ -26,11 +26,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// handshake with it (which requires a client certificate of the cluster).
 pub(crate) async fn serve(
     listener: TcpListener,
-    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    tls: Option<(std::sync::Arc<rustls::ServerConfig>, crate::replica::IsPeer)>,
     replica: Replica,
     shutdown: CancellationToken,
 ) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let acceptor = tls.map(|(config, is_peer)| (tokio_rustls::TlsAcceptor::from(config), is_peer));
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -50,17 +50,29 @@ pub(crate) async fn serve(
         tokio::spawn(async move {
             let stream = match acceptor {
                 None => tokio_util::either::Either::Left(stream),
-                Some(a) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(stream)).await {
-                    Ok(Ok(s)) => tokio_util::either::Either::Right(s),
-                    Ok(Err(e)) => {
-                        tracing::warn!(%e, "peer TLS handshake refused");
-                        return;
+                Some((a, is_peer)) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(stream)).await {
+                        Ok(Ok(s)) => {
+                            // Only replicas: the CA also signs agents' and administrators'.
+                            let leaf = s.get_ref().1.peer_certificates().and_then(|c| c.first());
+                            if !leaf.is_some_and(|c| is_peer(c.as_ref())) {
+                                tracing::warn!(
+                                    "peer connection refused: not a replica's certificate"
+                                );
+                                return;
+                            }
+                            tokio_util::either::Either::Right(s)
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(%e, "peer TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!("peer TLS handshake timed out");
+                            return;
+                        }
                     }
-                    Err(_) => {
-                        tracing::warn!("peer TLS handshake timed out");
-                        return;
-                    }
-                },
+                }
             };
             let svc = hyper::service::service_fn(move |req| handle(replica.clone(), req));
             let mut builder = auto::Builder::new(TokioExecutor::new());

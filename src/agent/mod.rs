@@ -281,6 +281,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {listen}"))?;
     let port = listener.local_addr()?.port();
     let metrics = Arc::new(metrics::AgentMetrics::new());
+    if args.hollow > 0 && args.cert_file.is_some() {
+        bail!("--hollow nodes share one process and so cannot each show their own node certificate: run them without --ca-file/--cert-file/--key-file (against replicas without authentication)");
+    }
     let (server_tls, client_tls) = match (&args.ca_file, &args.cert_file, &args.key_file) {
         (Some(ca), Some(cert), Some(key)) => {
             let mut server = (*crate::tls::server_config(
@@ -292,7 +295,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .clone();
             // The endpoint speaks HTTP/1.1 only (exec upgrades the connection).
             server.alpn_protocols = vec![b"http/1.1".to_vec()];
-            let client = crate::tls::client_config(ca, Some((cert, key)))?;
+            // The API's certificate must be a replica's, not just any of the CA's.
+            let client = crate::tls::client_config_requiring(
+                ca,
+                Some((cert, key)),
+                crate::certs::REPLICAS_GROUP,
+            )?;
             (Some(Arc::new(server)), Some(Arc::new(client)))
         }
         _ => (None, None),

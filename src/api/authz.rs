@@ -427,8 +427,20 @@ impl Authorizer {
     }
 }
 
-/// NodeRestriction on a node's creates: its own Node, its own Lease.
-pub fn node_admits(user: &User, kind: &str, obj: &Value) -> Result<(), String> {
+/// Label prefixes a node may not set on itself (they steer workloads to it).
+const RESTRICTED_LABELS: &[&str] = &["node-restriction.kubernetes.io/", "node-role.kubernetes.io"];
+
+/// NodeRestriction on what a node writes (`current`: the object it replaces, for an
+/// update): only its own Node and Lease; no restricted labels set or changed on its Node
+/// (`node-restriction.kubernetes.io/`, `node-role.kubernetes.io`), and no taint changed
+/// after it registered (taints keep workloads away; a node removing its own would draw
+/// them in, and with them their Secrets).
+pub fn node_admits(
+    user: &User,
+    kind: &str,
+    obj: &Value,
+    current: Option<&Value>,
+) -> Result<(), String> {
     let Some(node) = node_of(user) else {
         return Ok(());
     };
@@ -437,12 +449,35 @@ pub fn node_admits(user: &User, kind: &str, obj: &Value) -> Result<(), String> {
         .and_then(Value::as_str)
         .unwrap_or("");
     match kind {
-        "Node" | "Lease" if name != node => Err(format!(
-            "node {node:?} is not allowed to modify {} {name:?}",
-            kind.to_lowercase()
-        )),
-        _ => Ok(()),
+        "Node" | "Lease" if name != node => {
+            return Err(format!(
+                "node {node:?} is not allowed to modify {} {name:?}",
+                kind.to_lowercase()
+            ))
+        }
+        "Node" => {}
+        _ => return Ok(()),
     }
+    let labels = |v: Option<&Value>| {
+        v.and_then(|v| v.pointer("/metadata/labels"))
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (new, old) = (labels(Some(obj)), labels(current));
+    for key in new.keys().chain(old.keys()) {
+        if RESTRICTED_LABELS.iter().any(|p| key.starts_with(p)) && new.get(key) != old.get(key) {
+            return Err(format!(
+                "node {node:?} is not allowed to modify the label {key:?}"
+            ));
+        }
+    }
+    if let Some(cur) = current {
+        if cur.pointer("/spec/taints") != obj.pointer("/spec/taints") {
+            return Err(format!("node {node:?} is not allowed to modify its taints"));
+        }
+    }
+    Ok(())
 }
 
 /// Kubernetes' message for a denied request.
@@ -510,13 +545,25 @@ mod tests {
             uid: String::new(),
             groups: vec![NODES.into(), crate::auth::AUTHENTICATED.into()],
         };
-        assert!(node_admits(&node, "Node", &json!({"metadata": {"name": "n1"}})).is_ok());
-        assert!(node_admits(&node, "Node", &json!({"metadata": {"name": "n2"}})).is_err());
-        assert!(node_admits(&node, "Lease", &json!({"metadata": {"name": "n2"}})).is_err());
+        let n1 = json!({"metadata": {"name": "n1", "labels": {"zone": "a"}},
+            "spec": {"taints": [{"key": "k", "effect": "NoSchedule"}]}});
+        assert!(node_admits(&node, "Node", &n1, None).is_ok());
+        assert!(node_admits(&node, "Node", &json!({"metadata": {"name": "n2"}}), None).is_err());
+        assert!(node_admits(&node, "Lease", &json!({"metadata": {"name": "n2"}}), None).is_err());
+        // Its own labels, not the restricted ones; its taints stay as registered.
+        let mut relabelled = n1.clone();
+        relabelled["metadata"]["labels"]["zone"] = json!("b");
+        assert!(node_admits(&node, "Node", &relabelled, Some(&n1)).is_ok());
+        relabelled["metadata"]["labels"]["node-role.kubernetes.io/control-plane"] = json!("");
+        assert!(node_admits(&node, "Node", &relabelled, Some(&n1)).is_err());
+        let mut untainted = n1.clone();
+        untainted["spec"]["taints"] = json!([]);
+        assert!(node_admits(&node, "Node", &untainted, Some(&n1)).is_err());
         let impostor = User {
             groups: vec![crate::auth::AUTHENTICATED.into()],
             ..node
         };
         assert_eq!(node_of(&impostor), None);
+        assert!(node_admits(&impostor, "Node", &json!({"metadata": {"name": "x"}}), None).is_ok());
     }
 }

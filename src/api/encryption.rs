@@ -213,6 +213,23 @@ impl Keyring {
         Ok(out)
     }
 
+    /// A stored value's object bytes: opened if encrypted; plain text only where
+    /// `identity` is a provider (as Kubernetes).
+    fn read<'a>(&self, key: &[u8], value: &'a [u8]) -> Result<Cow<'a, [u8]>, KubeError> {
+        if value.starts_with(PREFIX) {
+            return self.open(key, value).map(Cow::Owned);
+        }
+        let refused = self
+            .rule(key)
+            .is_some_and(|r| !r.providers.iter().any(|p| matches!(p, Provider::Identity)));
+        if refused {
+            return Err(KubeError::internal(
+                "stored object is not encrypted and the encryption configuration has no identity provider for it",
+            ));
+        }
+        Ok(Cow::Borrowed(value))
+    }
+
     fn open(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, KubeError> {
         let rest = value
             .strip_prefix(AESGCM.as_bytes())
@@ -268,14 +285,12 @@ pub fn seal(key: &[u8], plain: Vec<u8>) -> Result<Vec<u8>, KubeError> {
 
 /// The object bytes of a stored value: opened if it is encrypted.
 pub fn open<'a>(key: &[u8], value: &'a [u8]) -> Result<Cow<'a, [u8]>, KubeError> {
-    if !value.starts_with(PREFIX) {
-        return Ok(Cow::Borrowed(value));
-    }
     match keyring() {
-        Some(k) => k.open(key, value).map(Cow::Owned),
-        None => Err(KubeError::internal(
+        Some(k) => k.read(key, value),
+        None if value.starts_with(PREFIX) => Err(KubeError::internal(
             "stored object is encrypted and this replica has no --encryption-provider-config",
         )),
+        None => Ok(Cow::Borrowed(value)),
     }
 }
 
@@ -366,6 +381,17 @@ mod tests {
         let decrypting = parse(&config(&[("k1", &[7u8; 32])], true)).unwrap();
         assert_eq!(decrypting.seal(key, plain.clone()).unwrap(), plain);
         assert_eq!(decrypting.open(key, &sealed).unwrap(), plain);
+        // Plain text reads only where identity is a provider.
+        assert_eq!(&*k1.read(key, &plain).unwrap(), &plain[..]);
+        let strict =
+            parse(&config(&[("k1", &[7u8; 32])], false).replace("    - identity: {}\n", ""))
+                .unwrap();
+        assert!(strict.read(key, &plain).is_err());
+        assert_eq!(&*strict.read(key, &sealed).unwrap(), &plain[..]);
+        assert_eq!(
+            &*strict.read(b"/registry/configmaps/ns/c", &plain).unwrap(),
+            &plain[..]
+        );
     }
 
     #[test]

@@ -408,7 +408,11 @@ impl Kube {
             .await?
             .ok_or_else(|| KubeError::not_found(call.r, call.name()))?
             .object;
-        let spec = body.get("spec").cloned().unwrap_or_else(|| json!({}));
+        let spec = match body.get("spec") {
+            None | Some(Value::Null) => json!({}),
+            Some(s @ Value::Object(_)) => s.clone(),
+            Some(_) => return Err(KubeError::bad_request("spec must be an object")),
+        };
         let audiences: Vec<String> = spec
             .get("audiences")
             .and_then(Value::as_array)
@@ -581,6 +585,15 @@ impl Kube {
     }
 
     /// Bounded metric labels (verb, resource) for a request.
+    /// Whether a request streams for as long as the client wants (a watch, a followed log,
+    /// an exec session): exempt from the request timeout, recorded when it starts.
+    pub fn long_running(method: &Method, path: &str, query: Option<&str>) -> bool {
+        let params = query_params(query);
+        Self::labels(method, path, query).0 == "watch"
+            || path.ends_with("/exec")
+            || (path.ends_with("/log") && params.get("follow").map(String::as_str) == Some("true"))
+    }
+
     pub fn labels(
         method: &Method,
         path: &str,
@@ -588,8 +601,12 @@ impl Kube {
     ) -> (&'static str, &'static str) {
         match route(path) {
             Some(Route::Resource { r, name, sub, .. }) => {
-                let watching = query
-                    .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+                // Decoded as the handler decodes it (`wat%63h=%74rue` is a watch too): the
+                // per-client watch cap and the audit log rely on this.
+                let watching = matches!(
+                    query_params(query).get("watch").map(String::as_str),
+                    Some("true" | "1")
+                );
                 let verb = match (method, name.is_some()) {
                     (&Method::GET, _) if watching => "watch",
                     (&Method::GET, true) => "get",
@@ -2631,16 +2648,16 @@ fn normalize_new(call: &Call, obj: &mut Value, strict: bool) -> Result<(), KubeE
     if !causes.is_empty() {
         return Err(KubeError::invalid(r, &name, causes));
     }
-    admit(call, obj, &name)
+    admit(call, obj, &name, None)
 }
 
 /// The checks on who writes what, past authorization: a node creates only its own Node and
 /// Lease (NodeRestriction), and nobody grants RBAC permissions they do not hold.
-fn admit(call: &Call, obj: &Value, name: &str) -> Result<(), KubeError> {
+fn admit(call: &Call, obj: &Value, name: &str, current: Option<&Value>) -> Result<(), KubeError> {
     let Some(user) = &call.user else {
         return Ok(());
     };
-    authz::node_admits(user, call.r.kind, obj).map_err(|why| {
+    authz::node_admits(user, call.r.kind, obj, current).map_err(|why| {
         KubeError::forbidden(
             call.r,
             name,
@@ -2934,7 +2951,7 @@ fn normalize_update(
     if !causes.is_empty() {
         return Err(KubeError::invalid(r, call.name(), causes));
     }
-    admit(call, next, call.name())
+    admit(call, next, call.name(), Some(current))
 }
 
 /// Most keys a list reads from the store (and decodes) at once.

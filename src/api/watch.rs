@@ -181,9 +181,12 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
     let as_table = table::wants_table(&call.accept);
     let include = table::Include::parse(call.param("includeObject"));
     let timeout = match call.param("timeoutSeconds") {
-        Some(t) => Some(Duration::from_secs(t.parse().map_err(|_| {
-            KubeError::bad_request(format!("invalid timeoutSeconds {t:?}"))
-        })?)),
+        // (Bounded: a deadline past a year would overflow the clock arithmetic.)
+        Some(t) => Some(Duration::from_secs(
+            t.parse::<u64>()
+                .map_err(|_| KubeError::bad_request(format!("invalid timeoutSeconds {t:?}")))?
+                .min(365 * 24 * 3600),
+        )),
         None => None,
     };
     let bookmarks = call.param("allowWatchBookmarks") == Some("true");

@@ -107,7 +107,14 @@ impl Fair {
         let now = Instant::now();
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if !clients.contains_key(user) && clients.len() >= MAX_CLIENTS {
-            clients.retain(|_, c| now.duration_since(c.last) < IDLE);
+            // Forget idle clients, but never one still holding a permit (an open watch
+            // would otherwise get a fresh cap).
+            let (inflight, watches) = (l.inflight.max(1), l.watches.max(1));
+            clients.retain(|_, c| {
+                now.duration_since(c.last) < IDLE
+                    || c.inflight.available_permits() < inflight
+                    || c.watches.available_permits() < watches
+            });
         }
         let key = if clients.contains_key(user) || clients.len() < MAX_CLIENTS {
             user

@@ -162,6 +162,37 @@ fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("malformed request body: {e}")))
 }
 
+/// The audit record of a request being handled, written when it is dropped.
+struct AuditPending<'a> {
+    audit: &'a crate::audit::Auditor,
+    id: String,
+    verb: String,
+    uri: String,
+    who: Option<crate::auth::User>,
+    source: Option<std::net::SocketAddr>,
+    user_agent: String,
+    streaming: bool,
+    received: std::time::SystemTime,
+    /// The response code; `None`: the request ended without one (499).
+    code: Option<u16>,
+}
+
+impl Drop for AuditPending<'_> {
+    fn drop(&mut self) {
+        self.audit.record(&crate::audit::Record {
+            id: &self.id,
+            verb: &self.verb,
+            uri: &self.uri,
+            user: self.who.as_ref(),
+            source: self.source,
+            user_agent: &self.user_agent,
+            code: self.code.unwrap_or(499),
+            streaming: self.streaming,
+            received: self.received,
+        });
+    }
+}
+
 impl Api {
     /// Routes one request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
@@ -202,22 +233,25 @@ impl Api {
             .extensions()
             .get::<crate::tls::Conn>()
             .and_then(|c| c.remote);
-        let streaming = verb == "watch"
-            || path.ends_with("/exec")
-            || (path.ends_with("/log") && uri.contains("follow=true"));
-        let mut who = None;
-        let resp = self.clone().serve(req, &mut who).await;
-        audit.record(&crate::audit::Record {
-            id: &id,
-            verb: &verb,
-            uri: &uri,
-            user: who.as_ref(),
+        let streaming = crate::api::Kube::serves(&path)
+            && crate::api::Kube::long_running(req.method(), &path, req.uri().query());
+        // Recorded when the handler answers, or (code 499) if the request is dropped first:
+        // a client that resets the stream after its write was proposed is still audited.
+        let mut pending = AuditPending {
+            audit,
+            id,
+            verb,
+            uri,
+            who: None,
             source,
-            user_agent: &user_agent,
-            code: resp.status().as_u16(),
+            user_agent,
             streaming,
             received,
-        });
+            code: None,
+        };
+        let resp = self.clone().serve(req, &mut pending.who).await;
+        pending.code = Some(resp.status().as_u16());
+        drop(pending);
         resp
     }
 
@@ -339,13 +373,8 @@ impl Api {
                 _ => &self.inflight.mutating,
             };
             let watching = verb == "watch";
-            let long_running = watching
-                || path.ends_with("/exec")
-                || (path.ends_with("/log")
-                    && req
-                        .uri()
-                        .query()
-                        .is_some_and(|q| q.split('&').any(|p| p == "follow=true")));
+            let long_running =
+                crate::api::Kube::long_running(req.method(), &path, req.uri().query());
             // Per client first: one client over its share is refused without taking a
             // replica-wide slot.
             let mut admitted = None;
