@@ -246,7 +246,9 @@ impl Authorizer {
     }
 
     /// Whether the pod `namespace/name` is bound to `node`: the cache, confirmed from the
-    /// store when the cache says no (it may lag the store by an event).
+    /// store when the cache says no (it may lag the store by an event). A pod that does not
+    /// exist counts as bound (the request then gets its 404, as in Kubernetes, where
+    /// NodeRestriction only looks at pods that exist).
     async fn bound_to(&self, namespace: &str, name: &str, node: &str) -> bool {
         let r = self.pods.resource();
         let key = r.key(Some(namespace), name);
@@ -258,7 +260,11 @@ impl Authorizer {
         {
             return true;
         }
-        matches!(self.objects.get(&key, Consistency::Local).await, Ok(Some(s)) if on(&s.object))
+        match self.objects.get(&key, Consistency::Local).await {
+            Ok(Some(s)) => on(&s.object),
+            Ok(None) => true,
+            Err(_) => false,
+        }
     }
 
     fn referenced(&self, namespace: &str, resource: &str, name: &str, node: &str) -> bool {
