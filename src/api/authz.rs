@@ -267,8 +267,13 @@ impl Authorizer {
         }
     }
 
-    fn referenced(&self, namespace: &str, resource: &str, name: &str, node: &str) -> bool {
-        self.graph
+    /// Whether a pod bound to `node` refers to `resource/name` in `namespace`: the index,
+    /// confirmed from the store when the index says no (a pod just bound may not be in it
+    /// yet, and its agent asks for its Secrets at once). The store read scans only the
+    /// namespace's pods whose bytes name the node, and only on a miss.
+    async fn referenced(&self, namespace: &str, resource: &str, name: &str, node: &str) -> bool {
+        let indexed = self
+            .graph
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&(
@@ -276,7 +281,36 @@ impl Authorizer {
                 resource.to_string(),
                 name.to_string(),
             ))
-            .is_some_and(|nodes| nodes.contains_key(node))
+            .is_some_and(|nodes| nodes.contains_key(node));
+        if indexed {
+            return true;
+        }
+        let start = format!("{}{namespace}/", self.pods.resource().prefix());
+        let end = super::objects::prefix_end(start.as_bytes());
+        let mut needle = b"\"nodeName\":".to_vec();
+        needle.extend(serde_json::to_vec(node).unwrap_or_default());
+        let Ok((pods, ..)) = self
+            .objects
+            .range_containing(
+                start.as_bytes(),
+                &end,
+                0,
+                0,
+                Consistency::Local,
+                Some(&needle),
+            )
+            .await
+        else {
+            return false;
+        };
+        let want = json!([resource, name]);
+        pods.iter().any(|p| {
+            let projected = project_pod(&p.object);
+            projected["node"] == node
+                && projected["refs"]
+                    .as_array()
+                    .is_some_and(|refs| refs.contains(&want))
+        })
     }
 
     /// The node authorizer: `Some(reason)` if it allows the request (it has no opinion
@@ -305,7 +339,7 @@ impl Authorizer {
             }
             ("", "services" | "endpoints", "") | ("discovery.k8s.io", "endpointslices", "") => read,
             ("", "configmaps" | "secrets" | "persistentvolumeclaims" | "serviceaccounts", "") => {
-                a.verb == "get" && self.referenced(r.namespace, r.resource, r.name, node)
+                a.verb == "get" && self.referenced(r.namespace, r.resource, r.name, node).await
             }
             _ => false,
         };
