@@ -114,7 +114,16 @@ pub fn client_config(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<rust
         .with_safe_default_protocol_versions()
         .context("TLS versions")?
         .with_root_certificates(roots(ca)?);
-    let config = match identity {
+    // No ALPN here: the HTTP client sets its own (h2, http/1.1), a raw upgrade http/1.1.
+    with_identity(builder, identity)
+}
+
+/// Finishes a client config with this client's certificate and key, or none.
+fn with_identity(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig> {
+    Ok(match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key_file)) => builder
             .with_client_auth_cert(certs(cert)?, key(key_file)?)
@@ -125,9 +134,7 @@ pub fn client_config(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<rust
                     key_file.display()
                 )
             })?,
-    };
-    // No ALPN here: the HTTP client sets its own (h2, http/1.1), a raw upgrade http/1.1.
-    Ok(config)
+    })
 }
 
 /// A server verifier that accepts what the CA's WebPKI verifier accepts and whose
@@ -209,18 +216,7 @@ pub fn client_config_requiring(
             inner,
             group: group.to_string(),
         }));
-    Ok(match identity_files {
-        None => builder.with_no_client_auth(),
-        Some((cert, key_file)) => builder
-            .with_client_auth_cert(certs(cert)?, key(key_file)?)
-            .with_context(|| {
-                format!(
-                    "{} and {} are not a certificate and its key",
-                    cert.display(),
-                    key_file.display()
-                )
-            })?,
-    })
+    with_identity(builder, identity_files)
 }
 
 /// Whether the certificate `der` is in `group`.
