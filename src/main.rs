@@ -25,11 +25,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run one control-plane replica.
-    Server(flotilla::server::ServerArgs),
+    Server(Box<flotilla::server::ServerArgs>),
     /// Operate a cluster: members, status, keys, snapshots, compaction.
     Ctl(flotilla::ctl::CtlArgs),
     /// Run a node agent: register a Node and run the pods bound to it.
-    Agent(flotilla::agent::AgentArgs),
+    Agent(Box<flotilla::agent::AgentArgs>),
     /// Run a local cluster as child processes until Ctrl-C.
     Up(flotilla::up::UpArgs),
     /// Make a cluster CA and the certificates of replicas, agents and an admin.
@@ -93,10 +93,10 @@ fn main() -> std::process::ExitCode {
     let rt = rt.build().expect("starting the async runtime");
     let result = rt.block_on(async move {
         match cli.command {
-            Cmd::Server(a) => flotilla::server::run(a).await,
+            Cmd::Server(a) => flotilla::server::run(*a).await,
             Cmd::Ctl(a) => flotilla::ctl::run(a).await,
             Cmd::Up(a) => flotilla::up::run(a).await,
-            Cmd::Agent(a) => flotilla::agent::run(a).await,
+            Cmd::Agent(a) => flotilla::agent::run(*a).await,
             Cmd::Certs(a) => flotilla::certs::run(a),
             // Handled above, before the async runtime starts.
             Cmd::Shim { .. } => Ok(()),

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub auth_failures: IntCounter,
     /// Requests refused by a limit (429) or cut off by the request timeout (504), by reason.
     rejected_requests: IntCounterVec,
+    /// Lists and watches of cached resources, by where they were served from.
+    watch_cache_requests: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -77,7 +79,14 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram
 }
 
 impl Metrics {
-    /// Counts a request refused for `reason`.
+    /// Counts a list or watch of a cached resource served from `from` (cache or store).
+    pub fn watch_cache_served(&self, verb: &str, from: &str) {
+        self.watch_cache_requests
+            .with_label_values(&[verb, from])
+            .inc();
+    }
+
+    /// Counts a request refused by a limit or cut off by the request timeout.
     pub fn rejected(&self, reason: &str) {
         self.rejected_requests.with_label_values(&[reason]).inc();
     }
@@ -140,6 +149,17 @@ impl Metrics {
                 &r,
                 IntGauge::new("flotilla_api_watches_open", "Open watch streams.")
                     .expect("valid metric"),
+            ),
+            watch_cache_requests: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "flotilla_api_watch_cache_requests_total",
+                        "Lists and watches of resources the watch cache keeps, by verb and by where they were served from (cache, or store: a page, a start older than the cache's window, or the cache not ready).",
+                    ),
+                    &["verb", "served_from"],
+                )
+                .expect("valid metric"),
             ),
             rejected_requests: register(
                 &r,

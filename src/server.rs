@@ -148,6 +148,12 @@ pub struct ServerArgs {
     /// Per client: watches open at once (0: no bound).
     #[arg(long, default_value_t = 200)]
     pub max_watches_per_client: usize,
+    /// Changes kept in memory per cached resource (pods, nodes, services, endpoints,
+    /// endpoint slices) for watches to start from; a watch from an older resourceVersion is
+    /// served from the store. 0 turns the watch cache off: every list and watch reads the
+    /// store (kube-apiserver's `--watch-cache=false`).
+    #[arg(long, default_value_t = 10_000)]
+    pub watch_cache_size: usize,
     /// The longest a Kubernetes API request may take (watches, followed logs and exec
     /// excepted) before it is answered 504 (kube-apiserver's `--request-timeout`).
     #[arg(long, default_value_t = 60.0)]
@@ -353,6 +359,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             ranges,
         )
         .with_metrics(metrics.clone())
+        .with_watch_cache(args.watch_cache_size)
         .with_agent_tls(agent_tls)
         .with_token_issuer(issuer)
         .with_authorizer(auth.enabled().then(|| {

@@ -16,6 +16,7 @@
 //! 4. Failures become `Status` objects in exactly one place ([`status`]).
 
 pub mod authz;
+mod cache;
 pub mod discovery;
 pub mod encryption;
 pub mod kinds;
@@ -176,6 +177,8 @@ pub struct Kube {
     pub(crate) ranges: services::Ranges,
     /// Store events decoded once for every watcher of this replica.
     pub(crate) events: watch::EventCache,
+    /// Lists and watches of the resources asked for in numbers, served from memory.
+    pub(crate) caches: Arc<cache::Caches>,
     /// Where open watch streams are counted (`flotilla_api_watches_open`).
     pub(crate) metrics: Option<Arc<crate::metrics::Metrics>>,
     /// How logs and exec reach agents: TLS with this config (the replica's client
@@ -358,6 +361,40 @@ fn field_labels(r: &Resource) -> &'static [&'static str] {
     }
 }
 
+/// A JSON list: `{"apiVersion":…,"kind":…,"metadata":{…}}` with `,"items":[…]` spliced in
+/// before the end (`items`: the objects' JSON, comma-separated).
+fn list_response(
+    r: &Resource,
+    rv: i64,
+    token: Option<String>,
+    remaining: Option<i64>,
+    items: Vec<u8>,
+) -> Response<Body> {
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let Some(t) = token {
+        metadata["continue"] = json!(t);
+    }
+    if let Some(n) = remaining {
+        metadata["remainingItemCount"] = json!(n);
+    }
+    let head = json!({
+        "kind": format!("{}List", r.kind),
+        "apiVersion": r.api_version(),
+        "metadata": metadata,
+    });
+    let mut body = serde_json::to_vec(&head).expect("JSON serializes");
+    body.pop();
+    body.reserve(items.len() + 12);
+    body.extend_from_slice(b",\"items\":[");
+    body.extend_from_slice(&items);
+    body.extend_from_slice(b"]}");
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(body))
+        .expect("static response parts are valid")
+}
+
 impl Kube {
     /// A Kubernetes API over `objects`.
     pub fn new(
@@ -365,11 +402,17 @@ impl Kube {
         shutdown: tokio_util::sync::CancellationToken,
         ranges: services::Ranges,
     ) -> Kube {
+        let caches = Arc::new(cache::Caches::new(
+            objects.replica().kv().clone(),
+            shutdown.clone(),
+            cache::DEFAULT_WINDOW,
+        ));
         Kube {
             objects,
             shutdown,
             ranges,
             events: watch::EventCache::default(),
+            caches,
             metrics: None,
             agent_tls: None,
             authz: None,
@@ -380,6 +423,17 @@ impl Kube {
     /// Counts this API's open watch streams in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Kube {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Keeps `window` changes per cached resource in memory (`--watch-cache-size`; 0: lists
+    /// and watches are all served from the store).
+    pub fn with_watch_cache(mut self, window: usize) -> Kube {
+        self.caches = Arc::new(cache::Caches::new(
+            self.objects.replica().kv().clone(),
+            self.shutdown.clone(),
+            window,
+        ));
         self
     }
 
@@ -560,6 +614,7 @@ impl Kube {
             shutdown: self.shutdown.clone(),
             ranges: self.ranges,
             events: watch::EventCache::default(),
+            caches: self.caches.clone(),
             metrics: None,
             agent_tls: self.agent_tls.clone(),
             authz: self.authz.clone(),
@@ -890,8 +945,68 @@ impl Kube {
         call: &Call,
     ) -> Result<(Vec<Value>, i64, Option<String>, Option<i64>), KubeError> {
         let mut items = Vec::new();
-        let (rev, token, remaining) = self.list_each(call, |o| items.push(o)).await?;
+        let (rev, token, remaining) = self.list_each(call, true, |o| items.push(o)).await?;
         Ok((items, rev, token, remaining))
+    }
+
+    /// Lists matching objects at one revision from the store, never the watch cache (what
+    /// a watch the cache could not serve starts from).
+    pub(crate) async fn list_from_store(
+        &self,
+        call: &Call,
+    ) -> Result<(Vec<Value>, i64), KubeError> {
+        let mut items = Vec::new();
+        let (rev, _, _) = self.list_each(call, false, |o| items.push(o)).await?;
+        Ok((items, rev))
+    }
+
+    /// A whole list (no `limit`, no `continue`) from the resource's watch cache, once the
+    /// cache holds what the request's consistency requires (without `resourceVersion`:
+    /// every write acknowledged before it). Also says whether the node index already
+    /// applied the selectors (nothing left to check). `None`: not cached, a page, or the
+    /// cache not ready in time; the store serves it.
+    async fn cached_list(
+        &self,
+        call: &Call,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+    ) -> Result<Option<(cache::Listed, bool)>, KubeError> {
+        if call.param("limit").is_some_and(|l| l != "0") || call.param("continue").is_some() {
+            return Ok(None);
+        }
+        let Some(c) = self.caches.get(call.r) else {
+            return Ok(None);
+        };
+        let target = match call.consistency() {
+            Consistency::Local => 0,
+            Consistency::Linearizable => {
+                self.objects.replica().read_barrier().await?;
+                self.objects.replica().kv().revision()
+            }
+        };
+        let (mut start, mut end) = Self::list_range(call);
+        if let Some(name) = fields.name() {
+            if call.namespace.is_some() || !call.r.namespaced {
+                start = call.r.key(call.namespace.as_deref(), name);
+                // [key, key + NUL): the key alone.
+                end = format!("{start}\u{0}").into_bytes();
+            }
+        }
+        let node = fields.node_name().filter(|_| c.indexes_nodes());
+        let by_index = labels.is_empty() && fields.only_node_name().is_some() && node.is_some();
+        let filter = cache::Filter {
+            start: start.into_bytes(),
+            end,
+            node: node.map(String::from),
+        };
+        let listed = match c.wait_for(target).await {
+            true => c.list(&filter),
+            false => None,
+        };
+        if let Some(m) = &self.metrics {
+            m.watch_cache_served("list", if listed.is_some() { "cache" } else { "store" });
+        }
+        Ok(listed.map(|l| (l, by_index)))
     }
 
     /// Hands each matching object of a list to `sink`, reading the store in chunks of at
@@ -901,6 +1016,7 @@ impl Kube {
     async fn list_each<F: FnMut(Value)>(
         &self,
         call: &Call,
+        use_cache: bool,
         mut sink: F,
     ) -> Result<(i64, Option<String>, Option<i64>), KubeError> {
         let labels = LabelSelector::parse(call.param("labelSelector").unwrap_or(""))?;
@@ -908,6 +1024,20 @@ impl Kube {
             call.param("fieldSelector").unwrap_or(""),
             field_labels(call.r),
         )?;
+        if use_cache {
+            if let Some(((items, rev), _)) = self.cached_list(call, &labels, &fields).await? {
+                for (raw, at) in items {
+                    let mut o: Value = serde_json::from_slice(&raw).map_err(|e| {
+                        KubeError::internal(format!("stored object is not JSON: {e}"))
+                    })?;
+                    objects::set_resource_version(&mut o, at);
+                    if labels.matches(&o) && fields.matches(&o) {
+                        sink(o);
+                    }
+                }
+                return Ok((rev, None, None));
+            }
+        }
         let limit: i64 = match call.param("limit") {
             Some(l) => l
                 .parse()
@@ -1013,7 +1143,7 @@ impl Kube {
             let mut rows = Vec::new();
             let r = call.r;
             let (rv, token, _) = self
-                .list_each(call, |o| rows.push(table::row(r, &o, include, now)))
+                .list_each(call, true, |o| rows.push(table::row(r, &o, include, now)))
                 .await?;
             let mut metadata = json!({"resourceVersion": rv.to_string()});
             if let Some(t) = token {
@@ -1028,12 +1158,44 @@ impl Kube {
             });
             return Ok(json_response(StatusCode::OK, &table));
         }
+        let labels = LabelSelector::parse(call.param("labelSelector").unwrap_or(""))?;
+        let fields = FieldSelector::parse(
+            call.param("fieldSelector").unwrap_or(""),
+            field_labels(call.r),
+        )?;
+        // From the watch cache, an object the selectors need not look into is sent as
+        // stored (its resourceVersion stamped in), unparsed.
+        if let Some(((listed, rev), by_index)) = self.cached_list(call, &labels, &fields).await? {
+            let unfiltered = by_index || (labels.is_empty() && fields.is_empty());
+            let mut items: Vec<u8> = Vec::new();
+            for (raw, at) in listed {
+                let json = match unfiltered {
+                    true => objects::json_with_resource_version(&raw, at)?,
+                    false => {
+                        let mut o: Value = serde_json::from_slice(&raw).map_err(|e| {
+                            KubeError::internal(format!("stored object is not JSON: {e}"))
+                        })?;
+                        objects::set_resource_version(&mut o, at);
+                        if !(labels.matches(&o) && fields.matches(&o)) {
+                            continue;
+                        }
+                        serde_json::to_vec(&o)
+                            .map_err(|e| KubeError::internal(format!("encoding a list: {e}")))?
+                    }
+                };
+                if !items.is_empty() {
+                    items.push(b',');
+                }
+                items.extend_from_slice(&json);
+            }
+            return Ok(list_response(call.r, rev, None, None, items));
+        }
         // Items are serialized as they are read, so the list costs its encoded size, not a
         // decoded copy of every object.
         let mut items: Vec<u8> = Vec::new();
         let mut failed = None;
         let (rv, token, remaining) = self
-            .list_each(call, |o| {
+            .list_each(call, true, |o| {
                 if !items.is_empty() {
                     items.push(b',');
                 }
@@ -1045,30 +1207,7 @@ impl Kube {
         if let Some(e) = failed {
             return Err(KubeError::internal(format!("encoding a list: {e}")));
         }
-        let mut metadata = json!({"resourceVersion": rv.to_string()});
-        if let Some(t) = token {
-            metadata["continue"] = json!(t);
-        }
-        if let Some(n) = remaining {
-            metadata["remainingItemCount"] = json!(n);
-        }
-        let head = json!({
-            "kind": format!("{}List", call.r.kind),
-            "apiVersion": call.r.api_version(),
-            "metadata": metadata,
-        });
-        // {"apiVersion":…,"kind":…,"metadata":{…}} with ,"items":[…] spliced in before the end.
-        let mut body = serde_json::to_vec(&head).expect("JSON serializes");
-        body.pop();
-        body.reserve(items.len() + 12);
-        body.extend_from_slice(b",\"items\":[");
-        body.extend_from_slice(&items);
-        body.extend_from_slice(b"]}");
-        Ok(Response::builder()
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(full(body))
-            .expect("static response parts are valid"))
+        Ok(list_response(call.r, rv, token, remaining, items))
     }
 
     // ---- writes ----

@@ -249,6 +249,24 @@ impl FieldSelector {
             .map(|r| r.value.as_str())
     }
 
+    /// The node required by `spec.nodeName=X` (X not empty), if the selector has that
+    /// requirement.
+    pub fn node_name(&self) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|r| r.path == "spec.nodeName" && !r.negate && !r.value.is_empty())
+            .map(|r| r.value.as_str())
+    }
+
+    /// The node, if `spec.nodeName=X` is the selector's only requirement (then knowing an
+    /// object's node is knowing whether it matches).
+    pub fn only_node_name(&self) -> Option<&str> {
+        match self.0.as_slice() {
+            [_] => self.node_name(),
+            _ => None,
+        }
+    }
+
     /// Bytes every stored object this selector matches contains: for `spec.nodeName=X`
     /// (X not empty) the compact JSON member `"nodeName":"X"` (stored objects are
     /// serde_json's compact output). A list can skip, without decoding, every object whose

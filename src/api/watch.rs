@@ -16,6 +16,7 @@ use flotilla_store as store;
 use http::{header, Response, StatusCode};
 use serde_json::{json, Value};
 
+use super::cache;
 use super::objects;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::KubeError;
@@ -54,12 +55,18 @@ pub(crate) struct Decoded {
     prev: Option<Side>,
     /// The plain-JSON watch lines made so far, by event type.
     lines: Mutex<HashMap<&'static str, Bytes>>,
+    /// `spec.nodeName` after and before the change, when the watch cache knows them (then
+    /// a watcher by node alone needs no parsing).
+    nodes: Option<Nodes>,
 }
+
+/// `spec.nodeName` of a change's new and previous object.
+pub(crate) type Nodes = (Option<Arc<str>>, Option<Arc<str>>);
 
 /// One side of a store event: the stored bytes, the resourceVersion it is sent with, and
 /// the object, parsed on first use.
 pub(crate) struct Side {
-    raw: Vec<u8>,
+    raw: Bytes,
     revision: i64,
     value: std::sync::OnceLock<Result<Value, KubeError>>,
 }
@@ -69,12 +76,17 @@ impl Side {
     /// open is logged and serves as an error).
     fn new(key: &[u8], raw: &[u8], revision: i64) -> Side {
         let raw = match super::encryption::open(key, raw) {
-            Ok(b) => b.into_owned(),
+            Ok(b) => Bytes::from(b.into_owned()),
             Err(e) => {
                 tracing::warn!(key = %String::from_utf8_lossy(key), %e, "a stored object does not open");
-                Vec::new()
+                Bytes::new()
             }
         };
+        Side::shared(raw, revision)
+    }
+
+    /// The side of plain stored bytes (shared with the watch cache).
+    pub(crate) fn shared(raw: Bytes, revision: i64) -> Side {
         Side {
             raw,
             revision,
@@ -97,6 +109,20 @@ impl Side {
 }
 
 impl Decoded {
+    /// A change as the watch cache saw it.
+    pub(crate) fn from_cache(
+        new: Option<Side>,
+        prev: Option<Side>,
+        nodes: Option<Nodes>,
+    ) -> Decoded {
+        Decoded {
+            new,
+            prev,
+            lines: Mutex::new(HashMap::new()),
+            nodes,
+        }
+    }
+
     /// The line for `event_type` carrying `side` (made once per type: a store event's
     /// type decides its side).
     fn line(&self, event_type: &'static str, side: &Side) -> Result<Bytes, KubeError> {
@@ -139,6 +165,7 @@ impl EventCache {
             new,
             prev,
             lines: Mutex::new(HashMap::new()),
+            nodes: None,
         });
         let mut inner = self.inner.lock().expect("not poisoned");
         if inner.map.insert(id.clone(), d.clone()).is_none() {
@@ -172,14 +199,108 @@ fn framed(event_type: &str, object: &[u8]) -> Bytes {
     Bytes::from(v)
 }
 
+/// Where a watch's changes come from: the resource's watch cache, or a store watcher of
+/// its own (resources not cached, or a start the cache cannot serve).
+enum Feed {
+    Store(store::Watcher),
+    Cache(cache::Subscription),
+}
+
+/// What a [`Feed`] yields.
+enum Message {
+    Events(Vec<Arc<Decoded>>),
+    Progress(i64),
+}
+
+impl Feed {
+    async fn recv(&mut self, decoded: &EventCache) -> Result<Message, store::CancelReason> {
+        match self {
+            Feed::Store(w) => Ok(match w.recv().await? {
+                store::WatchMessage::Events(events) => {
+                    Message::Events(events.iter().map(|e| decoded.get(e)).collect())
+                }
+                store::WatchMessage::Progress(rev) => Message::Progress(rev),
+            }),
+            Feed::Cache(s) => Ok(match s.recv().await? {
+                cache::Message::Events(events) => Message::Events(events),
+                cache::Message::Progress(rev) => Message::Progress(rev),
+            }),
+        }
+    }
+
+    fn request_progress(&mut self) {
+        match self {
+            Feed::Store(w) => {
+                w.request_progress();
+            }
+            Feed::Cache(s) => s.request_progress(),
+        }
+    }
+}
+
+/// How a watch presents objects: as they are, or as one-row Tables.
+#[derive(Clone, Copy)]
+struct Presentation {
+    r: &'static super::resources::Resource,
+    as_table: bool,
+    include: table::Include,
+}
+
+impl Presentation {
+    fn wrap(&self, obj: Value) -> Value {
+        if !self.as_table {
+            return obj;
+        }
+        let rv = obj
+            .pointer("/metadata/resourceVersion")
+            .cloned()
+            .unwrap_or(json!(""));
+        json!({
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": rv},
+            "columnDefinitions": [],
+            "rows": [table::row(self.r, &obj, self.include, super::meta::now_secs())],
+        })
+    }
+}
+
+/// The `ADDED` line of an object the watch cache listed, if the selectors take it.
+fn initial_line(
+    raw: &[u8],
+    revision: i64,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+    by_index: bool,
+    p: Presentation,
+) -> Result<Option<Bytes>, KubeError> {
+    let selected = (labels.is_empty() && fields.is_empty()) || by_index;
+    if selected && !p.as_table {
+        return Ok(Some(framed(
+            "ADDED",
+            &objects::json_with_resource_version(raw, revision)?,
+        )));
+    }
+    let mut v: Value = serde_json::from_slice(raw)
+        .map_err(|e| KubeError::internal(format!("stored object is not JSON: {e}")))?;
+    objects::set_resource_version(&mut v, revision);
+    if !(selected || labels.matches(&v) && fields.matches(&v)) {
+        return Ok(None);
+    }
+    Ok(Some(line("ADDED", p.wrap(v))))
+}
+
 pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
     let labels = LabelSelector::parse(call.param("labelSelector").unwrap_or(""))?;
     let fields = FieldSelector::parse(
         call.param("fieldSelector").unwrap_or(""),
         field_labels(call.r),
     )?;
-    let as_table = table::wants_table(&call.accept);
-    let include = table::Include::parse(call.param("includeObject"));
+    let p = Presentation {
+        r: call.r,
+        as_table: table::wants_table(&call.accept),
+        include: table::Include::parse(call.param("includeObject")),
+    };
     let timeout = match call.param("timeoutSeconds") {
         // (Bounded: a deadline past a year would overflow the clock arithmetic.)
         Some(t) => Some(Duration::from_secs(
@@ -190,52 +311,111 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
         None => None,
     };
     let bookmarks = call.param("allowWatchBookmarks") == Some("true");
-    let (initial, start_revision) = match call.param("resourceVersion") {
-        None | Some("0") => {
-            let listing = Call {
-                r: call.r,
-                namespace: call.namespace.clone(),
-                name: None,
-                sub: None,
-                params: call
-                    .params
-                    .iter()
-                    .filter(|(k, _)| {
-                        matches!(
-                            k.as_str(),
-                            "labelSelector" | "fieldSelector" | "resourceVersion"
-                        )
-                    })
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                accept: String::new(),
-                manager: call.manager.clone(),
-                user: call.user.clone(),
-                authz: call.authz.clone(),
-            };
-            let (items, rev, _, _) = kube.list_objects(&listing).await?;
-            (items, rev + 1)
-        }
-        Some(rv) => {
-            let rv: i64 =
-                rv.parse().ok().filter(|v| *v >= 0).ok_or_else(|| {
-                    KubeError::bad_request(format!("invalid resourceVersion {rv:?}"))
-                })?;
-            (Vec::new(), rv + 1)
-        }
-    };
+    let from: Option<i64> =
+        match call.param("resourceVersion") {
+            None | Some("0") => None,
+            Some(rv) => Some(rv.parse().ok().filter(|v| *v >= 0).ok_or_else(|| {
+                KubeError::bad_request(format!("invalid resourceVersion {rv:?}"))
+            })?),
+        };
     let (start, end) = Kube::list_range(&call);
-    let mut watcher = match kube.objects.replica().kv().watch(store::WatchRequest {
-        key: start.into_bytes(),
-        range_end: end,
-        start_revision,
-        prev_kv: true,
-    }) {
-        Ok(w) => w,
-        Err(store::Error::Compacted {
-            compact_revision, ..
-        }) => return Err(KubeError::expired(start_revision - 1, compact_revision)),
-        Err(e) => return Err(e.into()),
+    let mut initial: Vec<Bytes> = Vec::new();
+    let mut feed = None;
+    if let Some(c) = kube.caches.get(call.r) {
+        let node = fields.node_name().filter(|_| c.indexes_nodes());
+        let by_index = labels.is_empty() && fields.only_node_name().is_some() && node.is_some();
+        let filter = cache::Filter {
+            start: start.clone().into_bytes(),
+            end: end.clone(),
+            node: node.map(String::from),
+        };
+        match from {
+            None => {
+                // Without a resourceVersion the list is a consistent read.
+                let target = match call.param("resourceVersion") {
+                    None => {
+                        kube.objects.replica().read_barrier().await?;
+                        kube.objects.replica().kv().revision()
+                    }
+                    _ => 0,
+                };
+                if c.wait_for(target).await {
+                    if let Some(((objs, _), sub)) = c.list_and_watch(filter) {
+                        for (raw, rev) in objs {
+                            if let Some(l) = initial_line(&raw, rev, &labels, &fields, by_index, p)?
+                            {
+                                initial.push(l);
+                            }
+                        }
+                        feed = Some(Feed::Cache(sub));
+                    }
+                }
+            }
+            Some(rv) => {
+                if c.wait_for(rv).await {
+                    feed = c.watch_from(filter, rv).map(Feed::Cache);
+                }
+            }
+        }
+    }
+    if let Some(m) = &kube.metrics {
+        m.watch_cache_served(
+            "watch",
+            if matches!(feed, Some(Feed::Cache(_))) {
+                "cache"
+            } else {
+                "store"
+            },
+        );
+    }
+    let mut feed = match feed {
+        Some(f) => f,
+        None => {
+            let start_revision = match from {
+                Some(rv) => rv + 1,
+                None => {
+                    let listing = Call {
+                        r: call.r,
+                        namespace: call.namespace.clone(),
+                        name: None,
+                        sub: None,
+                        params: call
+                            .params
+                            .iter()
+                            .filter(|(k, _)| {
+                                matches!(
+                                    k.as_str(),
+                                    "labelSelector" | "fieldSelector" | "resourceVersion"
+                                )
+                            })
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                        accept: String::new(),
+                        manager: call.manager.clone(),
+                        user: call.user.clone(),
+                        authz: call.authz.clone(),
+                    };
+                    let (items, rev) = kube.list_from_store(&listing).await?;
+                    initial = items
+                        .into_iter()
+                        .map(|o| line("ADDED", p.wrap(o)))
+                        .collect();
+                    rev + 1
+                }
+            };
+            match kube.objects.replica().kv().watch(store::WatchRequest {
+                key: start.into_bytes(),
+                range_end: end,
+                start_revision,
+                prev_kv: true,
+            }) {
+                Ok(w) => Feed::Store(w),
+                Err(store::Error::Compacted {
+                    compact_revision, ..
+                }) => return Err(KubeError::expired(start_revision - 1, compact_revision)),
+                Err(e) => return Err(e.into()),
+            }
+        }
     };
 
     let (tx, body) = h::channel_body(64);
@@ -245,27 +425,15 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
     }
     tokio::spawn(async move {
         let _open = kube.metrics.as_ref().map(|m| m.watch_guard());
-        let wrap = |obj: Value| -> Value {
-            if !as_table {
-                return obj;
-            }
-            let rv = obj
-                .pointer("/metadata/resourceVersion")
-                .cloned()
-                .unwrap_or(json!(""));
-            json!({
-                "kind": "Table",
-                "apiVersion": "meta.k8s.io/v1",
-                "metadata": {"resourceVersion": rv},
-                "columnDefinitions": [],
-                "rows": [table::row(r, &obj, include, super::meta::now_secs())],
-            })
-        };
-        for obj in initial {
-            if tx.send(line("ADDED", wrap(obj))).await.is_err() {
+        for l in initial {
+            if tx.send(l).await.is_err() {
                 return;
             }
         }
+        let node_only = match labels.is_empty() {
+            true => fields.only_node_name(),
+            false => None,
+        };
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut idle = tokio::time::interval(BOOKMARK_INTERVAL);
         idle.tick().await;
@@ -275,24 +443,25 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
                 _ = tx.closed() => return,
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => return,
                 _ = idle.tick(), if bookmarks => {
-                    watcher.request_progress();
+                    feed.request_progress();
                     continue;
                 }
-                m = watcher.recv() => m,
+                m = feed.recv(&kube.events) => m,
             };
             let lines: Vec<Bytes> = match msg {
-                Ok(store::WatchMessage::Events(events)) => {
+                Ok(Message::Events(events)) => {
                     idle.reset();
                     let mut out = Vec::new();
-                    for e in events {
+                    for d in events {
                         let sent =
-                            translate(&kube.events, &e, &labels, &fields).and_then(|w| match w {
-                                Some((t, d, side)) if !as_table => {
+                            translate(d, &labels, &fields, node_only).and_then(|w| match w {
+                                Some((t, d, side)) if !p.as_table => {
                                     d.line(t, d.side(side)).map(Some)
                                 }
-                                Some((t, d, side)) => {
-                                    d.side(side).value().map(|v| Some(line(t, wrap(v.clone()))))
-                                }
+                                Some((t, d, side)) => d
+                                    .side(side)
+                                    .value()
+                                    .map(|v| Some(line(t, p.wrap(v.clone())))),
                                 None => Ok(None),
                             });
                         match sent {
@@ -305,7 +474,7 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
                     }
                     out
                 }
-                Ok(store::WatchMessage::Progress(rev)) => vec![line(
+                Ok(Message::Progress(rev)) => vec![line(
                     "BOOKMARK",
                     json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": {"resourceVersion": rev.to_string()}}),
                 )],
@@ -359,36 +528,47 @@ impl Decoded {
 /// to send.
 type WatchEvent = (&'static str, Arc<Decoded>, Which);
 
-/// The watch event a store event becomes for this watcher, if any. Without selectors every
-/// object matches, and neither side is parsed.
+/// The watch event a change becomes for this watcher, if any. Without selectors every
+/// object matches, and neither side is parsed; with `spec.nodeName=X` alone and a change
+/// from the watch cache (which knows each side's node), neither is parsed either.
 fn translate(
-    cache: &EventCache,
-    e: &store::Event,
+    d: Arc<Decoded>,
     labels: &LabelSelector,
     fields: &FieldSelector,
+    node_only: Option<&str>,
 ) -> Result<Option<WatchEvent>, KubeError> {
     let everything = labels.is_empty() && fields.is_empty();
-    let matches = |side: &Side| -> Result<bool, KubeError> {
-        if everything {
-            return Ok(true);
+    let (was, is) = match (node_only, &d.nodes) {
+        (Some(n), Some((after, before))) => (
+            d.prev.is_some() && before.as_deref() == Some(n),
+            d.new.is_some() && after.as_deref() == Some(n),
+        ),
+        _ => {
+            let matches = |side: &Side| -> Result<bool, KubeError> {
+                if everything {
+                    return Ok(true);
+                }
+                let o = side.value()?;
+                Ok(labels.matches(o) && fields.matches(o))
+            };
+            let was = match &d.prev {
+                Some(p) => matches(p)?,
+                None => false,
+            };
+            let is = match &d.new {
+                Some(new) => matches(new)?,
+                None => false,
+            };
+            (was, is)
         }
-        let o = side.value()?;
-        Ok(labels.matches(o) && fields.matches(o))
     };
-    let d = cache.get(e);
-    let was = match &d.prev {
-        Some(p) => matches(p)?,
-        None => false,
-    };
-    let out = match &d.new {
-        Some(new) => match (was, matches(new)?) {
-            (true, true) => Some(("MODIFIED", Which::New)),
-            (false, true) => Some(("ADDED", Which::New)),
-            // It stopped matching: DELETED, carrying the new state (as the Go server).
-            (true, false) => Some(("DELETED", Which::New)),
-            (false, false) => None,
-        },
-        None => was.then_some(("DELETED", Which::Prev)),
+    let out = match (&d.new, was, is) {
+        (Some(_), true, true) => Some(("MODIFIED", Which::New)),
+        (Some(_), false, true) => Some(("ADDED", Which::New)),
+        // It stopped matching: DELETED, carrying the new state (as the Go server).
+        (Some(_), true, false) => Some(("DELETED", Which::New)),
+        (Some(_), false, false) => None,
+        (None, was, _) => was.then_some(("DELETED", Which::Prev)),
     };
     Ok(out.map(|(t, side)| (t, d, side)))
 }

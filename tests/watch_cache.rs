@@ -1,0 +1,463 @@
+//! The watch cache (pods, nodes, services, endpoints, endpoint slices served from memory):
+//! a watch by node name on a follower sees exactly its node's changes, in order; a list by
+//! node name on a follower right after a write through the leader includes it (a consistent
+//! read from the cache); the cache's answers equal the store's (a page of a list is always
+//! read from the store); a watch from before the cache's window is served from the store.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+/// One Kubernetes watch stream (newline-delimited JSON events).
+struct KubeWatch {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+}
+
+impl KubeWatch {
+    async fn open(c: &Cluster, id: u64, path: &str) -> KubeWatch {
+        let resp = c
+            .client_for(id)
+            .get_stream(&c.replica(id).api(), path)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "watch {path}");
+        KubeWatch {
+            body: resp.into_body(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next event; `None` when the stream ends or stays silent for `idle`.
+    async fn next(&mut self, idle: Duration) -> Option<Value> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                return Some(serde_json::from_slice(&line).expect("a JSON watch event"));
+            }
+            match tokio::time::timeout(idle, self.body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        self.buf.extend_from_slice(d);
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Events (type, name) until `want` of them have come; fails after 20 s of silence.
+    async fn take(&mut self, want: usize) -> Vec<(String, String, i64)> {
+        let mut out = Vec::new();
+        while out.len() < want {
+            let e = self
+                .next(Duration::from_secs(20))
+                .await
+                .unwrap_or_else(|| panic!("watch ended or went silent after {out:?}"));
+            let t = e["type"].as_str().unwrap().to_string();
+            if t == "BOOKMARK" {
+                continue;
+            }
+            out.push((
+                t,
+                e["object"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                rv(&e["object"]),
+            ));
+        }
+        out
+    }
+}
+
+fn rv(o: &Value) -> i64 {
+    o["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Sends a request to replica `id`; returns status and parsed body.
+async fn send(c: &Cluster, id: u64, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (ct, bytes) = match &body {
+        Some(b) if method == "PATCH" => (
+            "application/merge-patch+json",
+            serde_json::to_vec(b).unwrap(),
+        ),
+        Some(b) => ("application/json", serde_json::to_vec(b).unwrap()),
+        None => ("application/json", Vec::new()),
+    };
+    let resp = c
+        .client_for(id)
+        .send_raw(
+            method.parse().unwrap(),
+            &c.replica(id).api(),
+            path,
+            ct,
+            bytes,
+            None,
+        )
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&text).unwrap_or(Value::Null))
+}
+
+fn pod(name: &str, node: Option<&str>, app: &str) -> Value {
+    let mut p = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": app}},
+        // Another scheduler's pods: Flotilla's scheduler leaves them alone, so every change
+        // to them is one this test makes.
+        "spec": {"schedulerName": "elsewhere", "containers": [{"name": "c", "image": "busybox"}]},
+    });
+    if let Some(n) = node {
+        p["spec"]["nodeName"] = json!(n);
+    }
+    p
+}
+
+/// (name, resourceVersion) of a list's items, in order.
+fn items(list: &Value) -> Vec<(String, i64)> {
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["metadata"]["name"].as_str().unwrap().to_string(), rv(o)))
+        .collect()
+}
+
+const BY_N1: &str = "fieldSelector=spec.nodeName%3Dn1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_and_lists_by_node_from_the_cache_are_exact_and_consistent() {
+    let c = Cluster::start(3, &[]).await;
+    let leader = c.wait_leader().await;
+    let f = (1..=3).find(|&id| id != leader).unwrap();
+
+    let (s, list) = send(&c, f, "GET", &format!("/api/v1/pods?{BY_N1}"), None).await;
+    assert_eq!(s, 200, "{list}");
+    let rv0 = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Watches on the follower: by node (all namespaces), by node and label, everything in
+    // `default`.
+    let mut by_node = KubeWatch::open(
+        &c,
+        f,
+        &format!("/api/v1/pods?{BY_N1}&watch=1&resourceVersion={rv0}"),
+    )
+    .await;
+    let mut by_label = KubeWatch::open(
+        &c,
+        f,
+        &format!("/api/v1/pods?{BY_N1}&labelSelector=app%3Da&watch=1&resourceVersion={rv0}"),
+    )
+    .await;
+    let mut in_default = KubeWatch::open(
+        &c,
+        f,
+        &format!("/api/v1/namespaces/default/pods?watch=1&resourceVersion={rv0}"),
+    )
+    .await;
+
+    // Writes through the leader; after each one that concerns n1, a list by node on the
+    // follower must already show it at (at least) the acknowledged version.
+    let mut want_node: Vec<(&str, String)> = Vec::new();
+    let mut want_label: Vec<(&str, String)> = Vec::new();
+    let mut want_default = 0;
+    let read_your_write = |name: String, at: i64| {
+        let c = &c;
+        async move {
+            let (s, list) = send(c, f, "GET", &format!("/api/v1/pods?{BY_N1}"), None).await;
+            assert_eq!(s, 200, "{list}");
+            let found = items(&list).into_iter().find(|(n, _)| *n == name);
+            assert!(
+                found.as_ref().is_some_and(|(_, r)| *r >= at),
+                "{name} at {at} not in a list by node right after its write: {found:?}"
+            );
+        }
+    };
+    for i in 0..10 {
+        let name = format!("p{i}");
+        let node = if i % 2 == 0 { "n1" } else { "n2" };
+        let app = if i % 3 == 0 { "a" } else { "b" };
+        let (s, o) = send(
+            &c,
+            leader,
+            "POST",
+            "/api/v1/namespaces/default/pods",
+            Some(pod(&name, Some(node), app)),
+        )
+        .await;
+        assert_eq!(s, 201, "{o}");
+        want_default += 1;
+        if node == "n1" {
+            read_your_write(name.clone(), rv(&o)).await;
+            want_node.push(("ADDED", name.clone()));
+            if app == "a" {
+                want_label.push(("ADDED", name.clone()));
+            }
+        }
+    }
+    // Another namespace: seen by node, not in `default`.
+    let (s, o) = send(
+        &c,
+        leader,
+        "POST",
+        "/api/v1/namespaces",
+        Some(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})),
+    )
+    .await;
+    assert_eq!(s, 201, "{o}");
+    let (s, o) = send(
+        &c,
+        leader,
+        "POST",
+        "/api/v1/namespaces/other/pods",
+        Some(pod("k", Some("n1"), "a")),
+    )
+    .await;
+    assert_eq!(s, 201, "{o}");
+    want_node.push(("ADDED", "k".into()));
+    want_label.push(("ADDED", "k".into()));
+    // Unbound pods, then bound: a pod arriving on n1 is ADDED for its watchers.
+    for (name, node) in [("q0", "n1"), ("q1", "n2")] {
+        let (s, o) = send(
+            &c,
+            leader,
+            "POST",
+            "/api/v1/namespaces/default/pods",
+            Some(pod(name, None, "a")),
+        )
+        .await;
+        assert_eq!(s, 201, "{o}");
+        let (s, o) = send(
+            &c,
+            leader,
+            "POST",
+            &format!("/api/v1/namespaces/default/pods/{name}/binding"),
+            Some(json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name}, "target": {"kind": "Node", "name": node}})),
+        )
+        .await;
+        assert_eq!(s, 201, "{o}");
+        want_default += 2;
+        if node == "n1" {
+            let (_, p) = send(
+                &c,
+                leader,
+                "GET",
+                &format!("/api/v1/namespaces/default/pods/{name}"),
+                None,
+            )
+            .await;
+            read_your_write(name.into(), rv(&p)).await;
+            want_node.push(("ADDED", name.into()));
+            want_label.push(("ADDED", name.into()));
+        }
+    }
+    // A label change: p0 (app=a) stops matching the label watch, p4 (app=b) starts.
+    for (name, app) in [("p0", "b"), ("p4", "a")] {
+        let (s, o) = send(
+            &c,
+            leader,
+            "PATCH",
+            &format!("/api/v1/namespaces/default/pods/{name}"),
+            Some(json!({"metadata": {"labels": {"app": app}}})),
+        )
+        .await;
+        assert_eq!(s, 200, "{o}");
+        want_default += 1;
+        read_your_write(name.into(), rv(&o)).await;
+        want_node.push(("MODIFIED", name.into()));
+        want_label.push((if app == "a" { "ADDED" } else { "DELETED" }, name.into()));
+    }
+    // Deletions (grace 0: the pods run nowhere).
+    for name in ["p2", "p3"] {
+        let (s, o) = send(
+            &c,
+            leader,
+            "DELETE",
+            &format!("/api/v1/namespaces/default/pods/{name}?gracePeriodSeconds=0"),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{o}");
+        want_default += 1;
+        if name == "p2" {
+            want_node.push(("DELETED", name.into()));
+        }
+    }
+
+    let check = |got: Vec<(String, String, i64)>, want: &[(&str, String)], what: &str| {
+        let kinds: Vec<(&str, &str)> = got
+            .iter()
+            .map(|(t, n, _)| (t.as_str(), n.as_str()))
+            .collect();
+        let want: Vec<(&str, &str)> = want.iter().map(|(t, n)| (*t, n.as_str())).collect();
+        assert_eq!(kinds, want, "{what}: events");
+        assert!(
+            got.windows(2).all(|w| w[0].2 < w[1].2),
+            "{what}: resourceVersions not increasing: {got:?}"
+        );
+    };
+    check(
+        by_node.take(want_node.len()).await,
+        &want_node,
+        "watch by node",
+    );
+    check(
+        by_label.take(want_label.len()).await,
+        &want_label,
+        "watch by node and label",
+    );
+    let all = in_default.take(want_default).await;
+    assert!(all.iter().all(|(_, n, _)| n != "k"), "{all:?}");
+    assert!(all.windows(2).all(|w| w[0].2 < w[1].2), "{all:?}");
+    // Nothing more (a bookmark-free stream stays silent).
+    assert!(by_node.next(Duration::from_millis(500)).await.is_none());
+
+    // The cache's whole lists equal the store's (a page: always read from the store), on
+    // every replica, for every selector used above.
+    for id in 1..=3 {
+        for q in [
+            BY_N1,
+            "fieldSelector=spec.nodeName%3Dn1&labelSelector=app%3Da",
+            "labelSelector=app%3Da",
+            "",
+        ] {
+            let (_, cached) = send(&c, id, "GET", &format!("/api/v1/pods?{q}"), None).await;
+            let (_, paged) =
+                send(&c, id, "GET", &format!("/api/v1/pods?{q}&limit=1000"), None).await;
+            assert_eq!(items(&cached), items(&paged), "replica {id}, {q:?}");
+            assert_eq!(
+                cached["items"], paged["items"],
+                "replica {id}, {q:?}: bytes differ"
+            );
+        }
+    }
+    // A watch without resourceVersion starts with the current objects (from the cache).
+    let mut fresh = KubeWatch::open(&c, f, &format!("/api/v1/pods?{BY_N1}&watch=1")).await;
+    let initial = fresh.take(6).await;
+    let mut names: Vec<&str> = initial
+        .iter()
+        .map(|(t, n, _)| {
+            assert_eq!(t, "ADDED");
+            n.as_str()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["k", "p0", "p4", "p6", "p8", "q0"]);
+
+    let served = |verb: &'static str, from: &'static str| {
+        let c = &c;
+        async move {
+            c.metric(
+                f,
+                &format!("flotilla_api_watch_cache_requests_total{{served_from=\"{from}\",verb=\"{verb}\"}}"),
+            )
+            .await
+            .unwrap_or(0.0)
+        }
+    };
+    assert!(
+        served("watch", "cache").await >= 4.0,
+        "watches not served from the cache"
+    );
+    assert!(
+        served("list", "cache").await >= 5.0,
+        "lists not served from the cache"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_before_the_window_is_served_from_the_store() {
+    let c = Cluster::start(3, &["--watch-cache-size", "5"]).await;
+    let leader = c.wait_leader().await;
+    let f = (1..=3).find(|&id| id != leader).unwrap();
+    // Load the follower's pod cache.
+    let (s, list) = send(&c, f, "GET", "/api/v1/namespaces/default/pods", None).await;
+    assert_eq!(s, 200, "{list}");
+    let rv0 = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut rvs = Vec::new();
+    for i in 0..12 {
+        let (s, o) = send(
+            &c,
+            leader,
+            "POST",
+            "/api/v1/namespaces/default/pods",
+            Some(pod(&format!("w{i}"), Some("n1"), "a")),
+        )
+        .await;
+        assert_eq!(s, 201, "{o}");
+        rvs.push(rv(&o));
+    }
+    // Both watches see exactly the changes after their start: twelve from before the
+    // window (the store), three from inside it (the cache).
+    let mut old = KubeWatch::open(
+        &c,
+        f,
+        &format!("/api/v1/namespaces/default/pods?watch=1&resourceVersion={rv0}"),
+    )
+    .await;
+    let got: Vec<String> = old.take(12).await.into_iter().map(|(_, n, _)| n).collect();
+    assert_eq!(got, (0..12).map(|i| format!("w{i}")).collect::<Vec<_>>());
+    let mut recent = KubeWatch::open(
+        &c,
+        f,
+        &format!(
+            "/api/v1/namespaces/default/pods?{BY_N1}&watch=1&resourceVersion={}",
+            rvs[8]
+        ),
+    )
+    .await;
+    let got: Vec<String> = recent
+        .take(3)
+        .await
+        .into_iter()
+        .map(|(_, n, _)| n)
+        .collect();
+    assert_eq!(got, ["w9", "w10", "w11"]);
+    let from = |src: &'static str| {
+        let c = &c;
+        async move {
+            c.metric(f, &format!("flotilla_api_watch_cache_requests_total{{served_from=\"{src}\",verb=\"watch\"}}"))
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    assert_eq!(from("store").await, 1.0);
+    assert_eq!(from("cache").await, 1.0);
+
+    // Without a cache, the same answers from the store.
+    drop(c);
+    let c = Cluster::start(3, &["--watch-cache-size", "0"]).await;
+    let leader = c.wait_leader().await;
+    let (s, o) = send(
+        &c,
+        leader,
+        "POST",
+        "/api/v1/namespaces/default/pods",
+        Some(pod("x", Some("n1"), "a")),
+    )
+    .await;
+    assert_eq!(s, 201, "{o}");
+    let (s, list) = send(&c, leader, "GET", &format!("/api/v1/pods?{BY_N1}"), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(items(&list), [("x".to_string(), rv(&o))]);
+    assert!(c
+        .metric(leader, "flotilla_api_watch_cache_requests_total")
+        .await
+        .is_none());
+}
