@@ -4,7 +4,8 @@
 spec.nodeName=<node>` (what each node agent asks for on a relist), 64 at once, on a follower.
 Prints lists/s, p50/p99, the follower's RSS and the failed requests.
 
-usage: benches/listbench.py BINARY LABEL   (run it for two binaries to compare)
+usage: benches/listbench.py BINARY LABEL [SERVER FLAGS...]   (run it for two binaries, or
+one binary with and without `--watch-cache-size 0`, to compare)
 """
 import json, subprocess, sys, time, os, shutil, concurrent.futures, urllib.request
 binary = sys.argv[1]
@@ -17,7 +18,7 @@ for i in (1, 2, 3):
     procs.append(subprocess.Popen([binary, "server", "--id", str(i), "--data-dir", f"{d}/{i}",
         "--listen-api", f"127.0.0.1:2666{i}", "--listen-peer", f"127.0.0.1:2766{i}",
         "--initial-cluster", "1=127.0.0.1:27661,2=127.0.0.1:27662,3=127.0.0.1:27663",
-        "--max-requests-inflight", "0", "--max-mutating-requests-inflight", "0"],
+        "--max-requests-inflight", "0", "--max-mutating-requests-inflight", "0"] + sys.argv[3:],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 def req(method, path, body=None, port=26661):
     r = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,

@@ -111,6 +111,40 @@ async fn hollow_nodes_register_run_pods_and_delete_them() {
         "the scheduler spreads the pods: {per_node:?}"
     );
 
+    // A Job whose pods `sleep 1`: hollow containers exit 0 after that, so it completes
+    // (a `sleep 3600` above does not end).
+    let job = c.dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        "apiVersion: batch/v1\nkind: Job\nmetadata: {name: short}\nspec:\n  completions: 4\n  parallelism: 2\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - {name: c, image: busybox, command: [sleep, '1']}\n",
+    )
+    .unwrap();
+    kubectl.ok(&["apply", "-f", job.to_str().unwrap()]);
+    let done = wait_for(Duration::from_secs(120), "the Job to complete", || async {
+        let j = get_body(&c, "/apis/batch/v1/namespaces/default/jobs/short").await;
+        (j["status"]["succeeded"] == 4).then_some(j)
+    })
+    .await;
+    assert!(
+        done["status"]["conditions"].as_array().is_some_and(|cs| cs
+            .iter()
+            .any(|x| x["type"] == "Complete" && x["status"] == "True")),
+        "{done}"
+    );
+    let running = get_body(
+        &c,
+        "/api/v1/namespaces/default/pods?labelSelector=app%3Dmany",
+    )
+    .await;
+    assert!(
+        running["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"]["phase"] == "Running"),
+        "the sleep 3600 pods still run"
+    );
+
     // Scaled away: each hollow node stops its containers and deletes its pods.
     kubectl.ok(&["scale", "deploy/many", "--replicas=0"]);
     wait_for(Duration::from_secs(120), "the pods to be gone", || async {

@@ -3,7 +3,8 @@
 //! registers its Node, renews its Lease, lists and watches its pods, runs one worker per
 //! pod, reports status), and this runtime below it, which runs nothing: a container is
 //! reported running `--hollow-start-ms` after it was started, passes its exec probes, and
-//! ends when signalled. So the control plane sees real agent traffic from thousands of
+//! ends when signalled, or, if its command line is `sleep N` (a Job's pods, in a density
+//! run), exits 0 after N seconds. So the control plane sees real agent traffic from thousands of
 //! nodes on one machine.
 //!
 //! Owns the fake containers' state (in memory: a hollow agent that restarts adopts none,
@@ -41,6 +42,22 @@ impl HollowRuntime {
 struct HollowContainer {
     id: u64,
     exit: Mutex<Option<Exit>>,
+    /// When a `sleep N` container exits by itself.
+    ends_at: Option<std::time::Instant>,
+}
+
+/// N of a `sleep N` command line (command and args together), whole seconds.
+fn sleep_seconds(spec: &Spec<'_>) -> Option<u64> {
+    let argv: Vec<&str> = spec
+        .command
+        .iter()
+        .chain(spec.args.iter())
+        .map(String::as_str)
+        .collect();
+    match argv.as_slice() {
+        [cmd, n] if cmd.rsplit('/').next() == Some("sleep") => n.parse().ok(),
+        _ => None,
+    }
 }
 
 fn now_secs() -> u64 {
@@ -56,7 +73,15 @@ impl Container for HollowContainer {
     }
 
     fn exit(&mut self) -> Option<Exit> {
-        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if exit.is_none() && self.ends_at.is_some_and(|t| t <= std::time::Instant::now()) {
+            *exit = Some(Exit {
+                code: 0,
+                finished_at: now_secs(),
+                oom_killed: false,
+            });
+        }
+        exit.clone()
     }
 
     fn signal(&self, sig: Signal) {
@@ -90,12 +115,14 @@ impl Runtime for HollowRuntime {
         "hollow://1".into()
     }
 
-    fn start<'a>(&'a self, _spec: &'a Spec<'a>) -> BoxFuture<'a, Result<Handle, StartError>> {
+    fn start<'a>(&'a self, spec: &'a Spec<'a>) -> BoxFuture<'a, Result<Handle, StartError>> {
         Box::pin(async move {
             tokio::time::sleep(self.start_delay).await;
             let c: Handle = Box::new(HollowContainer {
                 id: self.next_id.fetch_add(1, Ordering::Relaxed),
                 exit: Mutex::new(None),
+                ends_at: sleep_seconds(spec)
+                    .map(|n| std::time::Instant::now() + Duration::from_secs(n)),
             });
             Ok(c)
         })
