@@ -164,6 +164,7 @@ mod tests {
         let mut c = HollowContainer {
             id: 7,
             exit: Mutex::new(None),
+            ends_at: None,
         };
         assert_eq!(c.id(), "hollow://7");
         assert!(c.exit().is_none());
@@ -171,5 +172,19 @@ mod tests {
         assert_eq!(c.exit().unwrap().code, 143);
         c.signal(Signal::SIGKILL);
         assert_eq!(c.exit().unwrap().code, 143, "the first signal decides");
+    }
+
+    #[test]
+    fn a_sleeping_container_exits_zero_when_its_time_is_up() {
+        let mut c = HollowContainer {
+            id: 8,
+            exit: Mutex::new(None),
+            ends_at: Some(std::time::Instant::now() + Duration::from_secs(3600)),
+        };
+        assert!(c.exit().is_none());
+        c.ends_at = Some(std::time::Instant::now());
+        assert_eq!(c.exit().unwrap().code, 0);
+        c.signal(Signal::SIGKILL);
+        assert_eq!(c.exit().unwrap().code, 0, "it had already ended");
     }
 }
