@@ -237,6 +237,21 @@ pub(crate) struct Inner {
     pub(crate) observer: Arc<dyn ReplicaObserver>,
     leadership: watch::Receiver<Leadership>,
     shutdown: CancellationToken,
+    /// Raft's own threads (see `Replica::start`); stopped when the replica is dropped.
+    runtime: std::sync::Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(rt) = self
+            .runtime
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// A running replica. Cheap to clone.
@@ -334,6 +349,17 @@ impl<O: Observer> PeerObserver for LoggingObserver<O> {
 }
 
 impl Replica {
+    /// A handle to Raft's threads.
+    fn raft_runtime(&self) -> tokio::runtime::Handle {
+        self.inner
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|r| r.handle().clone())
+            .unwrap_or_else(tokio::runtime::Handle::current)
+    }
+
     /// Opens the stores, starts Raft and the peer listener, and bootstraps the cluster if this
     /// replica is pristine and part of `initial_cluster` (idempotent: a replica that has any
     /// Raft state never bootstraps again).
@@ -372,9 +398,25 @@ impl Replica {
             acks: acks.clone(),
             next: observer,
         });
-        let network = Network::new(cfg.id, peers.clone(), net_observer);
-        let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm)
+        // Raft runs on threads of its own: its core, replication streams, apply and the peer
+        // listener are never queued behind the API's tasks, so on a loaded machine heartbeats
+        // and votes still go out on time (sharing the API's two worker threads, a busy
+        // replica missed its 50 ms heartbeats and the cluster kept electing). Its peer
+        // connections are its own too: a connection is driven by the runtime that made it.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("raft")
+            .enable_all()
+            .build()
+            .map_err(|e| StartError(format!("starting raft's threads: {e}")))?;
+        let raft_peers = PeerClient::new(local_ip, cfg.tls.as_ref().map(|t| t.client.clone()));
+        let network = Network::new(cfg.id, raft_peers, net_observer);
+        let raft_cfg = Arc::new(raft_cfg);
+        let id = cfg.id;
+        let raft = runtime
+            .spawn(async move { Raft::new(id, raft_cfg, network, log, sm).await })
             .await
+            .map_err(|e| StartError(format!("starting raft: {e}")))?
             .map_err(|e| StartError(format!("starting raft: {e}")))?;
 
         let (tx, rx) = watch::channel(Leadership::default());
@@ -391,6 +433,7 @@ impl Replica {
             observer: replica_observer,
             leadership: rx,
             shutdown: shutdown.clone(),
+            runtime: std::sync::Mutex::new(Some(runtime)),
         });
         let replica = Replica { inner };
 
@@ -443,19 +486,25 @@ impl Replica {
             }
         });
 
-        let listener = tokio::net::TcpListener::bind(cfg.listen_peer)
-            .await
+        // Bound here (so a taken address fails the start), served on Raft's threads.
+        let listener = std::net::TcpListener::bind(cfg.listen_peer)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| {
                 StartError(format!("binding the peer address {}: {e}", cfg.listen_peer))
             })?;
-        tokio::spawn(service::serve(
-            listener,
+        let serving = (
             cfg.tls
                 .as_ref()
                 .map(|t| (t.server.clone(), t.is_peer.clone())),
             replica.clone(),
             shutdown.clone(),
-        ));
+        );
+        replica.raft_runtime().spawn(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => service::serve(l, serving.0, serving.1, serving.2).await,
+                Err(e) => tracing::error!(%e, "the peer listener"),
+            }
+        });
 
         if !cfg.join && !cfg.initial_cluster.is_empty() {
             let initialized = raft

@@ -464,6 +464,7 @@ async fn register_node(args: &AgentArgs, shared: &Shared) -> anyhow::Result<Arc<
         capacity_memory_bytes: quantity("memory") / 1000,
         metrics: shared.metrics.clone(),
         events: events::Events::start(shared.api.clone(), args.node_name.clone()),
+        steady_tick: Duration::from_secs(if args.hollow > 0 { 5 } else { 1 }),
         services: shared.services.clone(),
         cluster_dns: shared.cluster_dns.clone(),
         host_resolv: shared.host_resolv.clone(),

@@ -1218,11 +1218,18 @@ impl Kube {
             return Ok(());
         };
         let ns_res = resources::find("", "v1", "namespaces").expect("namespaces are served");
-        let stored = self
-            .objects
-            .get(&ns_res.key(None, ns), Consistency::Local)
-            .await?
-            .ok_or_else(|| KubeError::not_found(ns_res, ns))?;
+        let key = ns_res.key(None, ns);
+        // This replica's copy first; a miss is confirmed by a linearizable read (as the
+        // NamespaceLifecycle plugin's live lookup), so a namespace whose create was just
+        // acknowledged, through another replica, is never reported missing.
+        let stored = match self.objects.get(&key, Consistency::Local).await? {
+            Some(s) => s,
+            None => self
+                .objects
+                .get(&key, Consistency::Linearizable)
+                .await?
+                .ok_or_else(|| KubeError::not_found(ns_res, ns))?,
+        };
         if stored
             .object
             .pointer("/status/phase")

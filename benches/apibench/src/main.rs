@@ -18,9 +18,12 @@
 //!
 //! `--scenario scheduler` and `--scenario failover` measure the control plane instead
 //! (see `control.rs`); `--scenario startup` the node agents (see `startup.rs`);
-//! `--scenario services` the cluster DNS and the service proxy (see `services.rs`).
+//! `--scenario services` the cluster DNS and the service proxy (see `services.rs`);
+//! `--scenario density` hollow nodes under a load of namespaces, Deployments, Services and
+//! Jobs (see `density.rs`).
 
 mod control;
+mod density;
 mod services;
 mod startup;
 
@@ -93,6 +96,18 @@ pub(crate) struct Args {
     /// Directory for data (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Density scenario: declared pods per second.
+    #[arg(long, default_value_t = 100.0)]
+    pub(crate) pod_rate: f64,
+    /// Density scenario: replicas per Deployment.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) deployment_size: usize,
+    /// Density scenario: pods per namespace.
+    #[arg(long, default_value_t = 3000)]
+    pub(crate) namespace_pods: usize,
+    /// Density scenario: kill the leader at full scale.
+    #[arg(long)]
+    pub(crate) kill_leader: bool,
     /// Write the figures here as JSON.
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
@@ -100,7 +115,14 @@ pub(crate) struct Args {
 
 /// One write of the write phase: its name, the watch event it causes, method, path,
 /// content type and body.
-type Op = (&'static str, &'static str, Method, String, &'static str, Vec<u8>);
+type Op = (
+    &'static str,
+    &'static str,
+    Method,
+    String,
+    &'static str,
+    Vec<u8>,
+);
 
 pub(crate) type Http = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
 
@@ -185,11 +207,16 @@ impl Cluster {
             // The load generator's clients are many on purpose (512 nodes turning Ready at
             // once, 1,000 watchers): the replicas' in-flight bounds (429 beyond 400 reads
             // or 200 writes) are off, so the figures measure the work, not the shedding.
-            extra: ["--max-requests-inflight", "0", "--max-mutating-requests-inflight", "0"]
-                .into_iter()
-                .chain(extra.iter().copied())
-                .map(str::to_string)
-                .collect(),
+            extra: [
+                "--max-requests-inflight",
+                "0",
+                "--max-mutating-requests-inflight",
+                "0",
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .map(str::to_string)
+            .collect(),
         };
         for i in 0..3 {
             c.spawn(i)?;
@@ -934,6 +961,10 @@ async fn main() -> anyhow::Result<()> {
             let c = Cluster::start(&args.flotilla, &dir)?;
             return startup::startup(&args, &c, &http, &dir).await;
         }
+        "density" => {
+            let mut c = Cluster::start(&args.flotilla, &dir)?;
+            return density::density(&args, &mut c, &http, &dir).await;
+        }
         "services" => {
             let c = Cluster::start_with(
                 &args.flotilla,
@@ -942,7 +973,9 @@ async fn main() -> anyhow::Result<()> {
             )?;
             return services::services(&args, &c, &http, &dir).await;
         }
-        other => bail!("unknown scenario {other:?}: api, scheduler, failover, startup or services"),
+        other => bail!(
+            "unknown scenario {other:?}: api, scheduler, failover, startup, services or density"
+        ),
     }
     let c = Cluster::start(&args.flotilla, &dir)?;
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -86,7 +86,9 @@ struct ServicesResults {
 /// A backend: answers `name\n` to a line `hello`, or streams the number of bytes asked
 /// for by a line `stream N`.
 async fn backend(addr: SocketAddr, name: &'static str) -> anyhow::Result<()> {
-    let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = l.accept().await else {
@@ -100,7 +102,10 @@ async fn backend(addr: SocketAddr, name: &'static str) -> anyhow::Result<()> {
                     line.push(b[0]);
                 }
                 let line = String::from_utf8_lossy(&line).into_owned();
-                if let Some(n) = line.strip_prefix("stream ").and_then(|n| n.parse::<usize>().ok()) {
+                if let Some(n) = line
+                    .strip_prefix("stream ")
+                    .and_then(|n| n.parse::<usize>().ok())
+                {
                     let chunk = vec![7u8; 1 << 16];
                     let mut left = n;
                     while left > 0 {
@@ -148,7 +153,8 @@ async fn resolve(sock: &UdpSocket, server: SocketAddr, name: &str) -> anyhow::Re
     sock.send_to(&query(id, name), server).await?;
     let mut buf = [0u8; 1500];
     loop {
-        let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await??;
+        let (n, _) =
+            tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await??;
         let m = Message::from_vec(&buf[..n])?;
         if m.id() != id {
             continue;
@@ -167,7 +173,12 @@ fn rand_id() -> u16 {
 }
 
 /// `clients` clients resolving `name` at `server` for `seconds`.
-async fn dns_load(server: SocketAddr, name: &str, clients: usize, seconds: u64) -> anyhow::Result<(f64, Latency)> {
+async fn dns_load(
+    server: SocketAddr,
+    name: &str,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<(f64, Latency)> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -198,7 +209,11 @@ async fn dns_load(server: SocketAddr, name: &str, clients: usize, seconds: u64) 
 }
 
 /// [`dns_load`] on `NAME` at `server` for 10 s, labelled `label`.
-async fn dns_figures(label: &str, server: SocketAddr, clients: usize) -> anyhow::Result<DnsFigures> {
+async fn dns_figures(
+    label: &str,
+    server: SocketAddr,
+    clients: usize,
+) -> anyhow::Result<DnsFigures> {
     let (answers_per_sec, latency) = dns_load(server, NAME, clients, 10).await?;
     Ok(DnsFigures {
         server: label.into(),
@@ -345,11 +360,24 @@ where
     Ok(())
 }
 
-pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) -> anyhow::Result<()> {
+pub(crate) async fn services(
+    args: &Args,
+    c: &Cluster,
+    http: &Http,
+    dir: &Path,
+) -> anyhow::Result<()> {
     let api = format!("http://{}", c.apis[0]);
     until("the API", || async {
         matches!(
-            send(http, Method::GET, format!("{api}/api/v1/namespaces/default"), "application/json", "application/json", vec![]).await,
+            send(
+                http,
+                Method::GET,
+                format!("{api}/api/v1/namespaces/default"),
+                "application/json",
+                "application/json",
+                vec![]
+            )
+            .await,
             Ok((StatusCode::OK, _))
         )
     })
@@ -361,7 +389,14 @@ pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) 
     let post = |path: &'static str, body: serde_json::Value| {
         let api = api.clone();
         async move {
-            ok(http, Method::POST, format!("{api}{path}"), "application/json", serde_json::to_vec(&body)?).await
+            ok(
+                http,
+                Method::POST,
+                format!("{api}{path}"),
+                "application/json",
+                serde_json::to_vec(&body)?,
+            )
+            .await
         }
     };
     let services_path = "/api/v1/namespaces/default/services";
@@ -375,7 +410,14 @@ pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) 
     let ip_of = |name: &'static str| {
         let api = api.clone();
         async move {
-            let b = ok(http, Method::GET, format!("{api}{services_path}/{name}"), "application/json", vec![]).await?;
+            let b = ok(
+                http,
+                Method::GET,
+                format!("{api}{services_path}/{name}"),
+                "application/json",
+                vec![],
+            )
+            .await?;
             let v: serde_json::Value = serde_json::from_slice(&b)?;
             anyhow::Ok(v["spec"]["clusterIP"].as_str().unwrap_or("").to_string())
         }
@@ -389,14 +431,21 @@ pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) 
     };
     // Direct, for reference.
     let direct: SocketAddr = format!("{DIRECT}:8080").parse()?;
-    res.proxy.push(measure("direct".into(), direct, args.concurrency).await?);
+    res.proxy
+        .push(measure("direct".into(), direct, args.concurrency).await?);
     for (round, mode) in ["iptables", "userspace"].into_iter().enumerate() {
         let data = dir.join(format!("agent-{mode}"));
         std::fs::create_dir_all(&data)?;
         let log = std::fs::File::create(dir.join(format!("agent-{mode}.log")))?;
         let agent = Agent(
             Command::new(&args.flotilla)
-                .args(["agent", "--servers", &c.apis.join(","), "--node-name", "bench-1"])
+                .args([
+                    "agent",
+                    "--servers",
+                    &c.apis.join(","),
+                    "--node-name",
+                    "bench-1",
+                ])
                 .arg("--data-dir")
                 .arg(&data)
                 .args(["--cluster-dns", DNS, "--proxy-mode", mode])
@@ -408,14 +457,23 @@ pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) 
         );
         let sock = UdpSocket::bind("127.0.0.1:0").await?;
         until("the cluster DNS", || async {
-            resolve(&sock, dns, NAME).await.is_ok_and(|ips| ips == [vip.ip()])
+            resolve(&sock, dns, NAME)
+                .await
+                .is_ok_and(|ips| ips == [vip.ip()])
         })
         .await?;
         until("the proxy", || async { hello(vip).await.is_ok() }).await?;
         if round == 0 {
-            res.dns.push(dns_figures("flotilla agent", dns, args.concurrency).await?);
+            res.dns
+                .push(dns_figures("flotilla agent", dns, args.concurrency).await?);
             match Command::new("dnsmasq")
-                .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces", "--user=root"])
+                .args([
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--user=root",
+                ])
                 .arg(format!("--listen-address={DNSMASQ}"))
                 .arg(format!("--address=/{NAME}/{}", vip.ip()))
                 .stdin(Stdio::null())
@@ -426,8 +484,12 @@ pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) 
                 Ok(child) => {
                     let _d = Dnsmasq(child);
                     let other: SocketAddr = format!("{DNSMASQ}:53").parse()?;
-                    until("dnsmasq", || async { resolve(&sock, other, NAME).await.is_ok() }).await?;
-                    let figures = dns_figures("dnsmasq 2.90 (static record)", other, args.concurrency);
+                    until("dnsmasq", || async {
+                        resolve(&sock, other, NAME).await.is_ok()
+                    })
+                    .await?;
+                    let figures =
+                        dns_figures("dnsmasq 2.90 (static record)", other, args.concurrency);
                     res.dns.push(figures.await?);
                 }
                 Err(e) => eprintln!("no dnsmasq to compare with: {e}"),
@@ -435,16 +497,25 @@ pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) 
         }
         // Direct again, with the agent running (the machine's noise in the same conditions).
         let path = format!("direct ({mode} agent up)");
-        res.proxy.push(measure(path, direct, args.concurrency).await?);
+        res.proxy
+            .push(measure(path, direct, args.concurrency).await?);
         let path = format!("cluster IP ({mode})");
         res.proxy.push(measure(path, vip, args.concurrency).await?);
         // Change propagation.
         let mut proxy_delays = Vec::new();
         let mut dns_delays = Vec::new();
         for i in 0..20 {
-            let (ip, name) = if i % 2 == 0 { (BACKENDS[1], "b2") } else { (BACKENDS[0], "b1") };
-            for (service, delays) in [("bench-switch", &mut proxy_delays), ("bench-headless", &mut dns_delays)] {
-                let patch = json!({"endpoints": [{"addresses": [ip], "conditions": {"ready": true}}]});
+            let (ip, name) = if i % 2 == 0 {
+                (BACKENDS[1], "b2")
+            } else {
+                (BACKENDS[0], "b1")
+            };
+            for (service, delays) in [
+                ("bench-switch", &mut proxy_delays),
+                ("bench-headless", &mut dns_delays),
+            ] {
+                let patch =
+                    json!({"endpoints": [{"addresses": [ip], "conditions": {"ready": true}}]});
                 ok(
                     http,
                     Method::PATCH,
@@ -481,18 +552,29 @@ pub(crate) async fn services(args: &Args, c: &Cluster, http: &Http, dir: &Path) 
         });
         drop(agent);
     }
-    println!("DNS ({} clients, 10 s, UDP, one A record):", args.concurrency);
+    println!(
+        "DNS ({} clients, 10 s, UDP, one A record):",
+        args.concurrency
+    );
     for d in &res.dns {
         println!(
             "  {:<30} {:>9.0} answers/s  p50 {:.3} ms  p99 {:.3} ms",
             d.server, d.answers_per_sec, d.latency.p50_ms, d.latency.p99_ms
         );
     }
-    println!("Connections (connect + request + answer + close; 1 client sequential, then {} clients):", args.concurrency);
+    println!(
+        "Connections (connect + request + answer + close; 1 client sequential, then {} clients):",
+        args.concurrency
+    );
     for p in &res.proxy {
         println!(
             "  {:<28} p50 {:.3} ms  p99 {:.3} ms  {:>7.0} conn/s  stream {:>6.0} MiB/s  failed {}",
-            p.path, p.connection.p50_ms, p.connection.p99_ms, p.connections_per_sec, p.throughput_mib_per_sec, p.failed
+            p.path,
+            p.connection.p50_ms,
+            p.connection.p99_ms,
+            p.connections_per_sec,
+            p.throughput_mib_per_sec,
+            p.failed
         );
     }
     println!("EndpointSlice change (PATCH answered) → followed:");
