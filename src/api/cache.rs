@@ -622,8 +622,9 @@ impl Drop for Subscription {
     }
 }
 
-/// Keeps `cache` following the store: load, watch from the load's revision, apply; on any
-/// break of the stream, reset and load again.
+/// Keeps `cache` following the store: load, watch from the load's revision, apply; if the
+/// feeder falls behind, resume from where it was; on any other break of the stream
+/// (compaction past it, a snapshot install), reset and load again.
 async fn feed(cache: Arc<WatchCache>, kv: store::KvStore, shutdown: CancellationToken) {
     let end = super::objects::prefix_end(&cache.prefix);
     let mut backoff = Duration::from_millis(100);
@@ -675,6 +676,24 @@ async fn feed(cache: Arc<WatchCache>, kv: store::KvStore, shutdown: Cancellation
                 m = watcher.recv() => match m {
                     Ok(store::WatchMessage::Events(events)) => cache.apply(events),
                     Ok(store::WatchMessage::Progress(rev)) => cache.advance(rev),
+                    // Fell behind the store's live stream: go on from the first revision
+                    // not received (replayed from disk), keeping the objects and every
+                    // watcher; a reload would end all of them at once, and under the load
+                    // that made the feeder slow, every client would list again.
+                    Err(store::CancelReason::Slow { resume_revision }) => {
+                        match kv.watch(store::WatchRequest {
+                            key: cache.prefix.clone(),
+                            range_end: end.clone(),
+                            start_revision: resume_revision,
+                            prev_kv: false,
+                        }) {
+                            Ok(w) => {
+                                tracing::info!(prefix = %String::from_utf8_lossy(&cache.prefix), resume_revision, "watch cache: fell behind the store; resuming");
+                                watcher = w;
+                            }
+                            Err(e) => break store::CancelReason::Failed(e.to_string()),
+                        }
+                    }
                     Err(reason) => break reason,
                 },
             }

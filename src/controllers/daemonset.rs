@@ -313,7 +313,7 @@ impl Controller {
             return Ok(None);
         }
         let ns = owner::namespace(&ds).map(str::to_string);
-        let pods = ctx.pods.filter(|p| owner::namespace(p) == ns.as_deref());
+        let pods = ctx.pods.in_namespace(ns.as_deref());
         let nodes = ctx.nodes.list();
         let plan = plan(&ds, &nodes, &pods, meta::now_secs());
         let pod_res = ctx.pods.resource();

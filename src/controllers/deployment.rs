@@ -247,9 +247,12 @@ impl Controller {
         let ns = owner::namespace(&d).map(str::to_string);
         let uid = owner::uid(&d).to_string();
         let rs_res = ctx.replicasets.resource();
-        let mut owned: Vec<Arc<Value>> = ctx.replicasets.filter(|rs| {
-            owner::namespace(rs) == ns.as_deref() && owner::controller_uid(rs) == Some(uid.as_str())
-        });
+        let mut owned: Vec<Arc<Value>> = ctx
+            .replicasets
+            .in_namespace(ns.as_deref())
+            .into_iter()
+            .filter(|rs| owner::controller_uid(rs) == Some(uid.as_str()))
+            .collect();
         owned.sort_by_key(|rs| {
             (
                 owner::created_secs(rs),

@@ -267,7 +267,7 @@ impl Controller {
             ctx.pods.subscribe(move |c| {
                 let obj = c.new.or(c.old).expect("a change has an object");
                 let ns = owner::namespace(obj);
-                for svc in services.filter(|s| owner::namespace(s) == ns) {
+                for svc in services.in_namespace(ns) {
                     if c.old.is_some_and(|o| selects(&svc, o))
                         || c.new.is_some_and(|n| selects(&svc, n))
                     {
@@ -331,7 +331,12 @@ impl Controller {
                 .and_then(Value::as_str)
                     == Some(SLICE_MANAGER)
         };
-        let existing_slices = ctx.endpointslices.filter(ours);
+        let existing_slices: Vec<Arc<Value>> = ctx
+            .endpointslices
+            .in_namespace(Some(ns.as_str()))
+            .into_iter()
+            .filter(|s| ours(s))
+            .collect();
         let existing_ep = ctx.endpoints.get(&ep_res.key(Some(&ns), &name));
         let svc = ctx.services.get(key).filter(|s| !owner::is_deleting(s));
         let Some(svc) = svc.filter(|s| selector(s).is_some()) else {
@@ -357,9 +362,7 @@ impl Controller {
             }
             return Ok(None);
         };
-        let pods = ctx
-            .pods
-            .filter(|p| owner::namespace(p) == Some(ns.as_str()));
+        let pods = ctx.pods.in_namespace(Some(ns.as_str()));
         let (subsets, slices) = desired(&svc, &pods);
         // Endpoints.
         let labels = svc

@@ -355,9 +355,12 @@ impl Controller {
         }
         let ns = owner::namespace(&job).map(str::to_string);
         let uid = owner::uid(&job).to_string();
-        let pods = ctx.pods.filter(|p| {
-            owner::namespace(p) == ns.as_deref() && owner::controller_uid(p) == Some(uid.as_str())
-        });
+        let pods: Vec<Arc<Value>> = ctx
+            .pods
+            .in_namespace(ns.as_deref())
+            .into_iter()
+            .filter(|p| owner::controller_uid(p) == Some(uid.as_str()))
+            .collect();
         let now = meta::now_secs();
         let plan = plan(&job, &pods, now, self.backoff_base_secs);
         let pod_res = ctx.pods.resource();

@@ -187,7 +187,7 @@ impl Controller {
                             e.created(&k);
                             q.add(&k);
                         } else {
-                            for rs in rss.filter(|rs| owner::namespace(rs) == ns) {
+                            for rs in rss.in_namespace(ns) {
                                 q.add(&rs_res.key(ns, owner::name(&rs)));
                             }
                         }
@@ -209,7 +209,7 @@ impl Controller {
                         if b.is_none()
                             && old.pointer("/metadata/labels") != new.pointer("/metadata/labels")
                         {
-                            for rs in rss.filter(|rs| owner::namespace(rs) == ns) {
+                            for rs in rss.in_namespace(ns) {
                                 q.add(&rs_res.key(ns, owner::name(&rs)));
                             }
                         }
@@ -237,7 +237,7 @@ impl Controller {
             return Ok(None);
         };
         let ns = owner::namespace(&rs).map(str::to_string);
-        let pods = ctx.pods.filter(|p| owner::namespace(p) == ns.as_deref());
+        let pods = ctx.pods.in_namespace(ns.as_deref());
         let manage = self.expectations.satisfied(key);
         let now = meta::now_secs();
         let plan = plan(&rs, &pods, manage, now);

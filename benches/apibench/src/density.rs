@@ -96,6 +96,8 @@ struct DensityResults {
     teardown_s: f64,
     /// Answers 429/503/504 the harness retried.
     retried: usize,
+    /// Raft terms that passed during the load and steady phases (1 term: no election).
+    raft_terms_during_load: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -674,6 +676,7 @@ pub(crate) async fn density(
     };
 
     // Load: namespaces of Deployments (+ a Service each) and a Job, at the pod rate.
+    let term_before = leader(http, &apis).await.map_or(0, |l| l.1);
     let load_start = Instant::now();
     let mut declared = 0usize;
     let mut deployments = 0;
@@ -772,6 +775,7 @@ pub(crate) async fn density(
     res.list_full_namespace = latency(lists);
     tokio::time::sleep(Duration::from_secs(10)).await;
     phase.store(2, Ordering::SeqCst);
+    res.raft_terms_during_load = leader(http, &apis).await.map_or(0, |l| l.1) - term_before;
 
     // The leader killed at full scale.
     if args.kill_leader {
