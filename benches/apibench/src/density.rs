@@ -11,9 +11,11 @@
 //!    pod, GET node, LIST pods of one namespace, PATCH and POST+DELETE of a ConfigMap, and
 //!    the harness's own creates); pod startup latency (first seen in a watch → first seen
 //!    Running, the SLI of Kubernetes' density test; a hollow container takes 500 ms to
-//!    start); scheduler throughput (pods first seen bound per second, over the load phase); watch delivery delay to `--watchers` watchers of one namespace's
-//!    pods spread over the replicas (a probe patch sent → its event received); each
-//!    replica's CPU and resident memory every 2 s, and its data directory's size.
+//!    start); scheduler throughput (pods first seen bound per second, over the load
+//!    phase); watch delivery delay to `--watchers` watchers of one namespace's pods spread
+//!    over the replicas (a probe patch sent → its event received; until the leader is
+//!    killed); each replica's CPU and resident memory every 2 s, and its data directory's
+//!    size.
 //! 3. **At full scale**: LIST of all pods of a full namespace (5 times), and with
 //!    `--kill-leader`, `kill -9` of the leader: time to a new leader, to the API taking a
 //!    write, and to the controllers' first action (a Deployment scaled up by one → its new
@@ -87,7 +89,8 @@ struct DensityResults {
     list_full_namespace: Latency,
     watchers: usize,
     watch_delay: Latency,
-    /// Watch streams that ended under load (and were reopened).
+    /// Watch streams that ended or could not be opened (each try counts: the watchers on
+    /// a killed leader try every 200 ms until it is back).
     watch_restarts: usize,
     replicas: Vec<ReplicaUsage>,
     agent_cpu_percent_load: f64,
@@ -543,7 +546,7 @@ pub(crate) async fn density(
         .to_string();
     let mut watchers = Vec::new();
     for w in 0..args.watchers {
-        let (sent, delays) = (sent.clone(), delays.clone());
+        let (sent, delays, phase) = (sent.clone(), delays.clone(), phase.clone());
         watchers.push(follow(
             http.clone(),
             apis[w % 3].clone(),
@@ -551,6 +554,11 @@ pub(crate) async fn density(
             prv.clone(),
             stop.clone(),
             move |_, o, now| {
+                // Load and steady state only: after the leader is killed, the watchers on
+                // it replay what they missed, with the outage in their delay.
+                if phase.load(Ordering::SeqCst) >= 2 {
+                    return;
+                }
                 let n = o["metadata"]["labels"]["n"].as_str().unwrap_or("");
                 if let Some(t) = sent.lock().unwrap().get(n) {
                     delays
