@@ -13,48 +13,14 @@ use serde_json::{json, Value};
 
 const PATH: &str = "/api/v1/namespaces/default/configmaps";
 
-/// One Kubernetes watch stream (newline-delimited JSON events).
-struct KubeWatch {
-    body: hyper::body::Incoming,
-    buf: Vec<u8>,
-}
-
-impl KubeWatch {
-    async fn open(c: &Cluster, id: u64, rv: &str) -> Result<KubeWatch, String> {
-        let client = c.client_for(id);
-        let resp = client
-            .get_stream(
-                &c.replica(id).api(),
-                &format!("{PATH}?watch=1&resourceVersion={rv}&allowWatchBookmarks=true"),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if resp.status() != 200 {
-            return Err(format!("watch refused: {}", resp.status()));
-        }
-        Ok(KubeWatch {
-            body: resp.into_body(),
-            buf: Vec::new(),
-        })
-    }
-
-    /// The next event; `None` when the stream ends, breaks or stays silent for `idle`.
-    async fn next(&mut self, idle: Duration) -> Option<Value> {
-        loop {
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                return Some(serde_json::from_slice(&line).expect("a JSON watch event"));
-            }
-            match tokio::time::timeout(idle, self.body.frame()).await {
-                Ok(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        self.buf.extend_from_slice(d);
-                    }
-                }
-                _ => return None,
-            }
-        }
-    }
+/// A watch of the ConfigMaps from `rv`, with bookmarks, on replica `id`.
+async fn open_watch(c: &Cluster, id: u64, rv: &str) -> Result<KubeWatch, String> {
+    KubeWatch::open_path(
+        c,
+        id,
+        &format!("{PATH}?watch=1&resourceVersion={rv}&allowWatchBookmarks=true"),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +100,7 @@ async fn a_watch_on_a_follower_resumes_on_another_replica_without_loss() {
     // killed, and the watch resumes on the third replica from the last resourceVersion seen.
     let mut seen: Vec<(String, String, String)> = Vec::new(); // (type, name, rv)
     let mut last_rv = start_rv.clone();
-    let mut w = KubeWatch::open(&c, follower, &start_rv).await.unwrap();
+    let mut w = open_watch(&c, follower, &start_rv).await.unwrap();
     let mut on = follower;
     let mut killed = false;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -180,7 +146,7 @@ async fn a_watch_on_a_follower_resumes_on_another_replica_without_loss() {
                     || {
                         let c = &c;
                         let rv = last_rv.clone();
-                        async move { KubeWatch::open(c, other, &rv).await.ok() }
+                        async move { open_watch(c, other, &rv).await.ok() }
                     },
                 )
                 .await;

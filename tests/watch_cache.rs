@@ -12,67 +12,34 @@ use common::*;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
-/// One Kubernetes watch stream (newline-delimited JSON events).
-struct KubeWatch {
-    body: hyper::body::Incoming,
-    buf: Vec<u8>,
+/// Opens the watch `path` on replica `id`.
+async fn open(c: &Cluster, id: u64, path: &str) -> KubeWatch {
+    KubeWatch::open_path(c, id, path).await.unwrap()
 }
 
-impl KubeWatch {
-    async fn open(c: &Cluster, id: u64, path: &str) -> KubeWatch {
-        let resp = c
-            .client_for(id)
-            .get_stream(&c.replica(id).api(), path)
+/// Events (type, name, resourceVersion) until `want` of them have come, bookmarks aside;
+/// fails after 20 s of silence.
+async fn take(w: &mut KubeWatch, want: usize) -> Vec<(String, String, i64)> {
+    let mut out = Vec::new();
+    while out.len() < want {
+        let e = w
+            .next(Duration::from_secs(20))
             .await
-            .unwrap();
-        assert_eq!(resp.status(), 200, "watch {path}");
-        KubeWatch {
-            body: resp.into_body(),
-            buf: Vec::new(),
+            .unwrap_or_else(|| panic!("watch ended or went silent after {out:?}"));
+        let t = e["type"].as_str().unwrap().to_string();
+        if t == "BOOKMARK" {
+            continue;
         }
+        out.push((
+            t,
+            e["object"]["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            rv(&e["object"]),
+        ));
     }
-
-    /// The next event; `None` when the stream ends or stays silent for `idle`.
-    async fn next(&mut self, idle: Duration) -> Option<Value> {
-        loop {
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                return Some(serde_json::from_slice(&line).expect("a JSON watch event"));
-            }
-            match tokio::time::timeout(idle, self.body.frame()).await {
-                Ok(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        self.buf.extend_from_slice(d);
-                    }
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    /// Events (type, name) until `want` of them have come; fails after 20 s of silence.
-    async fn take(&mut self, want: usize) -> Vec<(String, String, i64)> {
-        let mut out = Vec::new();
-        while out.len() < want {
-            let e = self
-                .next(Duration::from_secs(20))
-                .await
-                .unwrap_or_else(|| panic!("watch ended or went silent after {out:?}"));
-            let t = e["type"].as_str().unwrap().to_string();
-            if t == "BOOKMARK" {
-                continue;
-            }
-            out.push((
-                t,
-                e["object"]["metadata"]["name"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
-                rv(&e["object"]),
-            ));
-        }
-        out
-    }
+    out
 }
 
 fn rv(o: &Value) -> i64 {
@@ -150,19 +117,19 @@ async fn watches_and_lists_by_node_from_the_cache_are_exact_and_consistent() {
         .to_string();
     // Watches on the follower: by node (all namespaces), by node and label, everything in
     // `default`.
-    let mut by_node = KubeWatch::open(
+    let mut by_node = open(
         &c,
         f,
         &format!("/api/v1/pods?{BY_N1}&watch=1&resourceVersion={rv0}"),
     )
     .await;
-    let mut by_label = KubeWatch::open(
+    let mut by_label = open(
         &c,
         f,
         &format!("/api/v1/pods?{BY_N1}&labelSelector=app%3Da&watch=1&resourceVersion={rv0}"),
     )
     .await;
-    let mut in_default = KubeWatch::open(
+    let mut in_default = open(
         &c,
         f,
         &format!("/api/v1/namespaces/default/pods?watch=1&resourceVersion={rv0}"),
@@ -310,16 +277,16 @@ async fn watches_and_lists_by_node_from_the_cache_are_exact_and_consistent() {
         );
     };
     check(
-        by_node.take(want_node.len()).await,
+        take(&mut by_node, want_node.len()).await,
         &want_node,
         "watch by node",
     );
     check(
-        by_label.take(want_label.len()).await,
+        take(&mut by_label, want_label.len()).await,
         &want_label,
         "watch by node and label",
     );
-    let all = in_default.take(want_default).await;
+    let all = take(&mut in_default, want_default).await;
     assert!(all.iter().all(|(_, n, _)| n != "k"), "{all:?}");
     assert!(all.windows(2).all(|w| w[0].2 < w[1].2), "{all:?}");
     // Nothing more (a bookmark-free stream stays silent).
@@ -345,8 +312,8 @@ async fn watches_and_lists_by_node_from_the_cache_are_exact_and_consistent() {
         }
     }
     // A watch without resourceVersion starts with the current objects (from the cache).
-    let mut fresh = KubeWatch::open(&c, f, &format!("/api/v1/pods?{BY_N1}&watch=1")).await;
-    let initial = fresh.take(6).await;
+    let mut fresh = open(&c, f, &format!("/api/v1/pods?{BY_N1}&watch=1")).await;
+    let initial = take(&mut fresh, 6).await;
     let mut names: Vec<&str> = initial
         .iter()
         .map(|(t, n, _)| {
@@ -405,15 +372,19 @@ async fn a_watch_from_before_the_window_is_served_from_the_store() {
     }
     // Both watches see exactly the changes after their start: twelve from before the
     // window (the store), three from inside it (the cache).
-    let mut old = KubeWatch::open(
+    let mut old = open(
         &c,
         f,
         &format!("/api/v1/namespaces/default/pods?watch=1&resourceVersion={rv0}"),
     )
     .await;
-    let got: Vec<String> = old.take(12).await.into_iter().map(|(_, n, _)| n).collect();
+    let got: Vec<String> = take(&mut old, 12)
+        .await
+        .into_iter()
+        .map(|(_, n, _)| n)
+        .collect();
     assert_eq!(got, (0..12).map(|i| format!("w{i}")).collect::<Vec<_>>());
-    let mut recent = KubeWatch::open(
+    let mut recent = open(
         &c,
         f,
         &format!(
@@ -422,8 +393,7 @@ async fn a_watch_from_before_the_window_is_served_from_the_store() {
         ),
     )
     .await;
-    let got: Vec<String> = recent
-        .take(3)
+    let got: Vec<String> = take(&mut recent, 3)
         .await
         .into_iter()
         .map(|(_, n, _)| n)

@@ -568,3 +568,46 @@ impl Cluster {
         p
     }
 }
+
+/// One Kubernetes watch stream (newline-delimited JSON events).
+pub struct KubeWatch {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+}
+
+impl KubeWatch {
+    /// Opens the watch `path` (with its query) on replica `id`.
+    pub async fn open_path(c: &Cluster, id: u64, path: &str) -> Result<KubeWatch, String> {
+        let resp = c
+            .client_for(id)
+            .get_stream(&c.replica(id).api(), path)
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status() != 200 {
+            return Err(format!("watch {path} refused: {}", resp.status()));
+        }
+        Ok(KubeWatch {
+            body: resp.into_body(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// The next event; `None` when the stream ends, breaks or stays silent for `idle`.
+    pub async fn next(&mut self, idle: Duration) -> Option<serde_json::Value> {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                return Some(serde_json::from_slice(&line).expect("a JSON watch event"));
+            }
+            match tokio::time::timeout(idle, self.body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        self.buf.extend_from_slice(d);
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+}

@@ -108,7 +108,7 @@ pub(crate) struct FailoverResults {
     end_to_end_ms: Vec<f64>,
 }
 
-async fn status(http: &Http, api: &str) -> Option<(u64, u64)> {
+pub(crate) async fn status(http: &Http, api: &str) -> Option<(u64, u64)> {
     let (s, b) = send(
         http,
         Method::POST,

@@ -311,26 +311,10 @@ fn dir_mib(dir: &Path) -> f64 {
     walk(dir) as f64 / 1048576.0
 }
 
+/// The leader (0-based index) and term, as the first replica of `apis` that answers sees them.
 async fn leader(http: &Http, apis: &[String]) -> Option<(usize, u64)> {
     for api in apis {
-        if let Ok((StatusCode::OK, b)) = send(
-            http,
-            Method::POST,
-            format!("http://{api}/v3/maintenance/status"),
-            "application/json",
-            "application/json",
-            b"{}".to_vec(),
-        )
-        .await
-        {
-            let v: Value = serde_json::from_slice(&b).ok()?;
-            let id = v["leader"]
-                .as_u64()
-                .or_else(|| v["leader"].as_str().and_then(|s| s.parse().ok()))?;
-            let term = v["raftTerm"]
-                .as_u64()
-                .or_else(|| v["raftTerm"].as_str().and_then(|s| s.parse().ok()))
-                .unwrap_or(0);
+        if let Some((id, term)) = crate::control::status(http, api).await {
             if id > 0 {
                 return Some((id as usize - 1, term));
             }
