@@ -58,11 +58,13 @@ pub fn plan(rs: &Value, pods: &[Arc<Value>], manage: bool, now: u64) -> Plan {
     let deleting = owner::is_deleting(rs);
     let mut mine: Vec<&Value> = Vec::new();
     let mut out = Plan::default();
+    // The selector is evaluated only for this set's pods and orphans: a namespace's pods
+    // owned by other controllers (most of them) are passed over without it.
+    let matches = |p: &Value| selector.as_ref().is_some_and(|s| s.matches(p));
     for p in pods {
-        let matches = selector.as_ref().is_some_and(|s| s.matches(p));
         match owner::controller_uid(p) {
             Some(u) if u == uid => {
-                if matches || deleting {
+                if deleting || matches(p) {
                     mine.push(p);
                 } else {
                     out.release.push(owner::name(p).to_string());
@@ -70,7 +72,7 @@ pub fn plan(rs: &Value, pods: &[Arc<Value>], manage: bool, now: u64) -> Plan {
             }
             Some(_) => {}
             None => {
-                if matches && !deleting && !owner::is_deleting(p) && pod::is_active(p) {
+                if !deleting && !owner::is_deleting(p) && pod::is_active(p) && matches(p) {
                     out.adopt.push(owner::name(p).to_string());
                     mine.push(p);
                 }
