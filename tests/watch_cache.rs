@@ -77,6 +77,25 @@ async fn send(c: &Cluster, id: u64, method: &str, path: &str, body: Option<Value
     (status, serde_json::from_slice(&text).unwrap_or(Value::Null))
 }
 
+/// Lists and watches replica `id` served from the cache or the store (its metric).
+async fn served(c: &Cluster, id: u64, verb: &str, from: &str) -> f64 {
+    c.metric(
+        id,
+        &format!(
+            "flotilla_api_watch_cache_requests_total{{served_from=\"{from}\",verb=\"{verb}\"}}"
+        ),
+    )
+    .await
+    .unwrap_or(0.0)
+}
+
+/// Creates `body` at `path` through replica `id`; the created object.
+async fn create(c: &Cluster, id: u64, path: &str, body: Value) -> Value {
+    let (s, o) = send(c, id, "POST", path, Some(body)).await;
+    assert_eq!(s, 201, "{path}: {o}");
+    o
+}
+
 fn pod(name: &str, node: Option<&str>, app: &str) -> Value {
     let mut p = json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -157,15 +176,13 @@ async fn watches_and_lists_by_node_from_the_cache_are_exact_and_consistent() {
         let name = format!("p{i}");
         let node = if i % 2 == 0 { "n1" } else { "n2" };
         let app = if i % 3 == 0 { "a" } else { "b" };
-        let (s, o) = send(
+        let o = create(
             &c,
             leader,
-            "POST",
             "/api/v1/namespaces/default/pods",
-            Some(pod(&name, Some(node), app)),
+            pod(&name, Some(node), app),
         )
         .await;
-        assert_eq!(s, 201, "{o}");
         want_default += 1;
         if node == "n1" {
             read_your_write(name.clone(), rv(&o)).await;
@@ -176,46 +193,32 @@ async fn watches_and_lists_by_node_from_the_cache_are_exact_and_consistent() {
         }
     }
     // Another namespace: seen by node, not in `default`.
-    let (s, o) = send(
+    create(
         &c,
         leader,
-        "POST",
         "/api/v1/namespaces",
-        Some(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})),
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}}),
     )
     .await;
-    assert_eq!(s, 201, "{o}");
-    let (s, o) = send(
+    create(
         &c,
         leader,
-        "POST",
         "/api/v1/namespaces/other/pods",
-        Some(pod("k", Some("n1"), "a")),
+        pod("k", Some("n1"), "a"),
     )
     .await;
-    assert_eq!(s, 201, "{o}");
     want_node.push(("ADDED", "k".into()));
     want_label.push(("ADDED", "k".into()));
     // Unbound pods, then bound: a pod arriving on n1 is ADDED for its watchers.
     for (name, node) in [("q0", "n1"), ("q1", "n2")] {
-        let (s, o) = send(
+        create(
             &c,
             leader,
-            "POST",
             "/api/v1/namespaces/default/pods",
-            Some(pod(name, None, "a")),
+            pod(name, None, "a"),
         )
         .await;
-        assert_eq!(s, 201, "{o}");
-        let (s, o) = send(
-            &c,
-            leader,
-            "POST",
-            &format!("/api/v1/namespaces/default/pods/{name}/binding"),
-            Some(json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name}, "target": {"kind": "Node", "name": node}})),
-        )
-        .await;
-        assert_eq!(s, 201, "{o}");
+        create(&c, leader, &format!("/api/v1/namespaces/default/pods/{name}/binding"), json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name}, "target": {"kind": "Node", "name": node}})).await;
         want_default += 2;
         if node == "n1" {
             let (_, p) = send(
@@ -324,23 +327,12 @@ async fn watches_and_lists_by_node_from_the_cache_are_exact_and_consistent() {
     names.sort();
     assert_eq!(names, ["k", "p0", "p4", "p6", "p8", "q0"]);
 
-    let served = |verb: &'static str, from: &'static str| {
-        let c = &c;
-        async move {
-            c.metric(
-                f,
-                &format!("flotilla_api_watch_cache_requests_total{{served_from=\"{from}\",verb=\"{verb}\"}}"),
-            )
-            .await
-            .unwrap_or(0.0)
-        }
-    };
     assert!(
-        served("watch", "cache").await >= 4.0,
+        served(&c, f, "watch", "cache").await >= 4.0,
         "watches not served from the cache"
     );
     assert!(
-        served("list", "cache").await >= 5.0,
+        served(&c, f, "list", "cache").await >= 5.0,
         "lists not served from the cache"
     );
 }
@@ -359,15 +351,13 @@ async fn a_watch_from_before_the_window_is_served_from_the_store() {
         .to_string();
     let mut rvs = Vec::new();
     for i in 0..12 {
-        let (s, o) = send(
+        let o = create(
             &c,
             leader,
-            "POST",
             "/api/v1/namespaces/default/pods",
-            Some(pod(&format!("w{i}"), Some("n1"), "a")),
+            pod(&format!("w{i}"), Some("n1"), "a"),
         )
         .await;
-        assert_eq!(s, 201, "{o}");
         rvs.push(rv(&o));
     }
     // Both watches see exactly the changes after their start: twelve from before the
@@ -399,30 +389,20 @@ async fn a_watch_from_before_the_window_is_served_from_the_store() {
         .map(|(_, n, _)| n)
         .collect();
     assert_eq!(got, ["w9", "w10", "w11"]);
-    let from = |src: &'static str| {
-        let c = &c;
-        async move {
-            c.metric(f, &format!("flotilla_api_watch_cache_requests_total{{served_from=\"{src}\",verb=\"watch\"}}"))
-                .await
-                .unwrap_or(0.0)
-        }
-    };
-    assert_eq!(from("store").await, 1.0);
-    assert_eq!(from("cache").await, 1.0);
+    assert_eq!(served(&c, f, "watch", "store").await, 1.0);
+    assert_eq!(served(&c, f, "watch", "cache").await, 1.0);
 
     // Without a cache, the same answers from the store.
     drop(c);
     let c = Cluster::start(3, &["--watch-cache-size", "0"]).await;
     let leader = c.wait_leader().await;
-    let (s, o) = send(
+    let o = create(
         &c,
         leader,
-        "POST",
         "/api/v1/namespaces/default/pods",
-        Some(pod("x", Some("n1"), "a")),
+        pod("x", Some("n1"), "a"),
     )
     .await;
-    assert_eq!(s, 201, "{o}");
     let (s, list) = send(&c, leader, "GET", &format!("/api/v1/pods?{BY_N1}"), None).await;
     assert_eq!(s, 200);
     assert_eq!(items(&list), [("x".to_string(), rv(&o))]);

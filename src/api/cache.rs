@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::resources::Resource;
+use super::selector::{FieldSelector, LabelSelector};
 use super::watch::{Decoded, Nodes, Side};
 
 /// Events kept per resource by default (`--watch-cache-size`).
@@ -192,9 +193,26 @@ impl WatchCache {
         }
     }
 
-    /// True if watchers and lists by `spec.nodeName` go through the node index (pods).
-    pub(crate) fn indexes_nodes(&self) -> bool {
-        self.index_nodes
+    /// The filter of a request for keys in `[start, end)` with these selectors (by node
+    /// only where this cache indexes nodes), and whether the index alone decides what
+    /// matches (the selectors are `spec.nodeName=X` and nothing else).
+    pub(crate) fn filter(
+        &self,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+    ) -> (Filter, bool) {
+        let node = fields.node_name().filter(|_| self.index_nodes);
+        let by_index = node.is_some() && labels.is_empty() && fields.only_node_name().is_some();
+        (
+            Filter {
+                start,
+                end,
+                node: node.map(String::from),
+            },
+            by_index,
+        )
     }
 
     /// Waits until the cache is loaded and holds every change up to `revision`; false if
@@ -734,6 +752,86 @@ fn load(
                 cursor = k;
             }
             _ => return Ok((out, at)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, node: &str, rev: i64) -> store::Event {
+        store::Event {
+            kind: store::EventKind::Put,
+            kv: store::KeyValue {
+                key: key.as_bytes().to_vec(),
+                create_revision: rev,
+                mod_revision: rev,
+                version: 1,
+                value: format!(r#"{{"metadata":{{"name":"x"}},"spec":{{"nodeName":"{node}"}}}}"#)
+                    .into_bytes(),
+            },
+            prev_kv: None,
+        }
+    }
+
+    fn all(node: Option<&str>) -> Filter {
+        Filter {
+            start: b"/registry/pods/".to_vec(),
+            end: b"/registry/pods0".to_vec(),
+            node: node.map(String::from),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_does_not_read_is_cut_off_and_the_others_go_on() {
+        let cache = Arc::new(WatchCache::new(b"/registry/pods/".to_vec(), true, 100));
+        cache.install(Vec::new(), 10);
+        let (_, mut stalled) = cache.list_and_watch(all(None)).unwrap();
+        let (_, mut reader) = cache.list_and_watch(all(Some("n1"))).unwrap();
+        let (_, mut elsewhere) = cache.list_and_watch(all(Some("n2"))).unwrap();
+        // One message per store batch: the stalled watcher's buffer fills.
+        for i in 0..=WATCHER_BUFFER as i64 {
+            cache.apply(vec![put(&format!("/registry/pods/ns/p{i}"), "n1", 11 + i)]);
+            match reader.recv().await {
+                Ok(Message::Events(e)) => assert_eq!(e.len(), 1),
+                _ => panic!("the reading watcher was cut off"),
+            }
+        }
+        // The stalled one gets what was buffered, then why it ended.
+        let mut got = 0;
+        let reason = loop {
+            match stalled.recv().await {
+                Ok(Message::Events(e)) => got += e.len(),
+                Ok(Message::Progress(_)) => {}
+                Err(r) => break r,
+            }
+        };
+        assert_eq!(got, WATCHER_BUFFER);
+        assert_eq!(
+            reason,
+            store::CancelReason::Slow {
+                resume_revision: 11 + WATCHER_BUFFER as i64
+            }
+        );
+        // A watcher of another node was handed nothing, and is still registered.
+        elsewhere.request_progress();
+        assert!(
+            matches!(elsewhere.recv().await, Ok(Message::Progress(r)) if r == 11 + WATCHER_BUFFER as i64)
+        );
+        assert_eq!(cache.inner.lock().unwrap().watchers.len(), 2);
+        // The window serves a watcher starting in it; one from before it is refused.
+        assert_eq!(cache.inner.lock().unwrap().history.len(), 100);
+        assert!(
+            cache.watch_from(all(None), 10).is_none(),
+            "older than the window"
+        );
+        let mut late = cache
+            .watch_from(all(None), 11 + WATCHER_BUFFER as i64 - 3)
+            .unwrap();
+        match late.recv().await {
+            Ok(Message::Events(e)) => assert_eq!(e.len(), 3),
+            _ => panic!("no replay"),
         }
     }
 }

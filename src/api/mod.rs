@@ -960,6 +960,18 @@ impl Kube {
         Ok((items, rev))
     }
 
+    /// The revision a read from a watch cache must wait for: none for `resourceVersion=0`,
+    /// else the replica's revision after a read barrier (every acknowledged write).
+    pub(crate) async fn cache_target(&self, c: Consistency) -> Result<i64, KubeError> {
+        Ok(match c {
+            Consistency::Local => 0,
+            Consistency::Linearizable => {
+                self.objects.replica().read_barrier().await?;
+                self.objects.replica().kv().revision()
+            }
+        })
+    }
+
     /// A whole list (no `limit`, no `continue`) from the resource's watch cache, once the
     /// cache holds what the request's consistency requires (without `resourceVersion`:
     /// every write acknowledged before it). Also says whether the node index already
@@ -977,13 +989,7 @@ impl Kube {
         let Some(c) = self.caches.get(call.r) else {
             return Ok(None);
         };
-        let target = match call.consistency() {
-            Consistency::Local => 0,
-            Consistency::Linearizable => {
-                self.objects.replica().read_barrier().await?;
-                self.objects.replica().kv().revision()
-            }
-        };
+        let target = self.cache_target(call.consistency()).await?;
         let (mut start, mut end) = Self::list_range(call);
         if let Some(name) = fields.name() {
             if call.namespace.is_some() || !call.r.namespaced {
@@ -992,13 +998,7 @@ impl Kube {
                 end = format!("{start}\u{0}").into_bytes();
             }
         }
-        let node = fields.node_name().filter(|_| c.indexes_nodes());
-        let by_index = labels.is_empty() && fields.only_node_name().is_some() && node.is_some();
-        let filter = cache::Filter {
-            start: start.into_bytes(),
-            end,
-            node: node.map(String::from),
-        };
+        let (filter, by_index) = c.filter(start.into_bytes(), end, labels, fields);
         let listed = match c.wait_for(target).await {
             true => c.list(&filter),
             false => None,
@@ -1027,10 +1027,7 @@ impl Kube {
         if use_cache {
             if let Some(((items, rev), _)) = self.cached_list(call, &labels, &fields).await? {
                 for (raw, at) in items {
-                    let mut o: Value = serde_json::from_slice(&raw).map_err(|e| {
-                        KubeError::internal(format!("stored object is not JSON: {e}"))
-                    })?;
-                    objects::set_resource_version(&mut o, at);
+                    let o = objects::parse(&raw, at)?;
                     if labels.matches(&o) && fields.matches(&o) {
                         sink(o);
                     }
@@ -1172,10 +1169,7 @@ impl Kube {
                 let json = match unfiltered {
                     true => objects::json_with_resource_version(&raw, at)?,
                     false => {
-                        let mut o: Value = serde_json::from_slice(&raw).map_err(|e| {
-                            KubeError::internal(format!("stored object is not JSON: {e}"))
-                        })?;
-                        objects::set_resource_version(&mut o, at);
+                        let o = objects::parse(&raw, at)?;
                         if !(labels.matches(&o) && fields.matches(&o)) {
                             continue;
                         }

@@ -41,9 +41,7 @@ pub struct Stored {
 /// Decodes a stored value and stamps its resourceVersion.
 pub fn decode(kv: &KeyValue) -> Result<Stored, KubeError> {
     let bytes = super::encryption::open(&kv.key, &kv.value)?;
-    let mut object: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| KubeError::internal(format!("stored object is not JSON: {e}")))?;
-    set_resource_version(&mut object, kv.mod_revision);
+    let object = parse(&bytes, kv.mod_revision)?;
     Ok(Stored {
         object,
         revision: kv.mod_revision,
@@ -85,6 +83,14 @@ pub fn json_with_resource_version(raw: &[u8], revision: i64) -> Result<Vec<u8>, 
     }
     out.push(b'}');
     Ok(out)
+}
+
+/// Stored (plain) bytes parsed into the object, with `revision` as its resourceVersion.
+pub fn parse(raw: &[u8], revision: i64) -> Result<Value, KubeError> {
+    let mut object: Value = serde_json::from_slice(raw)
+        .map_err(|e| KubeError::internal(format!("stored object is not JSON: {e}")))?;
+    set_resource_version(&mut object, revision);
+    Ok(object)
 }
 
 /// Writes `metadata.resourceVersion`.

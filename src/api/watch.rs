@@ -97,12 +97,7 @@ impl Side {
     /// The object, with its resourceVersion.
     fn value(&self) -> Result<&Value, KubeError> {
         self.value
-            .get_or_init(|| {
-                let mut v: Value = serde_json::from_slice(&self.raw)
-                    .map_err(|e| KubeError::internal(format!("stored object is not JSON: {e}")))?;
-                objects::set_resource_version(&mut v, self.revision);
-                Ok(v)
-            })
+            .get_or_init(|| objects::parse(&self.raw, self.revision))
             .as_ref()
             .map_err(Clone::clone)
     }
@@ -281,9 +276,7 @@ fn initial_line(
             &objects::json_with_resource_version(raw, revision)?,
         )));
     }
-    let mut v: Value = serde_json::from_slice(raw)
-        .map_err(|e| KubeError::internal(format!("stored object is not JSON: {e}")))?;
-    objects::set_resource_version(&mut v, revision);
+    let v = objects::parse(raw, revision)?;
     if !(selected || labels.matches(&v) && fields.matches(&v)) {
         return Ok(None);
     }
@@ -322,23 +315,12 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
     let mut initial: Vec<Bytes> = Vec::new();
     let mut feed = None;
     if let Some(c) = kube.caches.get(call.r) {
-        let node = fields.node_name().filter(|_| c.indexes_nodes());
-        let by_index = labels.is_empty() && fields.only_node_name().is_some() && node.is_some();
-        let filter = cache::Filter {
-            start: start.clone().into_bytes(),
-            end: end.clone(),
-            node: node.map(String::from),
-        };
+        let (filter, by_index) =
+            c.filter(start.clone().into_bytes(), end.clone(), &labels, &fields);
         match from {
             None => {
                 // Without a resourceVersion the list is a consistent read.
-                let target = match call.param("resourceVersion") {
-                    None => {
-                        kube.objects.replica().read_barrier().await?;
-                        kube.objects.replica().kv().revision()
-                    }
-                    _ => 0,
-                };
+                let target = kube.cache_target(call.consistency()).await?;
                 if c.wait_for(target).await {
                     if let Some(((objs, _), sub)) = c.list_and_watch(filter) {
                         for (raw, rev) in objs {

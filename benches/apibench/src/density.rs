@@ -133,13 +133,12 @@ async fn call(
         )
         .await;
         match r {
-            Ok((s, b))
+            Ok((s, _))
                 if (s == StatusCode::TOO_MANY_REQUESTS
                     || s == StatusCode::SERVICE_UNAVAILABLE
                     || s == StatusCode::GATEWAY_TIMEOUT)
                     && attempt < 19 =>
             {
-                let _ = b;
                 RETRIED.fetch_add(1, Ordering::Relaxed);
             }
             Ok(r) => return Ok(r),
@@ -755,13 +754,12 @@ pub(crate) async fn density(
     let mut lists = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        let l = get_json(
+        get_json(
             http,
             &format!("http://{}/api/v1/namespaces/density-0/pods", apis[2]),
         )
         .await?;
         lists.push(t.elapsed().as_micros() as u64);
-        let _ = l;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     res.list_full_namespace = latency(lists);
