@@ -286,42 +286,92 @@ pub trait ReplicaObserver: Send + Sync + 'static {
 impl ReplicaObserver for crate::state_machine::NoObserver {}
 impl flotilla_store::LogObserver for crate::state_machine::NoObserver {}
 
-/// When each peer last answered an RPC: the leader's live view of whether it still reaches
-/// a quorum (openraft's own figure is refreshed only when its metrics change).
+/// When each peer last answered an RPC, and since when it has been failing: the leader's
+/// live view of whether it still reaches a quorum (openraft's own figure is refreshed only
+/// when its metrics change).
 #[derive(Default)]
 struct PeerAcks {
-    last: std::sync::Mutex<BTreeMap<NodeId, Instant>>,
+    peers: std::sync::Mutex<BTreeMap<NodeId, PeerContact>>,
     /// When this replica last became leader.
     leader_since: std::sync::Mutex<Option<Instant>>,
 }
 
+#[derive(Clone, Copy, Default)]
+struct PeerContact {
+    /// The last answer (any answer, an error from the peer's Raft included).
+    ok: Option<Instant>,
+    /// The first failed RPC (refused, timed out, broken) since that answer.
+    failing_since: Option<Instant>,
+}
+
 impl PeerAcks {
     fn ack(&self, peer: NodeId) {
-        self.last
-            .lock()
-            .expect("not poisoned")
-            .insert(peer, Instant::now());
+        let mut peers = self.peers.lock().expect("not poisoned");
+        let c = peers.entry(peer).or_default();
+        c.ok = Some(Instant::now());
+        c.failing_since = None;
+    }
+
+    fn failed(&self, peer: NodeId) {
+        let mut peers = self.peers.lock().expect("not poisoned");
+        let c = peers.entry(peer).or_default();
+        c.failing_since.get_or_insert_with(Instant::now);
     }
 
     /// How long ago a majority of `voters` (counting `me` as always current) last answered.
-    fn quorum_age(&self, me: NodeId, voters: &BTreeSet<NodeId>) -> Duration {
-        let now = Instant::now();
-        let last = self.last.lock().expect("not poisoned");
-        let mut ages: Vec<Duration> = voters
-            .iter()
-            .map(|v| {
-                if *v == me {
-                    Duration::ZERO
-                } else {
-                    last.get(v)
-                        .map_or(Duration::MAX, |t| now.saturating_duration_since(*t))
-                }
-            })
-            .collect();
-        ages.sort();
-        let majority = voters.len() / 2 + 1;
-        ages.get(majority - 1).copied().unwrap_or(Duration::MAX)
+    fn quorum_age(&self, me: NodeId, voters: &BTreeSet<NodeId>, now: Instant) -> Duration {
+        let peers = self.peers.lock().expect("not poisoned");
+        majority_age(voters, |v| {
+            if v == me {
+                return Duration::ZERO;
+            }
+            peers
+                .get(&v)
+                .and_then(|c| c.ok)
+                .map_or(Duration::MAX, |t| now.saturating_duration_since(t))
+        })
     }
+
+    /// How long a majority of `voters` has been out of contact, counting a peer as out of
+    /// contact only on evidence: it has not answered for `limit` and its RPCs have kept
+    /// failing for half of that (or it has not answered at all for three times `limit`).
+    /// Silence alone is not evidence: a leader whose own threads or disk stalled sent
+    /// nothing and heard nothing, and its next heartbeat round finds the peers well (CI on
+    /// two shared cores saw such a stall fail an in-flight write with "lost contact with a
+    /// quorum for 1001 ms" while every replica ran).
+    fn quorum_lost_for(
+        &self,
+        me: NodeId,
+        voters: &BTreeSet<NodeId>,
+        limit: Duration,
+        now: Instant,
+    ) -> Duration {
+        let peers = self.peers.lock().expect("not poisoned");
+        majority_age(voters, |v| {
+            if v == me {
+                return Duration::ZERO;
+            }
+            let c = peers.get(&v).copied().unwrap_or_default();
+            let silent =
+                c.ok.map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+            let failing = c
+                .failing_since
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+            if silent > limit && (failing >= limit / 2 || silent > limit * 3) {
+                silent
+            } else {
+                Duration::ZERO
+            }
+        })
+    }
+}
+
+/// The age that a majority of `voters` is within, given each voter's age.
+fn majority_age(voters: &BTreeSet<NodeId>, age: impl Fn(NodeId) -> Duration) -> Duration {
+    let mut ages: Vec<Duration> = voters.iter().map(|v| age(*v)).collect();
+    ages.sort();
+    let majority = voters.len() / 2 + 1;
+    ages.get(majority - 1).copied().unwrap_or(Duration::MAX)
 }
 
 /// Logs a peer becoming unreachable or reachable once, not on every heartbeat, and records
@@ -341,6 +391,7 @@ impl<O: Observer> PeerObserver for LoggingObserver<O> {
         self.next.ok(target);
     }
     fn failed(&self, target: NodeId, rpc: &'static str, error: &CallError) {
+        self.acks.failed(target);
         if self.down.lock().expect("not poisoned").insert(target) {
             tracing::warn!(peer = target, rpc, %error, "peer is unreachable");
         }
@@ -643,7 +694,7 @@ impl Replica {
                 leader: m.current_leader,
             });
         }
-        let age = self.quorum_age();
+        let age = self.quorum_lost_for();
         if age > self.inner.cfg.quorum_timeout() {
             return Err(Error::NoQuorum {
                 millis: age.as_millis().min(u128::from(u64::MAX)) as u64,
@@ -656,15 +707,29 @@ impl Replica {
     fn quorum_age(&self) -> Duration {
         let m = self.inner.raft.metrics().borrow().membership_config.clone();
         let voters: BTreeSet<NodeId> = m.voter_ids().collect();
-        self.inner.acks.quorum_age(self.id(), &voters)
+        self.inner
+            .acks
+            .quorum_age(self.id(), &voters, Instant::now())
     }
 
-    /// Resolves once the quorum has been silent past the limit (checked every heartbeat).
+    /// How long a majority of voters has been out of contact (see [`PeerAcks::quorum_lost_for`]).
+    fn quorum_lost_for(&self) -> Duration {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = m.voter_ids().collect();
+        self.inner.acks.quorum_lost_for(
+            self.id(),
+            &voters,
+            self.inner.cfg.quorum_timeout(),
+            Instant::now(),
+        )
+    }
+
+    /// Resolves once the quorum has been out of contact past the limit (checked every heartbeat).
     async fn quorum_lost(&self) -> Duration {
         let mut tick = tokio::time::interval(Duration::from_millis(self.inner.cfg.heartbeat_ms));
         loop {
             tick.tick().await;
-            let age = self.quorum_age();
+            let age = self.quorum_lost_for();
             if age > self.inner.cfg.quorum_timeout() {
                 return age;
             }
@@ -1335,5 +1400,82 @@ async fn announce_api_addr(replica: Replica) {
             _ = replica.inner.shutdown.cancelled() => return,
             r = rx.changed() => if r.is_err() { return },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_millis(1000);
+
+    fn acks(contacts: &[(NodeId, Option<u64>, Option<u64>)], now: Instant) -> PeerAcks {
+        let acks = PeerAcks::default();
+        let ago = |ms: Option<u64>| ms.map(|ms| now - Duration::from_millis(ms));
+        for (id, ok, failing) in contacts {
+            acks.peers.lock().unwrap().insert(
+                *id,
+                PeerContact {
+                    ok: ago(*ok),
+                    failing_since: ago(*failing),
+                },
+            );
+        }
+        acks
+    }
+
+    #[test]
+    fn silence_without_failed_rpcs_is_not_a_lost_quorum() {
+        let now = Instant::now() + Duration::from_secs(10);
+        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
+        // The leader stalled for 1.5 s: nothing sent, nothing heard, nothing failed.
+        let stalled = acks(&[(2, Some(1500), None), (3, Some(1500), None)], now);
+        assert_eq!(
+            stalled.quorum_age(1, &voters, now),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            stalled.quorum_lost_for(1, &voters, LIMIT, now),
+            Duration::ZERO
+        );
+        // Just after the stall, one heartbeat timed out (its timer ran out during it).
+        let resumed = acks(&[(2, Some(1500), Some(10)), (3, Some(1500), Some(10))], now);
+        assert_eq!(
+            resumed.quorum_lost_for(1, &voters, LIMIT, now),
+            Duration::ZERO
+        );
+        // No answer at all for three limits counts even without failures (a hung stream).
+        let hung = acks(&[(2, Some(3500), None), (3, Some(3500), None)], now);
+        assert_eq!(
+            hung.quorum_lost_for(1, &voters, LIMIT, now),
+            Duration::from_millis(3500)
+        );
+    }
+
+    #[test]
+    fn peers_that_keep_failing_are_out_of_contact_once_a_majority_is() {
+        let now = Instant::now() + Duration::from_secs(10);
+        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
+        // Partitioned: both peers silent for 1.2 s and failing for 1.1 s.
+        let cut = acks(
+            &[(2, Some(1200), Some(1100)), (3, Some(1200), Some(1100))],
+            now,
+        );
+        assert_eq!(
+            cut.quorum_lost_for(1, &voters, LIMIT, now),
+            Duration::from_millis(1200)
+        );
+        // One peer still answers: the quorum (leader + that peer) holds.
+        let one = acks(&[(2, Some(1200), Some(1100)), (3, Some(20), None)], now);
+        assert_eq!(one.quorum_lost_for(1, &voters, LIMIT, now), Duration::ZERO);
+        // Failing, but answered within the limit: not yet.
+        let recent = acks(&[(2, Some(800), Some(700)), (3, Some(800), Some(700))], now);
+        assert_eq!(
+            recent.quorum_lost_for(1, &voters, LIMIT, now),
+            Duration::ZERO
+        );
+        // Never heard from at all.
+        let never = acks(&[], now);
+        assert_eq!(never.quorum_lost_for(1, &voters, LIMIT, now), Duration::MAX);
     }
 }
