@@ -114,10 +114,6 @@ pub struct RaftLog {
     /// Last committed index as openraft reported it (0 = none), for status endpoints.
     committed: Arc<AtomicU64>,
     cache: Arc<std::sync::Mutex<Cache>>,
-    /// True while this replica leads (set by the replica's leadership task). A leader's
-    /// appends are synced by the flusher thread so openraft can start replicating them at
-    /// once; a follower only waits for the sync before answering, so it syncs inline.
-    leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RaftLog {
@@ -135,13 +131,7 @@ impl RaftLog {
             kv,
             committed: Arc::new(AtomicU64::new(committed)),
             cache: Arc::default(),
-            leading: Arc::default(),
         }
-    }
-
-    /// The flag that selects how appends are synced; see the field's docs.
-    pub fn leading_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.leading.clone()
     }
 
     /// Shared view of the commit index.
@@ -285,18 +275,16 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
                 encoded.push((e.log_id.index, bytes));
             }
         }
-        if self.leading.load(Ordering::Acquire) {
-            self.log
-                .append(
-                    encoded,
-                    Box::new(move |result| callback.log_io_completed(result)),
-                )
-                .map_err(write_err)
-        } else {
-            self.log.append_synced(encoded).map_err(write_err)?;
-            callback.log_io_completed(Ok(()));
-            Ok(())
-        }
+        // Synced by the flusher thread, on a leader and a follower alike: a leader starts
+        // replicating at once, and a follower's Raft core is never blocked on the disk (it
+        // synced inline once, and a one-second fsync on a loaded CI machine then kept it from
+        // hearing its leader: its election timer fired and the cluster changed leader).
+        self.log
+            .append(
+                encoded,
+                Box::new(move |result| callback.log_io_completed(result)),
+            )
+            .map_err(write_err)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {

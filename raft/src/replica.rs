@@ -302,6 +302,9 @@ struct PeerContact {
     ok: Option<Instant>,
     /// The first failed RPC (refused, timed out, broken) since that answer.
     failing_since: Option<Instant>,
+    /// The last failure was a refused connection: nothing listens there (the process is
+    /// gone), not a peer that may just be slow to answer.
+    refused: bool,
 }
 
 impl PeerAcks {
@@ -310,12 +313,14 @@ impl PeerAcks {
         let c = peers.entry(peer).or_default();
         c.ok = Some(Instant::now());
         c.failing_since = None;
+        c.refused = false;
     }
 
-    fn failed(&self, peer: NodeId) {
+    fn failed(&self, peer: NodeId, refused: bool) {
         let mut peers = self.peers.lock().expect("not poisoned");
         let c = peers.entry(peer).or_default();
         c.failing_since.get_or_insert_with(Instant::now);
+        c.refused = refused;
     }
 
     /// How long ago a majority of `voters` (counting `me` as always current) last answered.
@@ -338,12 +343,14 @@ impl PeerAcks {
     /// Silence alone is not evidence: a leader whose own threads or disk stalled sent
     /// nothing and heard nothing, and its next heartbeat round finds the peers well (CI on
     /// two shared cores saw such a stall fail an in-flight write with "lost contact with a
-    /// quorum for 1001 ms" while every replica ran).
+    /// quorum for 1001 ms" while every replica ran). With `refused_only`, only peers whose
+    /// connections are refused count.
     fn quorum_lost_for(
         &self,
         me: NodeId,
         voters: &BTreeSet<NodeId>,
         limit: Duration,
+        refused_only: bool,
         now: Instant,
     ) -> Duration {
         let peers = self.peers.lock().expect("not poisoned");
@@ -357,7 +364,9 @@ impl PeerAcks {
             let failing = c
                 .failing_since
                 .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-            if silent > limit && (failing >= limit / 2 || silent > limit * 3) {
+            if refused_only && !c.refused {
+                Duration::ZERO
+            } else if silent > limit && (failing >= limit / 2 || silent > limit * 3) {
                 silent
             } else {
                 Duration::ZERO
@@ -391,7 +400,8 @@ impl<O: Observer> PeerObserver for LoggingObserver<O> {
         self.next.ok(target);
     }
     fn failed(&self, target: NodeId, rpc: &'static str, error: &CallError) {
-        self.acks.failed(target);
+        self.acks
+            .failed(target, matches!(error, CallError::Connect(_)));
         if self.down.lock().expect("not poisoned").insert(target) {
             tracing::warn!(peer = target, rpc, %error, "peer is unreachable");
         }
@@ -421,7 +431,6 @@ impl Replica {
             .map_err(|e| StartError(format!("opening the raft log: {e}")))?;
         let log = RaftLog::new(log, kv.clone());
         let committed = log.committed_index();
-        let leading = log.leading_flag();
         let sm = StateMachine::open(kv.clone(), cfg.data_dir.join("snapshots"), observer.clone())
             .map_err(|e| StartError(format!("opening the snapshot directory: {e}")))?;
 
@@ -503,10 +512,6 @@ impl Replica {
                         leader: m.current_leader,
                         is_leader: m.current_leader == Some(id) && m.state == ServerState::Leader,
                     };
-                    // Candidates append too (their blank entry after winning); treat every
-                    // state but follower and learner as leading for the sync path.
-                    let leads = matches!(m.state, ServerState::Leader | ServerState::Candidate);
-                    leading.store(leads, std::sync::atomic::Ordering::Release);
                     (l, m.membership_config.voter_ids().collect::<Vec<_>>())
                 };
                 tx.send_if_modified(|cur| {
@@ -694,8 +699,8 @@ impl Replica {
                 leader: m.current_leader,
             });
         }
-        let age = self.quorum_lost_for();
-        if age > self.inner.cfg.quorum_timeout() {
+        let age = self.quorum_lost_for(self.inner.cfg.quorum_timeout(), false);
+        if !age.is_zero() {
             return Err(Error::NoQuorum {
                 millis: age.as_millis().min(u128::from(u64::MAX)) as u64,
             });
@@ -712,25 +717,32 @@ impl Replica {
             .quorum_age(self.id(), &voters, Instant::now())
     }
 
-    /// How long a majority of voters has been out of contact (see [`PeerAcks::quorum_lost_for`]).
-    fn quorum_lost_for(&self) -> Duration {
+    /// How long a majority of voters has been out of contact past `limit` (see
+    /// [`PeerAcks::quorum_lost_for`]); zero if not.
+    fn quorum_lost_for(&self, limit: Duration, refused_only: bool) -> Duration {
         let m = self.inner.raft.metrics().borrow().membership_config.clone();
         let voters: BTreeSet<NodeId> = m.voter_ids().collect();
-        self.inner.acks.quorum_lost_for(
-            self.id(),
-            &voters,
-            self.inner.cfg.quorum_timeout(),
-            Instant::now(),
-        )
+        self.inner
+            .acks
+            .quorum_lost_for(self.id(), &voters, limit, refused_only, Instant::now())
     }
 
-    /// Resolves once the quorum has been out of contact past the limit (checked every heartbeat).
+    /// Resolves once the quorum has been out of contact (checked every heartbeat) for one
+    /// quorum timeout if the peers refuse connections (their processes are gone), or for
+    /// three if their RPCs time out: an in-flight write gives up on a cut-off leader well
+    /// before the request timeout, but not on followers whose disk stalled for a second or
+    /// two (their answers come once it recovers, and the write commits). A request not yet
+    /// proposed is refused after one quorum timeout either way (`check_leading`): that
+    /// refusal says for certain that nothing was applied.
     async fn quorum_lost(&self) -> Duration {
         let mut tick = tokio::time::interval(Duration::from_millis(self.inner.cfg.heartbeat_ms));
+        let limit = self.inner.cfg.quorum_timeout();
         loop {
             tick.tick().await;
-            let age = self.quorum_lost_for();
-            if age > self.inner.cfg.quorum_timeout() {
+            let age = self
+                .quorum_lost_for(limit, true)
+                .max(self.quorum_lost_for(limit * 3, false));
+            if !age.is_zero() {
                 return age;
             }
         }
@@ -1410,6 +1422,14 @@ mod tests {
     const LIMIT: Duration = Duration::from_millis(1000);
 
     fn acks(contacts: &[(NodeId, Option<u64>, Option<u64>)], now: Instant) -> PeerAcks {
+        acks_refused(contacts, false, now)
+    }
+
+    fn acks_refused(
+        contacts: &[(NodeId, Option<u64>, Option<u64>)],
+        refused: bool,
+        now: Instant,
+    ) -> PeerAcks {
         let acks = PeerAcks::default();
         let ago = |ms: Option<u64>| ms.map(|ms| now - Duration::from_millis(ms));
         for (id, ok, failing) in contacts {
@@ -1418,6 +1438,7 @@ mod tests {
                 PeerContact {
                     ok: ago(*ok),
                     failing_since: ago(*failing),
+                    refused,
                 },
             );
         }
@@ -1435,19 +1456,19 @@ mod tests {
             Duration::from_millis(1500)
         );
         assert_eq!(
-            stalled.quorum_lost_for(1, &voters, LIMIT, now),
+            stalled.quorum_lost_for(1, &voters, LIMIT, false, now),
             Duration::ZERO
         );
         // Just after the stall, one heartbeat timed out (its timer ran out during it).
         let resumed = acks(&[(2, Some(1500), Some(10)), (3, Some(1500), Some(10))], now);
         assert_eq!(
-            resumed.quorum_lost_for(1, &voters, LIMIT, now),
+            resumed.quorum_lost_for(1, &voters, LIMIT, false, now),
             Duration::ZERO
         );
         // No answer at all for three limits counts even without failures (a hung stream).
         let hung = acks(&[(2, Some(3500), None), (3, Some(3500), None)], now);
         assert_eq!(
-            hung.quorum_lost_for(1, &voters, LIMIT, now),
+            hung.quorum_lost_for(1, &voters, LIMIT, false, now),
             Duration::from_millis(3500)
         );
     }
@@ -1462,20 +1483,40 @@ mod tests {
             now,
         );
         assert_eq!(
-            cut.quorum_lost_for(1, &voters, LIMIT, now),
+            cut.quorum_lost_for(1, &voters, LIMIT, false, now),
             Duration::from_millis(1200)
         );
         // One peer still answers: the quorum (leader + that peer) holds.
         let one = acks(&[(2, Some(1200), Some(1100)), (3, Some(20), None)], now);
-        assert_eq!(one.quorum_lost_for(1, &voters, LIMIT, now), Duration::ZERO);
+        assert_eq!(
+            one.quorum_lost_for(1, &voters, LIMIT, false, now),
+            Duration::ZERO
+        );
         // Failing, but answered within the limit: not yet.
         let recent = acks(&[(2, Some(800), Some(700)), (3, Some(800), Some(700))], now);
         assert_eq!(
-            recent.quorum_lost_for(1, &voters, LIMIT, now),
+            recent.quorum_lost_for(1, &voters, LIMIT, false, now),
             Duration::ZERO
+        );
+        // Timing out is not refusing: only peers whose processes are gone count as refused.
+        assert_eq!(
+            cut.quorum_lost_for(1, &voters, LIMIT, true, now),
+            Duration::ZERO
+        );
+        let gone = acks_refused(
+            &[(2, Some(1200), Some(1100)), (3, Some(1200), Some(1100))],
+            true,
+            now,
+        );
+        assert_eq!(
+            gone.quorum_lost_for(1, &voters, LIMIT, true, now),
+            Duration::from_millis(1200)
         );
         // Never heard from at all.
         let never = acks(&[], now);
-        assert_eq!(never.quorum_lost_for(1, &voters, LIMIT, now), Duration::MAX);
+        assert_eq!(
+            never.quorum_lost_for(1, &voters, LIMIT, false, now),
+            Duration::MAX
+        );
     }
 }

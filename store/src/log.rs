@@ -138,24 +138,6 @@ impl LogStore {
         Ok(())
     }
 
-    /// Writes `entries` and syncs them before returning: for a caller that would only wait
-    /// for the sync anyway (a follower answering the leader), this saves the hand-off to the
-    /// flusher thread and back.
-    pub fn append_synced(&self, entries: Vec<(u64, Vec<u8>)>) -> Result<()> {
-        let batch = self.batch(&entries);
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        let mut result = Ok(());
-        let mut batch = Some(batch);
-        self.inner.observer.observe_sync(1, &mut || {
-            if let Some(b) = batch.take() {
-                result = self.db().write_opt(b, &wo);
-            }
-        });
-        result?;
-        Ok(())
-    }
-
     /// One write batch holding `entries`; reports them to the observer.
     fn batch(&self, entries: &[(u64, Vec<u8>)]) -> WriteBatch {
         let mut batch = WriteBatch::default();
