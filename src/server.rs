@@ -399,9 +399,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let informers =
+        crate::controllers::Informers::start(kube.objects(), &control_metrics, &shutdown);
     let control = tokio::spawn(crate::controllers::run(
         replica.clone(),
         kube.clone(),
+        informers,
         control_config,
         control_metrics,
         shutdown.clone(),

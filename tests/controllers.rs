@@ -504,6 +504,26 @@ async fn a_new_leader_resumes_scaling_and_rollouts_without_duplicates_or_overcom
     let live: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
     let second = c.wait_leader().await;
     wait_pods(&c, live[0], "apps", 36, "nginx:1.25").await;
+    // The new leader's control loops started on the informers it kept current as a
+    // follower: its pods were listed once, when the process started, not again on election.
+    wait_for(
+        Duration::from_secs(10),
+        "the new leader's control loops",
+        || async {
+            (c.metric(second, "flotilla_controllers_start_seconds_count")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        c.metric(second, "flotilla_informer_lists_total{resource=\"pods\"}")
+            .await,
+        Some(1.0),
+        "a new leader lists pods again"
+    );
     c.launch(leader, &[]);
 
     // A rolling update, with the new leader killed in the middle of it.

@@ -9,8 +9,15 @@
 //!   order; a watch that ends (compaction, a slow watcher cut off) makes it list again;
 //! - subscribers are called after the cache reflects the change, on the informer's task, with
 //!   the object before and after; they must only enqueue work (no `.await`, no blocking);
-//! - `synced` turns true after the first list and never back.
+//! - a subscriber that joins a running informer is first told of every cached object (as a
+//!   creation), under the lock that orders notifications: it misses no change (it may hear
+//!   of one twice);
+//! - `synced` turns true after the first list and never back; `revision` only grows and the
+//!   cache holds every change up to it.
 //!
+//! The controllers' informers run on every replica, leader or not, so a new leader starts
+//! its control loops on caches that are already current (once they have caught up with the
+//! revision after its read barrier) instead of listing every object again.
 //! The leader's control loops read their world only from informers, and write through the
 //! API (fenced to their term); the compare-and-swap on every write catches a stale cache.
 
@@ -20,7 +27,7 @@ use std::time::Duration;
 
 use flotilla_store as store;
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::objects::{self, prefix_end, Objects};
@@ -44,8 +51,14 @@ pub struct Informer {
     cache: RwLock<BTreeMap<String, Arc<Value>>>,
     handlers: RwLock<Vec<Handler>>,
     synced: watch::Sender<bool>,
+    /// The store revision the cache reflects.
+    revision: watch::Sender<i64>,
+    /// Asks the running informer to learn its watch's current revision.
+    progress: Notify,
     /// What is kept of each object (all of it without one).
     project: Option<fn(&Value) -> Value>,
+    /// Counts full lists, if set.
+    lists: std::sync::OnceLock<prometheus::IntCounter>,
 }
 
 /// Keys read from the store at once while listing.
@@ -54,25 +67,34 @@ const LIST_CHUNK: i64 = 1000;
 impl Informer {
     /// An informer of `r` (not yet running).
     pub fn new(r: &'static Resource) -> Arc<Informer> {
+        Self::with_projection(r, None)
+    }
+
+    fn with_projection(
+        r: &'static Resource,
+        project: Option<fn(&Value) -> Value>,
+    ) -> Arc<Informer> {
         Arc::new(Informer {
             r,
             cache: RwLock::new(BTreeMap::new()),
             handlers: RwLock::new(Vec::new()),
             synced: watch::channel(false).0,
-            project: None,
+            revision: watch::channel(0).0,
+            progress: Notify::new(),
+            project,
+            lists: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Counts this informer's full lists in `c` (set once; later calls are ignored).
+    pub fn count_lists(&self, c: prometheus::IntCounter) {
+        let _ = self.lists.set(c);
     }
 
     /// An informer of `r` that keeps only `project(object)` of each object (what an index
     /// needs, not the whole object); subscribers see the projections.
     pub fn projected(r: &'static Resource, project: fn(&Value) -> Value) -> Arc<Informer> {
-        Arc::new(Informer {
-            r,
-            cache: RwLock::new(BTreeMap::new()),
-            handlers: RwLock::new(Vec::new()),
-            synced: watch::channel(false).0,
-            project: Some(project),
-        })
+        Self::with_projection(r, Some(project))
     }
 
     fn keep(&self, object: Value) -> Arc<Value> {
@@ -87,12 +109,52 @@ impl Informer {
         self.r
     }
 
-    /// Calls `f` for every change from now on (register before [`Informer::run`]).
+    /// Calls `f` for every object already cached (as a creation), then for every change from
+    /// now on. The handlers' lock is held throughout, so a change applied meanwhile is told
+    /// after the replay (if the replay already saw it, `f` hears of it twice).
     pub fn subscribe(&self, f: impl Fn(&Change<'_>) + Send + Sync + 'static) {
-        self.handlers
-            .write()
-            .expect("not poisoned")
-            .push(Box::new(f));
+        let mut handlers = self.handlers.write().expect("not poisoned");
+        for (key, object) in self.cache.read().expect("not poisoned").iter() {
+            f(&Change {
+                key,
+                old: None,
+                new: Some(object),
+            });
+        }
+        handlers.push(Box::new(f));
+    }
+
+    /// Drops every subscriber (a term's control loops, once they have stopped).
+    pub fn unsubscribe_all(&self) {
+        self.handlers.write().expect("not poisoned").clear();
+    }
+
+    /// Waits until the cache reflects store revision `rev` (or `stop`); false if stopped.
+    pub async fn caught_up(&self, rev: i64, stop: &CancellationToken) -> bool {
+        let mut rx = self.revision.subscribe();
+        loop {
+            if *rx.borrow_and_update() >= rev {
+                return true;
+            }
+            // The watch's progress report says how far it is even when nothing of this
+            // resource changed since.
+            self.progress.notify_one();
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    fn advance(&self, rev: i64) {
+        self.revision.send_if_modified(|r| {
+            let moved = rev > *r;
+            if moved {
+                *r = rev;
+            }
+            moved
+        });
     }
 
     /// One object by store key.
@@ -177,6 +239,7 @@ impl Informer {
                     }
                 }
             };
+            self.advance(revision);
             self.synced.send_replace(true);
             let mut watcher = match objects.replica().kv().watch(store::WatchRequest {
                 key: prefix.clone().into_bytes(),
@@ -193,15 +256,23 @@ impl Informer {
             loop {
                 let msg = tokio::select! {
                     _ = stop.cancelled() => return,
+                    _ = self.progress.notified() => {
+                        watcher.request_progress();
+                        continue;
+                    }
                     m = watcher.recv() => m,
                 };
                 match msg {
                     Ok(store::WatchMessage::Events(events)) => {
+                        let last = events.last().map(|e| e.kv.mod_revision);
                         for e in events {
                             self.apply_event(&e);
                         }
+                        if let Some(rev) = last {
+                            self.advance(rev);
+                        }
                     }
-                    Ok(store::WatchMessage::Progress(_)) => {}
+                    Ok(store::WatchMessage::Progress(rev)) => self.advance(rev),
                     Err(reason) => {
                         tracing::info!(
                             resource = self.r.plural,
@@ -241,6 +312,9 @@ impl Informer {
 
     /// Replaces the cache with a list at one revision, telling subscribers what differs.
     async fn relist(&self, objects: &Objects, start: &[u8], end: &[u8]) -> Result<i64, String> {
+        if let Some(c) = self.lists.get() {
+            c.inc();
+        }
         let mut fresh: BTreeMap<String, Arc<Value>> = BTreeMap::new();
         let mut cursor = start.to_vec();
         let mut at = 0;

@@ -1,6 +1,7 @@
 //! Metrics of the leader's control loops: whether this replica runs them, reconciles by
 //! controller and result, work-queue depth, and the scheduler's placements and latency
-//! (pod created → bound), pending pods and binding conflicts.
+//! (pod created → bound), pending pods and binding conflicts; the informers' full lists and
+//! how long a new leader takes to start its control loops.
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -38,6 +39,12 @@ pub struct ControlMetrics {
     pub pending: IntGaugeVec,
     /// Binds refused because the pod changed or was bound meanwhile (409).
     pub binding_conflicts: IntCounter,
+    /// Full lists by the controllers' informers, by resource (one at start, then one per
+    /// watch that ended: a new leader does not list again).
+    pub informer_lists: IntCounterVec,
+    /// From this replica's election to its control loops running (barrier passed, informers
+    /// caught up).
+    pub start_seconds: Histogram,
 }
 
 impl ControlMetrics {
@@ -121,6 +128,22 @@ impl ControlMetrics {
                 "Binds refused because the pod changed or was bound meanwhile",
             )
             .expect("valid metric"),
+            informer_lists: IntCounterVec::new(
+                Opts::new(
+                    "flotilla_informer_lists_total",
+                    "Full lists by the controllers' informers, by resource",
+                ),
+                &["resource"],
+            )
+            .expect("valid metric"),
+            start_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "flotilla_controllers_start_seconds",
+                    "From this replica's election to its control loops running",
+                )
+                .buckets(SECONDS.to_vec()),
+            )
+            .expect("valid metric"),
         };
         for c in [
             Box::new(m.leading.clone()) as Box<dyn prometheus::core::Collector>,
@@ -134,6 +157,8 @@ impl ControlMetrics {
             Box::new(m.retries.clone()),
             Box::new(m.pending.clone()),
             Box::new(m.binding_conflicts.clone()),
+            Box::new(m.informer_lists.clone()),
+            Box::new(m.start_seconds.clone()),
         ] {
             r.register(c).expect("metric names are unique");
         }

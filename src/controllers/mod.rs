@@ -125,19 +125,33 @@ fn resource(group: &str, version: &str, plural: &str) -> &'static Resource {
     resources::find(group, version, plural).expect("a served resource")
 }
 
-impl Ctx {
-    fn new(
-        api: Kube,
-        term: u64,
-        stop: CancellationToken,
-        events: Events,
-        metrics: metrics::ControlMetrics,
-        config: Config,
-    ) -> Ctx {
-        Ctx {
-            api,
-            term,
-            stop,
+/// The controllers' informers: one per resource they read, running on every replica from
+/// start to shutdown (a follower keeps them current from its own store, so a new leader's
+/// control loops start on warm caches).
+pub struct Informers {
+    pods: Arc<Informer>,
+    nodes: Arc<Informer>,
+    replicasets: Arc<Informer>,
+    deployments: Arc<Informer>,
+    leases: Arc<Informer>,
+    jobs: Arc<Informer>,
+    daemonsets: Arc<Informer>,
+    namespaces: Arc<Informer>,
+    serviceaccounts: Arc<Informer>,
+    services: Arc<Informer>,
+    endpoints: Arc<Informer>,
+    endpointslices: Arc<Informer>,
+    clusterroles: Arc<Informer>,
+}
+
+impl Informers {
+    /// Starts every informer on `objects` (this replica's store) until `stop`.
+    pub fn start(
+        objects: &crate::api::objects::Objects,
+        metrics: &metrics::ControlMetrics,
+        stop: &CancellationToken,
+    ) -> Arc<Informers> {
+        let i = Arc::new(Informers {
             pods: Informer::new(resource("", "v1", "pods")),
             nodes: Informer::new(resource("", "v1", "nodes")),
             replicasets: Informer::new(resource("apps", "v1", "replicasets")),
@@ -155,6 +169,80 @@ impl Ctx {
                 "v1",
                 "clusterroles",
             )),
+        });
+        for inf in i.all() {
+            inf.count_lists(
+                metrics
+                    .informer_lists
+                    .with_label_values(&[inf.resource().plural]),
+            );
+            tokio::spawn(inf.run(objects.clone(), stop.clone()));
+        }
+        i
+    }
+
+    fn all(&self) -> [Arc<Informer>; 13] {
+        [
+            self.pods.clone(),
+            self.nodes.clone(),
+            self.replicasets.clone(),
+            self.deployments.clone(),
+            self.leases.clone(),
+            self.jobs.clone(),
+            self.daemonsets.clone(),
+            self.namespaces.clone(),
+            self.serviceaccounts.clone(),
+            self.services.clone(),
+            self.endpoints.clone(),
+            self.endpointslices.clone(),
+            self.clusterroles.clone(),
+        ]
+    }
+
+    /// Waits until every informer has listed and reflects store revision `rev`; false if
+    /// `stop` came first.
+    async fn caught_up(&self, rev: i64, stop: &CancellationToken) -> bool {
+        for inf in self.all() {
+            let synced = tokio::select! {
+                _ = stop.cancelled() => false,
+                _ = inf.synced() => true,
+            };
+            if !synced || !inf.caught_up(rev, stop).await {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl Ctx {
+    fn new(
+        api: Kube,
+        term: u64,
+        stop: CancellationToken,
+        events: Events,
+        metrics: metrics::ControlMetrics,
+        config: Config,
+        informers: &Informers,
+    ) -> Ctx {
+        let i = informers;
+        Ctx {
+            api,
+            term,
+            stop,
+            pods: i.pods.clone(),
+            nodes: i.nodes.clone(),
+            replicasets: i.replicasets.clone(),
+            deployments: i.deployments.clone(),
+            leases: i.leases.clone(),
+            jobs: i.jobs.clone(),
+            daemonsets: i.daemonsets.clone(),
+            namespaces: i.namespaces.clone(),
+            serviceaccounts: i.serviceaccounts.clone(),
+            services: i.services.clone(),
+            endpoints: i.endpoints.clone(),
+            endpointslices: i.endpointslices.clone(),
+            clusterroles: i.clusterroles.clone(),
             config,
             events,
             metrics,
@@ -428,6 +516,7 @@ fn resync(
 pub async fn run(
     replica: Replica,
     kube: Arc<Kube>,
+    informers: Arc<Informers>,
     config: Config,
     metrics: metrics::ControlMetrics,
     shutdown: CancellationToken,
@@ -436,7 +525,10 @@ pub async fn run(
     loop {
         let l = *rx.borrow_and_update();
         if l.is_leader {
-            lead(&replica, &kube, config, &metrics, l.term, &shutdown).await;
+            lead(
+                &replica, &kube, &informers, config, &metrics, l.term, &shutdown,
+            )
+            .await;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -455,11 +547,13 @@ fn still_leading(replica: &Replica, term: u64) -> bool {
 async fn lead(
     replica: &Replica,
     kube: &Kube,
+    informers: &Informers,
     config: Config,
     metrics: &metrics::ControlMetrics,
     term: u64,
     shutdown: &CancellationToken,
 ) {
+    let elected = std::time::Instant::now();
     // The barrier: everything acknowledged before this term is applied here.
     loop {
         if !still_leading(replica, term) || shutdown.is_cancelled() {
@@ -474,6 +568,25 @@ async fn lead(
         }
     }
     let scope = shutdown.child_token();
+    // The informers run all along; the control loops start once they hold everything the
+    // barrier made visible here (a stale cache would, say, let a ReplicaSet miss pods the
+    // last leader made and create them again).
+    let barrier = replica.kv().revision();
+    let caught_up = informers.caught_up(barrier, &scope);
+    tokio::pin!(caught_up);
+    let ready = loop {
+        tokio::select! {
+            ok = &mut caught_up => break ok,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if !still_leading(replica, term) {
+                    break false;
+                }
+            }
+        }
+    };
+    if !ready {
+        return;
+    }
     let mut set = JoinSet::new();
     let (events, event_task) = Events::start(
         kube.fenced(term),
@@ -488,8 +601,12 @@ async fn lead(
         events,
         metrics.clone(),
         config,
+        informers,
     ));
     start(&ctx, &mut set);
+    metrics
+        .start_seconds
+        .observe(elected.elapsed().as_secs_f64());
     metrics.leading.set(1);
     metrics.terms.inc();
     tracing::info!(term, "leading: controllers and scheduler started");
@@ -512,13 +629,17 @@ async fn lead(
     if drained.is_err() {
         set.abort_all();
     }
+    // This term's handlers hold its queues; the next term subscribes afresh.
+    for inf in informers.all() {
+        inf.unsubscribe_all();
+    }
     metrics.leading.set(0);
     tracing::info!(term, "stopped leading: controllers and scheduler stopped");
 }
 
 /// Starts the informers, the controllers and the scheduler of one term.
 fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
-    // Controllers subscribe before the informers start, so they see the first list.
+    // Each subscriber is first told of every cached object, then of every change.
     let rs = Arc::new(replicaset::Controller::new(ctx));
     let deploy = Arc::new(deployment::Controller::new(ctx));
     let gc = Arc::new(gc::Collector::new(ctx));
@@ -537,9 +658,6 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
                 lifecycle.run(ctx).await;
             }
         });
-    }
-    for inf in ctx.informers() {
-        set.spawn(inf.run(ctx.api.objects().clone(), ctx.stop.clone()));
     }
     {
         let ctx = ctx.clone();
