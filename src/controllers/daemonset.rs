@@ -260,6 +260,10 @@ impl Controller {
         {
             let (q, e) = (queue.clone(), expectations.clone());
             ctx.pods.subscribe(move |c| {
+                // Every DaemonSet is queued by its own replay (and nothing is expected yet).
+                if c.replay {
+                    return;
+                }
                 let obj = c.new.or(c.old).expect("a change has an object");
                 let Some(r) = owner::controller_ref(obj)
                     .filter(|r| r.get("kind").and_then(Value::as_str) == Some("DaemonSet"))
@@ -282,6 +286,10 @@ impl Controller {
             let q = queue.clone();
             let dss = ctx.daemonsets.clone();
             ctx.nodes.subscribe(move |c| {
+                // Every DaemonSet is queued by its own replay.
+                if c.replay {
+                    return;
+                }
                 // Only what eligibility or readiness depends on.
                 let relevant = match (c.old, c.new) {
                     (Some(a), Some(b)) => {

@@ -265,6 +265,10 @@ impl Controller {
             let q = queue.clone();
             let services = ctx.services.clone();
             ctx.pods.subscribe(move |c| {
+                // Every Service is queued by its own replay.
+                if c.replay {
+                    return;
+                }
                 let obj = c.new.or(c.old).expect("a change has an object");
                 let ns = owner::namespace(obj);
                 for svc in services.in_namespace(ns) {

@@ -226,7 +226,10 @@ impl Collector {
     }
 }
 
-/// Whether the owner a reference names exists (same uid), read from the leader's store.
+/// Whether the owner a reference names exists (same uid): seen in an informer, or else
+/// read from the leader's store (a cache may lag, so only its "yes" is taken as is: an
+/// owner deleted since is an event that queues its dependents again; a new leader checks
+/// every dependent, and a store read each was most of that work at 20,000 pods).
 async fn owner_exists(ctx: &Ctx, rf: &Value, ns: Option<&str>) -> Result<bool, KubeError> {
     let api_version = rf.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let kind = rf.get("kind").and_then(Value::as_str).unwrap_or("");
@@ -241,6 +244,9 @@ async fn owner_exists(ctx: &Ctx, rf: &Value, ns: Option<&str>) -> Result<bool, K
         return Ok(false);
     };
     let key = r.key(if r.namespaced { ns } else { None }, name);
+    if Collector::cached(ctx, &key).is_some_and(|(_, o)| owner::uid(&o) == uid) {
+        return Ok(true);
+    }
     Ok(ctx
         .api
         .objects()

@@ -41,6 +41,9 @@ pub struct Change<'a> {
     pub old: Option<&'a Arc<Value>>,
     /// The object after (absent for a deletion).
     pub new: Option<&'a Arc<Value>>,
+    /// Not a change: a new subscriber told of an object already cached. A handler that only
+    /// queues an owner its controller is told of anyway may ignore these.
+    pub replay: bool,
 }
 
 type Handler = Box<dyn Fn(&Change<'_>) + Send + Sync>;
@@ -114,13 +117,18 @@ impl Informer {
     /// after the replay (if the replay already saw it, `f` hears of it twice).
     pub fn subscribe(&self, f: impl Fn(&Change<'_>) + Send + Sync + 'static) {
         let mut handlers = self.handlers.write().expect("not poisoned");
-        for (key, object) in self.cache.read().expect("not poisoned").iter() {
-            f(&Change {
-                key,
-                old: None,
-                new: Some(object),
-            });
-        }
+        // What the replay queues waits behind what changes meanwhile (a new leader's
+        // backlog of every object must not delay its answer to a change).
+        super::queue::background(|| {
+            for (key, object) in self.cache.read().expect("not poisoned").iter() {
+                f(&Change {
+                    key,
+                    old: None,
+                    new: Some(object),
+                    replay: true,
+                });
+            }
+        });
         handlers.push(Box::new(f));
     }
 
@@ -218,7 +226,12 @@ impl Informer {
     }
 
     fn notify(&self, key: &str, old: Option<&Arc<Value>>, new: Option<&Arc<Value>>) {
-        let change = Change { key, old, new };
+        let change = Change {
+            key,
+            old,
+            new,
+            replay: false,
+        };
         for h in self.handlers.read().expect("not poisoned").iter() {
             h(&change);
         }

@@ -321,6 +321,10 @@ impl Controller {
             let (q, e) = (queue.clone(), expectations.clone());
             let jres = ctx.jobs.resource();
             ctx.pods.subscribe(move |c| {
+                // Every Job is queued by its own replay (and nothing is expected yet).
+                if c.replay {
+                    return;
+                }
                 let obj = c.new.or(c.old).expect("a change has an object");
                 let Some(name) = owner::controller_ref(obj)
                     .filter(|r| r.get("kind").and_then(Value::as_str) == Some("Job"))

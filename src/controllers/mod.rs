@@ -449,8 +449,14 @@ pub(crate) fn drive<F, Fut>(
             queue.shut_down();
         });
     }
+    // When the work queued at start (every object, replayed) is first done: how long a new
+    // leader takes to get through its backlog.
+    let begun = std::time::Instant::now();
+    let drained = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for _ in 0..workers {
         let (queue, reconcile, metrics) = (queue.clone(), reconcile.clone(), metrics.clone());
+        let (drained, done) = (drained.clone(), done.clone());
         set.spawn(async move {
             queue.count_adds(metrics.adds.with_label_values(&[name]));
             for outcome in ["ok", "error"] {
@@ -466,6 +472,15 @@ pub(crate) fn drive<F, Fut>(
                 seconds.observe(started.elapsed().as_secs_f64());
                 let outcome = if result.is_ok() { "ok" } else { "error" };
                 metrics.reconciles.with_label_values(&[name, outcome]).inc();
+                let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if queue.is_empty() && !drained.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::info!(
+                        controller = name,
+                        reconciles = n,
+                        seconds = begun.elapsed().as_secs_f64(),
+                        "first backlog done"
+                    );
+                }
                 match result {
                     Ok(again) => {
                         queue.forget(&key);
@@ -502,11 +517,11 @@ fn resync(
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => {
+                _ = tick.tick() => queue::background(|| {
                     for k in informer.keys() {
                         queue.add(&k);
                     }
-                }
+                }),
             }
         }
     });
@@ -560,7 +575,14 @@ async fn lead(
             return;
         }
         match replica.read_barrier().await {
-            Ok(()) => break,
+            Ok(()) => {
+                tracing::info!(
+                    term,
+                    seconds = elected.elapsed().as_secs_f64(),
+                    "leading: read barrier passed"
+                );
+                break;
+            }
             Err(e) => {
                 tracing::debug!(%e, term, "leader read barrier failed; retrying");
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -584,9 +606,16 @@ async fn lead(
             }
         }
     };
-    if !ready {
+    // A replica restarted with its saved vote can believe it leads an old term until it
+    // hears the current leader: check again before starting anything.
+    if !ready || !still_leading(replica, term) {
         return;
     }
+    tracing::info!(
+        term,
+        seconds = elected.elapsed().as_secs_f64(),
+        "leading: informers caught up"
+    );
     let mut set = JoinSet::new();
     let (events, event_task) = Events::start(
         kube.fenced(term),
@@ -609,7 +638,11 @@ async fn lead(
         .observe(elected.elapsed().as_secs_f64());
     metrics.leading.set(1);
     metrics.terms.inc();
-    tracing::info!(term, "leading: controllers and scheduler started");
+    tracing::info!(
+        term,
+        seconds = elected.elapsed().as_secs_f64(),
+        "leading: controllers and scheduler started"
+    );
     let mut rx = replica.leadership();
     loop {
         tokio::select! {

@@ -6,7 +6,11 @@
 //! - a key is never handed to two workers at once: added while being processed, it is
 //!   queued again when the worker is done;
 //! - a failing key is retried after an exponential backoff (5 ms doubling to 60 s), reset
-//!   by [`Queue::forget`]; delayed keys are bounded by the number of distinct keys.
+//!   by [`Queue::forget`]; delayed keys are bounded by the number of distinct keys;
+//! - keys added in the background (inside [`background`]: a new subscriber told of every
+//!   cached object, a resync) wait behind keys added for a change, which are handed out
+//!   first, save every [`BACKLOG_TURN`]th key while both wait (neither starves). A new
+//!   leader's backlog of every object thus does not delay its answer to what changes now.
 //!
 //! [`Expectations`] owns, per owner, the creations and deletions a controller has asked for
 //! and not yet seen in its informer. While they are outstanding the controller does not act
@@ -26,14 +30,43 @@ use tokio::time::Instant;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// First retry backoff.
 pub const BASE_BACKOFF: Duration = Duration::from_millis(5);
+/// While both wait, one key in this many is a background key.
+pub const BACKLOG_TURN: u32 = 8;
+
+thread_local! {
+    static BACKGROUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`; the keys it adds to any queue (on this thread) are background keys.
+pub fn background<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            BACKGROUND.with(|b| b.set(self.0));
+        }
+    }
+    let _reset = Reset(BACKGROUND.with(|b| b.replace(true)));
+    f()
+}
+
+fn in_background() -> bool {
+    BACKGROUND.with(|b| b.get())
+}
 
 #[derive(Default)]
 struct State {
+    /// Keys added for a change, in order.
     ready: VecDeque<String>,
-    queued: HashSet<String>,
+    /// Keys added in the background, in order. May hold keys that moved to `ready` (or
+    /// were handed out) since: those are skipped.
+    backlog: VecDeque<String>,
+    /// Every queued key: true if it waits in `ready`, false if in `backlog`.
+    queued: HashMap<String, bool>,
     processing: HashSet<String>,
-    /// Added while processing: queue again when done.
-    dirty: HashSet<String>,
+    /// Added while processing: queue again when done (true: for a change).
+    dirty: HashMap<String, bool>,
+    /// Keys handed out from `ready` since the last from `backlog`.
+    turn: u32,
     failures: HashMap<String, u32>,
     delayed: BinaryHeap<Reverse<(Instant, String)>>,
     /// The earliest time each delayed key is due (later duplicates are dropped).
@@ -65,20 +98,61 @@ impl Queue {
     /// Queues `key` (no-op if already queued).
     pub fn add(&self, key: &str) {
         self.counted();
+        let live = !in_background();
         let mut s = self.state.lock().expect("not poisoned");
-        Self::add_locked(&mut s, key);
+        Self::add_locked(&mut s, key, live);
         drop(s);
         self.notify.notify_one();
     }
 
-    fn add_locked(s: &mut State, key: &str) {
+    fn add_locked(s: &mut State, key: &str, live: bool) {
         if s.shut {
             return;
         }
         if s.processing.contains(key) {
-            s.dirty.insert(key.to_string());
-        } else if s.queued.insert(key.to_string()) {
-            s.ready.push_back(key.to_string());
+            *s.dirty.entry(key.to_string()).or_insert(live) |= live;
+            return;
+        }
+        match s.queued.get_mut(key) {
+            // Waiting in the backlog: a change moves it ahead (its backlog entry is skipped).
+            Some(in_ready) if live && !*in_ready => {
+                *in_ready = true;
+                s.ready.push_back(key.to_string());
+            }
+            Some(_) => {}
+            None => {
+                s.queued.insert(key.to_string(), live);
+                if live {
+                    s.ready.push_back(key.to_string());
+                } else {
+                    s.backlog.push_back(key.to_string());
+                }
+            }
+        }
+    }
+
+    /// Takes the next key to hand out: from `ready` first, from `backlog` every
+    /// [`BACKLOG_TURN`]th time or when `ready` is empty.
+    fn pop_locked(s: &mut State) -> Option<String> {
+        loop {
+            let from_backlog =
+                !s.backlog.is_empty() && (s.ready.is_empty() || s.turn + 1 >= BACKLOG_TURN);
+            let key = if from_backlog {
+                let k = s.backlog.pop_front()?;
+                // Skip entries that moved ahead or were handed out since.
+                if s.queued.get(&k) != Some(&false) {
+                    continue;
+                }
+                s.turn = 0;
+                k
+            } else {
+                let k = s.ready.pop_front()?;
+                s.turn = s.turn.saturating_add(1);
+                k
+            };
+            s.queued.remove(&key);
+            s.processing.insert(key.clone());
+            return Some(key);
         }
     }
 
@@ -127,8 +201,8 @@ impl Queue {
     pub fn done(&self, key: &str) {
         let mut s = self.state.lock().expect("not poisoned");
         s.processing.remove(key);
-        if s.dirty.remove(key) {
-            Self::add_locked(&mut s, key);
+        if let Some(live) = s.dirty.remove(key) {
+            Self::add_locked(&mut s, key, live);
             drop(s);
             self.notify.notify_one();
         }
@@ -144,7 +218,7 @@ impl Queue {
     /// Keys waiting (ready or delayed).
     pub fn len(&self) -> usize {
         let s = self.state.lock().expect("not poisoned");
-        s.ready.len() + s.due.len()
+        s.queued.len() + s.due.len()
     }
 
     /// True if nothing waits.
@@ -163,7 +237,8 @@ impl Queue {
             let Reverse((at, key)) = s.delayed.pop().expect("peeked");
             if s.due.get(&key) == Some(&at) {
                 s.due.remove(&key);
-                Self::add_locked(s, &key);
+                // A retry or a requested requeue: due now, ahead of the backlog.
+                Self::add_locked(s, &key, true);
             }
         }
     }
@@ -175,10 +250,7 @@ impl Queue {
             return None;
         }
         Self::promote_due(&mut s);
-        let key = s.ready.pop_front()?;
-        s.queued.remove(&key);
-        s.processing.insert(key.clone());
-        Some(key)
+        Self::pop_locked(&mut s)
     }
 
     /// The next key to process, waiting for one; `None` once shut down.
@@ -190,11 +262,9 @@ impl Queue {
                     return None;
                 }
                 Self::promote_due(&mut s);
-                if let Some(key) = s.ready.pop_front() {
-                    s.queued.remove(&key);
-                    s.processing.insert(key.clone());
+                if let Some(key) = Self::pop_locked(&mut s) {
                     // Another worker may be waiting for the rest.
-                    if !s.ready.is_empty() {
+                    if !s.queued.is_empty() {
                         self.notify.notify_one();
                     }
                     return Some(key);
@@ -280,6 +350,46 @@ impl Expectations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_go_ahead_of_the_background_backlog_which_still_gets_its_turn() {
+        let q = Queue::default();
+        background(|| {
+            for i in 0..20 {
+                q.add(&format!("b{i:02}"));
+            }
+        });
+        // A change to a key waiting in the backlog moves it ahead; the adds of a change
+        // made while the backlog waits come first too.
+        q.add("b10");
+        for i in 0..10 {
+            q.add(&format!("c{i}"));
+        }
+        assert_eq!(q.len(), 30);
+        let order: Vec<String> = std::iter::from_fn(|| {
+            let k = q.try_next()?;
+            q.done(&k);
+            Some(k)
+        })
+        .collect();
+        assert_eq!(order.len(), 30, "every key once: {order:?}");
+        // Seven changes (b10, c0..c5), then a backlog key (its turn), then the other
+        // changes, then the rest of the backlog in order (b10 not twice).
+        assert_eq!(
+            order[..12],
+            ["b10", "c0", "c1", "c2", "c3", "c4", "c5", "b00", "c6", "c7", "c8", "c9"]
+        );
+        let rest: Vec<&str> = order[12..].iter().map(String::as_str).collect();
+        let expected: Vec<String> = (1..20)
+            .filter(|&i| i != 10)
+            .map(|i| format!("b{i:02}"))
+            .collect();
+        assert_eq!(rest, expected);
+        // Outside `background`, adds are changes again.
+        background(|| q.add("x"));
+        q.add("y");
+        assert_eq!(q.try_next().as_deref(), Some("y"));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_key_is_queued_once_and_never_processed_twice_at_once() {

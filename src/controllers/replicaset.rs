@@ -175,6 +175,10 @@ impl Controller {
             let e = expectations.clone();
             let rss = ctx.replicasets.clone();
             ctx.pods.subscribe(move |c| {
+                // Every ReplicaSet is queued by its own replay (and nothing is expected yet).
+                if c.replay {
+                    return;
+                }
                 let obj = c.new.or(c.old).expect("a change has an object");
                 let ns = owner::namespace(obj);
                 let owner_key = |p: &Value| {
