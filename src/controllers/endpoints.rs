@@ -366,7 +366,15 @@ impl Controller {
             }
             return Ok(None);
         };
-        let pods = ctx.pods.in_namespace(Some(ns.as_str()));
+        // The pods carrying the selector's rarest label (`desired` checks the rest).
+        let pods = selector(&svc)
+            .and_then(|sel| {
+                sel.iter()
+                    .filter_map(|(k, v)| Some(pod::label_index(Some(&ns), k, v.as_str()?)))
+                    .min_by_key(|value| ctx.pods.index_len(pod::BY_LABEL, value))
+            })
+            .map(|value| ctx.pods.by_index(pod::BY_LABEL, &value))
+            .unwrap_or_default();
         let (subsets, slices) = desired(&svc, &pods);
         // Endpoints.
         let labels = svc

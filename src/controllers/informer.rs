@@ -48,6 +48,15 @@ pub struct Change<'a> {
 
 type Handler = Box<dyn Fn(&Change<'_>) + Send + Sync>;
 
+/// The values an object is indexed under (see [`Informer::with_indexes`]).
+pub type IndexFn = fn(&Value) -> Vec<String>;
+
+/// Index name → value → store keys.
+type Index = std::collections::HashMap<
+    &'static str,
+    std::collections::HashMap<String, std::collections::BTreeSet<String>>,
+>;
+
 /// A cache of one resource.
 pub struct Informer {
     r: &'static Resource,
@@ -62,6 +71,10 @@ pub struct Informer {
     project: Option<fn(&Value) -> Value>,
     /// Counts full lists, if set.
     lists: std::sync::OnceLock<prometheus::IntCounter>,
+    /// Secondary indexes: name and what an object is indexed under.
+    indexers: Vec<(&'static str, IndexFn)>,
+    /// Kept with the cache: written under the cache's write lock (cache, then index).
+    index: RwLock<Index>,
 }
 
 /// Keys read from the store at once while listing.
@@ -71,6 +84,18 @@ impl Informer {
     /// An informer of `r` (not yet running).
     pub fn new(r: &'static Resource) -> Arc<Informer> {
         Self::with_projection(r, None)
+    }
+
+    /// An informer of `r` that also indexes each object under the values `indexers` give
+    /// (client-go's indexers): [`Informer::by_index`] then reads one value's objects
+    /// without a scan.
+    pub fn with_indexes(
+        r: &'static Resource,
+        indexers: Vec<(&'static str, IndexFn)>,
+    ) -> Arc<Informer> {
+        let mut i = Arc::into_inner(Self::with_projection(r, None)).expect("just made");
+        i.indexers = indexers;
+        Arc::new(i)
     }
 
     fn with_projection(
@@ -86,7 +111,86 @@ impl Informer {
             progress: Notify::new(),
             project,
             lists: std::sync::OnceLock::new(),
+            indexers: Vec::new(),
+            index: RwLock::new(Index::new()),
         })
+    }
+
+    /// Caches `new` under `key` (and indexes it); returns what it replaced.
+    fn put(&self, key: &str, new: Arc<Value>) -> Option<Arc<Value>> {
+        let mut cache = self.cache.write().expect("not poisoned");
+        let old = cache.insert(key.to_string(), new.clone());
+        self.reindex(key, old.as_deref(), Some(&new));
+        old
+    }
+
+    /// Drops `key` from the cache and the indexes; returns what it held.
+    fn remove(&self, key: &str) -> Option<Arc<Value>> {
+        let mut cache = self.cache.write().expect("not poisoned");
+        let old = cache.remove(key);
+        self.reindex(key, old.as_deref(), None);
+        old
+    }
+
+    /// Moves `key` in the indexes from `old`'s values to `new`'s.
+    fn reindex(&self, key: &str, old: Option<&Value>, new: Option<&Value>) {
+        if self.indexers.is_empty() {
+            return;
+        }
+        let mut index = self.index.write().expect("not poisoned");
+        for (name, f) in &self.indexers {
+            let before = old.map(f).unwrap_or_default();
+            let after = new.map(f).unwrap_or_default();
+            if before == after {
+                continue;
+            }
+            let values = index.entry(name).or_default();
+            for v in before.iter().filter(|v| !after.contains(v)) {
+                if let Some(keys) = values.get_mut(v) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        values.remove(v);
+                    }
+                }
+            }
+            for v in after.into_iter().filter(|v| !before.contains(v)) {
+                values.entry(v).or_default().insert(key.to_string());
+            }
+        }
+    }
+
+    /// The cached objects indexed under `value` by index `name`, in key order.
+    pub fn by_index(&self, name: &str, value: &str) -> Vec<Arc<Value>> {
+        let keys: Vec<String> = self
+            .index
+            .read()
+            .expect("not poisoned")
+            .get(name)
+            .and_then(|values| values.get(value))
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default();
+        let cache = self.cache.read().expect("not poisoned");
+        keys.iter().filter_map(|k| cache.get(k).cloned()).collect()
+    }
+
+    /// How many cached objects are indexed under `value` by index `name`.
+    pub fn index_len(&self, name: &str, value: &str) -> usize {
+        self.index
+            .read()
+            .expect("not poisoned")
+            .get(name)
+            .and_then(|values| values.get(value))
+            .map_or(0, |keys| keys.len())
+    }
+
+    /// Every value index `name` holds objects under.
+    pub fn index_values(&self, name: &str) -> Vec<String> {
+        self.index
+            .read()
+            .expect("not poisoned")
+            .get(name)
+            .map(|values| values.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Counts this informer's full lists in `c` (set once; later calls are ignored).
@@ -305,17 +409,13 @@ impl Informer {
             store::EventKind::Put => match objects::decode(&e.kv) {
                 Ok(s) => {
                     let new = self.keep(s.object);
-                    let old = self
-                        .cache
-                        .write()
-                        .expect("not poisoned")
-                        .insert(key.clone(), new.clone());
+                    let old = self.put(&key, new.clone());
                     self.notify(&key, old.as_ref(), Some(&new));
                 }
                 Err(err) => tracing::warn!(key, %err, "undecodable object"),
             },
             store::EventKind::Delete => {
-                let old = self.cache.write().expect("not poisoned").remove(&key);
+                let old = self.remove(&key);
                 if old.is_some() {
                     self.notify(&key, old.as_ref(), None);
                 }
@@ -362,10 +462,16 @@ impl Informer {
                 _ => break,
             }
         }
-        let old = std::mem::replace(
-            &mut *self.cache.write().expect("not poisoned"),
-            fresh.clone(),
-        );
+        let old = {
+            let mut cache = self.cache.write().expect("not poisoned");
+            if !self.indexers.is_empty() {
+                *self.index.write().expect("not poisoned") = Index::new();
+                for (k, v) in &fresh {
+                    self.reindex(k, None, Some(v));
+                }
+            }
+            std::mem::replace(&mut *cache, fresh.clone())
+        };
         for (k, v) in &fresh {
             match old.get(k) {
                 Some(o) if o == v => {}
@@ -385,7 +491,69 @@ impl Informer {
 mod tests {
     use super::*;
     use crate::api::resources;
+    use crate::controllers::pod;
     use serde_json::json;
+
+    #[test]
+    fn indexes_follow_every_change_and_deletion() {
+        let pods = resources::find("", "v1", "pods").unwrap();
+        let inf = Informer::with_indexes(pods, pod::indexers());
+        let p = |name: &str, owner: Option<&str>, app: &str, node: Option<&str>| {
+            let mut v = json!({"metadata": {"namespace": "a", "name": name, "labels": {"app": app}},
+                "spec": {}});
+            if let Some(u) = owner {
+                v["metadata"]["ownerReferences"] =
+                    json!([{"uid": u, "controller": true, "kind": "ReplicaSet", "name": "rs"}]);
+            }
+            if let Some(n) = node {
+                v["spec"]["nodeName"] = json!(n);
+            }
+            Arc::new(v)
+        };
+        let names = |v: Vec<Arc<Value>>| -> Vec<String> {
+            v.iter()
+                .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let key = |n: &str| pods.key(Some("a"), n);
+        inf.put(&key("p1"), p("p1", Some("u1"), "web", None));
+        inf.put(&key("p2"), p("p2", Some("u1"), "web", Some("n1")));
+        inf.put(&key("p3"), p("p3", None, "db", Some("n1")));
+        let own = |uid: &str| {
+            names(inf.by_index(pod::BY_CONTROLLER, &pod::controller_index(Some("a"), uid)))
+        };
+        assert_eq!(own("u1"), ["p1", "p2"]);
+        assert_eq!(own(""), ["p3"]);
+        assert_eq!(
+            names(inf.by_index(pod::BY_LABEL, &pod::label_index(Some("a"), "app", "web"))),
+            ["p1", "p2"]
+        );
+        assert_eq!(
+            inf.index_len(pod::BY_LABEL, &pod::label_index(Some("b"), "app", "web")),
+            0
+        );
+        assert_eq!(names(inf.by_index(pod::BY_NODE, "n1")), ["p2", "p3"]);
+        // A change moves the key: p1 bound, relabelled and adopted by u2.
+        inf.put(&key("p1"), p("p1", Some("u2"), "db", Some("n2")));
+        assert_eq!(own("u1"), ["p2"]);
+        assert_eq!(own("u2"), ["p1"]);
+        assert_eq!(
+            names(inf.by_index(pod::BY_LABEL, &pod::label_index(Some("a"), "app", "db"))),
+            ["p1", "p3"]
+        );
+        let mut nodes = inf.index_values(pod::BY_NODE);
+        nodes.sort();
+        assert_eq!(nodes, ["n1", "n2"]);
+        // A deletion leaves nothing behind, not even an empty value.
+        inf.remove(&key("p2"));
+        inf.remove(&key("p3"));
+        assert!(own("u1").is_empty());
+        assert_eq!(inf.index_values(pod::BY_NODE), ["n2"]);
+        assert_eq!(
+            inf.index_len(pod::BY_CONTROLLER, &pod::controller_index(Some("a"), "")),
+            0
+        );
+    }
 
     #[test]
     fn a_namespace_is_its_own_objects_only() {

@@ -152,7 +152,7 @@ impl Informers {
         stop: &CancellationToken,
     ) -> Arc<Informers> {
         let i = Arc::new(Informers {
-            pods: Informer::new(resource("", "v1", "pods")),
+            pods: Informer::with_indexes(resource("", "v1", "pods"), pod::indexers()),
             nodes: Informer::new(resource("", "v1", "nodes")),
             replicasets: Informer::new(resource("apps", "v1", "replicasets")),
             deployments: Informer::new(resource("apps", "v1", "deployments")),

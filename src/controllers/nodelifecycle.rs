@@ -293,9 +293,13 @@ impl NodeLifecycle {
         grace: Duration,
     ) -> Result<(), crate::api::status::KubeError> {
         let names: std::collections::HashSet<&str> = nodes.iter().map(|n| owner::name(n)).collect();
-        let orphaned = ctx
+        let orphaned: Vec<Arc<Value>> = ctx
             .pods
-            .filter(|p| pod::node(p).is_some_and(|n| !names.contains(n)));
+            .index_values(pod::BY_NODE)
+            .iter()
+            .filter(|n| !names.contains(n.as_str()))
+            .flat_map(|n| ctx.pods.by_index(pod::BY_NODE, n))
+            .collect();
         let pod_res = ctx.pods.resource();
         let due: Vec<Arc<Value>> = {
             let mut orphans = self.orphans.lock().expect("not poisoned");
@@ -426,7 +430,9 @@ impl NodeLifecycle {
         let now = meta::now_secs();
         for p in ctx
             .pods
-            .filter(|p| pod::node(p) == Some(name) && pod::is_active(p))
+            .by_index(pod::BY_NODE, name)
+            .into_iter()
+            .filter(|p| pod::is_active(p))
         {
             let due = no_execute
                 .iter()

@@ -8,6 +8,48 @@ use serde_json::Value;
 use super::owner;
 use crate::api::meta;
 
+/// Pods by controller: `<namespace>/<controller uid>`, or `<namespace>/` for a pod without
+/// a controller (an orphan a controller may adopt).
+pub const BY_CONTROLLER: &str = "controller";
+/// Pods by label: `<namespace>/<key>=<value>` for each label.
+pub const BY_LABEL: &str = "label";
+/// Bound pods by node name.
+pub const BY_NODE: &str = "node";
+
+/// The pod informer's indexes (see [`BY_CONTROLLER`], [`BY_LABEL`], [`BY_NODE`]).
+pub fn indexers() -> Vec<(&'static str, super::informer::IndexFn)> {
+    vec![
+        (BY_CONTROLLER, |p| {
+            vec![controller_index(
+                owner::namespace(p),
+                owner::controller_uid(p).unwrap_or(""),
+            )]
+        }),
+        (BY_LABEL, |p| {
+            let ns = owner::namespace(p).unwrap_or("");
+            p.pointer("/metadata/labels")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| v.as_str().map(|v| format!("{ns}/{k}={v}")))
+                .collect()
+        }),
+        (BY_NODE, |p| {
+            node(p).map(str::to_string).into_iter().collect()
+        }),
+    ]
+}
+
+/// The [`BY_CONTROLLER`] value of a namespace's pods controlled by `uid` ("" for orphans).
+pub fn controller_index(ns: Option<&str>, uid: &str) -> String {
+    format!("{}/{uid}", ns.unwrap_or(""))
+}
+
+/// The [`BY_LABEL`] value of label `key=value` in a namespace.
+pub fn label_index(ns: Option<&str>, key: &str, value: &str) -> String {
+    format!("{}/{key}={value}", ns.unwrap_or(""))
+}
+
 /// `status.phase`.
 pub fn phase(pod: &Value) -> &str {
     pod.pointer("/status/phase")

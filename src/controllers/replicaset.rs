@@ -243,7 +243,16 @@ impl Controller {
             return Ok(None);
         };
         let ns = owner::namespace(&rs).map(str::to_string);
-        let pods = ctx.pods.in_namespace(ns.as_deref());
+        // Its own pods and the namespace's orphans (what it may adopt): `plan` passes over
+        // any other pod, and a namespace of thousands is mostly other sets' pods.
+        let mut pods = ctx.pods.by_index(
+            pod::BY_CONTROLLER,
+            &pod::controller_index(ns.as_deref(), owner::uid(&rs)),
+        );
+        pods.extend(ctx.pods.by_index(
+            pod::BY_CONTROLLER,
+            &pod::controller_index(ns.as_deref(), ""),
+        ));
         let manage = self.expectations.satisfied(key);
         let now = meta::now_secs();
         let plan = plan(&rs, &pods, manage, now);
