@@ -660,7 +660,7 @@ async fn the_userspace_proxy_spreads_connections_over_ready_endpoints_only() {
 async fn proxy_behaviour(mode: &str) {
     let prefix_of =
         |c: &Cluster| flotilla::agent::proxy::prefix("n1", &c.dir.path().join("agent-n1"));
-    let (c, mut agent, _upstream) = setup(&[
+    let (c, agent, _upstream) = setup(&[
         "--proxy-mode",
         mode,
         "--nodeport-addresses",
@@ -670,6 +670,10 @@ async fn proxy_behaviour(mode: &str) {
     ])
     .await;
     let _guard = RulesGuard(prefix_of(&c));
+    // Bound again after the guard, so the agent is killed before the guard removes the
+    // rules (locals drop in reverse order): a guard dropped first left the still-running
+    // agent to put them back (seen after a run that failed on a full disk).
+    let mut agent = agent;
     let flags = c.dir.path().join("flags");
     std::fs::create_dir_all(&flags).unwrap();
     let manifests = c.dir.path().join("web.yaml");

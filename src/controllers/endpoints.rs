@@ -140,12 +140,11 @@ pub fn desired(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<Value>) {
     type Group = (Vec<Value>, Vec<Value>, Vec<Value>);
     let mut groups: BTreeMap<Vec<(String, i64, String)>, Group> = BTreeMap::new();
     let mut matched: Vec<&Arc<Value>> = pods.iter().filter(|p| selects(svc, p)).collect();
+    // By address, then name (borrowed: a comparison allocated two strings before).
+    fn ip(p: &Value) -> Option<&str> {
+        p.pointer("/status/podIP").and_then(Value::as_str)
+    }
     matched.sort_by(|a, b| {
-        let ip = |p: &Value| {
-            p.pointer("/status/podIP")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
         ip(a)
             .cmp(&ip(b))
             .then_with(|| owner::name(a).cmp(owner::name(b)))
