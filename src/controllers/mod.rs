@@ -113,6 +113,8 @@ pub struct Ctx {
     pub endpointslices: Arc<Informer>,
     /// ClusterRoles (their aggregation).
     pub clusterroles: Arc<Informer>,
+    /// All of the above.
+    all: [Arc<Informer>; 13],
     /// Settings.
     pub config: Config,
     /// Event recorder.
@@ -243,28 +245,16 @@ impl Ctx {
             endpoints: i.endpoints.clone(),
             endpointslices: i.endpointslices.clone(),
             clusterroles: i.clusterroles.clone(),
+            all: i.all(),
             config,
             events,
             metrics,
         }
     }
 
-    fn informers(&self) -> Vec<Arc<Informer>> {
-        vec![
-            self.pods.clone(),
-            self.nodes.clone(),
-            self.replicasets.clone(),
-            self.deployments.clone(),
-            self.leases.clone(),
-            self.jobs.clone(),
-            self.daemonsets.clone(),
-            self.namespaces.clone(),
-            self.serviceaccounts.clone(),
-            self.services.clone(),
-            self.endpoints.clone(),
-            self.endpointslices.clone(),
-            self.clusterroles.clone(),
-        ]
+    /// Every informer of this term's control loops.
+    fn informers(&self) -> &[Arc<Informer>] {
+        &self.all
     }
 }
 
