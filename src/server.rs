@@ -404,7 +404,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let control = tokio::spawn(crate::controllers::run(
         replica.clone(),
         kube.clone(),
-        informers,
+        informers.clone(),
         control_config,
         control_metrics,
         shutdown.clone(),
@@ -452,6 +452,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = control.await;
     let _ = server.await;
+    informers.stopped().await;
     replica.shutdown().await;
     if let Some(e) = fatal {
         bail!("raft stopped on a fatal error: {e}");

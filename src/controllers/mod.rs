@@ -144,9 +144,22 @@ pub struct Informers {
     endpoints: Arc<Informer>,
     endpointslices: Arc<Informer>,
     clusterroles: Arc<Informer>,
+    /// The informers' tasks, awaited at shutdown (see [`Informers::stopped`]).
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Informers {
+    /// Waits until every informer's task has ended (after the stop token given to
+    /// [`Informers::start`] was cancelled): their reads of the store and their handles to it
+    /// end before the store closes and the process exits (a read still running on a blocking
+    /// thread at exit aborted a replica in CI: RocksDB torn down under it).
+    pub async fn stopped(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("not poisoned"));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
     /// Starts every informer on `objects` (this replica's store) until `stop`.
     pub fn start(
         objects: &crate::api::objects::Objects,
@@ -171,6 +184,7 @@ impl Informers {
                 "v1",
                 "clusterroles",
             )),
+            tasks: Default::default(),
         });
         for inf in i.all() {
             inf.count_lists(
@@ -178,7 +192,8 @@ impl Informers {
                     .informer_lists
                     .with_label_values(&[inf.resource().plural]),
             );
-            tokio::spawn(inf.run(objects.clone(), stop.clone()));
+            let task = tokio::spawn(inf.run(objects.clone(), stop.clone()));
+            i.tasks.lock().expect("not poisoned").push(task);
         }
         i
     }
