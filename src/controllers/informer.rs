@@ -83,7 +83,7 @@ const LIST_CHUNK: i64 = 1000;
 impl Informer {
     /// An informer of `r` (not yet running).
     pub fn new(r: &'static Resource) -> Arc<Informer> {
-        Self::with_projection(r, None)
+        Self::build(r, None, Vec::new())
     }
 
     /// An informer of `r` that also indexes each object under the values `indexers` give
@@ -93,14 +93,13 @@ impl Informer {
         r: &'static Resource,
         indexers: Vec<(&'static str, IndexFn)>,
     ) -> Arc<Informer> {
-        let mut i = Arc::into_inner(Self::with_projection(r, None)).expect("just made");
-        i.indexers = indexers;
-        Arc::new(i)
+        Self::build(r, None, indexers)
     }
 
-    fn with_projection(
+    fn build(
         r: &'static Resource,
         project: Option<fn(&Value) -> Value>,
+        indexers: Vec<(&'static str, IndexFn)>,
     ) -> Arc<Informer> {
         Arc::new(Informer {
             r,
@@ -111,7 +110,7 @@ impl Informer {
             progress: Notify::new(),
             project,
             lists: std::sync::OnceLock::new(),
-            indexers: Vec::new(),
+            indexers,
             index: RwLock::new(Index::new()),
         })
     }
@@ -201,7 +200,7 @@ impl Informer {
     /// An informer of `r` that keeps only `project(object)` of each object (what an index
     /// needs, not the whole object); subscribers see the projections.
     pub fn projected(r: &'static Resource, project: fn(&Value) -> Value) -> Arc<Informer> {
-        Self::with_projection(r, Some(project))
+        Self::build(r, Some(project), Vec::new())
     }
 
     fn keep(&self, object: Value) -> Arc<Value> {
