@@ -7,9 +7,10 @@ set -euo pipefail
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # containerd, runc and busybox-static: the CRI runtime tests (a real containerd, images built
-# locally from the static busybox); protobuf-compiler: the CRI gRPC bindings.
+# locally from the static busybox); containernetworking-plugins: the CNI bridge of their
+# pod-network pods; protobuf-compiler: the CRI gRPC bindings.
 # faketime: the chaos suite's clock-skew fault; iproute2: its network namespaces.
-_packages=(libclang-dev prometheus python3-venv iptables containerd runc busybox-static protobuf-compiler faketime iproute2)
+_packages=(libclang-dev prometheus python3-venv iptables containerd containernetworking-plugins runc busybox-static protobuf-compiler faketime iproute2)
 _missing=()
 for p in "${_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || _missing+=("$p")

@@ -27,19 +27,29 @@ impl Containerd {
         self.dir.join("containerd.sock")
     }
 
+    /// Writes the CNI configuration of `deploy/containerd` (the `bridge` plugin) on
+    /// `pod_cidr`, its main plugin named `plugin` (containerd reloads it when it changes).
+    fn write_cni(dir: &Path, pod_cidr: &str, plugin: &str) {
+        let cni = include_str!("../deploy/containerd/10-flotilla.conflist")
+            .replace("@DIR@", &dir.display().to_string())
+            .replace("@POD_CIDR@", pod_cidr)
+            .replace("\"type\": \"bridge\"", &format!("\"type\": \"{plugin}\""));
+        let tmp = dir.join("cni/.10-flotilla.conflist");
+        std::fs::write(&tmp, cni).unwrap();
+        std::fs::rename(tmp, dir.join("cni/10-flotilla.conflist")).unwrap();
+    }
+
     /// Starts containerd for `node`'s pods, with the CNI bridge of `deploy/containerd`
-    /// on `pod_cidr` if there is one (written before containerd starts).
-    async fn start(dir: &Path, node: &str, pod_cidr: Option<&str>) -> Containerd {
+    /// on `pod_cidr` if there is one (written before containerd starts), its main plugin
+    /// named `plugin`.
+    async fn start(dir: &Path, node: &str, pod_cidr: Option<&str>, plugin: &str) -> Containerd {
         let dir = dir.join("containerd");
         std::fs::create_dir_all(dir.join("cni")).unwrap();
         let config = include_str!("../deploy/containerd/config.toml")
             .replace("@DIR@", &dir.display().to_string());
         std::fs::write(dir.join("config.toml"), config).unwrap();
         if let Some(cidr) = pod_cidr {
-            let cni = include_str!("../deploy/containerd/10-flotilla.conflist")
-                .replace("@DIR@", &dir.display().to_string())
-                .replace("@POD_CIDR@", cidr);
-            std::fs::write(dir.join("cni/10-flotilla.conflist"), cni).unwrap();
+            Self::write_cni(&dir, cidr, plugin);
         }
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
         let child = Command::new("containerd")
@@ -216,7 +226,7 @@ fn ready(p: &Value) -> bool {
 async fn pods_run_in_real_containers_under_containerd() {
     let c = Cluster::start(3, &[]).await;
     c.wait_leader().await;
-    let ctd = Containerd::start(c.dir.path(), "c1", None).await;
+    let ctd = Containerd::start(c.dir.path(), "c1", None, "bridge").await;
     let data = c.dir.path().join("agent-c1");
     let mut first = agent(&c, &ctd, &data, 1, &NODE_NETWORK);
     let k = Kubectl::new(&c, 2);
@@ -626,7 +636,8 @@ spec:
 /// a Service by name through the node's cluster DNS and reaches every ready backend through
 /// the iptables proxy, including itself (hairpin); a scale-down reaches DNS and rules. The
 /// whole test runs in a network namespace of its own (replicas, containerd, the agent, the
-/// bridge and its rules), gone when the test process ends.
+/// bridge and its rules), gone when the test process ends. It starts with the node's CNI
+/// plugin missing: the pods start once it is there.
 #[test]
 fn pods_on_the_cni_bridge_reach_services() {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
@@ -657,7 +668,10 @@ async fn bridge_test() {
     }
     c.wait_leader().await;
     c.wait_bootstrapped().await;
-    let ctd = Containerd::start(c.dir.path(), "b1", Some(POD_CIDR)).await;
+    // The node's CNI configuration names a plugin that is not installed (a fresh node
+    // without the CNI plugins package): sandboxes fail in their network setup, and each
+    // failed one keeps holding the pod's sandbox name in containerd.
+    let ctd = Containerd::start(c.dir.path(), "b1", Some(POD_CIDR), "flotilla-absent").await;
     let data = c.dir.path().join("agent-b1");
     let _agent = agent(
         &c,
@@ -670,6 +684,34 @@ async fn bridge_test() {
     let manifest = c.dir.path().join("web.yaml");
     std::fs::write(&manifest, WEB).unwrap();
     k.ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    wait_for(
+        Duration::from_secs(60),
+        "an event of a web pod's failed network setup",
+        || async {
+            let (_, events) = req(
+                &[c.replica(2).api()],
+                http::Method::GET,
+                "/api/v1/namespaces/default/events",
+                "application/json",
+                &Value::Null,
+            )
+            .await;
+            events["items"]
+                .as_array()?
+                .iter()
+                .any(|e| {
+                    e["reason"] == "FailedCreatePodSandBox"
+                        && e["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("flotilla-absent"))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    // Once the plugin is there, the next attempt replaces the failed sandbox (the agent
+    // removes what a failed attempt left, as the kubelet does) and every pod starts.
+    Containerd::write_cni(&ctd.dir, POD_CIDR, "bridge");
     let web = wait_for(
         Duration::from_secs(120),
         "three ready web pods (an HTTP probe to each pod's address)",

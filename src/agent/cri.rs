@@ -216,20 +216,28 @@ impl CriRuntime {
                     message: format!("cannot enforce the pod's pid limit: {}: {e}", dir.display()),
                 })?;
         }
-        let id = self
-            .runtime
-            .clone()
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: String::new(),
-            })
-            .await
-            .map_err(|e| StartError {
-                reason: "CreateContainerError",
-                message: status_err("creating the pod sandbox", e),
-            })?
-            .into_inner()
-            .pod_sandbox_id;
+        // What containerd still holds for the pod: a ready sandbox this agent made but did
+        // not record (it stopped in between) is the pod's; a dead one or one whose network
+        // setup failed still holds the pod's sandbox name, so it goes (as the kubelet's
+        // sandbox cleanup does) and the new one is the next attempt.
+        let mut attempt = 0;
+        let mut adopted = None;
+        for old in self.sandboxes_of(&spec.pod.uid).await {
+            attempt = attempt.max(old.metadata.as_ref().map_or(0, |m| m.attempt + 1));
+            if adopted.is_none() && old.state == cri::PodSandboxState::SandboxReady as i32 {
+                adopted = Some(old.id);
+            } else {
+                self.discard_sandbox(old.id).await;
+            }
+        }
+        let mut config = config.clone();
+        if let Some(m) = config.metadata.as_mut() {
+            m.attempt = attempt;
+        }
+        let id = match adopted {
+            Some(id) => id,
+            None => self.run_sandbox(config).await?,
+        };
         let _ = std::fs::write(
             spec.state_dir.join("sandbox.cgroup"),
             Self::cgroup_parent(spec),
@@ -239,6 +247,65 @@ impl CriRuntime {
             message: format!("{}: {e}", file.display()),
         })?;
         Ok(id)
+    }
+
+    /// Asks the runtime for a new sandbox; returns its id.
+    async fn run_sandbox(&self, config: cri::PodSandboxConfig) -> Result<String, StartError> {
+        Ok(self
+            .runtime
+            .clone()
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            })
+            .await
+            .map_err(|e| StartError {
+                reason: "CreateContainerError",
+                message: status_err("creating the pod sandbox", e),
+            })?
+            .into_inner()
+            .pod_sandbox_id)
+    }
+
+    /// The sandboxes the runtime holds for pod `uid` (by the uid label each is made with);
+    /// none if it cannot say.
+    async fn sandboxes_of(&self, uid: &str) -> Vec<cri::PodSandbox> {
+        let filter = cri::PodSandboxFilter {
+            label_selector: [("io.kubernetes.pod.uid".to_string(), uid.to_string())].into(),
+            ..Default::default()
+        };
+        match self
+            .runtime
+            .clone()
+            .list_pod_sandbox(cri::ListPodSandboxRequest {
+                filter: Some(filter),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().items,
+            Err(e) => {
+                tracing::warn!(error = e.message(), uid, "listing the pod's sandboxes");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Stops and removes sandbox `id` (and what runs in it).
+    async fn discard_sandbox(&self, id: String) {
+        let mut rt = self.runtime.clone();
+        let _ = rt
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            })
+            .await;
+        if let Err(e) = rt
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            })
+            .await
+        {
+            tracing::warn!(error = e.message(), id, "the pod sandbox was not removed");
+        }
     }
 
     /// Makes sure the image is there, pulling per the policy.
@@ -534,19 +601,29 @@ impl Runtime for CriRuntime {
 
     fn remove_pod<'a>(&'a self, state_dir: &'a Path) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            if let Ok(id) = std::fs::read_to_string(state_dir.join("sandbox.id")) {
-                let mut rt = self.runtime.clone();
-                let _ = rt
-                    .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                        pod_sandbox_id: id.clone(),
-                    })
-                    .await;
-                if let Err(e) = rt
-                    .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
+            let recorded = std::fs::read_to_string(state_dir.join("sandbox.id")).ok();
+            // Every sandbox of the pod, the recorded one and any a failed attempt left.
+            let uid = state_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.rsplit('_').next())
+                .filter(|u| !u.is_empty());
+            let mut ids: Vec<String> = match uid {
+                Some(uid) => self
+                    .sandboxes_of(uid)
                     .await
-                {
-                    tracing::warn!(error = e.message(), "the pod sandbox was not removed");
+                    .into_iter()
+                    .map(|s| s.id)
+                    .collect(),
+                None => Vec::new(),
+            };
+            if let Some(id) = recorded {
+                if !ids.contains(&id) {
+                    ids.push(id);
                 }
+            }
+            for id in ids {
+                self.discard_sandbox(id).await;
             }
             // The pod's cgroups (the runtime removes its containers'), and the node's and
             // `flotilla` once empty.
