@@ -4,7 +4,9 @@
 //! It lists, hands the whole list over, then watches from the list's `resourceVersion`,
 //! handing over every change; when a watch ends it resumes from the last revision seen on
 //! the next replica that answers, and relists after a 410. The consumer keeps what it needs
-//! of the objects: the reflector keeps nothing but the revision.
+//! of the objects: the reflector keeps nothing but the revision. Objects are handed over
+//! without `metadata.managedFields` (nothing in the agent reads field ownership; on a pod it
+//! is nearly half of the parsed object, which the agent keeps for every pod it runs).
 //!
 //! Invariants: changes are handed over in the order the server sent them, never one older
 //! than a list already handed over; a stream silent for longer than the server's bookmark
@@ -83,13 +85,18 @@ pub async fn run(
             .and_then(Value::as_str)
             .unwrap_or("0")
             .to_string();
-        let items = match list {
+        let mut items = match list {
             Value::Object(mut m) => match m.remove("items") {
                 Some(Value::Array(a)) => a,
                 _ => Vec::new(),
             },
             _ => Vec::new(),
         };
+        for item in &mut items {
+            if let Some(meta) = item.get_mut("metadata").and_then(Value::as_object_mut) {
+                meta.remove("managedFields");
+            }
+        }
         on(Change::Listed(items));
         // Watch from there until it ends; then resume (or relist after a 410).
         loop {
@@ -149,7 +156,7 @@ pub async fn run(
                 }
                 while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=pos).collect();
-                    let Ok(Value::Object(mut ev)) = serde_json::from_slice::<Value>(&line) else {
+                    let Ok(Value::Object(mut ev)) = crate::api::objects::lean_json(&line) else {
                         continue;
                     };
                     let obj = ev.remove("object").unwrap_or(Value::Null);

@@ -93,6 +93,110 @@ pub fn parse(raw: &[u8], revision: i64) -> Result<Value, KubeError> {
     Ok(object)
 }
 
+/// Stored (plain) bytes parsed into the object without its `metadata.managedFields`, with
+/// `revision` as its resourceVersion: what a cache that never reads field ownership keeps
+/// (client-go's informers in the scheduler and controller manager trim them too). Field
+/// ownership is often nearly half of an object's JSON, and more of its parsed size; here it
+/// is skipped while parsing, not parsed and dropped.
+pub fn parse_lean(raw: &[u8], revision: i64) -> Result<Value, KubeError> {
+    let mut object = lean_json(raw)
+        .map_err(|e| KubeError::internal(format!("stored object is not JSON: {e}")))?;
+    set_resource_version(&mut object, revision);
+    Ok(object)
+}
+
+/// [`decode`], without `metadata.managedFields` ([`parse_lean`]).
+pub fn decode_lean(kv: &KeyValue) -> Result<Stored, KubeError> {
+    let bytes = super::encryption::open(&kv.key, &kv.value)?;
+    let object = parse_lean(&bytes, kv.mod_revision)?;
+    Ok(Stored {
+        object,
+        revision: kv.mod_revision,
+        stale: super::encryption::stale(&kv.key, &kv.value),
+    })
+}
+
+/// Parses JSON as `serde_json::from_slice` does, but leaves out `metadata.managedFields` of
+/// the top-level object, and of the object of a watch event (`{"type", "object"}`).
+pub fn lean_json(raw: &[u8]) -> serde_json::Result<Value> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let v = Lean::Object.deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
+}
+
+/// Where [`lean_json`] is in the document.
+#[derive(Clone, Copy)]
+enum Lean {
+    /// An object (or a watch event holding one under `object`).
+    Object,
+    /// Its `metadata`.
+    Metadata,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Lean {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Lean {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(k) = m.next_key::<String>()? {
+            let v = match (self, k.as_str()) {
+                (Lean::Object, "metadata") => m.next_value_seed(Lean::Metadata)?,
+                (Lean::Object, "object") => m.next_value_seed(Lean::Object)?,
+                (Lean::Metadata, "managedFields") => {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                    continue;
+                }
+                _ => m.next_value::<Value>()?,
+            };
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = s.next_element::<Value>()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+}
+
 /// Writes `metadata.resourceVersion`.
 pub fn set_resource_version(object: &mut Value, revision: i64) {
     if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -616,6 +720,55 @@ fn current_of(t: &TxnResponse) -> Result<Option<Stored>, KubeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lean_json_leaves_out_only_the_objects_own_field_ownership() {
+        use serde_json::json;
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "labels": {"a": "b"}, "managedFields": [
+                {"manager": "kubectl", "fieldsV1": {"f:spec": {"f:containers": {}}}}]},
+            "spec": {"template": {"metadata": {"managedFields": [1]}},
+                     "n": [1, -2, 2.5, true, null, "s", {"managedFields": 3}]},
+        });
+        let mut want = pod.clone();
+        want["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("managedFields");
+        let raw = serde_json::to_vec(&pod).unwrap();
+        assert_eq!(lean_json(&raw).unwrap(), want);
+        // A watch event's object too.
+        let event = serde_json::to_vec(&json!({"type": "ADDED", "object": pod})).unwrap();
+        assert_eq!(
+            lean_json(&event).unwrap(),
+            json!({"type": "ADDED", "object": want})
+        );
+        // Stored bytes: the same object as `parse` gives, less the field ownership.
+        let mut full = parse(&raw, 7).unwrap();
+        full["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("managedFields");
+        assert_eq!(parse_lean(&raw, 7).unwrap(), full);
+        assert_eq!(decode_lean(&kv(&raw, 7)).unwrap().object, full);
+        // Anything else parses as serde_json parses it; bad JSON is an error.
+        for other in [
+            "[1,{\"metadata\":2}]",
+            "3",
+            "\"x\"",
+            "null",
+            "{\"metadata\":[1]}",
+        ] {
+            assert_eq!(
+                lean_json(other.as_bytes()).unwrap(),
+                serde_json::from_str::<Value>(other).unwrap()
+            );
+        }
+        for bad in ["{", "{\"metadata\": {\"managedFields\": [}}", "{} x", ""] {
+            assert!(lean_json(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
 
     fn kv(value: &[u8], rev: i64) -> KeyValue {
         KeyValue {

@@ -177,7 +177,8 @@ impl Informers {
             namespaces: Informer::new(resource("", "v1", "namespaces")),
             serviceaccounts: Informer::new(resource("", "v1", "serviceaccounts")),
             services: Informer::new(resource("", "v1", "services")),
-            endpoints: Informer::new(resource("", "v1", "endpoints")),
+            // The controller tells its own Endpoints from hand-made ones by their manager.
+            endpoints: Informer::with_managed_fields(resource("", "v1", "endpoints")),
             endpointslices: Informer::new(resource("discovery.k8s.io", "v1", "endpointslices")),
             clusterroles: Informer::new(resource(
                 "rbac.authorization.k8s.io",
