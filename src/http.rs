@@ -123,6 +123,25 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
 /// How long a client has to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections a listener queues before it accepts them (the kernel caps it at
+/// `net.core.somaxconn`, 4096 here). The default of 128 overflowed when thousands of node
+/// agents reconnected at once: their connects timed out in the queue and were retried,
+/// and the server then spent its time accepting connections their clients had given up on.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with a backlog of [`LISTEN_BACKLOG`] (as Go's `net.Listen`,
+/// which kube-apiserver and etcd use, takes `somaxconn`).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Finishes the TLS handshake of an accepted connection (when `tls`), and says what the
 /// connection tells of its client. `None`: the handshake failed (logged).
 pub async fn accept_tls(
@@ -261,4 +280,29 @@ pub async fn serve<H, F>(
     }
     tracker.close();
     let _ = tokio::time::timeout(grace, tracker.wait()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of connections far beyond the kernel's default backlog (128) all get in
+    /// while nothing accepts: none waits out a dropped SYN.
+    #[tokio::test]
+    async fn a_burst_of_connections_queues_without_being_accepted() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        for i in 0..1000 {
+            let c = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} was not queued"))
+            .unwrap();
+            held.push(c);
+        }
+        drop(listener);
+    }
 }

@@ -54,8 +54,10 @@ pub struct ServerArgs {
     /// Minimum election timeout in milliseconds (the maximum is twice this).
     #[arg(long, default_value_t = 100)]
     pub election_timeout_ms: u64,
-    /// Build a snapshot (and allow log purging) every this many applied entries.
-    #[arg(long, default_value_t = 10_000)]
+    /// Build a snapshot (and allow log purging) every this many applied entries (etcd's
+    /// `--snapshot-count`, whose default is the same: a snapshot is a copy of the whole
+    /// store, gigabytes at scale).
+    #[arg(long, default_value_t = 100_000)]
     pub snapshot_count: u64,
     /// Entries kept behind a snapshot so briefly lagging followers catch up from the log.
     #[arg(long, default_value_t = 1_000)]
@@ -313,8 +315,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         crate::api::encryption::install(crate::api::encryption::load(path)?)?;
         tracing::info!(config = %path.display(), "encrypting at rest");
     }
-    let api_listener = tokio::net::TcpListener::bind(args.listen_api)
-        .await
+    let api_listener = crate::http::listen(args.listen_api)
         .with_context(|| format!("binding the API address {}", args.listen_api))?;
     let api_addr = api_listener.local_addr()?;
     std::fs::create_dir_all(&args.data_dir)

@@ -111,7 +111,7 @@ impl Config {
             join: false,
             heartbeat_ms: 50,
             election_timeout_ms: 100,
-            snapshot_logs: 10_000,
+            snapshot_logs: 100_000,
             keep_logs: 1_000,
             request_timeout: Duration::from_secs(5),
             store: StoreOptions::default(),
