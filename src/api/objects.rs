@@ -40,6 +40,14 @@ pub struct Stored {
 
 /// Decodes a stored value and stamps its resourceVersion.
 pub fn decode(kv: &KeyValue) -> Result<Stored, KubeError> {
+    decode_with(kv, parse)
+}
+
+/// [`decode`], parsing with `parse`.
+fn decode_with(
+    kv: &KeyValue,
+    parse: fn(&[u8], i64) -> Result<Value, KubeError>,
+) -> Result<Stored, KubeError> {
     let bytes = super::encryption::open(&kv.key, &kv.value)?;
     let object = parse(&bytes, kv.mod_revision)?;
     Ok(Stored {
@@ -107,13 +115,7 @@ pub fn parse_lean(raw: &[u8], revision: i64) -> Result<Value, KubeError> {
 
 /// [`decode`], without `metadata.managedFields` ([`parse_lean`]).
 pub fn decode_lean(kv: &KeyValue) -> Result<Stored, KubeError> {
-    let bytes = super::encryption::open(&kv.key, &kv.value)?;
-    let object = parse_lean(&bytes, kv.mod_revision)?;
-    Ok(Stored {
-        object,
-        revision: kv.mod_revision,
-        stale: super::encryption::stale(&kv.key, &kv.value),
-    })
+    decode_with(kv, parse_lean)
 }
 
 /// Parses JSON as `serde_json::from_slice` does, but leaves out `metadata.managedFields` of
