@@ -8,6 +8,41 @@ use serde_json::Value;
 
 use super::status::Cause;
 
+/// `Value::pointer` without its allocations: serde_json unescapes every token of a JSON
+/// pointer into new strings (two `replace`s per token), which in a profile of the leader at
+/// 50,000 pods was a quarter of its CPU (controllers read owners, phases, labels and node
+/// names by pointer, pod after pod). A pointer with an escape (`~0`, `~1`) goes to
+/// `Value::pointer`; the answer is always the same as its.
+pub trait Ptr {
+    /// The value at JSON pointer `pointer` (RFC 6901), as `Value::pointer` finds it.
+    fn ptr(&self, pointer: &str) -> Option<&Value>;
+}
+
+impl Ptr for Value {
+    fn ptr(&self, pointer: &str) -> Option<&Value> {
+        if pointer.is_empty() {
+            return Some(self);
+        }
+        let rest = pointer.strip_prefix('/')?;
+        if rest.contains('~') {
+            return self.pointer(pointer);
+        }
+        rest.split('/').try_fold(self, |v, token| match v {
+            Value::Object(m) => m.get(token),
+            Value::Array(a) => array_index(token).and_then(|i| a.get(i)),
+            _ => None,
+        })
+    }
+}
+
+/// An array index token as serde_json reads one: digits, no sign, no leading zero.
+fn array_index(token: &str) -> Option<usize> {
+    if token.starts_with('+') || (token.starts_with('0') && token.len() > 1) {
+        return None;
+    }
+    token.parse().ok()
+}
+
 /// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time in seconds.
 pub fn rfc3339(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
@@ -309,6 +344,39 @@ pub fn unknown_field(kind: &str, obj: &serde_json::Map<String, Value>) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ptr_finds_what_pointer_finds() {
+        let v = serde_json::json!({
+            "metadata": {"labels": {"a/b": "1", "c~d": "2", "": "3"},
+                         "ownerReferences": [{"uid": "u"}, {"uid": "w"}]},
+            "spec": {"n": [[0, 1], 2], "0": "zero", "01": "x"},
+            "s": "str",
+        });
+        for p in [
+            "",
+            "/",
+            "/metadata",
+            "/metadata/labels/a~1b",
+            "/metadata/labels/c~0d",
+            "/metadata/labels/",
+            "/metadata/ownerReferences/1/uid",
+            "/metadata/ownerReferences/01",
+            "/metadata/ownerReferences/+1",
+            "/metadata/ownerReferences/2",
+            "/metadata/ownerReferences/-1",
+            "/spec/n/0/1",
+            "/spec/0",
+            "/spec/01",
+            "/s/x",
+            "/missing",
+            "metadata",
+            "/metadata/labels/a/b",
+            "//",
+        ] {
+            assert_eq!(v.ptr(p), v.pointer(p), "{p:?}");
+        }
+    }
 
     #[test]
     fn timestamps_round_trip() {

@@ -14,6 +14,7 @@
 //!   available pod; `OnDelete` replaces a pod only once someone deletes it. `maxSurge` is
 //!   not honoured (treated as 0), nor are ControllerRevisions kept (no `rollout undo`).
 
+use crate::api::meta::Ptr;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +61,7 @@ pub struct Plan {
 /// The DaemonSet's pod template with the tolerations every daemon pod gets.
 fn template_pod(ds: &Value) -> Value {
     let mut spec = ds
-        .pointer("/spec/template/spec")
+        .ptr("/spec/template/spec")
         .cloned()
         .unwrap_or_else(|| json!({}));
     let mut tolerations = spec
@@ -84,7 +85,7 @@ fn template_pod(ds: &Value) -> Value {
 /// The node a daemon pod is for: its `nodeName`, else the node its affinity names.
 pub fn target_node(p: &Value) -> Option<&str> {
     pod::node(p).or_else(|| {
-        p.pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms/0/matchFields/0/values/0")
+        p.ptr("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms/0/matchFields/0/values/0")
             .and_then(Value::as_str)
     })
 }
@@ -94,11 +95,11 @@ pub fn plan(ds: &Value, nodes: &[Arc<Value>], pods: &[Arc<Value>], now: u64) -> 
     let mut out = Plan::default();
     let uid = owner::uid(ds);
     let hash = ds
-        .pointer("/spec/template")
+        .ptr("/spec/template")
         .map(template_hash)
         .unwrap_or_default();
     let min_ready = ds
-        .pointer("/spec/minReadySeconds")
+        .ptr("/spec/minReadySeconds")
         .and_then(Value::as_u64)
         .unwrap_or(0);
     let want = decide::pod_info(&template_pod(ds));
@@ -116,15 +117,12 @@ pub fn plan(ds: &Value, nodes: &[Arc<Value>], pods: &[Arc<Value>], now: u64) -> 
         }
     }
     let is_current = |p: &Value| {
-        p.pointer(&format!("/metadata/labels/{HASH_LABEL}"))
+        p.ptr(&format!("/metadata/labels/{HASH_LABEL}"))
             .and_then(Value::as_str)
             == Some(hash.as_str())
     };
     let available = |p: &Value| pod::is_available(p, min_ready, now);
-    let rolling = ds
-        .pointer("/spec/updateStrategy/type")
-        .and_then(Value::as_str)
-        != Some("OnDelete");
+    let rolling = ds.ptr("/spec/updateStrategy/type").and_then(Value::as_str) != Some("OnDelete");
     let (mut desired, mut scheduled, mut misscheduled, mut ready, mut avail, mut updated) =
         (0, 0, 0, 0, 0, 0);
     let mut old_available = Vec::new();
@@ -193,7 +191,7 @@ pub fn plan(ds: &Value, nodes: &[Arc<Value>], pods: &[Arc<Value>], now: u64) -> 
     }
     if rolling {
         let max_unavailable = int_or_percent(
-            ds.pointer("/spec/updateStrategy/rollingUpdate/maxUnavailable"),
+            ds.ptr("/spec/updateStrategy/rollingUpdate/maxUnavailable"),
             desired,
             false,
             "1",
@@ -210,7 +208,7 @@ pub fn plan(ds: &Value, nodes: &[Arc<Value>], pods: &[Arc<Value>], now: u64) -> 
         "numberAvailable": avail,
         "numberUnavailable": (desired - avail).max(0),
         "updatedNumberScheduled": updated,
-        "observedGeneration": ds.pointer("/metadata/generation").cloned().unwrap_or(json!(1)),
+        "observedGeneration": ds.ptr("/metadata/generation").cloned().unwrap_or(json!(1)),
     });
     out
 }
@@ -219,12 +217,12 @@ pub fn plan(ds: &Value, nodes: &[Arc<Value>], pods: &[Arc<Value>], now: u64) -> 
 fn pod_for(ds: &Value, node: &str) -> Value {
     let mut p = pod_from_template(ds, "apps/v1", "DaemonSet");
     let hash = ds
-        .pointer("/spec/template")
+        .ptr("/spec/template")
         .map(template_hash)
         .unwrap_or_default();
     p["metadata"]["labels"][HASH_LABEL] = json!(hash);
     p["metadata"]["labels"]["pod-template-generation"] = json!(ds
-        .pointer("/metadata/generation")
+        .ptr("/metadata/generation")
         .and_then(Value::as_i64)
         .unwrap_or(1)
         .to_string());
@@ -293,8 +291,8 @@ impl Controller {
                 // Only what eligibility or readiness depends on.
                 let relevant = match (c.old, c.new) {
                     (Some(a), Some(b)) => {
-                        a.pointer("/metadata/labels") != b.pointer("/metadata/labels")
-                            || a.pointer("/spec/taints") != b.pointer("/spec/taints")
+                        a.ptr("/metadata/labels") != b.ptr("/metadata/labels")
+                            || a.ptr("/spec/taints") != b.ptr("/spec/taints")
                     }
                     _ => true,
                 };

@@ -18,6 +18,7 @@
 //! Status: replica counts over all its ReplicaSets, `observedGeneration`, and the
 //! `Available` and `Progressing` conditions (with `ProgressDeadlineExceeded`).
 
+use crate::api::meta::Ptr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,14 +99,14 @@ pub(crate) fn int_or_percent(v: Option<&Value>, total: i64, round_up: bool, defa
 
 /// `spec.replicas` of an object.
 fn spec_replicas(obj: &Value) -> i64 {
-    obj.pointer("/spec/replicas")
+    obj.ptr("/spec/replicas")
         .and_then(Value::as_i64)
         .unwrap_or(1)
         .max(0)
 }
 
 fn status_count(obj: &Value, field: &str) -> i64 {
-    obj.pointer(&format!("/status/{field}"))
+    obj.ptr(&format!("/status/{field}"))
         .and_then(Value::as_i64)
         .unwrap_or(0)
 }
@@ -113,7 +114,7 @@ fn status_count(obj: &Value, field: &str) -> i64 {
 /// (maxSurge, maxUnavailable) of a RollingUpdate Deployment.
 pub fn surge_and_unavailable(d: &Value) -> (i64, i64) {
     let replicas = spec_replicas(d);
-    let ru = d.pointer("/spec/strategy/rollingUpdate");
+    let ru = d.ptr("/spec/strategy/rollingUpdate");
     let surge = int_or_percent(ru.and_then(|r| r.get("maxSurge")), replicas, true, "25%");
     let mut unavailable = int_or_percent(
         ru.and_then(|r| r.get("maxUnavailable")),
@@ -203,7 +204,7 @@ pub struct Controller {
 }
 
 fn revision(obj: &Value) -> i64 {
-    obj.pointer("/metadata/annotations")
+    obj.ptr("/metadata/annotations")
         .and_then(|a| a.get(REVISION))
         .and_then(Value::as_str)
         .and_then(|r| r.parse().ok())
@@ -261,18 +262,18 @@ impl Controller {
             )
         });
         let template = d
-            .pointer("/spec/template")
+            .ptr("/spec/template")
             .cloned()
             .unwrap_or_else(|| json!({}));
         let hash = template_hash(&template);
-        let paused = d.pointer("/spec/paused").and_then(Value::as_bool) == Some(true);
+        let paused = d.ptr("/spec/paused").and_then(Value::as_bool) == Some(true);
         let max_revision = owned.iter().map(|r| revision(r)).max().unwrap_or(0);
         // The ReplicaSet whose template is the Deployment's (compared as templates, not by
         // the label, so a template copied back by `rollout undo` finds its old ReplicaSet).
         let mut new_rs = owned
             .iter()
             .find(|rs| {
-                rs.pointer("/spec/template")
+                rs.ptr("/spec/template")
                     .is_some_and(|t| template_hash(t) == hash)
             })
             .cloned();
@@ -331,7 +332,7 @@ impl Controller {
             (Some(n), false) => {
                 let old_refs: Vec<&Value> = old.iter().map(|r| r.as_ref()).collect();
                 let strategy = d
-                    .pointer("/spec/strategy/type")
+                    .ptr("/spec/strategy/type")
                     .and_then(Value::as_str)
                     .unwrap_or("RollingUpdate");
                 let (nc, oc) = if strategy == "Recreate" {
@@ -391,7 +392,7 @@ impl Controller {
         }
         // History: old ReplicaSets at zero beyond the limit go, oldest first.
         let limit = d
-            .pointer("/spec/revisionHistoryLimit")
+            .ptr("/spec/revisionHistoryLimit")
             .and_then(Value::as_i64)
             .unwrap_or(10)
             .max(0) as usize;
@@ -414,7 +415,7 @@ impl Controller {
         if let Some(n) = &new_rs {
             let want = revision(n).to_string();
             let have = d
-                .pointer("/metadata/annotations")
+                .ptr("/metadata/annotations")
                 .and_then(|a| a.get(REVISION))
                 .and_then(Value::as_str);
             if have != Some(want.as_str()) && revision(n) > 0 {
@@ -452,18 +453,18 @@ impl Controller {
         let mut template = template.clone();
         template["metadata"]["labels"][HASH_LABEL] = json!(hash);
         let mut selector = d
-            .pointer("/spec/selector")
+            .ptr("/spec/selector")
             .cloned()
             .unwrap_or_else(|| json!({}));
         selector["matchLabels"][HASH_LABEL] = json!(hash);
         let mut labels = template
-            .pointer("/metadata/labels")
+            .ptr("/metadata/labels")
             .cloned()
             .unwrap_or_else(|| json!({}));
         labels[HASH_LABEL] = json!(hash);
         let replicas = spec_replicas(d);
         let strategy = d
-            .pointer("/spec/strategy/type")
+            .ptr("/spec/strategy/type")
             .and_then(Value::as_str)
             .unwrap_or("RollingUpdate");
         // Start at zero and let the strategy scale it (a first rollout has no old pods, so
@@ -486,7 +487,7 @@ impl Controller {
             },
             "spec": {
                 "replicas": 0,
-                "minReadySeconds": d.pointer("/spec/minReadySeconds").cloned().unwrap_or(json!(0)),
+                "minReadySeconds": d.ptr("/spec/minReadySeconds").cloned().unwrap_or(json!(0)),
                 "selector": selector,
                 "template": template,
             },
@@ -508,7 +509,7 @@ impl Controller {
         let (_, max_unavailable) = surge_and_unavailable(d);
         let now = meta::rfc3339(meta::now_secs());
         let old_conds: Vec<Value> = d
-            .pointer("/status/conditions")
+            .ptr("/status/conditions")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
@@ -564,7 +565,7 @@ impl Controller {
             .all(|r| status_count(r, "replicas") == 0);
         let new_name = new_rs.map(owner::name).unwrap_or("");
         let deadline = d
-            .pointer("/spec/progressDeadlineSeconds")
+            .ptr("/spec/progressDeadlineSeconds")
             .and_then(Value::as_u64)
             .unwrap_or(600);
         let progressing_cond = if paused {
@@ -629,7 +630,7 @@ impl Controller {
             }
         };
         let status = json!({
-            "observedGeneration": d.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1),
+            "observedGeneration": d.ptr("/metadata/generation").and_then(Value::as_i64).unwrap_or(1),
             "replicas": sum("replicas"),
             "updatedReplicas": updated,
             "readyReplicas": sum("readyReplicas"),
@@ -673,7 +674,7 @@ fn strip_times(s: &Value) -> Value {
 
 /// True if `rs`'s pods match the Deployment's selector (for adoption checks).
 pub fn selects(d: &Value, rs: &Value) -> bool {
-    LabelSelector::from_object(d.pointer("/spec/selector"))
+    LabelSelector::from_object(d.ptr("/spec/selector"))
         .filter(|s| !s.is_empty())
         .is_some_and(|s| s.matches(rs))
 }
@@ -739,7 +740,7 @@ mod tests {
     #[test]
     fn the_template_hash_ignores_its_own_label_and_changes_with_the_template() {
         let d = deploy(1, json!(1), json!(1));
-        let t = d.pointer("/spec/template").unwrap().clone();
+        let t = d.ptr("/spec/template").unwrap().clone();
         let h = template_hash(&t);
         let mut labeled = t.clone();
         labeled["metadata"]["labels"][HASH_LABEL] = json!(h);

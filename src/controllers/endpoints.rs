@@ -15,6 +15,7 @@
 //! whoever writes its Endpoints. When a Service goes, the Endpoints this controller wrote
 //! (its manager in `managedFields`) and its slices go too; hand-made ones stay.
 
+use crate::api::meta::Ptr;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,14 +39,14 @@ const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 
 /// The selector of a Service (`None` without one: its endpoints are not ours).
 fn selector(svc: &Value) -> Option<&serde_json::Map<String, Value>> {
-    svc.pointer("/spec/selector")
+    svc.ptr("/spec/selector")
         .and_then(Value::as_object)
         .filter(|m| !m.is_empty())
 }
 
 fn selects(svc: &Value, p: &Value) -> bool {
     selector(svc).is_some_and(|sel| {
-        let labels = p.pointer("/metadata/labels");
+        let labels = p.ptr("/metadata/labels");
         sel.iter()
             .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
     })
@@ -55,7 +56,7 @@ fn selects(svc: &Value, p: &Value) -> bool {
 fn resolve_ports(svc: &Value, p: &Value) -> Vec<(String, i64, String)> {
     let mut out = Vec::new();
     for sp in svc
-        .pointer("/spec/ports")
+        .ptr("/spec/ports")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
@@ -75,7 +76,7 @@ fn resolve_ports(svc: &Value, p: &Value) -> Vec<(String, i64, String)> {
             Some(Value::String(s)) => match s.parse::<i64>() {
                 Ok(n) => Some(n),
                 Err(_) => p
-                    .pointer("/spec/containers")
+                    .ptr("/spec/containers")
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
@@ -131,7 +132,7 @@ fn short_hash(text: &str) -> String {
 /// What a Service's Endpoints `subsets` and EndpointSlices should be.
 pub fn desired(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<Value>) {
     let publish_not_ready = svc
-        .pointer("/spec/publishNotReadyAddresses")
+        .ptr("/spec/publishNotReadyAddresses")
         .and_then(Value::as_bool)
         == Some(true);
     let svc_name = owner::name(svc);
@@ -142,7 +143,7 @@ pub fn desired(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<Value>) {
     let mut matched: Vec<&Arc<Value>> = pods.iter().filter(|p| selects(svc, p)).collect();
     // By address, then name (borrowed: a comparison allocated two strings before).
     fn ip(p: &Value) -> Option<&str> {
-        p.pointer("/status/podIP").and_then(Value::as_str)
+        p.ptr("/status/podIP").and_then(Value::as_str)
     }
     matched.sort_by(|a, b| {
         ip(a)
@@ -151,7 +152,7 @@ pub fn desired(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<Value>) {
     });
     for p in matched {
         let Some(ip) = p
-            .pointer("/status/podIP")
+            .ptr("/status/podIP")
             .and_then(Value::as_str)
             .filter(|ip| !ip.is_empty())
         else {
@@ -161,7 +162,7 @@ pub fn desired(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<Value>) {
             continue;
         }
         let ports = resolve_ports(svc, p);
-        if ports.is_empty() && svc.pointer("/spec/ports").is_some() {
+        if ports.is_empty() && svc.ptr("/spec/ports").is_some() {
             continue;
         }
         let terminating = owner::is_deleting(p);
@@ -290,7 +291,7 @@ impl Controller {
             let q = queue.clone();
             ctx.endpointslices.subscribe(move |c| {
                 let obj = c.new.or(c.old).expect("a change has an object");
-                let labels = obj.pointer("/metadata/labels");
+                let labels = obj.ptr("/metadata/labels");
                 let managed = labels
                     .and_then(|l| l.get(MANAGED_BY))
                     .and_then(Value::as_str)
@@ -321,13 +322,13 @@ impl Controller {
         let slice_res = ctx.endpointslices.resource();
         let ours = |s: &Value| {
             owner::namespace(s) == Some(ns.as_str())
-                && s.pointer(&format!(
+                && s.ptr(&format!(
                     "/metadata/labels/{}",
                     SERVICE_NAME.replace('/', "~1")
                 ))
                 .and_then(Value::as_str)
                     == Some(name.as_str())
-                && s.pointer(&format!(
+                && s.ptr(&format!(
                     "/metadata/labels/{}",
                     MANAGED_BY.replace('/', "~1")
                 ))
@@ -347,7 +348,7 @@ impl Controller {
             // Only Endpoints this controller wrote: a hand-made one without a Service stays.
             let gone = ctx.services.get(key).is_none();
             let ours = existing_ep.as_ref().is_some_and(|ep| {
-                ep.pointer("/metadata/managedFields")
+                ep.ptr("/metadata/managedFields")
                     .and_then(Value::as_array)
                     .is_some_and(|m| {
                         m.iter()
@@ -377,7 +378,7 @@ impl Controller {
         let (subsets, slices) = desired(&svc, &pods);
         // Endpoints.
         let labels = svc
-            .pointer("/metadata/labels")
+            .ptr("/metadata/labels")
             .cloned()
             .unwrap_or_else(|| json!({}));
         match existing_ep {
@@ -395,7 +396,7 @@ impl Controller {
             Some(cur) => {
                 let have_subsets = cur.get("subsets").cloned().unwrap_or_else(|| json!([]));
                 let have_labels = cur
-                    .pointer("/metadata/labels")
+                    .ptr("/metadata/labels")
                     .cloned()
                     .unwrap_or_else(|| json!({}));
                 if have_subsets != subsets || have_labels != labels {
@@ -432,7 +433,7 @@ impl Controller {
                 Some(cur) => {
                     let same = cur.get("endpoints") == want.get("endpoints")
                         && cur.get("ports") == want.get("ports")
-                        && cur.pointer("/metadata/labels") == want.pointer("/metadata/labels");
+                        && cur.ptr("/metadata/labels") == want.ptr("/metadata/labels");
                     if !same {
                         let mut next = (**cur).clone();
                         next["endpoints"] = want["endpoints"].clone();

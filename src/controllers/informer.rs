@@ -24,6 +24,7 @@
 //! The leader's control loops read their world only from informers, and write through the
 //! API (fenced to their term); the compare-and-swap on every write catches a stale cache.
 
+use crate::api::meta::Ptr;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -464,13 +465,13 @@ impl Informer {
             for s in batch {
                 let name = s
                     .object
-                    .pointer("/metadata/name")
+                    .ptr("/metadata/name")
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
                 let ns = s
                     .object
-                    .pointer("/metadata/namespace")
+                    .ptr("/metadata/namespace")
                     .and_then(Value::as_str)
                     .map(str::to_string);
                 let key = self.r.key(ns.as_deref(), &name);

@@ -12,6 +12,7 @@
 //! pod deleted by hand after it finished is no longer counted (Kubernetes tracks them with
 //! a finalizer; see the maintainers' guide).
 
+use crate::api::meta::Ptr;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,7 +52,7 @@ fn int(v: Option<&Value>, default: i64) -> i64 {
 }
 
 fn condition_true(job: &Value, kind: &str) -> bool {
-    job.pointer("/status/conditions")
+    job.ptr("/status/conditions")
         .and_then(Value::as_array)
         .is_some_and(|cs| {
             cs.iter().any(|c| {
@@ -62,7 +63,7 @@ fn condition_true(job: &Value, kind: &str) -> bool {
 }
 
 fn index_of(p: &Value) -> Option<i64> {
-    p.pointer("/metadata/annotations")
+    p.ptr("/metadata/annotations")
         .and_then(|a| a.get(INDEX))
         .and_then(Value::as_str)
         .and_then(|s| s.parse().ok())
@@ -95,7 +96,7 @@ pub fn plan(job: &Value, pods: &[Arc<Value>], now: u64, backoff_base_secs: u64) 
     let indexed = spec.get("completionMode").and_then(Value::as_str) == Some("Indexed");
     let suspended = spec.get("suspend").and_then(Value::as_bool) == Some(true);
     let on_failure = spec
-        .pointer("/template/spec/restartPolicy")
+        .ptr("/template/spec/restartPolicy")
         .and_then(Value::as_str)
         == Some("OnFailure");
     let active: Vec<&Arc<Value>> = pods.iter().filter(|p| pod::is_active(p)).collect();
@@ -108,7 +109,7 @@ pub fn plan(job: &Value, pods: &[Arc<Value>], now: u64, backoff_base_secs: u64) 
         active
             .iter()
             .map(|p| {
-                p.pointer("/status/containerStatuses")
+                p.ptr("/status/containerStatuses")
                     .and_then(Value::as_array)
                     .map(|cs| {
                         cs.iter()
@@ -130,12 +131,12 @@ pub fn plan(job: &Value, pods: &[Arc<Value>], now: u64, backoff_base_secs: u64) 
     };
     let ready = active.iter().filter(|p| pod::is_ready(p)).count();
     let start = job
-        .pointer("/status/startTime")
+        .ptr("/status/startTime")
         .and_then(Value::as_str)
         .and_then(meta::parse_rfc3339);
     let mut out = Plan::default();
     let mut conditions: Vec<Value> = job
-        .pointer("/status/conditions")
+        .ptr("/status/conditions")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
@@ -149,7 +150,7 @@ pub fn plan(job: &Value, pods: &[Arc<Value>], now: u64, backoff_base_secs: u64) 
     };
     let was_finished = condition_true(job, "Complete") || condition_true(job, "Failed");
     let mut finished_now = false;
-    let mut completion_time = job.pointer("/status/completionTime").cloned();
+    let mut completion_time = job.ptr("/status/completionTime").cloned();
     if !was_finished {
         let deadline = spec.get("activeDeadlineSeconds").and_then(Value::as_u64);
         if failures > backoff_limit {
@@ -203,8 +204,8 @@ pub fn plan(job: &Value, pods: &[Arc<Value>], now: u64, backoff_base_secs: u64) 
         let last_failure = failed_pods
             .iter()
             .filter_map(|p| {
-                p.pointer("/status/containerStatuses/0/state/terminated/finishedAt")
-                    .or_else(|| p.pointer("/metadata/deletionTimestamp"))
+                p.ptr("/status/containerStatuses/0/state/terminated/finishedAt")
+                    .or_else(|| p.ptr("/metadata/deletionTimestamp"))
                     .and_then(Value::as_str)
                     .and_then(meta::parse_rfc3339)
                     .or_else(|| Some(owner::created_secs(p)))

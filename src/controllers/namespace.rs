@@ -11,6 +11,7 @@
 //! The service-account controller gives every namespace that is not terminating a
 //! `default` ServiceAccount, and recreates it if it is deleted.
 
+use crate::api::meta::Ptr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,7 +63,7 @@ impl Controller {
             return Ok(None);
         };
         let has_finalizer = ns
-            .pointer("/spec/finalizers")
+            .ptr("/spec/finalizers")
             .and_then(Value::as_array)
             .is_some_and(|f| f.iter().any(|x| x == FINALIZER));
         if !owner::is_deleting(&ns) || !has_finalizer {
@@ -121,7 +122,7 @@ impl Controller {
         }
         let mut next = (*ns).clone();
         let left: Vec<Value> = ns
-            .pointer("/spec/finalizers")
+            .ptr("/spec/finalizers")
             .and_then(Value::as_array)
             .map(|f| f.iter().filter(|x| *x != FINALIZER).cloned().collect())
             .unwrap_or_default();

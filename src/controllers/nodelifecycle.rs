@@ -22,6 +22,7 @@
 //!
 //! Also owns, per orphaned pod, when this leader first saw it orphaned.
 
+use crate::api::meta::Ptr;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,7 +58,7 @@ pub struct NodeLifecycle {
 }
 
 fn ready_status(node: &Value) -> Option<&str> {
-    node.pointer("/status/conditions")
+    node.ptr("/status/conditions")
         .and_then(Value::as_array)?
         .iter()
         .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
@@ -66,7 +67,7 @@ fn ready_status(node: &Value) -> Option<&str> {
 }
 
 fn heartbeat(node: &Value) -> Option<&Value> {
-    node.pointer("/status/conditions")
+    node.ptr("/status/conditions")
         .and_then(Value::as_array)?
         .iter()
         .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
@@ -74,7 +75,7 @@ fn heartbeat(node: &Value) -> Option<&Value> {
 }
 
 fn taints(node: &Value) -> Vec<Value> {
-    node.pointer("/spec/taints")
+    node.ptr("/spec/taints")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default()
@@ -85,7 +86,7 @@ fn taints(node: &Value) -> Vec<Value> {
 pub fn condition_taints(node: &Value) -> Option<Vec<Value>> {
     let current = taints(node);
     let is_true = |kind: &str| {
-        node.pointer("/status/conditions")
+        node.ptr("/status/conditions")
             .and_then(Value::as_array)
             .is_some_and(|cs| {
                 cs.iter().any(|c| {
@@ -125,7 +126,7 @@ pub fn eviction_due(pod: &Value, taint: &Value, added_secs: u64) -> Option<u64> 
     let key = taint.get("key").and_then(Value::as_str).unwrap_or("");
     let value = taint.get("value").and_then(Value::as_str).unwrap_or("");
     let tolerations = pod
-        .pointer("/spec/tolerations")
+        .ptr("/spec/tolerations")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
@@ -350,7 +351,7 @@ impl NodeLifecycle {
         let now = meta::rfc3339(meta::now_secs());
         let mut next = n.clone();
         let mut conds: Vec<Value> = n
-            .pointer("/status/conditions")
+            .ptr("/status/conditions")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();

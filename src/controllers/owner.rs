@@ -1,43 +1,44 @@
 //! Reading object metadata and owner references (what ties a pod to its ReplicaSet, a
 //! ReplicaSet to its Deployment), as the controllers and the garbage collector need them.
 
+use crate::api::meta::Ptr;
 use serde_json::{json, Value};
 
 /// `metadata.name`.
 pub fn name(obj: &Value) -> &str {
-    obj.pointer("/metadata/name")
+    obj.ptr("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("")
 }
 
 /// `metadata.namespace`.
 pub fn namespace(obj: &Value) -> Option<&str> {
-    obj.pointer("/metadata/namespace").and_then(Value::as_str)
+    obj.ptr("/metadata/namespace").and_then(Value::as_str)
 }
 
 /// `metadata.uid`.
 pub fn uid(obj: &Value) -> &str {
-    obj.pointer("/metadata/uid")
+    obj.ptr("/metadata/uid")
         .and_then(Value::as_str)
         .unwrap_or("")
 }
 
 /// `metadata.resourceVersion`.
 pub fn resource_version(obj: &Value) -> &str {
-    obj.pointer("/metadata/resourceVersion")
+    obj.ptr("/metadata/resourceVersion")
         .and_then(Value::as_str)
         .unwrap_or("")
 }
 
 /// True once `metadata.deletionTimestamp` is set.
 pub fn is_deleting(obj: &Value) -> bool {
-    obj.pointer("/metadata/deletionTimestamp")
+    obj.ptr("/metadata/deletionTimestamp")
         .is_some_and(|v| !v.is_null())
 }
 
 /// `metadata.ownerReferences`.
 pub fn owner_refs(obj: &Value) -> &[Value] {
-    obj.pointer("/metadata/ownerReferences")
+    obj.ptr("/metadata/ownerReferences")
         .and_then(Value::as_array)
         .map(Vec::as_slice)
         .unwrap_or(&[])
@@ -71,7 +72,7 @@ pub fn controller_ref_to(owner: &Value, api_version: &str, kind: &str) -> Value 
 
 /// `metadata.finalizers`.
 pub fn finalizers(obj: &Value) -> Vec<&str> {
-    obj.pointer("/metadata/finalizers")
+    obj.ptr("/metadata/finalizers")
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default()
@@ -79,7 +80,7 @@ pub fn finalizers(obj: &Value) -> Vec<&str> {
 
 /// `metadata.creationTimestamp` in seconds (0 if absent).
 pub fn created_secs(obj: &Value) -> u64 {
-    obj.pointer("/metadata/creationTimestamp")
+    obj.ptr("/metadata/creationTimestamp")
         .and_then(Value::as_str)
         .and_then(crate::api::meta::parse_rfc3339)
         .unwrap_or(0)

@@ -1,6 +1,7 @@
 //! Pod state as the controllers judge it: active, ready, available, and which pod to delete
 //! first when scaling down (the order Kubernetes' ReplicaSet controller uses).
 
+use crate::api::meta::Ptr;
 use std::cmp::Ordering;
 
 use serde_json::Value;
@@ -27,7 +28,7 @@ pub fn indexers() -> Vec<(&'static str, super::informer::IndexFn)> {
         }),
         (BY_LABEL, |p| {
             let ns = owner::namespace(p).unwrap_or("");
-            p.pointer("/metadata/labels")
+            p.ptr("/metadata/labels")
                 .and_then(Value::as_object)
                 .into_iter()
                 .flatten()
@@ -52,14 +53,14 @@ pub fn label_index(ns: Option<&str>, key: &str, value: &str) -> String {
 
 /// `status.phase`.
 pub fn phase(pod: &Value) -> &str {
-    pod.pointer("/status/phase")
+    pod.ptr("/status/phase")
         .and_then(Value::as_str)
         .unwrap_or("Pending")
 }
 
 /// `spec.nodeName` if bound.
 pub fn node(pod: &Value) -> Option<&str> {
-    pod.pointer("/spec/nodeName")
+    pod.ptr("/spec/nodeName")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
 }
@@ -70,7 +71,7 @@ pub fn is_active(pod: &Value) -> bool {
 }
 
 fn condition<'a>(pod: &'a Value, kind: &str) -> Option<&'a Value> {
-    pod.pointer("/status/conditions")
+    pod.ptr("/status/conditions")
         .and_then(Value::as_array)?
         .iter()
         .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))
@@ -107,7 +108,7 @@ pub fn is_available(pod: &Value, min_ready_seconds: u64, now: u64) -> bool {
 }
 
 fn restarts(pod: &Value) -> i64 {
-    pod.pointer("/status/containerStatuses")
+    pod.ptr("/status/containerStatuses")
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()

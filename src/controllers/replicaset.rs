@@ -8,6 +8,7 @@
 //! carries it out through the API with the leader's fenced writes; [`Expectations`] hold
 //! back a ReplicaSet whose creations or deletions have not been seen yet.
 
+use crate::api::meta::Ptr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,16 +46,15 @@ pub struct Plan {
 pub fn plan(rs: &Value, pods: &[Arc<Value>], manage: bool, now: u64) -> Plan {
     let uid = owner::uid(rs);
     let replicas = rs
-        .pointer("/spec/replicas")
+        .ptr("/spec/replicas")
         .and_then(Value::as_i64)
         .unwrap_or(1)
         .max(0) as usize;
     let min_ready = rs
-        .pointer("/spec/minReadySeconds")
+        .ptr("/spec/minReadySeconds")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let selector =
-        LabelSelector::from_object(rs.pointer("/spec/selector")).filter(|s| !s.is_empty());
+    let selector = LabelSelector::from_object(rs.ptr("/spec/selector")).filter(|s| !s.is_empty());
     let deleting = owner::is_deleting(rs);
     let mut mine: Vec<&Value> = Vec::new();
     let mut out = Plan::default();
@@ -97,14 +97,14 @@ pub fn plan(rs: &Value, pods: &[Arc<Value>], manage: bool, now: u64) -> Plan {
         .iter()
         .filter(|p| pod::is_available(p, min_ready, now))
         .count();
-    let template_labels = rs.pointer("/spec/template/metadata/labels");
+    let template_labels = rs.ptr("/spec/template/metadata/labels");
     let fully_labeled = active
         .iter()
         .filter(|p| match template_labels.and_then(Value::as_object) {
             None => true,
             Some(want) => want
                 .iter()
-                .all(|(k, v)| p.pointer("/metadata/labels").and_then(|l| l.get(k)) == Some(v)),
+                .all(|(k, v)| p.ptr("/metadata/labels").and_then(|l| l.get(k)) == Some(v)),
         })
         .count();
     out.status = json!({
@@ -112,9 +112,9 @@ pub fn plan(rs: &Value, pods: &[Arc<Value>], manage: bool, now: u64) -> Plan {
         "fullyLabeledReplicas": fully_labeled,
         "readyReplicas": ready,
         "availableReplicas": available,
-        "observedGeneration": rs.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1),
+        "observedGeneration": rs.ptr("/metadata/generation").and_then(Value::as_i64).unwrap_or(1),
     });
-    if let Some(conds) = rs.pointer("/status/conditions") {
+    if let Some(conds) = rs.ptr("/status/conditions") {
         out.status["conditions"] = conds.clone();
     }
     out
@@ -123,7 +123,7 @@ pub fn plan(rs: &Value, pods: &[Arc<Value>], manage: bool, now: u64) -> Plan {
 /// A pod for `owner` from its pod template (labels, annotations and spec), owned by it.
 pub fn pod_from_template(owner_obj: &Value, api_version: &str, kind: &str) -> Value {
     let template = owner_obj
-        .pointer("/spec/template")
+        .ptr("/spec/template")
         .cloned()
         .unwrap_or_else(|| json!({}));
     let mut metadata = json!({
@@ -131,7 +131,7 @@ pub fn pod_from_template(owner_obj: &Value, api_version: &str, kind: &str) -> Va
         "ownerReferences": [owner::controller_ref_to(owner_obj, api_version, kind)],
     });
     for k in ["labels", "annotations"] {
-        if let Some(v) = template.pointer(&format!("/metadata/{k}")) {
+        if let Some(v) = template.ptr(&format!("/metadata/{k}")) {
             metadata[k] = v.clone();
         }
     }
@@ -212,8 +212,7 @@ impl Controller {
                         if let Some(k) = b.as_ref().filter(|_| b != a) {
                             q.add(k);
                         }
-                        if b.is_none()
-                            && old.pointer("/metadata/labels") != new.pointer("/metadata/labels")
+                        if b.is_none() && old.ptr("/metadata/labels") != new.ptr("/metadata/labels")
                         {
                             for rs in rss.in_namespace(ns) {
                                 q.add(&rs_res.key(ns, owner::name(&rs)));
@@ -367,7 +366,7 @@ impl Controller {
         }
         // Pods that become available after minReadySeconds need another look then.
         let min_ready = rs
-            .pointer("/spec/minReadySeconds")
+            .ptr("/spec/minReadySeconds")
             .and_then(Value::as_u64)
             .unwrap_or(0);
         let ready = plan.status["readyReplicas"].as_u64().unwrap_or(0);

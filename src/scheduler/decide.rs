@@ -9,6 +9,7 @@
 //! then by name): least allocated and balanced cpu/memory, fewer pods of the same owner
 //! (spreading replicas), preferred node affinity.
 
+use crate::api::meta::Ptr;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::Value;
@@ -594,10 +595,10 @@ pub fn pod_info(pod: &Value) -> PodInfo {
     };
     let mut requests = Resources::default();
     for c in containers("containers") {
-        requests.add(&Resources::from_list(c.pointer("/resources/requests")));
+        requests.add(&Resources::from_list(c.ptr("/resources/requests")));
     }
     for c in containers("initContainers") {
-        let r = Resources::from_list(c.pointer("/resources/requests"));
+        let r = Resources::from_list(c.ptr("/resources/requests"));
         requests.cpu = requests.cpu.max(r.cpu);
         requests.memory = requests.memory.max(r.memory);
         requests.storage = requests.storage.max(r.storage);
@@ -626,11 +627,9 @@ pub fn pod_info(pod: &Value) -> PodInfo {
             })
             .unwrap_or_default()
     };
-    let na = spec.and_then(|s| s.pointer("/affinity/nodeAffinity"));
+    let na = spec.and_then(|s| s.ptr("/affinity/nodeAffinity"));
     let required_terms = na
-        .and_then(|a| {
-            a.pointer("/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms")
-        })
+        .and_then(|a| a.ptr("/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms"))
         .and_then(Value::as_array)
         .map(|terms| {
             terms
@@ -659,14 +658,14 @@ pub fn pod_info(pod: &Value) -> PodInfo {
                 .map(|t| {
                     (
                         t.get("weight").and_then(Value::as_i64).unwrap_or(1),
-                        Requirement::list(t.pointer("/preference/matchExpressions"), None),
+                        Requirement::list(t.ptr("/preference/matchExpressions"), None),
                     )
                 })
                 .collect()
         })
         .unwrap_or_default();
     let pod_terms = |path: &str| -> Vec<(Vec<Requirement>, String)> {
-        spec.and_then(|s| s.pointer(path))
+        spec.and_then(|s| s.ptr(path))
             .and_then(Value::as_array)
             .map(|terms| {
                 terms
@@ -674,8 +673,8 @@ pub fn pod_info(pod: &Value) -> PodInfo {
                     .map(|t| {
                         (
                             Requirement::list(
-                                t.pointer("/labelSelector/matchExpressions"),
-                                t.pointer("/labelSelector/matchLabels"),
+                                t.ptr("/labelSelector/matchExpressions"),
+                                t.ptr("/labelSelector/matchLabels"),
                             ),
                             t.get("topologyKey")
                                 .and_then(Value::as_str)
@@ -701,14 +700,14 @@ pub fn pod_info(pod: &Value) -> PodInfo {
         owner: crate::controllers::owner::controller_uid(pod).map(str::to_string),
         anti_affinity,
         affinity,
-        labels: str_map(pod.pointer("/metadata/labels")),
+        labels: str_map(pod.ptr("/metadata/labels")),
     }
 }
 
 /// A node's scheduling view from its JSON (without the pods bound to it).
 pub fn node_info(node: &Value) -> NodeInfo {
     let labels = node
-        .pointer("/metadata/labels")
+        .ptr("/metadata/labels")
         .and_then(Value::as_object)
         .map(|m| {
             m.iter()
@@ -717,7 +716,7 @@ pub fn node_info(node: &Value) -> NodeInfo {
         })
         .unwrap_or_default();
     let taints = node
-        .pointer("/spec/taints")
+        .ptr("/spec/taints")
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
@@ -733,7 +732,7 @@ pub fn node_info(node: &Value) -> NodeInfo {
         })
         .unwrap_or_default();
     let ready = node
-        .pointer("/status/conditions")
+        .ptr("/status/conditions")
         .and_then(Value::as_array)
         .is_some_and(|cs| {
             cs.iter().any(|c| {
@@ -742,13 +741,13 @@ pub fn node_info(node: &Value) -> NodeInfo {
             })
         });
     let alloc = node
-        .pointer("/status/allocatable")
-        .or_else(|| node.pointer("/status/capacity"));
+        .ptr("/status/allocatable")
+        .or_else(|| node.ptr("/status/capacity"));
     NodeInfo {
         name: crate::controllers::owner::name(node).to_string(),
         labels,
         taints,
-        unschedulable: node.pointer("/spec/unschedulable").and_then(Value::as_bool) == Some(true),
+        unschedulable: node.ptr("/spec/unschedulable").and_then(Value::as_bool) == Some(true),
         ready,
         allocatable: Resources::from_list(alloc),
         ..NodeInfo::default()

@@ -18,6 +18,7 @@
 pub mod cache;
 pub mod decide;
 
+use crate::api::meta::Ptr;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -62,7 +63,7 @@ fn wants_scheduling(p: &Value) -> bool {
     pod::node(p).is_none()
         && pod::is_active(p)
         && matches!(
-            p.pointer("/spec/schedulerName").and_then(Value::as_str),
+            p.ptr("/spec/schedulerName").and_then(Value::as_str),
             None | Some("default-scheduler")
         )
 }
@@ -117,7 +118,7 @@ impl Scheduler {
                         let same = c.old.is_some_and(|o| {
                             wants_scheduling(o)
                                 && o.get("spec") == new.get("spec")
-                                && o.pointer("/metadata/labels") == new.pointer("/metadata/labels")
+                                && o.ptr("/metadata/labels") == new.ptr("/metadata/labels")
                         });
                         if !same {
                             q.add(c.key)
@@ -153,9 +154,9 @@ impl Scheduler {
             let relevant = |v: Option<&Arc<Value>>| {
                 v.map(|n| {
                     (
-                        n.pointer("/spec").cloned(),
-                        n.pointer("/status/allocatable").cloned(),
-                        n.pointer("/metadata/labels").cloned(),
+                        n.ptr("/spec").cloned(),
+                        n.ptr("/status/allocatable").cloned(),
+                        n.ptr("/metadata/labels").cloned(),
                         decide::node_info(n).ready,
                     )
                 })
@@ -385,7 +386,7 @@ impl Scheduler {
         let delay = Duration::from_secs(1u64 << (failures - 1).min(3)).min(Duration::from_secs(10));
         self.queue.add_after(key, delay);
         let current = p
-            .pointer("/status/conditions")
+            .ptr("/status/conditions")
             .and_then(Value::as_array)
             .and_then(|cs| {
                 cs.iter()
@@ -400,7 +401,7 @@ impl Scheduler {
         }
         let mut next = p.clone();
         let mut conds: Vec<Value> = p
-            .pointer("/status/conditions")
+            .ptr("/status/conditions")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
