@@ -55,7 +55,10 @@ pub struct StoreOptions {
     /// Most `rev` rows the compactor removes in one write batch.
     pub compaction_batch: usize,
     /// Bytes of recently written values kept in memory, so apply rarely has to look up a
-    /// key's previous version in RocksDB.
+    /// key's previous version in RocksDB (a seek through the memtables and level-0 files:
+    /// about 8 µs on a loaded 2-core machine, where a hit is a hash lookup). The default,
+    /// 256 MiB, holds every pod of a 50,000-pod cluster; with 64 MiB a follower spent 9%
+    /// of its CPU in these seeks while a backlog of 50,000 pods was bound.
     pub latest_cache_bytes: usize,
 }
 
@@ -66,7 +69,7 @@ impl Default for StoreOptions {
             watch_buffer: 1024,
             watch_batch_events: 1000,
             compaction_batch: 1000,
-            latest_cache_bytes: 64 << 20,
+            latest_cache_bytes: 256 << 20,
         }
     }
 }
