@@ -13,6 +13,7 @@
 //!   container (SIGKILL), which then restarts per its policy;
 //! - status is written only when it changed (phase, conditions, container states).
 
+use crate::api::meta::Ptr;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -252,11 +253,7 @@ async fn environment(
     let ns = owner::namespace(pod).unwrap_or("default");
     // The services of the namespace (`enableServiceLinks`, on by default), as the kubelet
     // sets them: before everything the container asks for, which overrides them.
-    if pod
-        .pointer("/spec/enableServiceLinks")
-        .and_then(Value::as_bool)
-        != Some(false)
-    {
+    if pod.ptr("/spec/enableServiceLinks").and_then(Value::as_bool) != Some(false) {
         let services = {
             let t = super::services::read(&env.services);
             super::services::environment(&t, ns)
@@ -299,7 +296,7 @@ async fn environment(
             ("secrets", "secretKeyRef"),
         ]
         .into_iter()
-        .find_map(|(kind, k)| e.pointer(&format!("/valueFrom/{k}")).map(|r| (kind, r)));
+        .find_map(|(kind, k)| e.ptr(&format!("/valueFrom/{k}")).map(|r| (kind, r)));
         let value = if let Some(v) = e.get("value").and_then(Value::as_str) {
             expand(v, &out)
         } else if let Some((kind, r)) = key_ref {
@@ -320,10 +317,10 @@ async fn environment(
                     ))
                 }
             }
-        } else if let Some(r) = e.pointer("/valueFrom/resourceFieldRef") {
+        } else if let Some(r) = e.ptr("/valueFrom/resourceFieldRef") {
             resource_field(c, r, env)?
         } else if let Some(path) = e
-            .pointer("/valueFrom/fieldRef/fieldPath")
+            .ptr("/valueFrom/fieldRef/fieldPath")
             .and_then(Value::as_str)
         {
             match path {
@@ -332,7 +329,7 @@ async fn environment(
                 "metadata.uid" => owner::uid(pod).to_string(),
                 "spec.nodeName" => env.node.clone(),
                 "spec.serviceAccountName" => pod
-                    .pointer("/spec/serviceAccountName")
+                    .ptr("/spec/serviceAccountName")
                     .and_then(Value::as_str)
                     .unwrap_or("default")
                     .to_string(),
@@ -343,7 +340,7 @@ async fn environment(
                         .strip_prefix("metadata.labels['")
                         .and_then(|s| s.strip_suffix("']"))
                     {
-                        pod.pointer("/metadata/labels")
+                        pod.ptr("/metadata/labels")
                             .and_then(|l| l.get(label))
                             .and_then(Value::as_str)
                             .unwrap_or("")
@@ -450,7 +447,7 @@ pub(super) fn resource_field(c: &Value, r: &Value, env: &Env) -> Result<String, 
         .unwrap_or_else(|| "1".into());
     let divisor = parse_milli(&divisor).filter(|d| *d > 0).unwrap_or(1000);
     let set = c
-        .pointer(&format!("/resources/{which}/{res}"))
+        .ptr(&format!("/resources/{which}/{res}"))
         .and_then(Value::as_str)
         .and_then(parse_milli);
     let value = match (which, res, set) {
@@ -498,7 +495,7 @@ pub(super) fn expand(s: &str, vars: &[(String, String)]) -> String {
 }
 
 fn containers(pod: &Value, key: &str) -> Vec<Value> {
-    pod.pointer(&format!("/spec/{key}"))
+    pod.ptr(&format!("/spec/{key}"))
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default()
@@ -517,7 +514,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
         owner::name(&first)
     ));
     let restart = first
-        .pointer("/spec/restartPolicy")
+        .ptr("/spec/restartPolicy")
         .and_then(Value::as_str)
         .unwrap_or("Always")
         .to_string();
@@ -567,7 +564,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
     started_reported = mains.iter().any(|c| c.handle.is_some());
     // A pod that already finished is not run again: it only waits to be deleted.
     if matches!(
-        first.pointer("/status/phase").and_then(Value::as_str),
+        first.ptr("/status/phase").and_then(Value::as_str),
         Some("Succeeded" | "Failed")
     ) {
         loop {
@@ -597,7 +594,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
         if deleting {
             let grace = pod
                 .as_ref()
-                .and_then(|p| p.pointer("/metadata/deletionGracePeriodSeconds"))
+                .and_then(|p| p.ptr("/metadata/deletionGracePeriodSeconds"))
                 .and_then(Value::as_u64)
                 .unwrap_or(30);
             if let Some(p) = &pod {
@@ -952,7 +949,7 @@ async fn launch(
     };
     let (command, args) = (strings("command"), strings("args"));
     let limit = |res: &str| {
-        spec.pointer(&format!("/resources/limits/{res}"))
+        spec.ptr(&format!("/resources/limits/{res}"))
             .and_then(Value::as_str)
             .and_then(crate::api::quantity::parse_milli)
             .filter(|v| *v > 0)
@@ -1039,8 +1036,7 @@ async fn launch(
             c.error = None;
             // postStart runs beside the container's command; if it fails the container is
             // killed (and restarted per its policy).
-            if let (Some(hook), Some(h)) = (spec.pointer("/lifecycle/postStart"), c.handle.as_ref())
-            {
+            if let (Some(hook), Some(h)) = (spec.ptr("/lifecycle/postStart"), c.handle.as_ref()) {
                 if let Err(e) =
                     super::probe::hook(hook, spec, pod_ip, h.as_ref(), Duration::from_secs(30))
                         .await
@@ -1119,7 +1115,7 @@ fn status_of(
     let ready = phase == "Running" && mains.iter().all(Container::ready);
     let stamp = meta::rfc3339(meta::now_secs());
     let previous = |kind: &str, status: &str| -> String {
-        pod.pointer("/status/conditions")
+        pod.ptr("/status/conditions")
             .and_then(Value::as_array)
             .and_then(|cs| {
                 cs.iter().find(|c| {
@@ -1170,7 +1166,7 @@ fn status_of(
         "phase": phase,
         "hostIP": env.node_ip,
         "hostIPs": [{"ip": env.node_ip}],
-        "startTime": pod.pointer("/status/startTime").cloned().unwrap_or_else(|| json!(meta::rfc3339(start_time))),
+        "startTime": pod.ptr("/status/startTime").cloned().unwrap_or_else(|| json!(meta::rfc3339(start_time))),
         "conditions": [
             condition("PodScheduled", true),
             condition("Initialized", inits_done && !failed_init),
@@ -1178,7 +1174,7 @@ fn status_of(
             condition("Ready", ready),
         ],
         "containerStatuses": statuses(mains, "containers"),
-        "qosClass": pod.pointer("/status/qosClass").cloned().unwrap_or(json!("BestEffort")),
+        "qosClass": pod.ptr("/status/qosClass").cloned().unwrap_or(json!("BestEffort")),
     });
     // No address before the pod's sandbox has one.
     if !pod_ip.is_empty() {
@@ -1211,10 +1207,7 @@ fn adopt(c: &mut Container, pod: &Value, dir: &std::path::Path, env: &Env) {
         record.map_or((0, meta::now_secs()), |r| (r.restarts, r.started_at));
     let shown = ["containerStatuses", "initContainerStatuses"]
         .iter()
-        .filter_map(|k| {
-            pod.pointer(&format!("/status/{k}"))
-                .and_then(Value::as_array)
-        })
+        .filter_map(|k| pod.ptr(&format!("/status/{k}")).and_then(Value::as_array))
         .flatten()
         .find(|s| s.get("name").and_then(Value::as_str) == Some(c.name.as_str()))
         .cloned()
@@ -1244,7 +1237,7 @@ fn adopt(c: &mut Container, pod: &Value, dir: &std::path::Path, env: &Env) {
 /// The runtime's view of the pod.
 fn pod_ref(pod: &Value) -> PodRef {
     let labels = pod
-        .pointer("/metadata/labels")
+        .ptr("/metadata/labels")
         .and_then(Value::as_object)
         .map(|m| {
             m.iter()
@@ -1259,7 +1252,7 @@ fn pod_ref(pod: &Value) -> PodRef {
         labels,
         host_network: host_network(pod),
         hostname: pod
-            .pointer("/spec/hostname")
+            .ptr("/spec/hostname")
             .and_then(Value::as_str)
             .filter(|h| !h.is_empty())
             .unwrap_or(owner::name(pod))
@@ -1268,7 +1261,7 @@ fn pod_ref(pod: &Value) -> PodRef {
 }
 
 fn host_network(pod: &Value) -> bool {
-    pod.pointer("/spec/hostNetwork").and_then(Value::as_bool) == Some(true)
+    pod.ptr("/spec/hostNetwork").and_then(Value::as_bool) == Some(true)
 }
 
 /// The pod's resolver configuration, when it is not the host's.
@@ -1382,7 +1375,7 @@ impl Tally {
             {
                 if let Some(i) = STATES
                     .iter()
-                    .position(|s| c.pointer(&format!("/state/{s}")).is_some())
+                    .position(|s| c.ptr(&format!("/state/{s}")).is_some())
                 {
                     now[i] += 1;
                 }
@@ -1424,7 +1417,7 @@ async fn stop_all(
     let started = Instant::now();
     let hooks = mains.iter().filter_map(|c| {
         let h = c.handle.as_ref()?;
-        let hook = c.spec.pointer("/lifecycle/preStop")?;
+        let hook = c.spec.ptr("/lifecycle/preStop")?;
         Some(async move {
             let r = super::probe::hook(hook, &c.spec, pod_ip, h.as_ref(), grace).await;
             (c.name.clone(), r)

@@ -15,6 +15,7 @@
 //! pod's node when the cache says otherwise, this replica's store; decisions wait for the
 //! first list (never deny because a cache is empty).
 
+use crate::api::meta::Ptr;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -66,20 +67,20 @@ fn project_pod(pod: &Value) -> Value {
         .into_iter()
         .flatten()
     {
-        add("configmaps", v.pointer("/configMap/name"));
-        add("secrets", v.pointer("/secret/secretName"));
+        add("configmaps", v.ptr("/configMap/name"));
+        add("secrets", v.ptr("/secret/secretName"));
         add(
             "persistentvolumeclaims",
-            v.pointer("/persistentVolumeClaim/claimName"),
+            v.ptr("/persistentVolumeClaim/claimName"),
         );
         for src in v
-            .pointer("/projected/sources")
+            .ptr("/projected/sources")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
         {
-            add("configmaps", src.pointer("/configMap/name"));
-            add("secrets", src.pointer("/secret/name"));
+            add("configmaps", src.ptr("/configMap/name"));
+            add("secrets", src.ptr("/secret/name"));
         }
     }
     for list in ["containers", "initContainers", "ephemeralContainers"] {
@@ -90,8 +91,8 @@ fn project_pod(pod: &Value) -> Value {
             .flatten()
         {
             for e in c.get("env").and_then(Value::as_array).into_iter().flatten() {
-                add("configmaps", e.pointer("/valueFrom/configMapKeyRef/name"));
-                add("secrets", e.pointer("/valueFrom/secretKeyRef/name"));
+                add("configmaps", e.ptr("/valueFrom/configMapKeyRef/name"));
+                add("secrets", e.ptr("/valueFrom/secretKeyRef/name"));
             }
             for e in c
                 .get("envFrom")
@@ -99,8 +100,8 @@ fn project_pod(pod: &Value) -> Value {
                 .into_iter()
                 .flatten()
             {
-                add("configmaps", e.pointer("/configMapRef/name"));
-                add("secrets", e.pointer("/secretRef/name"));
+                add("configmaps", e.ptr("/configMapRef/name"));
+                add("secrets", e.ptr("/secretRef/name"));
             }
         }
     }
@@ -178,7 +179,7 @@ impl rbac::Store for Authorizer {
     }
     fn role_bindings(&self, namespace: &str) -> Vec<Arc<Value>> {
         self.role_bindings
-            .filter(|b| b.pointer("/metadata/namespace").and_then(Value::as_str) == Some(namespace))
+            .filter(|b| b.ptr("/metadata/namespace").and_then(Value::as_str) == Some(namespace))
     }
 }
 
@@ -252,7 +253,7 @@ impl Authorizer {
     async fn bound_to(&self, namespace: &str, name: &str, node: &str) -> bool {
         let r = self.pods.resource();
         let key = r.key(Some(namespace), name);
-        let on = |p: &Value| p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node);
+        let on = |p: &Value| p.ptr("/spec/nodeName").and_then(Value::as_str) == Some(node);
         if self
             .pods
             .get(&key)
@@ -373,11 +374,11 @@ impl Authorizer {
             return Ok(());
         }
         let ns = obj
-            .pointer("/metadata/namespace")
+            .ptr("/metadata/namespace")
             .and_then(Value::as_str)
             .unwrap_or("");
         let name = obj
-            .pointer("/metadata/name")
+            .ptr("/metadata/name")
             .and_then(Value::as_str)
             .unwrap_or("");
         let holds = |verb: &str, resource: &str, name: &str| {
@@ -429,11 +430,11 @@ impl Authorizer {
             }
             "RoleBinding" | "ClusterRoleBinding" => {
                 let role_kind = obj
-                    .pointer("/roleRef/kind")
+                    .ptr("/roleRef/kind")
                     .and_then(Value::as_str)
                     .unwrap_or("");
                 let role_name = obj
-                    .pointer("/roleRef/name")
+                    .ptr("/roleRef/name")
                     .and_then(Value::as_str)
                     .unwrap_or("");
                 let plural = if role_kind == "Role" {
@@ -485,7 +486,7 @@ pub fn node_admits(
         return Ok(());
     };
     let name = obj
-        .pointer("/metadata/name")
+        .ptr("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("");
     match kind {
@@ -499,7 +500,7 @@ pub fn node_admits(
         _ => return Ok(()),
     }
     let labels = |v: Option<&Value>| {
-        v.and_then(|v| v.pointer("/metadata/labels"))
+        v.and_then(|v| v.ptr("/metadata/labels"))
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default()
@@ -513,7 +514,7 @@ pub fn node_admits(
         }
     }
     if let Some(cur) = current {
-        if cur.pointer("/spec/taints") != obj.pointer("/spec/taints") {
+        if cur.ptr("/spec/taints") != obj.ptr("/spec/taints") {
             return Err(format!("node {node:?} is not allowed to modify its taints"));
         }
     }

@@ -1,6 +1,7 @@
 //! Kind-specific rules beyond metadata: defaults, validation and immutability of pods and
 //! nodes, as the Kubernetes API server applies them.
 
+use crate::api::meta::Ptr;
 use serde_json::{json, Map, Value};
 
 use super::meta;
@@ -70,8 +71,8 @@ fn qos_class(spec: &Value) -> &'static str {
     let mut any = false;
     let mut guaranteed = !containers.is_empty();
     for c in containers {
-        let limits = c.pointer("/resources/limits").and_then(Value::as_object);
-        let requests = c.pointer("/resources/requests").and_then(Value::as_object);
+        let limits = c.ptr("/resources/limits").and_then(Value::as_object);
+        let requests = c.ptr("/resources/requests").and_then(Value::as_object);
         if limits.is_some_and(|l| !l.is_empty()) || requests.is_some_and(|r| !r.is_empty()) {
             any = true;
         }
@@ -222,7 +223,7 @@ fn validate_volumes(spec: &Value, causes: &mut Vec<Cause>) -> Vec<String> {
                 field: path.clone(),
             });
         }
-        if v.pointer("/hostPath/path")
+        if v.ptr("/hostPath/path")
             .and_then(Value::as_str)
             .is_some_and(str::is_empty)
             || v.get("hostPath").is_some_and(|h| h.get("path").is_none())
@@ -323,7 +324,7 @@ fn validate_probe(path: &str, p: &Value, readiness: bool, causes: &mut Vec<Cause
             }
         }
     }
-    if p.pointer("/exec/command")
+    if p.ptr("/exec/command")
         .and_then(Value::as_array)
         .is_some_and(Vec::is_empty)
         || p.get("exec").is_some_and(|e| e.get("command").is_none())
@@ -663,7 +664,7 @@ pub fn validate_workload(kind: &str, obj: &Value) -> Vec<Cause> {
     match kind {
         "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" => {
             let template_labels = spec
-                .pointer("/template/metadata/labels")
+                .ptr("/template/metadata/labels")
                 .and_then(Value::as_object)
                 .cloned()
                 .unwrap_or_default();
@@ -703,14 +704,14 @@ pub fn validate_workload(kind: &str, obj: &Value) -> Vec<Cause> {
                 causes.push(required("spec.template"));
             } else {
                 let pod =
-                    json!({"spec": spec.pointer("/template/spec").cloned().unwrap_or(Value::Null)});
+                    json!({"spec": spec.ptr("/template/spec").cloned().unwrap_or(Value::Null)});
                 for mut c in validate_pod(&pod) {
                     c.field = format!("spec.template.{}", c.field);
                     causes.push(c);
                 }
                 if kind == "Job" {
                     let rp = spec
-                        .pointer("/template/spec/restartPolicy")
+                        .ptr("/template/spec/restartPolicy")
                         .and_then(Value::as_str);
                     if !matches!(rp, Some("Never" | "OnFailure")) {
                         causes.push(Cause {
@@ -813,7 +814,7 @@ pub(crate) fn check_workload_update(
         _ => &[],
     };
     for field in immutable {
-        let before = current.pointer(&format!("/spec/{field}"));
+        let before = current.ptr(&format!("/spec/{field}"));
         let after = next.get("spec").and_then(|s| s.get(*field));
         if before != after && !(call.r.kind == "Job" && *field == "completions" && after.is_none())
         {

@@ -20,6 +20,7 @@
 //! lists are owned item by item (`k:{"name":"c"}`), `finalizers` value by value (`v:"x"`),
 //! and other lists as a whole. Maps are never owned themselves, only their fields.
 
+use crate::api::meta::Ptr;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
@@ -430,7 +431,7 @@ impl Entry {
 }
 
 fn entries_of(obj: &Value) -> Vec<Entry> {
-    obj.pointer("/metadata/managedFields")
+    obj.ptr("/metadata/managedFields")
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Entry::from_json).collect())
         .unwrap_or_default()
@@ -483,8 +484,8 @@ pub fn record_update(
     w: &Writer<'_>,
 ) -> Result<(), KubeError> {
     let old_entries = old.map(entries_of).unwrap_or_default();
-    let sent = new.pointer("/metadata/managedFields").cloned();
-    let stored = old.and_then(|o| o.pointer("/metadata/managedFields").cloned());
+    let sent = new.ptr("/metadata/managedFields").cloned();
+    let stored = old.and_then(|o| o.ptr("/metadata/managedFields").cloned());
     let mut entries = match sent {
         Some(v) if Some(&v) != stored.as_ref() => client_entries(&v)
             .map_err(|m| KubeError::bad_request(format!("metadata.managedFields{m}")))?,
@@ -610,7 +611,7 @@ pub fn apply(
             }
         }
         for k in ["name", "namespace"] {
-            if let Some(v) = config.pointer(&format!("/metadata/{k}")) {
+            if let Some(v) = config.ptr(&format!("/metadata/{k}")) {
                 merged["metadata"][k] = v.clone();
             }
         }
@@ -890,7 +891,7 @@ mod tests {
         let m = managers(&forced);
         assert!(m
             .iter()
-            .all(|(name, _, f)| name != "kubectl-edit" || f.pointer("/f:data/f:a").is_none()));
+            .all(|(name, _, f)| name != "kubectl-edit" || f.ptr("/f:data/f:a").is_none()));
         assert_eq!(
             m.iter().find(|x| x.0 == "me").unwrap().2,
             json!({"f:data": {"f:a": {}, "f:b": {}}})

@@ -35,6 +35,7 @@ pub mod status;
 pub mod table;
 mod watch;
 
+use crate::api::meta::Ptr;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -495,7 +496,7 @@ impl Kube {
         }
         let seconds = seconds.min(satoken::MAX_SECONDS);
         let uid = sa
-            .pointer("/metadata/uid")
+            .ptr("/metadata/uid")
             .and_then(Value::as_str)
             .unwrap_or("");
         let (token, exp) = issuer
@@ -631,7 +632,7 @@ impl Kube {
     /// `metadata.resourceVersion`), through `call.sub` if set (`status`).
     pub(crate) async fn update_value(&self, call: &Call, body: Value) -> Result<Value, KubeError> {
         let want_rv = body
-            .pointer("/metadata/resourceVersion")
+            .ptr("/metadata/resourceVersion")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_string);
@@ -1224,12 +1225,7 @@ impl Kube {
                 .await?
                 .ok_or_else(|| KubeError::not_found(ns_res, ns))?,
         };
-        if stored
-            .object
-            .pointer("/status/phase")
-            .and_then(Value::as_str)
-            == Some("Terminating")
-        {
+        if stored.object.ptr("/status/phase").and_then(Value::as_str) == Some("Terminating") {
             return Err(KubeError::forbidden(
                 call.r,
                 call.name(),
@@ -1396,12 +1392,12 @@ impl Kube {
     async fn update(&self, call: &Call, body: Value) -> KubeResult {
         let strict = call.param("fieldValidation") == Some("Strict");
         let want_rv = body
-            .pointer("/metadata/resourceVersion")
+            .ptr("/metadata/resourceVersion")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_string);
         let body_name = body
-            .pointer("/metadata/name")
+            .ptr("/metadata/name")
             .and_then(Value::as_str)
             .unwrap_or("");
         if body_name != call.name() {
@@ -1438,7 +1434,7 @@ impl Kube {
             ));
         }
         let want_rv = patch
-            .pointer("/metadata/resourceVersion")
+            .ptr("/metadata/resourceVersion")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_string);
@@ -1475,7 +1471,7 @@ impl Kube {
                 "an apply patch must set apiVersion and kind",
             ));
         }
-        match config.pointer("/metadata/name").and_then(Value::as_str) {
+        match config.ptr("/metadata/name").and_then(Value::as_str) {
             Some(n) if n == call.name() => {}
             Some(n) => {
                 return Err(KubeError::bad_request(format!(
@@ -1491,7 +1487,7 @@ impl Kube {
         }
         let force = matches!(call.param("force"), Some("true" | "1"));
         let want_rv = config
-            .pointer("/metadata/resourceVersion")
+            .ptr("/metadata/resourceVersion")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_string);
@@ -1694,7 +1690,7 @@ impl Kube {
                 let now = meta::now_secs();
                 let already = current
                     .object
-                    .pointer("/metadata/deletionGracePeriodSeconds")
+                    .ptr("/metadata/deletionGracePeriodSeconds")
                     .and_then(Value::as_i64);
                 if already.is_some_and(|g| g <= grace) {
                     return Ok(current.object.clone());
@@ -1795,7 +1791,7 @@ impl Kube {
                 )));
             }
         }
-        if let Some(n) = body.pointer("/metadata/name").and_then(Value::as_str) {
+        if let Some(n) = body.ptr("/metadata/name").and_then(Value::as_str) {
             if !n.is_empty() && n != call.name() {
                 return Err(KubeError::bad_request(format!(
                     "name in URL does not match name in Eviction object: {n:?} != {:?}",
@@ -1835,7 +1831,7 @@ impl Kube {
             .ok_or_else(|| KubeError::not_found(call.r, call.name()))?
             .object;
         let names = |k: &str| -> Vec<String> {
-            pod.pointer(&format!("/spec/{k}"))
+            pod.ptr(&format!("/spec/{k}"))
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
@@ -1866,7 +1862,7 @@ impl Kube {
                 call.name()
             ))
         };
-        let Some(node_name) = pod.pointer("/spec/nodeName").and_then(Value::as_str) else {
+        let Some(node_name) = pod.ptr("/spec/nodeName").and_then(Value::as_str) else {
             return Err(waiting());
         };
         let nodes = resources::find("", "v1", "nodes").expect("served");
@@ -1877,7 +1873,7 @@ impl Kube {
             .map(|s| s.object)
             .unwrap_or(Value::Null);
         let ip = node
-            .pointer("/status/addresses")
+            .ptr("/status/addresses")
             .and_then(Value::as_array)
             .and_then(|a| {
                 a.iter()
@@ -1885,7 +1881,7 @@ impl Kube {
             })
             .and_then(|x| x.get("address").and_then(Value::as_str));
         let port = node
-            .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+            .ptr("/status/daemonEndpoints/kubeletEndpoint/Port")
             .and_then(Value::as_u64)
             .filter(|p| *p > 0);
         let (Some(ip), Some(port)) = (ip, port) else {
@@ -2109,7 +2105,7 @@ impl Kube {
 
     fn binding_target(call: &Call, body: &Value) -> Result<String, KubeError> {
         let target = body
-            .pointer("/target/name")
+            .ptr("/target/name")
             .and_then(Value::as_str)
             .filter(|n| !n.is_empty())
             .ok_or_else(|| {
@@ -2124,7 +2120,7 @@ impl Kube {
                 )
             })?
             .to_string();
-        if let Some(n) = body.pointer("/metadata/name").and_then(Value::as_str) {
+        if let Some(n) = body.ptr("/metadata/name").and_then(Value::as_str) {
             if n != call.name() {
                 return Err(KubeError::bad_request(format!(
                     "the name of the binding ({n}) does not match the pod ({})",
@@ -2138,7 +2134,7 @@ impl Kube {
     /// Why `pod` cannot be bound: it is bound already, or being deleted (409 either way).
     fn unbindable(call: &Call, pod: &Value) -> Option<KubeError> {
         if let Some(node) = pod
-            .pointer("/spec/nodeName")
+            .ptr("/spec/nodeName")
             .and_then(Value::as_str)
             .filter(|n| !n.is_empty())
         {
@@ -2167,7 +2163,7 @@ impl Kube {
     fn scheduled_conditions(pod: &Value) -> Value {
         let now = meta::rfc3339(meta::now_secs());
         let mut conditions: Vec<Value> = pod
-            .pointer("/status/conditions")
+            .ptr("/status/conditions")
             .and_then(Value::as_array)
             .map(|cs| {
                 cs.iter()
@@ -2269,7 +2265,7 @@ impl Kube {
             Some((kind, body)) => {
                 let want_rv = match kind {
                     None => body
-                        .pointer("/metadata/resourceVersion")
+                        .ptr("/metadata/resourceVersion")
                         .and_then(Value::as_str)
                         .filter(|s| !s.is_empty())
                         .map(str::to_string),
@@ -2289,7 +2285,7 @@ impl Kube {
                             .map_err(|e| KubeError::invalid_patch(e.to_string()))?,
                     }
                     let replicas = scale
-                        .pointer("/spec/replicas")
+                        .ptr("/spec/replicas")
                         .and_then(Value::as_i64)
                         .filter(|n| *n >= 0)
                         .ok_or_else(|| {
@@ -2317,14 +2313,14 @@ impl Kube {
         let (items, _, _, _) = self.list_objects(call).await?;
         for obj in items {
             let name = obj
-                .pointer("/metadata/name")
+                .ptr("/metadata/name")
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
             let one = Call {
                 r: call.r,
                 namespace: obj
-                    .pointer("/metadata/namespace")
+                    .ptr("/metadata/namespace")
                     .and_then(Value::as_str)
                     .map(str::to_string)
                     .or_else(|| call.namespace.clone()),
@@ -2362,10 +2358,10 @@ fn to_scale(obj: &Value) -> Value {
             "resourceVersion": m.get("resourceVersion"),
             "creationTimestamp": m.get("creationTimestamp"),
         },
-        "spec": {"replicas": obj.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0)},
+        "spec": {"replicas": obj.ptr("/spec/replicas").and_then(Value::as_i64).unwrap_or(0)},
         "status": {
-            "replicas": obj.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0),
-            "selector": table::selector_string(obj.pointer("/spec/selector")),
+            "replicas": obj.ptr("/status/replicas").and_then(Value::as_i64).unwrap_or(0),
+            "selector": table::selector_string(obj.ptr("/spec/selector")),
         },
     })
 }
@@ -2422,18 +2418,18 @@ fn pod_grace(pod: &Value, options: Option<&Value>) -> Option<i64> {
         return None;
     }
     let bound = pod
-        .pointer("/spec/nodeName")
+        .ptr("/spec/nodeName")
         .and_then(Value::as_str)
         .is_some_and(|n| !n.is_empty());
     let finished = matches!(
-        pod.pointer("/status/phase").and_then(Value::as_str),
+        pod.ptr("/status/phase").and_then(Value::as_str),
         Some("Succeeded" | "Failed")
     );
     let grace = options
         .and_then(|o| o.get("gracePeriodSeconds"))
         .and_then(Value::as_i64)
         .or_else(|| {
-            pod.pointer("/spec/terminationGracePeriodSeconds")
+            pod.ptr("/spec/terminationGracePeriodSeconds")
                 .and_then(Value::as_i64)
         })
         .unwrap_or(30);
@@ -2459,13 +2455,10 @@ fn release_keys(r: &Resource, obj: &Value) -> Vec<String> {
 fn objects_key(s: &Stored, call: &Call) -> String {
     let name = s
         .object
-        .pointer("/metadata/name")
+        .ptr("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let ns = s
-        .object
-        .pointer("/metadata/namespace")
-        .and_then(Value::as_str);
+    let ns = s.object.ptr("/metadata/namespace").and_then(Value::as_str);
     call.r.key(ns, name)
 }
 
@@ -2491,12 +2484,12 @@ fn decode_continue(token: &str) -> Result<(i64, String), KubeError> {
 }
 
 fn is_deleting(obj: &Value) -> bool {
-    obj.pointer("/metadata/deletionTimestamp")
+    obj.ptr("/metadata/deletionTimestamp")
         .is_some_and(|v| !v.is_null())
 }
 
 fn finalizers(obj: &Value) -> Vec<Value> {
-    obj.pointer("/metadata/finalizers")
+    obj.ptr("/metadata/finalizers")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default()
@@ -2507,7 +2500,7 @@ fn finalizers(obj: &Value) -> Vec<Value> {
 fn all_finalizers(obj: &Value) -> Vec<Value> {
     let mut all = finalizers(obj);
     if obj.get("kind").and_then(Value::as_str) == Some("Namespace") {
-        if let Some(f) = obj.pointer("/spec/finalizers").and_then(Value::as_array) {
+        if let Some(f) = obj.ptr("/spec/finalizers").and_then(Value::as_array) {
             all.extend(f.iter().cloned());
         }
     }
@@ -2518,7 +2511,7 @@ fn check_preconditions(call: &Call, obj: &Value, pre: Option<&Value>) -> Result<
     let Some(pre) = pre else { return Ok(()) };
     if let Some(uid) = pre.get("uid").and_then(Value::as_str) {
         let have = obj
-            .pointer("/metadata/uid")
+            .ptr("/metadata/uid")
             .and_then(Value::as_str)
             .unwrap_or("");
         if uid != have {
@@ -2532,7 +2525,7 @@ fn check_preconditions(call: &Call, obj: &Value, pre: Option<&Value>) -> Result<
     }
     if let Some(rv) = pre.get("resourceVersion").and_then(Value::as_str) {
         let have = obj
-            .pointer("/metadata/resourceVersion")
+            .ptr("/metadata/resourceVersion")
             .and_then(Value::as_str)
             .unwrap_or("");
         if rv != have {
@@ -2551,7 +2544,7 @@ fn check_preconditions(call: &Call, obj: &Value, pre: Option<&Value>) -> Result<
 fn validate(r: &Resource, obj: &Value) -> Vec<Cause> {
     let mut causes = Vec::new();
     let name = obj
-        .pointer("/metadata/name")
+        .ptr("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("");
     if name.is_empty() {
@@ -2780,7 +2773,7 @@ fn normalize_new(call: &Call, obj: &mut Value, strict: bool) -> Result<(), KubeE
     }
     default_kind(r, map);
     let name = obj
-        .pointer("/metadata/name")
+        .ptr("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
@@ -2901,11 +2894,11 @@ fn normalize_update(
     // A uid in the new object is a precondition (the kubelet's status patches carry one, so
     // a pod deleted and created again under the same name is never written to by mistake).
     let want_uid = next
-        .pointer("/metadata/uid")
+        .ptr("/metadata/uid")
         .and_then(Value::as_str)
         .filter(|u| !u.is_empty());
     let have_uid = current
-        .pointer("/metadata/uid")
+        .ptr("/metadata/uid")
         .and_then(Value::as_str)
         .unwrap_or("");
     if let Some(uid) = want_uid.filter(|u| *u != have_uid) {

@@ -4,6 +4,7 @@
 //! Service, so two Services can never get the same address, and it is released in the
 //! transaction that deletes the Service (or stops using it).
 
+use crate::api::meta::Ptr;
 use std::net::Ipv4Addr;
 
 use rand::Rng;
@@ -87,13 +88,13 @@ pub fn port_key(port: i64) -> String {
 }
 
 fn needs_cluster_ip(svc: &Value) -> bool {
-    svc.pointer("/spec/type").and_then(Value::as_str) != Some("ExternalName")
-        && svc.pointer("/spec/clusterIP").and_then(Value::as_str) != Some("None")
+    svc.ptr("/spec/type").and_then(Value::as_str) != Some("ExternalName")
+        && svc.ptr("/spec/clusterIP").and_then(Value::as_str) != Some("None")
 }
 
 fn needs_node_ports(svc: &Value) -> bool {
     matches!(
-        svc.pointer("/spec/type").and_then(Value::as_str),
+        svc.ptr("/spec/type").and_then(Value::as_str),
         Some("NodePort" | "LoadBalancer")
     )
 }
@@ -103,7 +104,7 @@ pub fn claims_of(svc: &Value) -> Vec<String> {
     let mut out = Vec::new();
     if needs_cluster_ip(svc) {
         if let Some(ip) = svc
-            .pointer("/spec/clusterIP")
+            .ptr("/spec/clusterIP")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
         {
@@ -112,7 +113,7 @@ pub fn claims_of(svc: &Value) -> Vec<String> {
     }
     if needs_node_ports(svc) {
         for p in svc
-            .pointer("/spec/ports")
+            .ptr("/spec/ports")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
@@ -153,12 +154,12 @@ pub fn assign(
     let mut causes = Vec::new();
     if needs_cluster_ip(svc) {
         let given = svc
-            .pointer("/spec/clusterIP")
+            .ptr("/spec/clusterIP")
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
         let before = prev
-            .and_then(|p| p.pointer("/spec/clusterIP"))
+            .and_then(|p| p.ptr("/spec/clusterIP"))
             .and_then(Value::as_str)
             .unwrap_or("");
         let ip = if given.is_empty() && !before.is_empty() {
@@ -189,7 +190,7 @@ pub fn assign(
     }
     if needs_node_ports(svc) {
         let prev_ports = prev
-            .and_then(|p| p.pointer("/spec/ports"))
+            .and_then(|p| p.ptr("/spec/ports"))
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
