@@ -14,6 +14,7 @@
 //! Held behind a `std::sync::Mutex` by the scheduler; never across an `.await`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -26,7 +27,7 @@ pub struct Cache {
     nodes: Vec<NodeInfo>,
     index: HashMap<String, usize>,
     /// Pod key → (node, what it asks).
-    pods: HashMap<String, (String, PodInfo)>,
+    pods: HashMap<String, (String, Arc<PodInfo>)>,
     /// Node name → keys of the pods in `pods` that name it.
     on_node: HashMap<String, HashSet<String>>,
 }
@@ -89,12 +90,12 @@ impl Cache {
         }
         self.remove(key);
         if let (Some(node), Some(p)) = (node, new) {
-            self.add(key, node, decide::pod_info(p));
+            self.add(key, node, Arc::new(decide::pod_info(p)));
         }
     }
 
     /// Counts `pod` against node `i` (the scheduler decided so; not yet bound).
-    pub fn assume(&mut self, key: &str, i: usize, info: PodInfo) {
+    pub fn assume(&mut self, key: &str, i: usize, info: Arc<PodInfo>) {
         let node = self.nodes[i].name.clone();
         self.remove(key);
         self.add(key, &node, info);
@@ -105,7 +106,7 @@ impl Cache {
         self.pods.get(key).map(|(n, _)| n.as_str())
     }
 
-    fn add(&mut self, key: &str, node: &str, info: PodInfo) {
+    fn add(&mut self, key: &str, node: &str, info: Arc<PodInfo>) {
         if let Some(&i) = self.index.get(node) {
             decide::assume(&mut self.nodes[i], &info);
         }
@@ -171,7 +172,7 @@ mod tests {
         });
         // Assumed on b, then seen bound on b: counted once.
         let b = c.nodes().iter().position(|x| x.name == "b").unwrap();
-        c.assume("p2", b, decide::pod_info(&bound("p2", "b")));
+        c.assume("p2", b, Arc::new(decide::pod_info(&bound("p2", "b"))));
         c.pod_changed("p2", Some(&bound("p2", "b")));
         assert_eq!(cpu(&c, "b"), cpu(&c, "a"));
         assert_eq!(c.nodes()[b].pod_labels.len(), 1);

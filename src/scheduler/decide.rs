@@ -350,18 +350,19 @@ fn filter(node: &NodeInfo, pod: &PodInfo, all: &[NodeInfo]) -> Result<(), Reason
     if !node.ready {
         return Err(Reason::NotReady);
     }
-    let unschedulable_taint = Taint {
-        key: "node.kubernetes.io/unschedulable".into(),
-        value: String::new(),
-        effect: "NoSchedule".into(),
-    };
-    if node.unschedulable
-        && !pod
+    if node.unschedulable {
+        let unschedulable_taint = Taint {
+            key: "node.kubernetes.io/unschedulable".into(),
+            value: String::new(),
+            effect: "NoSchedule".into(),
+        };
+        if !pod
             .tolerations
             .iter()
             .any(|t| t.tolerates(&unschedulable_taint))
-    {
-        return Err(Reason::Unschedulable);
+        {
+            return Err(Reason::Unschedulable);
+        }
     }
     for t in &node.taints {
         if (t.effect == "NoSchedule" || t.effect == "NoExecute")
