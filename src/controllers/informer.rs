@@ -61,11 +61,18 @@ type Index = std::collections::HashMap<
     std::collections::HashMap<String, std::collections::BTreeSet<String>>,
 >;
 
+/// Who hears of changes: the replica's lasting subscribers first, then the current term's.
+#[derive(Default)]
+struct Handlers {
+    lasting: Vec<Handler>,
+    term: Vec<Handler>,
+}
+
 /// A cache of one resource.
 pub struct Informer {
     r: &'static Resource,
     cache: RwLock<BTreeMap<String, Arc<Value>>>,
-    handlers: RwLock<Vec<Handler>>,
+    handlers: RwLock<Handlers>,
     synced: watch::Sender<bool>,
     /// The store revision the cache reflects.
     revision: watch::Sender<i64>,
@@ -119,7 +126,7 @@ impl Informer {
         Arc::new(Informer {
             r,
             cache: RwLock::new(BTreeMap::new()),
-            handlers: RwLock::new(Vec::new()),
+            handlers: RwLock::new(Handlers::default()),
             synced: watch::channel(false).0,
             revision: watch::channel(0).0,
             progress: Notify::new(),
@@ -240,6 +247,17 @@ impl Informer {
     /// now on. The handlers' lock is held throughout, so a change applied meanwhile is told
     /// after the replay (if the replay already saw it, `f` hears of it twice).
     pub fn subscribe(&self, f: impl Fn(&Change<'_>) + Send + Sync + 'static) {
+        self.subscribe_to(false, f)
+    }
+
+    /// [`Informer::subscribe`], for the replica's lifetime: [`Informer::unsubscribe_all`]
+    /// leaves it, and it hears every change before a term's subscribers do. For state kept
+    /// warm on every replica (the scheduler's cache), so a new leader need not rebuild it.
+    pub fn subscribe_lasting(&self, f: impl Fn(&Change<'_>) + Send + Sync + 'static) {
+        self.subscribe_to(true, f)
+    }
+
+    fn subscribe_to(&self, lasting: bool, f: impl Fn(&Change<'_>) + Send + Sync + 'static) {
         let mut handlers = self.handlers.write().expect("not poisoned");
         // What the replay queues waits behind what changes meanwhile (a new leader's
         // backlog of every object must not delay its answer to a change).
@@ -253,12 +271,17 @@ impl Informer {
                 });
             }
         });
-        handlers.push(Box::new(f));
+        if lasting {
+            handlers.lasting.push(Box::new(f));
+        } else {
+            handlers.term.push(Box::new(f));
+        }
     }
 
-    /// Drops every subscriber (a term's control loops, once they have stopped).
+    /// Drops every subscriber of a term (its control loops, once they have stopped); the
+    /// lasting ones stay.
     pub fn unsubscribe_all(&self) {
-        self.handlers.write().expect("not poisoned").clear();
+        self.handlers.write().expect("not poisoned").term.clear();
     }
 
     /// Waits until the cache reflects store revision `rev` (or `stop`); false if stopped.
@@ -356,7 +379,8 @@ impl Informer {
             new,
             replay: false,
         };
-        for h in self.handlers.read().expect("not poisoned").iter() {
+        let handlers = self.handlers.read().expect("not poisoned");
+        for h in handlers.lasting.iter().chain(handlers.term.iter()) {
             h(&change);
         }
     }
@@ -423,7 +447,7 @@ impl Informer {
         }
     }
 
-    fn apply_event(&self, e: &store::Event) {
+    pub(crate) fn apply_event(&self, e: &store::Event) {
         let key = String::from_utf8_lossy(&e.kv.key).into_owned();
         match e.kind {
             store::EventKind::Put => match if self.managed_fields {

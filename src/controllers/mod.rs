@@ -115,6 +115,8 @@ pub struct Ctx {
     pub clusterroles: Arc<Informer>,
     /// All of the above.
     all: [Arc<Informer>; 13],
+    /// The scheduler's view of nodes and what is bound to them, kept on every replica.
+    pub scheduling: Arc<crate::scheduler::Warm>,
     /// Settings.
     pub config: Config,
     /// Event recorder.
@@ -144,6 +146,8 @@ pub struct Informers {
     endpoints: Arc<Informer>,
     endpointslices: Arc<Informer>,
     clusterroles: Arc<Informer>,
+    /// The scheduler's cache, kept from the pod and node informers on every replica.
+    scheduling: Arc<crate::scheduler::Warm>,
     /// The informers' tasks, awaited at shutdown (see [`Informers::stopped`]).
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -166,9 +170,14 @@ impl Informers {
         metrics: &metrics::ControlMetrics,
         stop: &CancellationToken,
     ) -> Arc<Informers> {
+        let pods = Informer::with_indexes(resource("", "v1", "pods"), pod::indexers());
+        let nodes = Informer::new(resource("", "v1", "nodes"));
+        // Subscribed before the informers run, so it hears of every object.
+        let scheduling = crate::scheduler::Warm::new(&pods, &nodes);
         let i = Arc::new(Informers {
-            pods: Informer::with_indexes(resource("", "v1", "pods"), pod::indexers()),
-            nodes: Informer::new(resource("", "v1", "nodes")),
+            pods,
+            nodes,
+            scheduling,
             replicasets: Informer::new(resource("apps", "v1", "replicasets")),
             deployments: Informer::new(resource("apps", "v1", "deployments")),
             leases: Informer::new(resource("coordination.k8s.io", "v1", "leases")),
@@ -262,6 +271,7 @@ impl Ctx {
             endpointslices: i.endpointslices.clone(),
             clusterroles: i.clusterroles.clone(),
             all: i.all(),
+            scheduling: i.scheduling.clone(),
             config,
             events,
             metrics,
@@ -672,6 +682,8 @@ async fn lead(
     for inf in informers.all() {
         inf.unsubscribe_all();
     }
+    // Pods this term's scheduler assumed bound but never saw bound count as they are.
+    informers.scheduling.end_term(&informers.pods);
     metrics.leading.set(0);
     tracing::info!(term, "stopped leading: controllers and scheduler stopped");
 }

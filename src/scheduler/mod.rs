@@ -1,9 +1,12 @@
 //! The scheduler: binds each pending pod to a node, on the Raft leader only.
 //!
-//! Owns the queue of pending pods, the set of pods waiting for the cluster to change, the
-//! pods it has bound but not yet seen bound in its informer ("assumed", so the next batch
-//! does not hand their room to someone else), and the [`cache::Cache`] of nodes and what is
-//! bound to them, kept current from the informers change by change. Each round takes up to
+//! Two parts. [`Warm`], on every replica from start to shutdown, owns the [`cache::Cache`]
+//! of nodes and what is bound to them, kept current from the informers change by change,
+//! and the pods a scheduler has bound but not yet seen bound ("assumed", so the next batch
+//! does not hand their room to someone else): a new leader's scheduler starts on it at once
+//! instead of rebuilding it from every pod. [`Scheduler`], one per term on the leader, owns
+//! the queue of pending pods and the set of pods waiting for the cluster to change; when
+//! the term ends, its assumed pods count as the informer has them again. Each round takes up to
 //! [`BATCH`] pending pods and decides pod by pod with [`decide::schedule_from`] (a pure
 //! function that, on large clusters, scores only the first feasible nodes it finds from a
 //! rotating start, as kube-scheduler's `percentageOfNodesToScore` does), assuming each
@@ -27,6 +30,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::api::{meta, Call};
+use crate::controllers::informer::Informer;
 use crate::controllers::queue::Queue;
 use crate::controllers::{owner, pod, Ctx};
 use decide::Decision;
@@ -44,14 +48,69 @@ pub const MANAGER: &str = "default-scheduler";
 /// Pending pod key → (the resourceVersion its facts were derived from, the facts).
 type Facts = HashMap<String, (String, Arc<decide::PodInfo>)>;
 
+/// The scheduler's view of the cluster, kept on every replica by lasting subscriptions to
+/// the pod and node informers. Lock order: `cache`, then `assumed`.
+pub struct Warm {
+    /// Nodes and what is bound to them.
+    cache: Arc<Mutex<cache::Cache>>,
+    /// Bound by this term's scheduler, not yet seen bound (empty between terms).
+    assumed: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Warm {
+    /// Subscribes to `pods` and `nodes` for the replica's lifetime.
+    pub fn new(pods: &Informer, nodes: &Informer) -> Arc<Warm> {
+        let warm = Arc::new(Warm {
+            cache: Arc::default(),
+            assumed: Arc::default(),
+        });
+        let (cache, assumed) = (warm.cache.clone(), warm.assumed.clone());
+        pods.subscribe_lasting(move |c| {
+            let mut cache = cache.lock().expect("not poisoned");
+            let mut assumed = assumed.lock().expect("not poisoned");
+            // An assumed pod stays counted where it was assumed until it is seen bound or
+            // gone.
+            let pending = c
+                .new
+                .is_some_and(|n| pod::node(n).is_none() && pod::is_active(n));
+            if !(pending && assumed.contains(c.key)) {
+                cache.pod_changed(c.key, c.new.map(|v| &**v));
+            }
+            if !pending {
+                assumed.remove(c.key);
+            }
+        });
+        let cache = warm.cache.clone();
+        nodes.subscribe_lasting(move |c| {
+            let name = owner::name(c.new.or(c.old).expect("a change has an object"));
+            cache
+                .lock()
+                .expect("not poisoned")
+                .node_changed(name, c.new.map(|v| &**v));
+        });
+        warm
+    }
+
+    /// Ends a term: the pods its scheduler assumed bound but has not seen bound count as
+    /// `pods` has them (its binds in flight were cancelled or will be seen when they land).
+    pub fn end_term(&self, pods: &Informer) {
+        let mut cache = self.cache.lock().expect("not poisoned");
+        let mut assumed = self.assumed.lock().expect("not poisoned");
+        for key in assumed.drain() {
+            cache.remove(&key);
+            cache.pod_changed(&key, pods.get(&key).as_deref());
+        }
+    }
+}
+
 /// The scheduler of one term.
 pub struct Scheduler {
     queue: Arc<Queue>,
     /// Pods that fit nowhere, waiting for a change: key → failures since the last change.
     waiting: Arc<Mutex<HashMap<String, u32>>>,
-    /// Bound by this scheduler, not yet seen bound.
+    /// Bound by this scheduler, not yet seen bound (the replica's [`Warm::assumed`]).
     assumed: Arc<Mutex<HashSet<String>>>,
-    /// Nodes and what is bound to them.
+    /// Nodes and what is bound to them (the replica's [`Warm::cache`]).
     cache: Arc<Mutex<cache::Cache>>,
     /// What each pending pod asks of a node, derived once per version of the pod (a pod
     /// that fits nowhere is decided again on every cluster change: 4–5 times per pod while
@@ -98,8 +157,8 @@ impl Scheduler {
     pub fn new(ctx: &Ctx) -> Scheduler {
         let queue = Arc::new(Queue::default());
         let waiting: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-        let assumed: Arc<Mutex<HashSet<String>>> = Arc::default();
-        let cache: Arc<Mutex<cache::Cache>> = Arc::default();
+        let assumed = ctx.scheduling.assumed.clone();
+        let cache = ctx.scheduling.cache.clone();
         let facts: Arc<Mutex<Facts>> = Arc::default();
         let changes: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let flush = {
@@ -116,27 +175,11 @@ impl Scheduler {
             }
         };
         {
-            let (q, a, w, flush, cache, facts) = (
-                queue.clone(),
-                assumed.clone(),
-                waiting.clone(),
-                flush.clone(),
-                cache.clone(),
-                facts.clone(),
-            );
+            // The cache and the assumed set are kept by the replica's lasting subscriber,
+            // which hears of each change first.
+            let (q, w, flush, facts) =
+                (queue.clone(), waiting.clone(), flush.clone(), facts.clone());
             ctx.pods.subscribe(move |c| {
-                {
-                    let mut cache = cache.lock().expect("not poisoned");
-                    // An assumed pod stays counted where it was assumed until it is seen
-                    // bound or gone.
-                    let pending = c
-                        .new
-                        .is_some_and(|n| pod::node(n).is_none() && pod::is_active(n))
-                        && a.lock().expect("not poisoned").contains(c.key);
-                    if !pending {
-                        cache.pod_changed(c.key, c.new.map(|v| &**v));
-                    }
-                }
                 match c.new {
                     // A pending pod is queued when it appears or its spec or labels change;
                     // not for a status write (its own `PodScheduled=False` would otherwise
@@ -152,9 +195,6 @@ impl Scheduler {
                         }
                     }
                     Some(new) => {
-                        if pod::node(new).is_some() {
-                            a.lock().expect("not poisoned").remove(c.key);
-                        }
                         w.lock().expect("not poisoned").remove(c.key);
                         facts.lock().expect("not poisoned").remove(c.key);
                         // A pod that finished or started terminating frees room.
@@ -163,7 +203,6 @@ impl Scheduler {
                         }
                     }
                     None => {
-                        a.lock().expect("not poisoned").remove(c.key);
                         w.lock().expect("not poisoned").remove(c.key);
                         facts.lock().expect("not poisoned").remove(c.key);
                         if c.old.and_then(|o| pod::node(o)).is_some() {
@@ -173,13 +212,7 @@ impl Scheduler {
                 }
             });
         }
-        let node_cache = cache.clone();
         ctx.nodes.subscribe(move |c| {
-            let name = owner::name(c.new.or(c.old).expect("a change has an object"));
-            node_cache
-                .lock()
-                .expect("not poisoned")
-                .node_changed(name, c.new.map(|v| &**v));
             let relevant = |v: Option<&Arc<Value>>| {
                 v.map(|n| {
                     (
@@ -464,6 +497,78 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::resources;
+    use flotilla_store as store;
+
+    fn event(key: String, rev: i64, obj: Option<&Value>) -> store::Event {
+        store::Event {
+            kind: if obj.is_some() {
+                store::EventKind::Put
+            } else {
+                store::EventKind::Delete
+            },
+            kv: store::KeyValue {
+                key: key.into_bytes(),
+                create_revision: 1,
+                mod_revision: rev,
+                version: 1,
+                value: obj
+                    .map(|o| serde_json::to_vec(o).unwrap())
+                    .unwrap_or_default(),
+            },
+            prev_kv: None,
+        }
+    }
+
+    #[test]
+    fn the_cache_stays_warm_between_terms_and_a_term_leaves_no_assumed_pods() {
+        let (pr, nr) = (
+            resources::find("", "v1", "pods").unwrap(),
+            resources::find("", "v1", "nodes").unwrap(),
+        );
+        let (pods, nodes) = (Informer::new(pr), Informer::new(nr));
+        let warm = Warm::new(&pods, &nodes);
+        let node = json!({"metadata": {"name": "a"},
+            "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "10"},
+                       "conditions": [{"type": "Ready", "status": "True"}]}});
+        let pod = |name: &str, node: Option<&str>| {
+            let mut p = json!({"metadata": {"name": name, "namespace": "d"},
+                "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "1"}}}]},
+                "status": {"phase": "Pending"}});
+            if let Some(n) = node {
+                p["spec"]["nodeName"] = json!(n);
+            }
+            p
+        };
+        let cpu = |w: &Warm| w.cache.lock().unwrap().nodes()[0].requested.cpu;
+        nodes.apply_event(&event(nr.key(None, "a"), 2, Some(&node)));
+        let (k1, k2) = (pr.key(Some("d"), "p1"), pr.key(Some("d"), "p2"));
+        pods.apply_event(&event(k1.clone(), 3, Some(&pod("p1", Some("a")))));
+        assert_eq!(cpu(&warm), 1000, "a bound pod counts without any term");
+        // A term's scheduler assumes p2 onto a; p2 is still pending in the informer.
+        pods.apply_event(&event(k2.clone(), 4, Some(&pod("p2", None))));
+        {
+            let mut cache = warm.cache.lock().unwrap();
+            cache.assume(&k2, 0, Arc::new(decide::pod_info(&pod("p2", None))));
+            warm.assumed.lock().unwrap().insert(k2.clone());
+        }
+        pods.apply_event(&event(k2.clone(), 5, Some(&pod("p2", None))));
+        assert_eq!(cpu(&warm), 2000, "an assumed pod counts until seen bound");
+        // The term ends: its subscribers go, the cache keeps following the informers.
+        pods.unsubscribe_all();
+        nodes.unsubscribe_all();
+        pods.apply_event(&event(k1.clone(), 6, None));
+        assert_eq!(cpu(&warm), 1000);
+        // ... and the pod assumed but never seen bound no longer counts.
+        warm.end_term(&pods);
+        assert_eq!(cpu(&warm), 0);
+        assert!(warm.assumed.lock().unwrap().is_empty());
+        // A pod seen bound clears its assumption by itself.
+        warm.assumed.lock().unwrap().insert(k2.clone());
+        pods.apply_event(&event(k2.clone(), 7, Some(&pod("p2", Some("a")))));
+        assert!(warm.assumed.lock().unwrap().is_empty());
+        assert_eq!(cpu(&warm), 1000);
+    }
 
     #[test]
     fn a_pods_facts_are_derived_once_per_version() {
@@ -475,7 +580,10 @@ mod tests {
         let first = pod_facts(&mut facts, "k", &pod("5", "1"));
         assert_eq!(first.requests.cpu, 1000);
         // The same version again: the same facts, not derived anew.
-        assert!(Arc::ptr_eq(&first, &pod_facts(&mut facts, "k", &pod("5", "1"))));
+        assert!(Arc::ptr_eq(
+            &first,
+            &pod_facts(&mut facts, "k", &pod("5", "1"))
+        ));
         // A new version is derived again, and replaces the old entry.
         let second = pod_facts(&mut facts, "k", &pod("6", "2"));
         assert_eq!(second.requests.cpu, 2000);
