@@ -132,6 +132,10 @@ impl Runtime for HollowRuntime {
         None
     }
 
+    fn adopts(&self) -> bool {
+        false
+    }
+
     fn exec<'a>(
         &'a self,
         _state_dir: &'a Path,

@@ -1028,9 +1028,14 @@ async fn launch(
                 started_at: meta::now_secs(),
             };
             let bytes = serde_json::to_vec(&record).expect("a record serializes");
-            if let Err(e) =
+            // A runtime that adopts nothing after a restart (hollow nodes) needs no record:
+            // it has no pod directory to write it in either.
+            let written = if env.runtime.adopts() {
                 super::shim::write_whole(&dir.join(format!("{}.status", c.name)), &bytes)
-            {
+            } else {
+                Ok(())
+            };
+            if let Err(e) = written {
                 tracing::warn!(%e, container = c.name, "the container's record is not written; an agent restart will not know its restarts");
             }
             c.error = None;

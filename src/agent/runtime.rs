@@ -491,6 +491,11 @@ pub trait Runtime: Send + Sync {
     /// The container `name` that an earlier run of the agent started for the pod whose
     /// directory is `state_dir`, running or ended; `None` if there is none.
     fn adopt(&self, state_dir: &Path, name: &str) -> Option<Handle>;
+    /// False if [`Runtime::adopt`] never finds anything (its containers do not outlive the
+    /// agent): then the agent keeps no restart record for them either.
+    fn adopts(&self) -> bool {
+        true
+    }
     /// Starts `argv` in the running container `name` of the pod whose directory is
     /// `state_dir` (`kubectl exec`), with a stdin stream if `stdin`.
     fn exec<'a>(
