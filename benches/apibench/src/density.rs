@@ -18,8 +18,8 @@
 //!    size.
 //! 3. **At full scale**: LIST of all pods of a full namespace (5 times), and with
 //!    `--kill-leader`, `kill -9` of the leader: time to a new leader, to the API taking a
-//!    write, and to the controllers' first action (a Deployment scaled up by one → its new
-//!    pod seen).
+//!    write, to the controllers' first action (a Deployment scaled up by one → its new
+//!    pod seen) and to the scheduler's first bind (a pod seen bound after the kill).
 //! 4. **Teardown**: every namespace deleted; time until no pod is left.
 //!
 //! Figures go to `--out` (JSON) and stdout.
@@ -108,6 +108,8 @@ struct Failover {
     new_leader_ms: f64,
     api_write_ms: f64,
     controllers_first_action_ms: f64,
+    /// Until the watch shows a pod bound by the new leader's scheduler.
+    scheduler_first_bind_ms: f64,
 }
 
 static RETRIED: AtomicUsize = AtomicUsize::new(0);
@@ -200,12 +202,15 @@ impl Drop for Hollow {
     }
 }
 
-/// Follows `path` (a watch URL without `resourceVersion`) on `api` from `rv` until `stop`,
-/// reopening it from the last version seen when it ends (a replica may cut a slow watcher
-/// off), relisting after a 410. `on` gets each event and the moment it arrived.
+/// Follows `path` (a watch URL without `resourceVersion`) on `apis[first]` from `rv` until
+/// `stop`, reopening it from the last version seen when it ends (a replica may cut a slow
+/// watcher off), on the next replica if this one does not answer (it may have been killed),
+/// as clients fail over; relisting after a 410. `on` gets each event and the moment it
+/// arrived.
 fn follow(
     http: Http,
-    api: String,
+    apis: Vec<String>,
+    first: usize,
     path: String,
     mut rv: String,
     stop: Arc<AtomicBool>,
@@ -213,7 +218,9 @@ fn follow(
 ) -> tokio::task::JoinHandle<()> {
     use http_body_util::BodyExt;
     tokio::spawn(async move {
+        let mut at = first;
         while !stop.load(Ordering::SeqCst) {
+            let api = &apis[at % apis.len()];
             let sep = if path.contains('?') { '&' } else { '?' };
             let url = format!(
                 "http://{api}{path}{sep}watch=true&allowWatchBookmarks=true&resourceVersion={rv}&timeoutSeconds=3600"
@@ -227,6 +234,7 @@ fn follow(
                 Ok(r) if r.status() == StatusCode::OK => r,
                 _ => {
                     WATCH_RESTARTS.fetch_add(1, Ordering::Relaxed);
+                    at += 1;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
@@ -469,7 +477,8 @@ pub(crate) async fn density(
         let seen = seen.clone();
         follow(
             http.clone(),
-            apis[1].clone(),
+            apis.to_vec(),
+            1,
             "/api/v1/pods?labelSelector=density%3D1".into(),
             rv,
             stop.clone(),
@@ -532,7 +541,8 @@ pub(crate) async fn density(
         let (sent, delays, phase) = (sent.clone(), delays.clone(), phase.clone());
         watchers.push(follow(
             http.clone(),
-            apis[w % 3].clone(),
+            apis.to_vec(),
+            w % 3,
             "/api/v1/namespaces/probe/pods".into(),
             prv.clone(),
             stop.clone(),
@@ -823,8 +833,24 @@ pub(crate) async fn density(
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        println!("leader killed: new leader {:.0} ms, write taken {:.0} ms, controllers' first pod {:.0} ms",
-            f.new_leader_ms, f.api_write_ms, f.controllers_first_action_ms);
+        loop {
+            if seen
+                .lock()
+                .unwrap()
+                .pods
+                .values()
+                .any(|p| p.bound.is_some_and(|b| b > t))
+            {
+                f.scheduler_first_bind_ms = t.elapsed().as_secs_f64() * 1000.0;
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("the new leader's scheduler bound nothing within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        println!("leader killed: new leader {:.0} ms, write taken {:.0} ms, controllers' first pod {:.0} ms, scheduler's first bind {:.0} ms",
+            f.new_leader_ms, f.api_write_ms, f.controllers_first_action_ms, f.scheduler_first_bind_ms);
         res.kill_leader = Some(f);
         c.spawn(l)?;
     }
@@ -983,8 +1009,8 @@ fn print(r: &DensityResults) {
         r.agent_cpu_percent_load, r.agent_rss_mib_peak
     );
     if let Some(f) = &r.kill_leader {
-        println!("leader killed: new leader {:.0} ms, API write {:.0} ms, controllers' first action {:.0} ms",
-            f.new_leader_ms, f.api_write_ms, f.controllers_first_action_ms);
+        println!("leader killed: new leader {:.0} ms, API write {:.0} ms, controllers' first action {:.0} ms, scheduler's first bind {:.0} ms",
+            f.new_leader_ms, f.api_write_ms, f.controllers_first_action_ms, f.scheduler_first_bind_ms);
     }
     println!(
         "teardown {:.1} s; {} overload answers retried",
