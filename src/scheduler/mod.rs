@@ -108,14 +108,14 @@ pub struct Scheduler {
     queue: Arc<Queue>,
     /// Pods that fit nowhere, waiting for a change: key → failures since the last change.
     waiting: Arc<Mutex<HashMap<String, u32>>>,
-    /// Bound by this scheduler, not yet seen bound (the replica's [`Warm::assumed`]).
-    assumed: Arc<Mutex<HashSet<String>>>,
-    /// Nodes and what is bound to them (the replica's [`Warm::cache`]).
-    cache: Arc<Mutex<cache::Cache>>,
+    /// The replica's cache of nodes and what is bound to them, and the pods this scheduler
+    /// bound but has not seen bound.
+    warm: Arc<Warm>,
     /// What each pending pod asks of a node, derived once per version of the pod (a pod
     /// that fits nowhere is decided again on every cluster change: 4–5 times per pod while
     /// 5,000 nodes turn Ready): key → (resourceVersion, facts). Only rounds read and fill
-    /// it; an entry goes when its pod is bound or deleted.
+    /// it; an entry goes when its pod is bound or deleted. A round locks the cache, then
+    /// this, then the assumed set.
     facts: Arc<Mutex<Facts>>,
     /// Where the next search for a node starts (see [`decide::schedule_from`]).
     next_start: std::sync::atomic::AtomicUsize,
@@ -157,8 +157,6 @@ impl Scheduler {
     pub fn new(ctx: &Ctx) -> Scheduler {
         let queue = Arc::new(Queue::default());
         let waiting: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-        let assumed = ctx.scheduling.assumed.clone();
-        let cache = ctx.scheduling.cache.clone();
         let facts: Arc<Mutex<Facts>> = Arc::default();
         let changes: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let flush = {
@@ -230,8 +228,7 @@ impl Scheduler {
         Scheduler {
             queue,
             waiting,
-            assumed,
-            cache,
+            warm: ctx.scheduling.clone(),
             facts,
             next_start: Default::default(),
             changes,
@@ -297,7 +294,7 @@ impl Scheduler {
         {
             // Decide against the cache, assuming each placement into it so the next
             // decision sees it (no await while it is held).
-            let mut cache = self.cache.lock().expect("not poisoned");
+            let mut cache = self.warm.cache.lock().expect("not poisoned");
             let mut facts = self.facts.lock().expect("not poisoned");
             let want = decide::feasible_to_find(cache.len());
             let mut start = self.next_start.load(std::sync::atomic::Ordering::Relaxed);
@@ -305,7 +302,13 @@ impl Scheduler {
             let mut failed: Vec<(Arc<decide::PodInfo>, String)> = Vec::new();
             for key in keys {
                 let Some(p) = ctx.pods.get(key) else { continue };
-                if !wants_scheduling(&p) || self.assumed.lock().expect("not poisoned").contains(key)
+                if !wants_scheduling(&p)
+                    || self
+                        .warm
+                        .assumed
+                        .lock()
+                        .expect("not poisoned")
+                        .contains(key)
                 {
                     continue;
                 }
@@ -326,7 +329,8 @@ impl Scheduler {
                         let node = cache.nodes()[i].name.clone();
                         facts.remove(key);
                         cache.assume(key, i, info);
-                        self.assumed
+                        self.warm
+                            .assumed
                             .lock()
                             .expect("not poisoned")
                             .insert(key.clone());
@@ -394,8 +398,8 @@ impl Scheduler {
                 Err(e) => {
                     // Count the pod as the informer last saw it, not as assumed.
                     {
-                        let mut cache = self.cache.lock().expect("not poisoned");
-                        self.assumed.lock().expect("not poisoned").remove(&key);
+                        let mut cache = self.warm.cache.lock().expect("not poisoned");
+                        self.warm.assumed.lock().expect("not poisoned").remove(&key);
                         let seen = ctx.pods.get(&key);
                         cache.remove(&key);
                         cache.pod_changed(&key, seen.as_deref());
