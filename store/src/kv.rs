@@ -55,8 +55,8 @@ pub struct StoreOptions {
     /// Most `rev` rows the compactor removes in one write batch.
     pub compaction_batch: usize,
     /// Bytes of recently written values kept in memory, so apply rarely has to look up a
-    /// key's previous version in RocksDB (a seek through the memtables and level-0 files:
-    /// about 8 µs on a loaded 2-core machine, where a hit is a hash lookup). The default,
+    /// key's previous version in RocksDB (a seek through the memtables and level-0 files,
+    /// where a hit is a hash lookup). The default,
     /// 256 MiB, holds every pod of a 50,000-pod cluster; with 64 MiB a follower spent 9%
     /// of its CPU in these seeks while a backlog of 50,000 pods was bound.
     pub latest_cache_bytes: usize,
