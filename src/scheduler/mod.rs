@@ -132,8 +132,13 @@ fn pod_facts(facts: &mut Facts, key: &str, p: &Value) -> Arc<decide::PodInfo> {
         .ptr("/metadata/resourceVersion")
         .and_then(Value::as_str)
         .unwrap_or("");
+    // Without a version there is nothing to tell a changed pod by: derived every time, and
+    // not kept (an entry that could never be served).
+    if version.is_empty() {
+        return Arc::new(decide::pod_info(p));
+    }
     if let Some((v, info)) = facts.get(key) {
-        if v == version && !version.is_empty() {
+        if v == version {
             return info.clone();
         }
     }
@@ -596,5 +601,6 @@ mod tests {
         // A pod without a resourceVersion is never served from the memo.
         let a = pod_facts(&mut facts, "j", &pod("", "1"));
         assert!(!Arc::ptr_eq(&a, &pod_facts(&mut facts, "j", &pod("", "1"))));
+        assert_eq!(facts.len(), 1, "nothing kept for it");
     }
 }
