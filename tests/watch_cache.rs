@@ -338,7 +338,7 @@ async fn watches_and_lists_by_node_from_the_cache_are_exact_and_consistent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_from_before_the_window_is_served_from_the_store() {
+async fn a_watch_from_before_the_window_is_expired_and_the_relist_watches_on() {
     let c = Cluster::start(3, &["--watch-cache-size", "5"]).await;
     let leader = c.wait_leader().await;
     let f = (1..=3).find(|&id| id != leader).unwrap();
@@ -360,26 +360,72 @@ async fn a_watch_from_before_the_window_is_served_from_the_store() {
         .await;
         rvs.push(rv(&o));
     }
-    // Both watches see exactly the changes after their start: twelve from before the
-    // window (the store), three from inside it (the cache).
-    let mut old = open(
-        &c,
-        f,
-        &format!("/api/v1/namespaces/default/pods?watch=1&resourceVersion={rv0}"),
+    // A watch from before the window (twelve changes ago, the window holds five) is refused
+    // as kube-apiserver's watch cache refuses it: 410 Expired, a Status naming the versions.
+    // Wait until the follower's cache holds the last write, so the refusal is the window's.
+    let newest = *rvs.last().unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the follower's cache to hold the last write",
+        || async {
+            let any = "/api/v1/namespaces/default/pods?resourceVersion=0";
+            let (_, l) = send(&c, f, "GET", any, None).await;
+            let at = l["metadata"]["resourceVersion"]
+                .as_str()?
+                .parse::<i64>()
+                .ok()?;
+            (at >= newest).then_some(())
+        },
     )
     .await;
-    let got: Vec<String> = take(&mut old, 12)
+    let path = format!("/api/v1/namespaces/default/pods?watch=1&resourceVersion={rv0}");
+    let (s, status) = send(&c, f, "GET", &path, None).await;
+    assert_eq!(s, 410, "{status}");
+    assert_eq!(status["kind"], "Status", "{status}");
+    assert_eq!(status["reason"], "Expired", "{status}");
+    assert_eq!(status["code"], 410, "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(&format!("too old resource version: {rv0} ("))),
+        "{status}"
+    );
+    // The client relists (from the cache) and watches from the list: it has all twelve,
+    // and sees the next change.
+    let (s, list) = send(&c, f, "GET", "/api/v1/namespaces/default/pods", None).await;
+    assert_eq!(s, 200, "{list}");
+    let names: Vec<String> = items(&list).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), 12, "{names:?}");
+    let rv1 = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut relisted = open(
+        &c,
+        f,
+        &format!("/api/v1/namespaces/default/pods?watch=1&resourceVersion={rv1}"),
+    )
+    .await;
+    create(
+        &c,
+        leader,
+        "/api/v1/namespaces/default/pods",
+        pod("after", Some("n1"), "a"),
+    )
+    .await;
+    let got: Vec<String> = take(&mut relisted, 1)
         .await
         .into_iter()
         .map(|(_, n, _)| n)
         .collect();
-    assert_eq!(got, (0..12).map(|i| format!("w{i}")).collect::<Vec<_>>());
+    assert_eq!(got, ["after"]);
+    // A watch starting inside the window is replayed from it.
     let mut recent = open(
         &c,
         f,
         &format!(
             "/api/v1/namespaces/default/pods?{BY_N1}&watch=1&resourceVersion={}",
-            rvs[8]
+            rvs[9]
         ),
     )
     .await;
@@ -388,9 +434,9 @@ async fn a_watch_from_before_the_window_is_served_from_the_store() {
         .into_iter()
         .map(|(_, n, _)| n)
         .collect();
-    assert_eq!(got, ["w9", "w10", "w11"]);
-    assert_eq!(served(&c, f, "watch", "store").await, 1.0);
-    assert_eq!(served(&c, f, "watch", "cache").await, 1.0);
+    assert_eq!(got, ["w10", "w11", "after"]);
+    assert_eq!(served(&c, f, "watch", "store").await, 0.0);
+    assert_eq!(served(&c, f, "watch", "cache").await, 2.0);
 
     // Without a cache, the same answers from the store.
     drop(c);

@@ -24,9 +24,14 @@
 //! - a consistent read (no `resourceVersion`) is served only once `rev` has reached the
 //!   replica's revision after a read barrier, so it sees every acknowledged write.
 //!
-//! Anything the cache cannot serve (a start older than the window, a page of a list, a
-//! cache still loading or resynchronising, or one that does not catch up within a bound)
-//! is served from the store as before; both paths give the same bytes.
+//! A watch from a revision older than the window of a loaded cache is refused as expired
+//! (410), as kube-apiserver's watch cache refuses it: its client relists (from the cache)
+//! and watches on. Replaying the store's history instead cost every such watcher a parse of
+//! every change since (at 88,000 pods, thousands of node agents resuming watches that had
+//! fallen out of a window of a few seconds took most of every replica's CPU). Anything else
+//! the cache cannot serve (a page of a list, a cache still loading or resynchronising, or
+//! one that does not catch up within a bound) is served from the store as before; both
+//! paths give the same bytes.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -246,12 +251,23 @@ impl WatchCache {
     }
 
     /// Registers a watcher of the changes after `after`, replaying those already in the
-    /// window. `None` when the cache cannot serve it: not loaded, `after` older than the
-    /// window, or newer than the cache (the caller waits first, or uses the store).
-    pub(crate) fn watch_from(self: &Arc<Self>, filter: Filter, after: i64) -> Option<Subscription> {
+    /// window. `Ok(None)` when the cache cannot serve it yet: not loaded, or `after` newer
+    /// than the cache (the caller waits first, or uses the store). `Err(since)` when `after`
+    /// is older than the window of a loaded cache: as kube-apiserver's watch cache, the
+    /// watch is refused as expired (410) and its client relists, instead of replaying the
+    /// store's history, which would parse every change since for every such watcher (a
+    /// node agent's watch by `spec.nodeName` among them).
+    pub(crate) fn watch_from(
+        self: &Arc<Self>,
+        filter: Filter,
+        after: i64,
+    ) -> Result<Option<Subscription>, i64> {
         let mut inner = self.inner.lock().expect("not poisoned");
-        if !inner.ready || after < inner.since || after > inner.rev {
-            return None;
+        if !inner.ready || after > inner.rev {
+            return Ok(None);
+        }
+        if after < inner.since {
+            return Err(inner.since);
         }
         let replay: VecDeque<Arc<Decoded>> = inner
             .history
@@ -259,7 +275,7 @@ impl WatchCache {
             .filter(|c| c.revision > after && filter.wants(c))
             .map(|c| c.event.clone())
             .collect();
-        Some(self.register(&mut inner, filter, replay))
+        Ok(Some(self.register(&mut inner, filter, replay)))
     }
 
     /// The objects `filter` selects and a watcher of every change after them, both at the
@@ -822,12 +838,19 @@ mod tests {
         assert_eq!(cache.inner.lock().unwrap().watchers.len(), 2);
         // The window serves a watcher starting in it; one from before it is refused.
         assert_eq!(cache.inner.lock().unwrap().history.len(), 100);
+        let since = cache.inner.lock().unwrap().since;
+        assert_eq!(
+            cache.watch_from(all(None), 10).err(),
+            Some(since),
+            "older than the window: refused as expired"
+        );
         assert!(
-            cache.watch_from(all(None), 10).is_none(),
-            "older than the window"
+            matches!(cache.watch_from(all(None), since + 1_000_000), Ok(None)),
+            "newer than the cache: not served from it yet"
         );
         let mut late = cache
             .watch_from(all(None), 11 + WATCHER_BUFFER as i64 - 3)
+            .unwrap()
             .unwrap();
         match late.recv().await {
             Ok(Message::Events(e)) => assert_eq!(e.len(), 3),

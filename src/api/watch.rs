@@ -1,8 +1,10 @@
 //! Kubernetes watches, served from this replica's store.
 //!
 //! `resourceVersion` absent or `0`: the current matching objects first (as `ADDED`), then
-//! changes. `N`: every change after revision N, replayed from the store's history, then live
-//! changes; N below the compaction point gets 410 `Expired`. Label and field selectors apply
+//! changes. `N`: every change after revision N, replayed from the store's history (or from
+//! the watch cache's window, for the resources it keeps), then live changes; N below the
+//! compaction point, or below the window of a loaded watch cache, gets 410 `Expired` (the
+//! client relists, as kube-apiserver's clients do). Label and field selectors apply
 //! to both sides of each change, so an object that stops matching is reported `DELETED` and
 //! one that starts matching `ADDED`. `timeoutSeconds` ends the stream; with
 //! `allowWatchBookmarks` an idle stream gets `BOOKMARK`s carrying the current revision.
@@ -335,7 +337,10 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
             }
             Some(rv) => {
                 if c.wait_for(rv).await {
-                    feed = c.watch_from(filter, rv).map(Feed::Cache);
+                    feed = c
+                        .watch_from(filter, rv)
+                        .map_err(|since| KubeError::expired(rv, since))?
+                        .map(Feed::Cache);
                 }
             }
         }

@@ -231,7 +231,9 @@ fn follow(
                 return;
             };
             let resp = match http.request(req).await {
-                Ok(r) if r.status() == StatusCode::OK => r,
+                Ok(r) if r.status() == StatusCode::OK => Some(r),
+                // Too old for the replica's window: relist (below), as reflectors do.
+                Ok(r) if r.status() == StatusCode::GONE => None,
                 _ => {
                     WATCH_RESTARTS.fetch_add(1, Ordering::Relaxed);
                     at += 1;
@@ -239,10 +241,10 @@ fn follow(
                     continue;
                 }
             };
-            let mut body = resp.into_body();
+            let mut expired = resp.is_none();
+            let mut body = resp.map(|r| r.into_body());
             let mut buf: Vec<u8> = Vec::new();
-            let mut expired = false;
-            while !stop.load(Ordering::SeqCst) {
+            while let Some(body) = body.as_mut().filter(|_| !stop.load(Ordering::SeqCst)) {
                 match tokio::time::timeout(Duration::from_millis(200), body.frame()).await {
                     Err(_) => continue,
                     Ok(Some(Ok(frame))) => {
