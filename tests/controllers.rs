@@ -1228,6 +1228,20 @@ async fn daemonsets_endpoints_service_accounts_and_namespace_deletion() {
         "jsonpath={.subsets[0].ports[0].port}",
     ]);
     assert_eq!(port, "8080", "the named target port is resolved");
+    // A hand edit of the Endpoints is repaired: the controller skips only the echoes of its
+    // own writes.
+    let out = k.ok(&[
+        "patch",
+        "endpoints",
+        "web",
+        "-n",
+        "apps",
+        "--type=merge",
+        "-p",
+        r#"{"subsets":[{"addresses":[{"ip":"10.9.9.9"}],"ports":[{"port":1}]}]}"#,
+    ]);
+    assert!(out.contains("patched"), "{out}");
+    assert_eq!(web_ips(2).await, pod_ips, "the hand edit is undone");
     k.ok(&["scale", "deploy/web", "--replicas=3", "-n", "apps"]);
     web_ips(3).await;
     let slices = k.ok(&[

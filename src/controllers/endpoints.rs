@@ -1,6 +1,6 @@
 //! The Endpoints and EndpointSlice controllers: which pods back each Service.
 //!
-//! Owns nothing but its work queue. For every Service with a selector, [`desired`] (pure)
+//! Owns its work queue and the versions of its own last writes (see [`Echoes`]). For every Service with a selector, [`desired`] (pure)
 //! computes, from the pods of its namespace that match the selector and have an IP:
 //! - the `Endpoints` object of the same name: ready pods under `addresses`, others under
 //!   `notReadyAddresses` (all ready with `publishNotReadyAddresses`), terminating and
@@ -16,8 +16,8 @@
 //! (its manager in `managedFields`) and its slices go too; hand-made ones stay.
 
 use crate::api::meta::Ptr;
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -248,6 +248,45 @@ pub fn desired(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<Value>) {
 /// The controller's state.
 pub struct Controller {
     pub(crate) queue: Arc<Queue>,
+    echoes: Arc<Echoes>,
+}
+
+/// The resourceVersions of the Endpoints and slices this controller last wrote, by store
+/// key, until their change comes back through the informer: that change is the echo of a
+/// write made from the Service's current pods, and needs no reconcile (kube-controller-
+/// manager's EndpointSlice tracker skips its own writes the same way). Without it every
+/// write was followed by a second reconcile of its Service that found nothing to do, at
+/// 100 pods per Service a `desired` over all of them. A change by anyone else (another
+/// version) still queues the Service, so drift is repaired.
+///
+/// Bounded: at most one entry per object written; any change or deletion of a key removes
+/// its entry. An echo that comes before its write is recorded costs a reconcile, as before.
+#[derive(Default)]
+pub(crate) struct Echoes(Mutex<HashMap<String, String>>);
+
+impl Echoes {
+    /// Records this controller's write of `obj` (as the store returned it) under `key`.
+    fn wrote(&self, key: String, obj: &Value) {
+        if let Some(rv) = obj.ptr("/metadata/resourceVersion").and_then(Value::as_str) {
+            self.0
+                .lock()
+                .expect("not poisoned")
+                .insert(key, rv.to_string());
+        }
+    }
+
+    /// Whether `c` is the echo of this controller's last write of its key (forgetting the
+    /// write either way).
+    fn is_echo(&self, c: &super::informer::Change<'_>) -> bool {
+        let Some(mine) = self.0.lock().expect("not poisoned").remove(c.key) else {
+            return false;
+        };
+        !c.replay
+            && c.new
+                .and_then(|n| n.ptr("/metadata/resourceVersion"))
+                .and_then(Value::as_str)
+                == Some(mine.as_str())
+    }
 }
 
 impl Controller {
@@ -256,6 +295,7 @@ impl Controller {
     /// or a managed slice queues its Service (to repair drift).
     pub fn new(ctx: &Ctx) -> Controller {
         let queue = Arc::new(Queue::default());
+        let echoes = Arc::new(Echoes::default());
         let svc_res = ctx.services.resource();
         {
             let q = queue.clone();
@@ -282,14 +322,22 @@ impl Controller {
         }
         {
             let q = queue.clone();
+            let echoes = echoes.clone();
             ctx.endpoints.subscribe(move |c| {
+                if echoes.is_echo(c) {
+                    return;
+                }
                 let obj = c.new.or(c.old).expect("a change has an object");
                 q.add(&svc_res.key(owner::namespace(obj), owner::name(obj)));
             });
         }
         {
             let q = queue.clone();
+            let echoes = echoes.clone();
             ctx.endpointslices.subscribe(move |c| {
+                if echoes.is_echo(c) {
+                    return;
+                }
                 let obj = c.new.or(c.old).expect("a change has an object");
                 let labels = obj.ptr("/metadata/labels");
                 let managed = labels
@@ -306,7 +354,7 @@ impl Controller {
                 }
             });
         }
-        Controller { queue }
+        Controller { queue, echoes }
     }
 
     /// Reconciles one Service's Endpoints and slices by the Service's store key.
@@ -388,7 +436,7 @@ impl Controller {
                     "subsets": subsets});
                 let call = Call::internal(ep_res, Some(&ns), None, None, MANAGER);
                 match ctx.api.create_value(&call, ep, false).await {
-                    Ok(_) => {}
+                    Ok(o) => self.echoes.wrote(ep_res.key(Some(&ns), &name), &o),
                     Err(e) if e.code == 409 && e.reason == "AlreadyExists" => {}
                     Err(e) => return Err(e),
                 }
@@ -404,7 +452,10 @@ impl Controller {
                     next["subsets"] = subsets;
                     next["metadata"]["labels"] = labels;
                     let call = Call::internal(ep_res, Some(&ns), Some(&name), None, MANAGER);
-                    ignore_conflict(ctx.api.update_value(&call, next).await)?;
+                    match ctx.api.update_value(&call, next).await {
+                        Ok(o) => self.echoes.wrote(ep_res.key(Some(&ns), &name), &o),
+                        Err(e) => ignore_conflict(Err(e))?,
+                    }
                 }
             }
         }
@@ -425,7 +476,7 @@ impl Controller {
                 None => {
                     let call = Call::internal(slice_res, Some(&ns), None, None, MANAGER);
                     match ctx.api.create_value(&call, want.clone(), false).await {
-                        Ok(_) => {}
+                        Ok(o) => self.echoes.wrote(slice_res.key(Some(&ns), slice_name), &o),
                         Err(e) if e.code == 409 && e.reason == "AlreadyExists" => {}
                         Err(e) => return Err(e),
                     }
@@ -448,7 +499,10 @@ impl Controller {
                         next["metadata"]["labels"] = want["metadata"]["labels"].clone();
                         let call =
                             Call::internal(slice_res, Some(&ns), Some(slice_name), None, MANAGER);
-                        ignore_conflict(ctx.api.update_value(&call, next).await)?;
+                        match ctx.api.update_value(&call, next).await {
+                            Ok(o) => self.echoes.wrote(slice_res.key(Some(&ns), slice_name), &o),
+                            Err(e) => ignore_conflict(Err(e))?,
+                        }
                     }
                 }
             }
@@ -460,6 +514,44 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_echo_of_the_controllers_own_last_write_is_skipped() {
+        use super::super::informer::Change;
+        let at = |rv: &str| Arc::new(json!({"metadata": {"name": "web", "resourceVersion": rv}}));
+        let change = |key, old, new| Change {
+            key,
+            old,
+            new,
+            replay: false,
+        };
+        let e = Echoes::default();
+        let (v5, v6, v7) = (at("5"), at("6"), at("7"));
+        // Nothing written: every change counts.
+        assert!(!e.is_echo(&change("k", None, Some(&v5))));
+        // Our write at 6 comes back: skipped, once.
+        e.wrote("k".into(), &v6);
+        assert!(!e.is_echo(&change("other", None, Some(&v6))), "another key");
+        assert!(e.is_echo(&change("k", Some(&v5), Some(&v6))));
+        assert!(!e.is_echo(&change("k", Some(&v5), Some(&v6))), "only once");
+        // Someone else's write after ours: it counts, and forgets ours.
+        e.wrote("k".into(), &v6);
+        assert!(!e.is_echo(&change("k", Some(&v6), Some(&v7))));
+        assert!(e.0.lock().unwrap().is_empty());
+        // A deletion counts (the Service's Endpoints must come back), and forgets ours.
+        e.wrote("k".into(), &v7);
+        assert!(!e.is_echo(&change("k", Some(&v7), None)));
+        // A replay is never an echo.
+        e.wrote("k".into(), &v7);
+        let replay = Change {
+            key: "k",
+            old: None,
+            new: Some(&v7),
+            replay: true,
+        };
+        assert!(!e.is_echo(&replay));
+        assert!(e.0.lock().unwrap().is_empty(), "bounded: nothing left over");
+    }
 
     fn svc(ports: Value) -> Value {
         json!({"metadata": {"name": "web", "namespace": "d", "uid": "s-1"},
