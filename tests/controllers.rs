@@ -237,6 +237,17 @@ async fn a_deployment_is_created_spread_scaled_rolled_out_undone_and_deleted() {
         "deployment.apps/web created"
     );
     let ps = wait_pods(&c, follower, "apps", 10, "nginx:1.25").await;
+    // Bound by the scheduler (from its cache), each pod keeps the field ownership of the
+    // ReplicaSet controller that created it.
+    for p in ps.values() {
+        let managers: Vec<&str> = p["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["manager"].as_str())
+            .collect();
+        assert!(managers.contains(&"replicaset-controller"), "{p}");
+    }
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
     for p in ps.values() {
         *per_node
@@ -347,6 +358,59 @@ async fn a_deployment_is_created_spread_scaled_rolled_out_undone_and_deleted() {
         4,
         "the pods stay with their ReplicaSet"
     );
+    // The pods are orphaned too (the garbage collector takes the owner reference off each
+    // stored pod), then adopted by a new ReplicaSet: the controllers' cache holds only a part
+    // of a bound pod, and none of the rest may be lost on the way.
+    let before = pods(&c, follower, "apps").await;
+    k.ok(&["delete", "rs", "--all", "-n", "apps", "--cascade=orphan"]);
+    wait_for(Duration::from_secs(30), "the orphaned pods", || async {
+        let ps = pods(&c, follower, "apps").await;
+        (ps.len() == 4
+            && ps.values().all(|p| {
+                p["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty)
+            }))
+        .then_some(())
+    })
+    .await;
+    let adopter = k.file(
+        "adopter.yaml",
+        "apiVersion: apps/v1\nkind: ReplicaSet\nmetadata:\n  name: adopter\n  namespace: apps\nspec:\n  replicas: 4\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers:\n      - name: web\n        image: adopter:1\n",
+    );
+    k.ok(&["apply", "-f", &adopter]);
+    let adopted = wait_for(Duration::from_secs(30), "the pods adopted", || async {
+        let ps = pods(&c, follower, "apps").await;
+        (ps.len() == 4
+            && ps.values().all(|p| {
+                p["metadata"]["ownerReferences"][0]["name"] == "adopter"
+                    && p["metadata"]["ownerReferences"][0]["controller"] == true
+            }))
+        .then_some(ps)
+    })
+    .await;
+    assert_eq!(
+        adopted.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "the same pods, none made"
+    );
+    for (name, p) in &adopted {
+        let was = &before[name];
+        assert_eq!(p["spec"], was["spec"], "{name}'s spec survives");
+        for f in ["phase", "podIP", "hostIP", "startTime"] {
+            assert_eq!(p["status"][f], was["status"][f], "{name}'s status survives");
+        }
+        assert_eq!(p["metadata"]["labels"], was["metadata"]["labels"]);
+        assert!(
+            p["metadata"]["managedFields"]
+                .as_array()
+                .is_some_and(|m| m.len()
+                    >= was["metadata"]["managedFields"]
+                        .as_array()
+                        .map_or(0, Vec::len)),
+            "{name}'s field ownership survives: {p}"
+        );
+    }
     // The ReplicaSets are independent now; clean them up with the pods (background).
     k.ok(&["delete", "rs", "--all", "-n", "apps"]);
     wait_for(

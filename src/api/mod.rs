@@ -640,6 +640,23 @@ impl Kube {
             .await
     }
 
+    /// Writes `change` applied to the current stored state of the object `call` names (a
+    /// read-modify-write that retries on a concurrent write; with `want_rv`, 409 unless the
+    /// object is still at that version). For controllers whose cache holds only part of an
+    /// object (the pod informer keeps a projection of bound pods): writing back a cached
+    /// copy, as a PUT does, would drop the rest.
+    pub(crate) async fn update_with<F>(
+        &self,
+        call: &Call,
+        want_rv: Option<String>,
+        change: F,
+    ) -> Result<Value, KubeError>
+    where
+        F: Fn(&Value) -> Result<Value, KubeError>,
+    {
+        self.modify_object(call, want_rv, false, change).await
+    }
+
     /// Bounded metric labels (verb, resource) for a request.
     /// Whether a request streams for as long as the client wants (a watch, a followed log,
     /// an exec session): exempt from the request timeout, recorded when it starts.

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::queue::Queue;
-use super::replicaset::ignore_conflict;
+use super::replicaset::{ignore_conflict, without_owner};
 use super::{owner, Ctx};
 use crate::api::objects::Consistency;
 use crate::api::resources::{self, Resource};
@@ -155,10 +155,15 @@ impl Collector {
             return Ok(None);
         }
         if live.len() < refs.len() {
-            let mut next = (*obj).clone();
-            next["metadata"]["ownerReferences"] = json!(live);
+            // The stored object is edited, at the version judged (a cache may hold a part).
             let call = Call::internal(r, ns, Some(&name), None, MANAGER);
-            ignore_conflict(ctx.api.update_value(&call, next).await)?;
+            let seen = owner::seen_version(&obj);
+            let pruned = ctx.api.update_with(&call, seen, |cur| {
+                let mut next = cur.clone();
+                next["metadata"]["ownerReferences"] = json!(live);
+                Ok(next)
+            });
+            ignore_conflict(pruned.await)?;
         }
         Ok(None)
     }
@@ -181,16 +186,15 @@ impl Collector {
         let mut remove = None;
         if fins.contains(&"orphan") {
             for (dr, d) in &deps {
-                let mut next = (**d).clone();
-                let refs: Vec<Value> = owner::owner_refs(d)
-                    .iter()
-                    .filter(|x| x.get("uid").and_then(Value::as_str) != Some(&uid))
-                    .cloned()
-                    .collect();
-                next["metadata"]["ownerReferences"] = json!(refs);
                 let call =
                     Call::internal(dr, owner::namespace(d), Some(owner::name(d)), None, MANAGER);
-                ignore_conflict(ctx.api.update_value(&call, next).await)?;
+                let seen = owner::seen_version(d);
+                let orphaned = ctx.api.update_with(&call, seen, |cur| {
+                    let mut next = cur.clone();
+                    next["metadata"]["ownerReferences"] = json!(without_owner(cur, &uid));
+                    Ok(next)
+                });
+                ignore_conflict(orphaned.await)?;
             }
             remove = Some("orphan");
         } else if fins.contains(&"foregroundDeletion") {
@@ -216,11 +220,18 @@ impl Collector {
             }
         }
         if let Some(f) = remove {
-            let mut next = (*obj).clone();
-            let left: Vec<&str> = fins.into_iter().filter(|x| *x != f).collect();
-            next["metadata"]["finalizers"] = json!(left);
             let call = Call::internal(r, ns, Some(owner::name(&obj)), None, MANAGER);
-            ignore_conflict(ctx.api.update_value(&call, next).await)?;
+            let seen = owner::seen_version(&obj);
+            let finalized = ctx.api.update_with(&call, seen, |cur| {
+                let mut next = cur.clone();
+                let left: Vec<&str> = owner::finalizers(cur)
+                    .into_iter()
+                    .filter(|x| *x != f)
+                    .collect();
+                next["metadata"]["finalizers"] = json!(left);
+                Ok(next)
+            });
+            ignore_conflict(finalized.await)?;
         }
         Ok(None)
     }

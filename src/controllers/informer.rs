@@ -16,7 +16,12 @@
 //!   cache holds every change up to it;
 //! - cached objects have no `metadata.managedFields` unless the informer was built
 //!   [`Informer::with_managed_fields`] (skipped while parsing: nearly half of a pod's
-//!   parsed size, on every replica, read by nothing).
+//!   parsed size, on every replica, read by nothing);
+//! - an informer built with a [`Trim`] keeps of each object what the trim says: a
+//!   projection (the pod informer keeps this of bound pods: what its readers read), or the
+//!   whole object with its `managedFields` (pods not yet bound, which the scheduler writes
+//!   back as it has them). A projected object is never written back: writers edit the
+//!   stored object ([`crate::api::Kube::update_with`]).
 //!
 //! The controllers' informers run on every replica, leader or not, so a new leader starts
 //! its control loops on caches that are already current (once they have caught up with the
@@ -80,6 +85,8 @@ pub struct Informer {
     progress: Notify,
     /// What is kept of each object (all of it without one).
     project: Option<fn(&Value) -> Value>,
+    /// What is kept of each object, object by object (see [`Trim`]).
+    trim: Option<Trim>,
     /// Whether objects keep `metadata.managedFields` (left out unless a controller reads
     /// them: nearly half of a pod's parsed size, which no controller or the scheduler reads).
     managed_fields: bool,
@@ -90,6 +97,11 @@ pub struct Informer {
     /// Kept with the cache: written under the cache's write lock (cache, then index).
     index: RwLock<Index>,
 }
+
+/// What an informer keeps of an object: `Ok(part)`, a projection of it (what its readers
+/// read), or `Err(whole)`, given back, to keep all of it, `metadata.managedFields` included
+/// (an object its readers write back as they have it).
+pub type Trim = fn(Value) -> Result<Value, Value>;
 
 /// Keys read from the store at once while listing.
 const LIST_CHUNK: i64 = 1000;
@@ -118,6 +130,18 @@ impl Informer {
         Self::build(r, None, indexers)
     }
 
+    /// An informer of `r` with indexes (as [`Informer::with_indexes`]) that keeps what
+    /// `trim` says of each object; indexes and subscribers see what is kept.
+    pub fn trimmed_with_indexes(
+        r: &'static Resource,
+        trim: Trim,
+        indexers: Vec<(&'static str, IndexFn)>,
+    ) -> Arc<Informer> {
+        let mut i = Self::build(r, None, indexers);
+        Arc::get_mut(&mut i).expect("just made").trim = Some(trim);
+        i
+    }
+
     fn build(
         r: &'static Resource,
         project: Option<fn(&Value) -> Value>,
@@ -131,6 +155,7 @@ impl Informer {
             revision: watch::channel(0).0,
             progress: Notify::new(),
             project,
+            trim: None,
             managed_fields: false,
             lists: std::sync::OnceLock::new(),
             indexers,
@@ -226,7 +251,11 @@ impl Informer {
         Self::build(r, Some(project), Vec::new())
     }
 
+    /// What is kept of `object`, parsed whole (with `metadata.managedFields`).
     fn keep(&self, mut object: Value) -> Arc<Value> {
+        if let Some(trim) = self.trim {
+            return Arc::new(trim(object).unwrap_or_else(|whole| whole));
+        }
         if !self.managed_fields {
             if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
                 meta.remove("managedFields");
@@ -451,12 +480,18 @@ impl Informer {
         let key = String::from_utf8_lossy(&e.kv.key).into_owned();
         match e.kind {
             store::EventKind::Put => match if self.managed_fields {
-                objects::decode(&e.kv)
+                objects::decode(&e.kv).map(|s| self.keep(s.object))
+            } else if let Some(trim) = self.trim {
+                // Parsed lean (most objects are trimmed); one kept whole is parsed again with
+                // its field ownership.
+                objects::decode_lean(&e.kv).and_then(|s| match trim(s.object) {
+                    Ok(part) => Ok(Arc::new(part)),
+                    Err(_) => objects::decode(&e.kv).map(|s| Arc::new(s.object)),
+                })
             } else {
-                objects::decode_lean(&e.kv)
+                objects::decode_lean(&e.kv).map(|s| self.keep(s.object))
             } {
-                Ok(s) => {
-                    let new = self.keep(s.object);
+                Ok(new) => {
                     let old = self.put(&key, new.clone());
                     self.notify(&key, old.as_ref(), Some(&new));
                 }

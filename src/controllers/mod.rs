@@ -170,7 +170,8 @@ impl Informers {
         metrics: &metrics::ControlMetrics,
         stop: &CancellationToken,
     ) -> Arc<Informers> {
-        let pods = Informer::with_indexes(resource("", "v1", "pods"), pod::indexers());
+        let pods =
+            Informer::trimmed_with_indexes(resource("", "v1", "pods"), pod::trim, pod::indexers());
         let nodes = Informer::new(resource("", "v1", "nodes"));
         // Subscribed before the informers run, so it hears of every object.
         let scheduling = crate::scheduler::Warm::new(&pods, &nodes);

@@ -23,6 +23,13 @@ pub fn uid(obj: &Value) -> &str {
         .unwrap_or("")
 }
 
+/// The version a write judged from `obj` is made at (`None` without one: no precondition).
+pub fn seen_version(obj: &Value) -> Option<String> {
+    Some(resource_version(obj))
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
 /// `metadata.resourceVersion`.
 pub fn resource_version(obj: &Value) -> &str {
     obj.ptr("/metadata/resourceVersion")

@@ -261,26 +261,30 @@ impl Controller {
             let Some(p) = ctx.pods.get(&pod_res.key(ns.as_deref(), name)) else {
                 continue;
             };
-            let mut next = (*p).clone();
-            let mut refs = owner::owner_refs(&next).to_vec();
-            refs.push(rs_ref.clone());
-            next["metadata"]["ownerReferences"] = json!(refs);
+            // The stored pod is edited, at the version judged (the cache holds a part of it).
             let call = Call::internal(pod_res, ns.as_deref(), Some(name), None, MANAGER);
-            ignore_conflict(ctx.api.update_value(&call, next).await)?;
+            let seen = owner::seen_version(&p);
+            let adopted = ctx.api.update_with(&call, seen, |cur| {
+                let mut next = cur.clone();
+                let mut refs = owner::owner_refs(cur).to_vec();
+                refs.push(rs_ref.clone());
+                next["metadata"]["ownerReferences"] = json!(refs);
+                Ok(next)
+            });
+            ignore_conflict(adopted.await)?;
         }
         for name in &plan.release {
             let Some(p) = ctx.pods.get(&pod_res.key(ns.as_deref(), name)) else {
                 continue;
             };
-            let mut next = (*p).clone();
-            let refs: Vec<Value> = owner::owner_refs(&next)
-                .iter()
-                .filter(|r| r.get("uid").and_then(Value::as_str) != Some(owner::uid(&rs)))
-                .cloned()
-                .collect();
-            next["metadata"]["ownerReferences"] = json!(refs);
             let call = Call::internal(pod_res, ns.as_deref(), Some(name), None, MANAGER);
-            ignore_conflict(ctx.api.update_value(&call, next).await)?;
+            let seen = owner::seen_version(&p);
+            let released = ctx.api.update_with(&call, seen, |cur| {
+                let mut next = cur.clone();
+                next["metadata"]["ownerReferences"] = json!(without_owner(cur, owner::uid(&rs)));
+                Ok(next)
+            });
+            ignore_conflict(released.await)?;
         }
         if plan.create > 0 {
             self.expectations.expect(key, plan.create as i64, 0);
@@ -395,6 +399,15 @@ fn same_status(a: &Value, b: &Value) -> bool {
 
 /// A 409 (someone else changed the object) or 404 is not a failure: the informer will
 /// bring the change and the key comes back.
+/// `obj`'s owner references but the one to `uid`.
+pub(crate) fn without_owner(obj: &Value, uid: &str) -> Vec<Value> {
+    owner::owner_refs(obj)
+        .iter()
+        .filter(|r| r.get("uid").and_then(Value::as_str) != Some(uid))
+        .cloned()
+        .collect()
+}
+
 pub(crate) fn ignore_conflict(r: Result<Value, KubeError>) -> Result<(), KubeError> {
     match r {
         Ok(_) => Ok(()),

@@ -143,7 +143,7 @@ pub struct NodeInfo {
 }
 
 /// What the scheduler needs of one pod.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodInfo {
     /// Requests (containers summed, init containers' max, plus one pod).
     pub requests: Resources,
