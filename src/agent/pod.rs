@@ -568,11 +568,7 @@ pub async fn run(env: Arc<Env>, mut rx: watch::Receiver<Option<Arc<Value>>>) {
         owner::namespace(&first).unwrap_or("").to_string(),
         owner::name(&first).to_string(),
     );
-    let dir = env.pods_dir.join(format!(
-        "{}_{}_{uid}",
-        owner::namespace(&first).unwrap_or(""),
-        owner::name(&first)
-    ));
+    let dir = env.pods_dir.join(format!("{namespace}_{name}_{uid}"));
     let restart = first
         .ptr("/spec/restartPolicy")
         .and_then(Value::as_str)
