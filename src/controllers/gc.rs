@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::queue::Queue;
-use super::replicaset::{ignore_conflict, without_owner};
+use super::replicaset::ignore_conflict;
 use super::{owner, Ctx};
 use crate::api::objects::Consistency;
 use crate::api::resources::{self, Resource};
@@ -191,7 +191,7 @@ impl Collector {
                 let seen = owner::seen_version(d);
                 let orphaned = ctx.api.update_with(&call, seen, |cur| {
                     let mut next = cur.clone();
-                    next["metadata"]["ownerReferences"] = json!(without_owner(cur, &uid));
+                    next["metadata"]["ownerReferences"] = json!(owner::refs_without(cur, &uid));
                     Ok(next)
                 });
                 ignore_conflict(orphaned.await)?;

@@ -51,6 +51,15 @@ pub fn owner_refs(obj: &Value) -> &[Value] {
         .unwrap_or(&[])
 }
 
+/// `obj`'s owner references but the one to `uid`.
+pub fn refs_without(obj: &Value, uid: &str) -> Vec<Value> {
+    owner_refs(obj)
+        .iter()
+        .filter(|r| r.get("uid").and_then(Value::as_str) != Some(uid))
+        .cloned()
+        .collect()
+}
+
 /// The owner reference with `controller: true`, if any.
 pub fn controller_ref(obj: &Value) -> Option<&Value> {
     owner_refs(obj)

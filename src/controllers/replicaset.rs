@@ -281,7 +281,8 @@ impl Controller {
             let seen = owner::seen_version(&p);
             let released = ctx.api.update_with(&call, seen, |cur| {
                 let mut next = cur.clone();
-                next["metadata"]["ownerReferences"] = json!(without_owner(cur, owner::uid(&rs)));
+                next["metadata"]["ownerReferences"] =
+                    json!(owner::refs_without(cur, owner::uid(&rs)));
                 Ok(next)
             });
             ignore_conflict(released.await)?;
@@ -399,15 +400,6 @@ fn same_status(a: &Value, b: &Value) -> bool {
 
 /// A 409 (someone else changed the object) or 404 is not a failure: the informer will
 /// bring the change and the key comes back.
-/// `obj`'s owner references but the one to `uid`.
-pub(crate) fn without_owner(obj: &Value, uid: &str) -> Vec<Value> {
-    owner::owner_refs(obj)
-        .iter()
-        .filter(|r| r.get("uid").and_then(Value::as_str) != Some(uid))
-        .cloned()
-        .collect()
-}
-
 pub(crate) fn ignore_conflict(r: Result<Value, KubeError>) -> Result<(), KubeError> {
     match r {
         Ok(_) => Ok(()),
