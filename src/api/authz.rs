@@ -190,10 +190,9 @@ fn informer(plural: &str) -> Arc<Informer> {
 impl Authorizer {
     /// Starts the caches on this replica's store; they run until `stop`.
     pub fn start(objects: Objects, stop: CancellationToken) -> Arc<Authorizer> {
-        let pods = Informer::projected(
-            resources::find("", "v1", "pods").expect("served"),
-            project_pod,
-        );
+        let pods = Informer::trimmed(resources::find("", "v1", "pods").expect("served"), |p| {
+            Ok(project_pod(&p))
+        });
         let graph: Arc<Mutex<Graph>> = Arc::default();
         {
             let graph = graph.clone();

@@ -83,9 +83,7 @@ pub struct Informer {
     revision: watch::Sender<i64>,
     /// Asks the running informer to learn its watch's current revision.
     progress: Notify,
-    /// What is kept of each object (all of it without one).
-    project: Option<fn(&Value) -> Value>,
-    /// What is kept of each object, object by object (see [`Trim`]).
+    /// What is kept of each object (all of it without one; see [`Trim`]).
     trim: Option<Trim>,
     /// Whether objects keep `metadata.managedFields` (left out unless a controller reads
     /// them: nearly half of a pod's parsed size, which no controller or the scheduler reads).
@@ -110,6 +108,12 @@ impl Informer {
     /// An informer of `r` (not yet running).
     pub fn new(r: &'static Resource) -> Arc<Informer> {
         Self::build(r, None, Vec::new())
+    }
+
+    /// An informer of `r` that keeps what `trim` says of each object (the node authorizer's
+    /// pods: their node and references only); subscribers see what is kept.
+    pub fn trimmed(r: &'static Resource, trim: Trim) -> Arc<Informer> {
+        Self::build(r, Some(trim), Vec::new())
     }
 
     /// An informer of `r` whose objects keep `metadata.managedFields` (the others leave it
@@ -137,14 +141,12 @@ impl Informer {
         trim: Trim,
         indexers: Vec<(&'static str, IndexFn)>,
     ) -> Arc<Informer> {
-        let mut i = Self::build(r, None, indexers);
-        Arc::get_mut(&mut i).expect("just made").trim = Some(trim);
-        i
+        Self::build(r, Some(trim), indexers)
     }
 
     fn build(
         r: &'static Resource,
-        project: Option<fn(&Value) -> Value>,
+        trim: Option<Trim>,
         indexers: Vec<(&'static str, IndexFn)>,
     ) -> Arc<Informer> {
         Arc::new(Informer {
@@ -154,8 +156,7 @@ impl Informer {
             synced: watch::channel(false).0,
             revision: watch::channel(0).0,
             progress: Notify::new(),
-            project,
-            trim: None,
+            trim,
             managed_fields: false,
             lists: std::sync::OnceLock::new(),
             indexers,
@@ -245,12 +246,6 @@ impl Informer {
         let _ = self.lists.set(c);
     }
 
-    /// An informer of `r` that keeps only `project(object)` of each object (what an index
-    /// needs, not the whole object); subscribers see the projections.
-    pub fn projected(r: &'static Resource, project: fn(&Value) -> Value) -> Arc<Informer> {
-        Self::build(r, Some(project), Vec::new())
-    }
-
     /// What is kept of `object`, parsed whole (with `metadata.managedFields`).
     fn keep(&self, mut object: Value) -> Arc<Value> {
         if let Some(trim) = self.trim {
@@ -261,10 +256,7 @@ impl Informer {
                 meta.remove("managedFields");
             }
         }
-        Arc::new(match self.project {
-            Some(p) => p(&object),
-            None => object,
-        })
+        Arc::new(object)
     }
 
     /// The resource.
