@@ -24,12 +24,13 @@
 //! - a consistent read (no `resourceVersion`) is served only once `rev` has reached the
 //!   replica's revision after a read barrier, so it sees every acknowledged write.
 //!
-//! A watch from a revision older than the window of a loaded cache is refused as expired
-//! (410), as kube-apiserver's watch cache refuses it: its client relists (from the cache)
-//! and watches on. Replaying the store's history instead cost every such watcher a parse of
-//! every change since (at 88,000 pods, thousands of node agents resuming watches that had
-//! fallen out of a window of a few seconds took most of every replica's CPU). Anything else
-//! the cache cannot serve (a page of a list, a cache still loading or resynchronising, or
+//! A watch with selectors from a revision older than the window of a loaded cache is refused
+//! as expired (410), as kube-apiserver's watch cache refuses it: its client relists (from
+//! the cache) and watches on. Replaying the store's history instead cost every such watcher
+//! a parse of every change since (at 88,000 pods, thousands of node agents resuming watches
+//! by node that had fallen out of a window of a few seconds took most of every replica's
+//! CPU). One without selectors is replayed from the store (its stored bytes go out as they
+//! are, unparsed). Anything else the cache cannot serve (a page of a list, a cache still loading or resynchronising, or
 //! one that does not catch up within a bound) is served from the store as before; both
 //! paths give the same bytes.
 
@@ -253,10 +254,8 @@ impl WatchCache {
     /// Registers a watcher of the changes after `after`, replaying those already in the
     /// window. `Ok(None)` when the cache cannot serve it yet: not loaded, or `after` newer
     /// than the cache (the caller waits first, or uses the store). `Err(since)` when `after`
-    /// is older than the window of a loaded cache: as kube-apiserver's watch cache, the
-    /// watch is refused as expired (410) and its client relists, instead of replaying the
-    /// store's history, which would parse every change since for every such watcher (a
-    /// node agent's watch by `spec.nodeName` among them).
+    /// is older than the window of a loaded cache (the caller refuses the watch as expired
+    /// or replays the store's history; see the module docs).
     pub(crate) fn watch_from(
         self: &Arc<Self>,
         filter: Filter,

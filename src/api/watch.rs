@@ -3,8 +3,9 @@
 //! `resourceVersion` absent or `0`: the current matching objects first (as `ADDED`), then
 //! changes. `N`: every change after revision N, replayed from the store's history (or from
 //! the watch cache's window, for the resources it keeps), then live changes; N below the
-//! compaction point, or below the window of a loaded watch cache, gets 410 `Expired` (the
-//! client relists, as kube-apiserver's clients do). Label and field selectors apply
+//! compaction point gets 410 `Expired`, and so does a watch with selectors from below the
+//! window of a loaded watch cache (the client relists, as kube-apiserver's clients do).
+//! Label and field selectors apply
 //! to both sides of each change, so an object that stops matching is reported `DELETED` and
 //! one that starts matching `ADDED`. `timeoutSeconds` ends the stream; with
 //! `allowWatchBookmarks` an idle stream gets `BOOKMARK`s carrying the current revision.
@@ -337,10 +338,17 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
             }
             Some(rv) => {
                 if c.wait_for(rv).await {
-                    feed = c
-                        .watch_from(filter, rv)
-                        .map_err(|since| KubeError::expired(rv, since))?
-                        .map(Feed::Cache);
+                    feed = match c.watch_from(filter, rv) {
+                        Ok(sub) => sub.map(Feed::Cache),
+                        // Older than the window: a replay from the store would parse every
+                        // change since for a watcher with selectors (a node agent's, by
+                        // `spec.nodeName`): it is refused, and the client relists. Without
+                        // selectors the stored bytes go out as they are: replayed.
+                        Err(since) if !(labels.is_empty() && fields.is_empty()) => {
+                            return Err(KubeError::expired(rv, since));
+                        }
+                        Err(_) => None,
+                    };
                 }
             }
         }
