@@ -10,8 +10,13 @@
 //! - subscribers are called after the cache reflects the change, on the informer's task, with
 //!   the object before and after; they must only enqueue work (no `.await`, no blocking);
 //! - a subscriber that joins a running informer is first told of every cached object (as a
-//!   creation), under the lock that orders notifications: it misses no change (it may hear
-//!   of one twice);
+//!   creation), in key order, a chunk at a time: between chunks the informer goes on
+//!   changing the cache and telling every subscriber (a new leader's replays of 150,000
+//!   pods must not hold back the pod its scheduler waits for). The joining subscriber hears
+//!   of a change only once its replay has passed the changed key; a change beyond that is
+//!   told by the replay itself, as the object then is. A change and its telling are one
+//!   step to a replay (both under the handlers' lock), so a subscriber hears of each object
+//!   first as a creation and then of each later change once, in order;
 //! - `synced` turns true after the first list and never back; `revision` only grows and the
 //!   cache holds every change up to it;
 //! - cached objects have no `metadata.managedFields` unless the informer was built
@@ -31,6 +36,7 @@
 
 use crate::api::meta::Ptr;
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -66,18 +72,45 @@ type Index = std::collections::HashMap<
     std::collections::HashMap<String, std::collections::BTreeSet<String>>,
 >;
 
+/// One subscriber.
+struct Subscriber {
+    f: Handler,
+    /// Tells subscribers apart (a replay finds its own between chunks).
+    id: u64,
+    /// While its replay runs: the last key replayed (`Some(None)`: none yet). It hears of
+    /// changes to keys up to there; the replay tells it of the others. `None` once replayed.
+    joining: Option<Option<String>>,
+}
+
+impl Subscriber {
+    fn hears(&self, key: &str) -> bool {
+        match &self.joining {
+            None => true,
+            Some(None) => false,
+            Some(Some(last)) => key <= last.as_str(),
+        }
+    }
+}
+
 /// Who hears of changes: the replica's lasting subscribers first, then the current term's.
 #[derive(Default)]
 struct Handlers {
-    lasting: Vec<Handler>,
-    term: Vec<Handler>,
+    lasting: Vec<Subscriber>,
+    term: Vec<Subscriber>,
+    next_id: u64,
 }
+
+/// Objects a joining subscriber is told of per hold of the handlers' lock.
+const REPLAY_CHUNK: usize = 512;
 
 /// A cache of one resource.
 pub struct Informer {
     r: &'static Resource,
-    cache: RwLock<BTreeMap<String, Arc<Value>>>,
-    handlers: RwLock<Handlers>,
+    cache: parking_lot::RwLock<BTreeMap<String, Arc<Value>>>,
+    /// Held (shared) by the informer from before it changes the cache until it has told
+    /// every subscriber, and (exclusive) by a replay for each chunk, released fairly
+    /// between chunks: a change waiting goes before the next chunk. Taken before `cache`.
+    handlers: parking_lot::RwLock<Handlers>,
     synced: watch::Sender<bool>,
     /// The store revision the cache reflects.
     revision: watch::Sender<i64>,
@@ -151,8 +184,8 @@ impl Informer {
     ) -> Arc<Informer> {
         Arc::new(Informer {
             r,
-            cache: RwLock::new(BTreeMap::new()),
-            handlers: RwLock::new(Handlers::default()),
+            cache: parking_lot::RwLock::new(BTreeMap::new()),
+            handlers: parking_lot::RwLock::new(Handlers::default()),
             synced: watch::channel(false).0,
             revision: watch::channel(0).0,
             progress: Notify::new(),
@@ -166,7 +199,7 @@ impl Informer {
 
     /// Caches `new` under `key` (and indexes it); returns what it replaced.
     fn put(&self, key: &str, new: Arc<Value>) -> Option<Arc<Value>> {
-        let mut cache = self.cache.write().expect("not poisoned");
+        let mut cache = self.cache.write();
         let old = cache.insert(key.to_string(), new.clone());
         self.reindex(key, old.as_deref(), Some(&new));
         old
@@ -174,7 +207,7 @@ impl Informer {
 
     /// Drops `key` from the cache and the indexes; returns what it held.
     fn remove(&self, key: &str) -> Option<Arc<Value>> {
-        let mut cache = self.cache.write().expect("not poisoned");
+        let mut cache = self.cache.write();
         let old = cache.remove(key);
         self.reindex(key, old.as_deref(), None);
         old
@@ -217,7 +250,7 @@ impl Informer {
             .and_then(|values| values.get(value))
             .map(|keys| keys.iter().cloned().collect())
             .unwrap_or_default();
-        let cache = self.cache.read().expect("not poisoned");
+        let cache = self.cache.read();
         keys.iter().filter_map(|k| cache.get(k).cloned()).collect()
     }
 
@@ -265,8 +298,9 @@ impl Informer {
     }
 
     /// Calls `f` for every object already cached (as a creation), then for every change from
-    /// now on. The handlers' lock is held throughout, so a change applied meanwhile is told
-    /// after the replay (if the replay already saw it, `f` hears of it twice).
+    /// now on. The replay goes in key order, [`REPLAY_CHUNK`] objects per hold of the
+    /// handlers' lock; meanwhile `f` hears of changes to keys already replayed, and the
+    /// replay tells it of the others as they then are.
     pub fn subscribe(&self, f: impl Fn(&Change<'_>) + Send + Sync + 'static) {
         self.subscribe_to(false, f)
     }
@@ -279,30 +313,71 @@ impl Informer {
     }
 
     fn subscribe_to(&self, lasting: bool, f: impl Fn(&Change<'_>) + Send + Sync + 'static) {
-        let mut handlers = self.handlers.write().expect("not poisoned");
-        // What the replay queues waits behind what changes meanwhile (a new leader's
-        // backlog of every object must not delay its answer to a change).
-        super::queue::background(|| {
-            for (key, object) in self.cache.read().expect("not poisoned").iter() {
-                f(&Change {
-                    key,
-                    old: None,
-                    new: Some(object),
-                    replay: true,
+        let id = {
+            let mut handlers = self.handlers.write();
+            let id = handlers.next_id;
+            handlers.next_id += 1;
+            let sub = Subscriber {
+                f: Box::new(f),
+                id,
+                joining: Some(None),
+            };
+            if lasting {
+                handlers.lasting.push(sub);
+            } else {
+                handlers.term.push(sub);
+            }
+            id
+        };
+        loop {
+            let mut handlers = self.handlers.write();
+            let Handlers { lasting, term, .. } = &mut *handlers;
+            // Gone if the term's subscribers were dropped meanwhile.
+            let Some(sub) = lasting
+                .iter_mut()
+                .chain(term.iter_mut())
+                .find(|s| s.id == id)
+            else {
+                return;
+            };
+            let from = match &sub.joining {
+                Some(Some(last)) => Bound::Excluded(last.clone()),
+                _ => Bound::Unbounded,
+            };
+            let mut last = None;
+            {
+                let cache = self.cache.read();
+                // What the replay queues waits behind what changes meanwhile (a new leader's
+                // backlog of every object must not delay its answer to a change).
+                super::queue::background(|| {
+                    for (key, object) in cache
+                        .range::<String, _>((from, Bound::Unbounded))
+                        .take(REPLAY_CHUNK)
+                    {
+                        (sub.f)(&Change {
+                            key,
+                            old: None,
+                            new: Some(object),
+                            replay: true,
+                        });
+                        last = Some(key.clone());
+                    }
                 });
             }
-        });
-        if lasting {
-            handlers.lasting.push(Box::new(f));
-        } else {
-            handlers.term.push(Box::new(f));
+            let done = last.is_none();
+            sub.joining = last.map(Some);
+            // A notification waiting for the lock goes before the next chunk.
+            parking_lot::RwLockWriteGuard::unlock_fair(handlers);
+            if done {
+                return;
+            }
         }
     }
 
     /// Drops every subscriber of a term (its control loops, once they have stopped); the
     /// lasting ones stay.
     pub fn unsubscribe_all(&self) {
-        self.handlers.write().expect("not poisoned").term.clear();
+        self.handlers.write().term.clear();
     }
 
     /// Waits until the cache reflects store revision `rev` (or `stop`); false if stopped.
@@ -335,24 +410,18 @@ impl Informer {
 
     /// One object by store key.
     pub fn get(&self, key: &str) -> Option<Arc<Value>> {
-        self.cache.read().expect("not poisoned").get(key).cloned()
+        self.cache.read().get(key).cloned()
     }
 
     /// Every cached object.
     pub fn list(&self) -> Vec<Arc<Value>> {
-        self.cache
-            .read()
-            .expect("not poisoned")
-            .values()
-            .cloned()
-            .collect()
+        self.cache.read().values().cloned().collect()
     }
 
     /// Every cached object for which `f` holds.
     pub fn filter(&self, f: impl Fn(&Value) -> bool) -> Vec<Arc<Value>> {
         self.cache
             .read()
-            .expect("not poisoned")
             .values()
             .filter(|v| f(v))
             .cloned()
@@ -371,7 +440,6 @@ impl Informer {
         let end = format!("{}{ns}0", self.r.prefix()); // '0' follows '/'
         self.cache
             .read()
-            .expect("not poisoned")
             .range(start..end)
             .map(|(_, v)| v.clone())
             .collect()
@@ -379,12 +447,7 @@ impl Informer {
 
     /// Every cached key.
     pub fn keys(&self) -> Vec<String> {
-        self.cache
-            .read()
-            .expect("not poisoned")
-            .keys()
-            .cloned()
-            .collect()
+        self.cache.read().keys().cloned().collect()
     }
 
     /// Waits until the first list is in the cache.
@@ -393,16 +456,18 @@ impl Informer {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    fn notify(&self, key: &str, old: Option<&Arc<Value>>, new: Option<&Arc<Value>>) {
+    /// Tells `handlers` (held since before the cache changed) of a change.
+    fn notify(handlers: &Handlers, key: &str, old: Option<&Arc<Value>>, new: Option<&Arc<Value>>) {
         let change = Change {
             key,
             old,
             new,
             replay: false,
         };
-        let handlers = self.handlers.read().expect("not poisoned");
         for h in handlers.lasting.iter().chain(handlers.term.iter()) {
-            h(&change);
+            if h.hears(key) {
+                (h.f)(&change);
+            }
         }
     }
 
@@ -484,15 +549,17 @@ impl Informer {
                 objects::decode_lean(&e.kv).map(|s| self.keep(s.object))
             } {
                 Ok(new) => {
+                    let handlers = self.handlers.read();
                     let old = self.put(&key, new.clone());
-                    self.notify(&key, old.as_ref(), Some(&new));
+                    Self::notify(&handlers, &key, old.as_ref(), Some(&new));
                 }
                 Err(err) => tracing::warn!(key, %err, "undecodable object"),
             },
             store::EventKind::Delete => {
+                let handlers = self.handlers.read();
                 let old = self.remove(&key);
                 if old.is_some() {
-                    self.notify(&key, old.as_ref(), None);
+                    Self::notify(&handlers, &key, old.as_ref(), None);
                 }
             }
         }
@@ -537,8 +604,9 @@ impl Informer {
                 _ => break,
             }
         }
+        let handlers = self.handlers.read();
         let old = {
-            let mut cache = self.cache.write().expect("not poisoned");
+            let mut cache = self.cache.write();
             if !self.indexers.is_empty() {
                 *self.index.write().expect("not poisoned") = Index::new();
                 for (k, v) in &fresh {
@@ -550,12 +618,12 @@ impl Informer {
         for (k, v) in &fresh {
             match old.get(k) {
                 Some(o) if o == v => {}
-                o => self.notify(k, o, Some(v)),
+                o => Self::notify(&handlers, k, o, Some(v)),
             }
         }
         for (k, o) in &old {
             if !fresh.contains_key(k) {
-                self.notify(k, Some(o), None);
+                Self::notify(&handlers, k, Some(o), None);
             }
         }
         Ok(at)
@@ -604,6 +672,145 @@ mod tests {
         assert_eq!(
             *lean.keep(pod.clone()),
             json!({"metadata": {"namespace": "a", "name": "p"}, "spec": {}})
+        );
+    }
+
+    /// A store event for pod `name` in namespace `a` at revision `rev` (a deletion if not `put`).
+    fn pod_event(name: &str, rev: i64, put: bool) -> store::Event {
+        let pods = resources::find("", "v1", "pods").unwrap();
+        store::Event {
+            kind: if put {
+                store::EventKind::Put
+            } else {
+                store::EventKind::Delete
+            },
+            kv: store::KeyValue {
+                key: pods.key(Some("a"), name).into_bytes(),
+                create_revision: 1,
+                mod_revision: rev,
+                version: 1,
+                value: if put {
+                    serde_json::to_vec(&json!({"metadata": {"namespace": "a", "name": name}}))
+                        .unwrap()
+                } else {
+                    Vec::new()
+                },
+            },
+            prev_kv: None,
+        }
+    }
+
+    #[test]
+    fn a_joining_subscriber_hears_changes_during_its_replay_and_misses_none() {
+        let pods = resources::find("", "v1", "pods").unwrap();
+        let inf = Informer::new(pods);
+        let n = 8 * REPLAY_CHUNK;
+        let name = |i: usize| format!("p{i:06}");
+        for i in 0..n {
+            inf.apply_event(&pod_event(&name(i), 10, true));
+        }
+        // What the subscriber hears: key, replay, had an old object, the new one's version.
+        type Heard = (String, bool, bool, Option<String>);
+        let heard: Arc<std::sync::Mutex<Vec<Heard>>> = Arc::default();
+        let (go, started) = std::sync::mpsc::channel::<()>();
+        let go = std::sync::Mutex::new(Some(go));
+        // Meanwhile another thread changes objects already replayed and not yet replayed.
+        let changer = {
+            let inf = inf.clone();
+            let (last, gone, early) = (name(n - 1), name(n - 2), name(0));
+            std::thread::spawn(move || {
+                started.recv().expect("the replay started");
+                inf.apply_event(&pod_event(&last, 20, true));
+                inf.apply_event(&pod_event(&gone, 21, false));
+                inf.apply_event(&pod_event("q-new", 22, true));
+                inf.apply_event(&pod_event(&early, 23, true));
+            })
+        };
+        {
+            let heard = heard.clone();
+            inf.subscribe(move |c| {
+                let rv = c
+                    .new
+                    .and_then(|v| v.ptr("/metadata/resourceVersion"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                heard
+                    .lock()
+                    .unwrap()
+                    .push((c.key.to_string(), c.replay, c.old.is_some(), rv));
+                if let Some(go) = go.lock().unwrap().take() {
+                    go.send(()).unwrap();
+                }
+                // A replay slow enough (about half a second) for the other thread to come
+                // and wait on the locks it holds, even on a busy machine.
+                if c.replay {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            });
+        }
+        changer.join().unwrap();
+        let all = heard;
+        let heard = all.lock().unwrap().clone();
+        // Changes were told while the replay ran, not held back until it ended.
+        let last_replay = heard.iter().rposition(|h| h.1).expect("a replay");
+        let first_change = heard.iter().position(|h| !h.1).expect("a change heard");
+        assert!(
+            first_change < last_replay,
+            "a change was told only after the whole replay ({first_change} vs {last_replay})"
+        );
+        // It hears of each object first as a creation, then of each change once.
+        let mut known: std::collections::HashMap<String, String> = Default::default();
+        for (key, _, old, rv) in &heard {
+            if *old {
+                let last = known.get(key);
+                assert!(last.is_some(), "{key} changed before it was told of it");
+                assert_ne!(last, rv.as_ref(), "{key}: one change told twice");
+            } else {
+                assert!(!known.contains_key(key), "{key} created twice");
+            }
+            match rv {
+                Some(rv) => known.insert(key.clone(), rv.clone()),
+                None => known.remove(key),
+            };
+        }
+        // And what it heard, in order, adds up to the cache: nothing missed.
+        let mut state: BTreeMap<String, String> = BTreeMap::new();
+        for (key, _, _, rv) in heard {
+            match rv {
+                Some(rv) => state.insert(key, rv),
+                None => state.remove(&key),
+            };
+        }
+        let cached: BTreeMap<String, String> = inf
+            .cache
+            .read()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(state.len(), n);
+        assert_eq!(state, cached);
+        assert_eq!(state[&pods.key(Some("a"), &name(0))], "23");
+        assert_eq!(state[&pods.key(Some("a"), &name(n - 1))], "20");
+        assert!(state.contains_key(&pods.key(Some("a"), "q-new")));
+        // Once joined, it hears every change.
+        inf.apply_event(&pod_event(&name(5), 30, true));
+        let h = all.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(
+            h,
+            (
+                pods.key(Some("a"), &name(5)),
+                false,
+                true,
+                Some("30".into())
+            )
         );
     }
 
@@ -679,7 +886,7 @@ mod tests {
             ("a-b", "p4"),
             ("b", "p5"),
         ] {
-            inf.cache.write().unwrap().insert(
+            inf.cache.write().insert(
                 pods.key(Some(ns), name),
                 Arc::new(json!({"metadata": {"namespace": ns, "name": name}})),
             );

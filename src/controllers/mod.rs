@@ -649,7 +649,15 @@ async fn lead(
         config,
         informers,
     ));
-    start(&ctx, &mut set);
+    // The replays of every cached object are seconds of work at scale: the worker thread
+    // this runs on hands its other tasks (the loops already started, the API) to another.
+    if tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread
+    {
+        tokio::task::block_in_place(|| start(&ctx, &mut set));
+    } else {
+        start(&ctx, &mut set);
+    }
     metrics
         .start_seconds
         .observe(elected.elapsed().as_secs_f64());
@@ -700,9 +708,14 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
         let ctx = ctx.clone();
         set.spawn(async move { ensure_system_namespaces(&ctx).await });
     }
+    // How long each control loop's subscriptions took (logged once per term).
+    let begun = std::time::Instant::now();
+    let mut took: Vec<(&str, u128)> = Vec::new();
+    let mut step = |name: &'static str| took.push((name, begun.elapsed().as_millis()));
     macro_rules! controller {
         ($name:literal, $c:expr, $primary:expr, $workers:expr) => {{
             let c = Arc::new($c);
+            step($name);
             spawn_controller(
                 set,
                 ctx,
@@ -731,6 +744,7 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
     );
     {
         let sched = Arc::new(crate::scheduler::Scheduler::new(ctx));
+        step("scheduler");
         let ctx = ctx.clone();
         set.spawn(async move {
             if wait_synced(&ctx).await {
@@ -765,6 +779,7 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
     );
     {
         let lifecycle = Arc::new(nodelifecycle::NodeLifecycle::new(ctx));
+        step("nodelifecycle");
         let ctx = ctx.clone();
         set.spawn(async move {
             if wait_synced(&ctx).await {
@@ -779,6 +794,11 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
         4
     );
     controller!("garbage-collector", gc::Collector::new(ctx), ctx.pods, 2);
+    tracing::info!(
+        term = ctx.term,
+        ?took,
+        "control loops subscribed (ms since start)"
+    );
 }
 
 /// Waits until every informer has listed; false if the term ended first.

@@ -197,6 +197,8 @@ impl Scheduler {
                             q.add(c.key)
                         }
                     }
+                    // Nothing is waiting or derived yet while the term's start replays pods.
+                    Some(_) if c.replay => {}
                     Some(new) => {
                         w.lock().expect("not poisoned").remove(c.key);
                         facts.lock().expect("not poisoned").remove(c.key);
@@ -216,6 +218,10 @@ impl Scheduler {
             });
         }
         ctx.nodes.subscribe(move |c| {
+            // Nothing waits yet while the nodes are replayed at the term's start.
+            if c.replay {
+                return;
+            }
             let relevant = |v: Option<&Arc<Value>>| {
                 v.map(|n| {
                     (
@@ -260,6 +266,9 @@ impl Scheduler {
             );
         }
         self.set_pending(&ctx, 0);
+        // How soon a new leader's scheduler gets to work (logged once per term).
+        let begun = std::time::Instant::now();
+        let mut first_round = true;
         while let Some(first) = self.queue.next().await {
             let mut keys = vec![first];
             while keys.len() < BATCH {
@@ -269,7 +278,17 @@ impl Scheduler {
                 }
             }
             self.set_pending(&ctx, keys.len());
+            let started = begun.elapsed();
             self.round(&ctx, &keys).await;
+            if std::mem::take(&mut first_round) {
+                tracing::info!(
+                    term = ctx.term,
+                    pods = keys.len(),
+                    started_s = started.as_secs_f64(),
+                    done_s = begun.elapsed().as_secs_f64(),
+                    "scheduler: first round done"
+                );
+            }
             for k in &keys {
                 self.queue.done(k);
             }
