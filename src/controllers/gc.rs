@@ -1,7 +1,13 @@
 //! The garbage collector: ownerReferences and cascading deletion.
 //!
-//! Owns the index from an owner's uid to its dependents (from the
-//! informers of pods, ReplicaSets, Deployments and Jobs). Rules, as Kubernetes':
+//! Two parts. [`Graph`], on every replica from start to shutdown, owns the index from an
+//! owner's uid to its dependents, kept from the informers of pods, ReplicaSets, Deployments
+//! and Jobs (a new leader's collector starts on it instead of rebuilding it from every
+//! object). [`Collector`], one per term on the leader, owns the queue of objects to check.
+//! A new term queues, of the objects already cached, only those it may have work for (as
+//! kube-controller-manager's graph builder does): a dependent with an owner that is not
+//! cached with its uid, and an owner being deleted (its dependents, and its finalizer); not
+//! every one of 150,000 pods whose owner is plainly there. Rules, as Kubernetes':
 //! - a dependent none of whose owners exist any more is deleted (Background cascade);
 //!   references to owners that are gone are dropped while another owner remains;
 //! - an owner being deleted with the `foregroundDeletion` finalizer has its dependents
@@ -19,6 +25,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::informer::{Change, Informer};
 use super::queue::Queue;
 use super::replicaset::ignore_conflict;
 use super::{owner, Ctx};
@@ -35,48 +42,91 @@ pub const MANAGER: &str = "generic-garbage-collector";
 const OWNER: &str = "owner:";
 
 /// The informers of every kind that can be an owner or a dependent.
-fn watched(ctx: &Ctx) -> [&Arc<super::informer::Informer>; 4] {
+fn watched(ctx: &Ctx) -> [&Arc<Informer>; 4] {
     [&ctx.pods, &ctx.replicasets, &ctx.deployments, &ctx.jobs]
+}
+
+/// Owner uid → its dependents' store keys, kept on every replica by lasting subscriptions
+/// to the informers of every kind that can be an owner or a dependent.
+#[derive(Default)]
+pub struct Graph {
+    dependents: Mutex<HashMap<String, HashSet<String>>>,
+}
+
+impl Graph {
+    /// Subscribes to `informers` for the replica's lifetime (before they run: it hears of
+    /// every object).
+    pub fn new(informers: &[&Arc<Informer>]) -> Arc<Graph> {
+        let graph = Arc::new(Graph::default());
+        for inf in informers {
+            let g = graph.clone();
+            inf.subscribe_lasting(move |c| g.changed(c));
+        }
+        graph
+    }
+
+    fn changed(&self, c: &Change<'_>) {
+        let mut d = self.dependents.lock().expect("not poisoned");
+        if let Some(old) = c.old {
+            for r in owner::owner_refs(old) {
+                if let Some(u) = r.get("uid").and_then(Value::as_str) {
+                    if let Some(set) = d.get_mut(u) {
+                        set.remove(c.key);
+                        if set.is_empty() {
+                            d.remove(u);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(new) = c.new {
+            for r in owner::owner_refs(new) {
+                if let Some(u) = r.get("uid").and_then(Value::as_str) {
+                    d.entry(u.to_string())
+                        .or_default()
+                        .insert(c.key.to_string());
+                }
+            }
+        }
+    }
+
+    /// The store keys of the objects that name `uid` as an owner.
+    pub fn dependents_of(&self, uid: &str) -> Vec<String> {
+        self.dependents
+            .lock()
+            .expect("not poisoned")
+            .get(uid)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 /// The garbage collector of one term.
 pub struct Collector {
     pub(crate) queue: Arc<Queue>,
-    /// owner uid → dependents' store keys.
-    dependents: Arc<Mutex<HashMap<String, HashSet<String>>>>,
+    /// The replica's owner → dependents index.
+    graph: Arc<Graph>,
 }
 
 impl Collector {
     /// Wires the collector to the informers of possible dependents and owners.
     pub fn new(ctx: &Ctx) -> Collector {
         let queue = Arc::new(Queue::default());
-        let dependents: Arc<Mutex<HashMap<String, HashSet<String>>>> = Arc::default();
+        let graph = ctx.gc_graph.clone();
+        let informers: Vec<Arc<Informer>> = watched(ctx).into_iter().cloned().collect();
         for inf in watched(ctx) {
-            let (q, deps) = (queue.clone(), dependents.clone());
+            let (q, g) = (queue.clone(), graph.clone());
+            let (informers, this) = (informers.clone(), inf.resource());
             inf.subscribe(move |c| {
-                let mut d = deps.lock().expect("not poisoned");
-                if let Some(old) = c.old {
-                    for r in owner::owner_refs(old) {
-                        if let Some(u) = r.get("uid").and_then(Value::as_str) {
-                            if let Some(set) = d.get_mut(u) {
-                                set.remove(c.key);
-                                if set.is_empty() {
-                                    d.remove(u);
-                                }
-                            }
-                        }
-                    }
-                }
                 if let Some(new) = c.new {
-                    let refs = owner::owner_refs(new);
-                    for r in refs {
-                        if let Some(u) = r.get("uid").and_then(Value::as_str) {
-                            d.entry(u.to_string())
-                                .or_default()
-                                .insert(c.key.to_string());
-                        }
-                    }
-                    if !refs.is_empty() {
+                    // A replayed dependent whose owners are all cached as named is left
+                    // alone: were one deleted, that deletion would queue it.
+                    let owned = !owner::owner_refs(new).is_empty();
+                    let settled = c.replay
+                        && owners_cached(new, |r| {
+                            cached_owner(&informers, this, r, owner::namespace(new))
+                        });
+                    if owned && !settled {
                         q.add(c.key);
                     }
                     if owner::is_deleting(new)
@@ -91,24 +141,17 @@ impl Collector {
                 let gone = c.new.is_none() || c.new.is_some_and(|n| owner::is_deleting(n));
                 if gone {
                     let obj = c.new.or(c.old).expect("a change has an object");
-                    if let Some(set) = d.get(owner::uid(obj)) {
-                        for k in set {
-                            q.add(k);
-                        }
+                    for k in g.dependents_of(owner::uid(obj)) {
+                        q.add(&k);
                     }
                 }
             });
         }
-        Collector { queue, dependents }
+        Collector { queue, graph }
     }
 
     fn dependents_of(&self, uid: &str) -> Vec<String> {
-        self.dependents
-            .lock()
-            .expect("not poisoned")
-            .get(uid)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default()
+        self.graph.dependents_of(uid)
     }
 
     /// Handles one queue key: a dependent, or an owner's finalizer.
@@ -237,6 +280,39 @@ impl Collector {
     }
 }
 
+/// True if every owner `obj` names is found by `lookup` with the uid named. An owner being
+/// deleted counts as there: its own deletion queues its dependents.
+fn owners_cached(obj: &Value, lookup: impl Fn(&Value) -> Option<Arc<Value>>) -> bool {
+    owner::owner_refs(obj).iter().all(|r| {
+        let uid = r.get("uid").and_then(Value::as_str).unwrap_or("");
+        lookup(r).is_some_and(|o| !uid.is_empty() && owner::uid(&o) == uid)
+    })
+}
+
+/// The owner reference `rf` (of an object in `ns`) names, from the informer of its kind among
+/// `informers`; `None` if it is not cached, its kind has no informer there, or its kind is
+/// `this` (the informer whose cache a replay is reading: not read again under it).
+fn cached_owner(
+    informers: &[Arc<Informer>],
+    this: &'static Resource,
+    rf: &Value,
+    ns: Option<&str>,
+) -> Option<Arc<Value>> {
+    let api_version = rf.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let kind = rf.get("kind").and_then(Value::as_str).unwrap_or("");
+    let name = rf.get("name").and_then(Value::as_str)?;
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let inf = informers.iter().find(|i| {
+        let r = i.resource();
+        r.group == group && r.version == version && r.kind == kind
+    })?;
+    let r = inf.resource();
+    if std::ptr::eq(r, this) {
+        return None;
+    }
+    inf.get(&r.key(if r.namespaced { ns } else { None }, name))
+}
+
 /// Whether the owner a reference names exists (same uid): seen in an informer, or else
 /// read from the leader's store (a cache may lag, so only its "yes" is taken as is: an
 /// owner deleted since is an event that queues its dependents again; a new leader checks
@@ -264,4 +340,165 @@ async fn owner_exists(ctx: &Ctx, rf: &Value, ns: Option<&str>) -> Result<bool, K
         .get(&key, Consistency::Local)
         .await?
         .is_some_and(|s| owner::uid(&s.object) == uid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_store as store;
+
+    /// Puts `obj` into `inf` as the informer's watch would (at revision 2).
+    fn put(inf: &Informer, obj: Value) {
+        let r = inf.resource();
+        inf.apply_event(&store::Event {
+            kind: store::EventKind::Put,
+            kv: store::KeyValue {
+                key: r
+                    .key(owner::namespace(&obj), owner::name(&obj))
+                    .into_bytes(),
+                create_revision: 2,
+                mod_revision: 2,
+                version: 1,
+                value: serde_json::to_vec(&obj).unwrap(),
+            },
+            prev_kv: None,
+        });
+    }
+
+    fn rf(kind: &str, name: &str, uid: &str) -> Value {
+        let api_version = if kind == "ReplicaSet" {
+            "apps/v1"
+        } else {
+            "v1"
+        };
+        json!({"apiVersion": api_version, "kind": kind, "name": name, "uid": uid})
+    }
+
+    fn pod(ns: &str, name: &str, uid: &str, refs: Value) -> Value {
+        json!({"metadata": {"namespace": ns, "name": name, "uid": uid,
+            "ownerReferences": refs}})
+    }
+
+    #[test]
+    fn a_replayed_dependent_is_checked_only_if_an_owner_is_not_cached_as_named() {
+        let pods_res = resources::find("", "v1", "pods").unwrap();
+        let rs_res = resources::find("apps", "v1", "replicasets").unwrap();
+        let (pods, rss) = (Informer::new(pods_res), Informer::new(rs_res));
+        put(
+            &rss,
+            json!({"metadata": {"namespace": "a", "name": "web", "uid": "u1"}}),
+        );
+        put(&pods, pod("a", "owner", "u4", json!([])));
+        let informers = vec![pods.clone(), rss.clone()];
+        // As the pod informer's replay judges a pod.
+        let left_alone = |p: &Value| {
+            owners_cached(p, |r| {
+                cached_owner(&informers, pods_res, r, owner::namespace(p))
+            })
+        };
+        assert!(left_alone(&pod(
+            "a",
+            "p",
+            "x",
+            json!([rf("ReplicaSet", "web", "u1")])
+        )));
+        // A different object under the owner's name is not the owner named.
+        assert!(!left_alone(&pod(
+            "a",
+            "p",
+            "x",
+            json!([rf("ReplicaSet", "web", "u0")])
+        )));
+        // An owner not cached; one of two owners not cached; the owner's name in another
+        // namespace.
+        assert!(!left_alone(&pod(
+            "a",
+            "p",
+            "x",
+            json!([rf("ReplicaSet", "gone", "u2")])
+        )));
+        assert!(!left_alone(&pod(
+            "a",
+            "p",
+            "x",
+            json!([
+                rf("ReplicaSet", "web", "u1"),
+                rf("ReplicaSet", "gone", "u2")
+            ])
+        )));
+        assert!(!left_alone(&pod(
+            "b",
+            "p",
+            "x",
+            json!([rf("ReplicaSet", "web", "u1")])
+        )));
+        // A kind without an informer here: the check reads the store.
+        assert!(!left_alone(&pod(
+            "a",
+            "p",
+            "x",
+            json!([rf("ConfigMap", "c", "u3")])
+        )));
+        // A pod owned by a pod is not looked up in the cache being replayed (checked
+        // instead); another informer's replay looks it up.
+        let owned_by_pod = pod("a", "p", "x", json!([rf("Pod", "owner", "u4")]));
+        assert!(!left_alone(&owned_by_pod));
+        assert!(owners_cached(&owned_by_pod, |r| cached_owner(
+            &informers,
+            rs_res,
+            r,
+            Some("a")
+        )));
+    }
+
+    #[test]
+    fn the_graph_follows_every_change_of_owner_references() {
+        let pods_res = resources::find("", "v1", "pods").unwrap();
+        let pods = Informer::new(pods_res);
+        let graph = Graph::new(&[&pods]);
+        // It keeps following after a term's subscribers are dropped.
+        pods.unsubscribe_all();
+        let key = |n: &str| pods_res.key(Some("a"), n);
+        put(
+            &pods,
+            pod("a", "p1", "x1", json!([rf("ReplicaSet", "web", "u1")])),
+        );
+        put(
+            &pods,
+            pod(
+                "a",
+                "p2",
+                "x2",
+                json!([rf("ReplicaSet", "web", "u1"), rf("Pod", "o", "u9")]),
+            ),
+        );
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(graph.dependents_of("u1")), [key("p1"), key("p2")]);
+        assert_eq!(graph.dependents_of("u9"), [key("p2")]);
+        // Released by one owner, adopted by another.
+        put(
+            &pods,
+            pod("a", "p2", "x2", json!([rf("ReplicaSet", "db", "u2")])),
+        );
+        assert_eq!(graph.dependents_of("u1"), [key("p1")]);
+        assert!(graph.dependents_of("u9").is_empty());
+        assert_eq!(graph.dependents_of("u2"), [key("p2")]);
+        // Deleted: nothing left behind.
+        pods.apply_event(&store::Event {
+            kind: store::EventKind::Delete,
+            kv: store::KeyValue {
+                key: key("p1").into_bytes(),
+                create_revision: 2,
+                mod_revision: 3,
+                version: 1,
+                value: Vec::new(),
+            },
+            prev_kv: None,
+        });
+        assert!(graph.dependents_of("u1").is_empty());
+        assert!(graph.dependents.lock().unwrap().get("u1").is_none());
+    }
 }

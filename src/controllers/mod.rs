@@ -117,6 +117,8 @@ pub struct Ctx {
     all: [Arc<Informer>; 13],
     /// The scheduler's view of nodes and what is bound to them, kept on every replica.
     pub scheduling: Arc<crate::scheduler::Warm>,
+    /// The garbage collector's owner → dependents index, kept on every replica.
+    pub gc_graph: Arc<gc::Graph>,
     /// Settings.
     pub config: Config,
     /// Event recorder.
@@ -148,6 +150,8 @@ pub struct Informers {
     clusterroles: Arc<Informer>,
     /// The scheduler's cache, kept from the pod and node informers on every replica.
     scheduling: Arc<crate::scheduler::Warm>,
+    /// The garbage collector's index, kept from the informers of owners and dependents.
+    gc_graph: Arc<gc::Graph>,
     /// The informers' tasks, awaited at shutdown (see [`Informers::stopped`]).
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -173,16 +177,21 @@ impl Informers {
         let pods =
             Informer::trimmed_with_indexes(resource("", "v1", "pods"), pod::trim, pod::indexers());
         let nodes = Informer::new(resource("", "v1", "nodes"));
-        // Subscribed before the informers run, so it hears of every object.
+        let replicasets = Informer::new(resource("apps", "v1", "replicasets"));
+        let deployments = Informer::new(resource("apps", "v1", "deployments"));
+        let jobs = Informer::new(resource("batch", "v1", "jobs"));
+        // Subscribed before the informers run, so they hear of every object.
         let scheduling = crate::scheduler::Warm::new(&pods, &nodes);
+        let gc_graph = gc::Graph::new(&[&pods, &replicasets, &deployments, &jobs]);
         let i = Arc::new(Informers {
             pods,
             nodes,
             scheduling,
-            replicasets: Informer::new(resource("apps", "v1", "replicasets")),
-            deployments: Informer::new(resource("apps", "v1", "deployments")),
+            gc_graph,
+            replicasets,
+            deployments,
             leases: Informer::new(resource("coordination.k8s.io", "v1", "leases")),
-            jobs: Informer::new(resource("batch", "v1", "jobs")),
+            jobs,
             daemonsets: Informer::new(resource("apps", "v1", "daemonsets")),
             namespaces: Informer::new(resource("", "v1", "namespaces")),
             serviceaccounts: Informer::new(resource("", "v1", "serviceaccounts")),
@@ -273,6 +282,7 @@ impl Ctx {
             clusterroles: i.clusterroles.clone(),
             all: i.all(),
             scheduling: i.scheduling.clone(),
+            gc_graph: i.gc_graph.clone(),
             config,
             events,
             metrics,
