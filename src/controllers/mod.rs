@@ -526,6 +526,11 @@ pub(crate) fn drive<F, Fut>(
                     }
                 }
                 queue.done(&key);
+                // A queue with work answers at once, so without this a worker would run its
+                // whole backlog (1,500 reconciles at a new leader's start) without letting
+                // the runtime run anything else on its thread: the Raft tasks a bind or any
+                // other write waits on included.
+                tokio::task::yield_now().await;
             }
         });
     }

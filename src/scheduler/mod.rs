@@ -293,6 +293,8 @@ impl Scheduler {
                 self.queue.done(k);
             }
             self.set_pending(&ctx, 0);
+            // The queue answers at once while it has work: let the runtime run the rest.
+            tokio::task::yield_now().await;
         }
         // The term is over: another replica's scheduler reports from now on.
         for q in ["active", "unschedulable"] {
