@@ -1,13 +1,14 @@
 //! The garbage collector: ownerReferences and cascading deletion.
 //!
 //! Two parts. [`Graph`], on every replica from start to shutdown, owns the index from an
-//! owner's uid to its dependents, kept from the informers of pods, ReplicaSets, Deployments
-//! and Jobs (a new leader's collector starts on it instead of rebuilding it from every
-//! object). [`Collector`], one per term on the leader, owns the queue of objects to check.
-//! A new term queues, of the objects already cached, only those it may have work for (as
-//! kube-controller-manager's graph builder does): a dependent with an owner that is not
-//! cached with its uid, and an owner being deleted (its dependents, and its finalizer); not
-//! every one of 150,000 pods whose owner is plainly there. Rules, as Kubernetes':
+//! owner's uid to its dependents and the uids of the objects present, kept from the
+//! informers of pods, ReplicaSets, Deployments and Jobs (a new leader's collector starts on
+//! it instead of rebuilding it from every object). [`Collector`], one per term on the
+//! leader, owns the queue of objects to check. A new term queues, of what is already
+//! there, only what it may have work for (as kube-controller-manager's graph builder
+//! does): the dependents of owners not present ([`Graph::dangling`]) and the owners being
+//! deleted (their dependents, their finalizers); not every one of 150,000 pods whose owner
+//! is plainly there. Rules, as Kubernetes':
 //! - a dependent none of whose owners exist any more is deleted (Background cascade);
 //!   references to owners that are gone are dropped while another owner remains;
 //! - an owner being deleted with the `foregroundDeletion` finalizer has its dependents
@@ -46,11 +47,18 @@ fn watched(ctx: &Ctx) -> [&Arc<Informer>; 4] {
     [&ctx.pods, &ctx.replicasets, &ctx.deployments, &ctx.jobs]
 }
 
-/// Owner uid → its dependents' store keys, kept on every replica by lasting subscriptions
-/// to the informers of every kind that can be an owner or a dependent.
+/// Owner uid → its dependents' store keys, and the uids present, kept on every replica by
+/// lasting subscriptions to the informers of every kind that can be an owner or a dependent.
 #[derive(Default)]
 pub struct Graph {
-    dependents: Mutex<HashMap<String, HashSet<String>>>,
+    inner: Mutex<GraphInner>,
+}
+
+#[derive(Default)]
+struct GraphInner {
+    dependents: HashMap<String, HashSet<String>>,
+    /// The uid of every object of the informers followed.
+    present: HashSet<String>,
 }
 
 impl Graph {
@@ -66,8 +74,13 @@ impl Graph {
     }
 
     fn changed(&self, c: &Change<'_>) {
-        let mut d = self.dependents.lock().expect("not poisoned");
+        let mut g = self.inner.lock().expect("not poisoned");
+        let GraphInner {
+            dependents: d,
+            present,
+        } = &mut *g;
         if let Some(old) = c.old {
+            present.remove(owner::uid(old));
             for r in owner::owner_refs(old) {
                 if let Some(u) = r.get("uid").and_then(Value::as_str) {
                     if let Some(set) = d.get_mut(u) {
@@ -80,6 +93,7 @@ impl Graph {
             }
         }
         if let Some(new) = c.new {
+            present.insert(owner::uid(new).to_string());
             for r in owner::owner_refs(new) {
                 if let Some(u) = r.get("uid").and_then(Value::as_str) {
                     d.entry(u.to_string())
@@ -92,12 +106,24 @@ impl Graph {
 
     /// The store keys of the objects that name `uid` as an owner.
     pub fn dependents_of(&self, uid: &str) -> Vec<String> {
-        self.dependents
+        self.inner
             .lock()
             .expect("not poisoned")
+            .dependents
             .get(uid)
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The store keys of the objects naming an owner that is not present here (gone, or of
+    /// a kind not followed: the collector reads the store for those).
+    pub fn dangling(&self) -> Vec<String> {
+        let g = self.inner.lock().expect("not poisoned");
+        g.dependents
+            .iter()
+            .filter(|(uid, _)| !g.present.contains(*uid))
+            .flat_map(|(_, keys)| keys.iter().cloned())
+            .collect()
     }
 }
 
@@ -113,20 +139,16 @@ impl Collector {
     pub fn new(ctx: &Ctx) -> Collector {
         let queue = Arc::new(Queue::default());
         let graph = ctx.gc_graph.clone();
-        let informers: Vec<Arc<Informer>> = watched(ctx).into_iter().cloned().collect();
         for inf in watched(ctx) {
             let (q, g) = (queue.clone(), graph.clone());
-            let (informers, this) = (informers.clone(), inf.resource());
             inf.subscribe(move |c| {
+                // Of what is there at the term's start, only owners being deleted have work
+                // here; the dependents of owners not present are queued below, once.
+                if c.replay && !c.new.is_some_and(|n| owner::is_deleting(n)) {
+                    return;
+                }
                 if let Some(new) = c.new {
-                    // A replayed dependent whose owners are all cached as named is left
-                    // alone: were one deleted, that deletion would queue it.
-                    let owned = !owner::owner_refs(new).is_empty();
-                    let settled = c.replay
-                        && owners_cached(new, |r| {
-                            cached_owner(&informers, this, r, owner::namespace(new))
-                        });
-                    if owned && !settled {
+                    if !c.replay && !owner::owner_refs(new).is_empty() {
                         q.add(c.key);
                     }
                     if owner::is_deleting(new)
@@ -147,6 +169,11 @@ impl Collector {
                 }
             });
         }
+        super::queue::background(|| {
+            for k in graph.dangling() {
+                queue.add(&k);
+            }
+        });
         Collector { queue, graph }
     }
 
@@ -280,39 +307,6 @@ impl Collector {
     }
 }
 
-/// True if every owner `obj` names is found by `lookup` with the uid named. An owner being
-/// deleted counts as there: its own deletion queues its dependents.
-fn owners_cached(obj: &Value, lookup: impl Fn(&Value) -> Option<Arc<Value>>) -> bool {
-    owner::owner_refs(obj).iter().all(|r| {
-        let uid = r.get("uid").and_then(Value::as_str).unwrap_or("");
-        lookup(r).is_some_and(|o| !uid.is_empty() && owner::uid(&o) == uid)
-    })
-}
-
-/// The owner reference `rf` (of an object in `ns`) names, from the informer of its kind among
-/// `informers`; `None` if it is not cached, its kind has no informer there, or its kind is
-/// `this` (the informer whose cache a replay is reading: not read again under it).
-fn cached_owner(
-    informers: &[Arc<Informer>],
-    this: &'static Resource,
-    rf: &Value,
-    ns: Option<&str>,
-) -> Option<Arc<Value>> {
-    let api_version = rf.get("apiVersion").and_then(Value::as_str).unwrap_or("");
-    let kind = rf.get("kind").and_then(Value::as_str).unwrap_or("");
-    let name = rf.get("name").and_then(Value::as_str)?;
-    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    let inf = informers.iter().find(|i| {
-        let r = i.resource();
-        r.group == group && r.version == version && r.kind == kind
-    })?;
-    let r = inf.resource();
-    if std::ptr::eq(r, this) {
-        return None;
-    }
-    inf.get(&r.key(if r.namespaced { ns } else { None }, name))
-}
-
 /// Whether the owner a reference names exists (same uid): seen in an informer, or else
 /// read from the leader's store (a cache may lag, so only its "yes" is taken as is: an
 /// owner deleted since is an event that queues its dependents again; a new leader checks
@@ -379,86 +373,38 @@ mod tests {
             "ownerReferences": refs}})
     }
 
+    fn delete(inf: &Informer, ns: &str, name: &str) {
+        inf.apply_event(&store::Event {
+            kind: store::EventKind::Delete,
+            kv: store::KeyValue {
+                key: inf.resource().key(Some(ns), name).into_bytes(),
+                create_revision: 2,
+                mod_revision: 3,
+                version: 1,
+                value: Vec::new(),
+            },
+            prev_kv: None,
+        });
+    }
+
     #[test]
-    fn a_replayed_dependent_is_checked_only_if_an_owner_is_not_cached_as_named() {
+    fn the_graph_follows_owner_references_and_tells_dependents_of_owners_not_present() {
         let pods_res = resources::find("", "v1", "pods").unwrap();
         let rs_res = resources::find("apps", "v1", "replicasets").unwrap();
         let (pods, rss) = (Informer::new(pods_res), Informer::new(rs_res));
+        let graph = Graph::new(&[&pods, &rss]);
+        // It keeps following after a term's subscribers are dropped.
+        pods.unsubscribe_all();
+        let key = |n: &str| pods_res.key(Some("a"), n);
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
         put(
             &rss,
             json!({"metadata": {"namespace": "a", "name": "web", "uid": "u1"}}),
         );
-        put(&pods, pod("a", "owner", "u4", json!([])));
-        let informers = vec![pods.clone(), rss.clone()];
-        // As the pod informer's replay judges a pod.
-        let left_alone = |p: &Value| {
-            owners_cached(p, |r| {
-                cached_owner(&informers, pods_res, r, owner::namespace(p))
-            })
-        };
-        assert!(left_alone(&pod(
-            "a",
-            "p",
-            "x",
-            json!([rf("ReplicaSet", "web", "u1")])
-        )));
-        // A different object under the owner's name is not the owner named.
-        assert!(!left_alone(&pod(
-            "a",
-            "p",
-            "x",
-            json!([rf("ReplicaSet", "web", "u0")])
-        )));
-        // An owner not cached; one of two owners not cached; the owner's name in another
-        // namespace.
-        assert!(!left_alone(&pod(
-            "a",
-            "p",
-            "x",
-            json!([rf("ReplicaSet", "gone", "u2")])
-        )));
-        assert!(!left_alone(&pod(
-            "a",
-            "p",
-            "x",
-            json!([
-                rf("ReplicaSet", "web", "u1"),
-                rf("ReplicaSet", "gone", "u2")
-            ])
-        )));
-        assert!(!left_alone(&pod(
-            "b",
-            "p",
-            "x",
-            json!([rf("ReplicaSet", "web", "u1")])
-        )));
-        // A kind without an informer here: the check reads the store.
-        assert!(!left_alone(&pod(
-            "a",
-            "p",
-            "x",
-            json!([rf("ConfigMap", "c", "u3")])
-        )));
-        // A pod owned by a pod is not looked up in the cache being replayed (checked
-        // instead); another informer's replay looks it up.
-        let owned_by_pod = pod("a", "p", "x", json!([rf("Pod", "owner", "u4")]));
-        assert!(!left_alone(&owned_by_pod));
-        assert!(owners_cached(&owned_by_pod, |r| cached_owner(
-            &informers,
-            rs_res,
-            r,
-            Some("a")
-        )));
-    }
-
-    #[test]
-    fn the_graph_follows_every_change_of_owner_references() {
-        let pods_res = resources::find("", "v1", "pods").unwrap();
-        let pods = Informer::new(pods_res);
-        let graph = Graph::new(&[&pods]);
-        // It keeps following after a term's subscribers are dropped.
-        pods.unsubscribe_all();
-        let key = |n: &str| pods_res.key(Some("a"), n);
+        put(&pods, pod("a", "o", "u9", json!([])));
         put(
             &pods,
             pod("a", "p1", "x1", json!([rf("ReplicaSet", "web", "u1")])),
@@ -472,13 +418,21 @@ mod tests {
                 json!([rf("ReplicaSet", "web", "u1"), rf("Pod", "o", "u9")]),
             ),
         );
-        let sorted = |mut v: Vec<String>| {
-            v.sort();
-            v
-        };
         assert_eq!(sorted(graph.dependents_of("u1")), [key("p1"), key("p2")]);
         assert_eq!(graph.dependents_of("u9"), [key("p2")]);
-        // Released by one owner, adopted by another.
+        assert!(graph.dangling().is_empty(), "every owner is there");
+        // An owner of a kind not followed, and one that went: their dependents dangle.
+        put(
+            &pods,
+            pod("a", "p3", "x3", json!([rf("ConfigMap", "c", "u5")])),
+        );
+        delete(&pods, "a", "o");
+        assert_eq!(sorted(graph.dangling()), [key("p2"), key("p3")]);
+        // Released by its owners, adopted by one that is there.
+        put(
+            &rss,
+            json!({"metadata": {"namespace": "a", "name": "db", "uid": "u2"}}),
+        );
         put(
             &pods,
             pod("a", "p2", "x2", json!([rf("ReplicaSet", "db", "u2")])),
@@ -486,19 +440,20 @@ mod tests {
         assert_eq!(graph.dependents_of("u1"), [key("p1")]);
         assert!(graph.dependents_of("u9").is_empty());
         assert_eq!(graph.dependents_of("u2"), [key("p2")]);
-        // Deleted: nothing left behind.
-        pods.apply_event(&store::Event {
-            kind: store::EventKind::Delete,
-            kv: store::KeyValue {
-                key: key("p1").into_bytes(),
-                create_revision: 2,
-                mod_revision: 3,
-                version: 1,
-                value: Vec::new(),
-            },
-            prev_kv: None,
-        });
+        assert_eq!(graph.dangling(), [key("p3")]);
+        // An owner recreated under its name is another object: its old dependents dangle.
+        put(
+            &rss,
+            json!({"metadata": {"namespace": "a", "name": "web", "uid": "u1b"}}),
+        );
+        assert_eq!(sorted(graph.dangling()), [key("p1"), key("p3")]);
+        // Deleted dependents leave nothing behind.
+        delete(&pods, "a", "p1");
+        delete(&pods, "a", "p3");
         assert!(graph.dependents_of("u1").is_empty());
-        assert!(graph.dependents.lock().unwrap().get("u1").is_none());
+        assert!(graph.dangling().is_empty());
+        let g = graph.inner.lock().unwrap();
+        assert!(!g.dependents.contains_key("u1"));
+        assert_eq!(g.present.len(), 3, "web, db and p2: {:?}", g.present);
     }
 }

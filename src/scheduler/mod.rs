@@ -183,6 +183,11 @@ impl Scheduler {
             let (q, w, flush, facts) =
                 (queue.clone(), waiting.clone(), flush.clone(), facts.clone());
             ctx.pods.subscribe(move |c| {
+                // The pods pending at the term's start are queued by `run`, from the cache;
+                // nothing is waiting or derived yet.
+                if c.replay {
+                    return;
+                }
                 match c.new {
                     // A pending pod is queued when it appears or its spec or labels change;
                     // not for a status write (its own `PodScheduled=False` would otherwise
@@ -197,8 +202,6 @@ impl Scheduler {
                             q.add(c.key)
                         }
                     }
-                    // Nothing is waiting or derived yet while the term's start replays pods.
-                    Some(_) if c.replay => {}
                     Some(new) => {
                         w.lock().expect("not poisoned").remove(c.key);
                         facts.lock().expect("not poisoned").remove(c.key);
