@@ -39,6 +39,24 @@ const DELETES_AT_ONCE: usize = 64;
 /// How soon to look again at a namespace whose content is still going.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// Kinds emptied before the rest: what makes and tracks pods (their controllers would
+/// otherwise try to replace each pod deleted, refused in a terminating namespace, and
+/// retry), and Services (whose Endpoints would otherwise be rewritten for every pod that
+/// goes: at 3,000 pods per namespace, most of a teardown's writes).
+const FIRST: [&str; 5] = ["Deployment", "ReplicaSet", "DaemonSet", "Job", "Service"];
+
+/// The namespaced resources in the order a terminating namespace is emptied: [`FIRST`],
+/// then the others as served.
+fn deletion_order() -> Vec<&'static resources::Resource> {
+    let namespaced = || resources::RESOURCES.iter().filter(|r| r.namespaced);
+    let first = FIRST
+        .iter()
+        .flat_map(|k| namespaced().filter(move |r| r.kind == *k));
+    first
+        .chain(namespaced().filter(|r| !FIRST.contains(&r.kind)))
+        .collect()
+}
+
 /// The namespace controller's state.
 pub struct Controller {
     pub(crate) queue: Arc<Queue>,
@@ -71,7 +89,7 @@ impl Controller {
         }
         let name = owner::name(&ns).to_string();
         let mut remaining = 0usize;
-        for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
+        for r in deletion_order() {
             let prefix = format!("{}{name}/", r.prefix());
             let end = prefix_end(prefix.as_bytes());
             let mut start = prefix.clone().into_bytes();
@@ -195,5 +213,30 @@ impl ServiceAccounts {
             Err(e) if e.code == 403 => Ok(None),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_is_emptied_of_its_workloads_and_services_before_its_pods() {
+        let order: Vec<&str> = deletion_order().iter().map(|r| r.kind).collect();
+        let at = |k: &str| order.iter().position(|x| *x == k).expect(k);
+        for k in FIRST {
+            assert!(at(k) < at("Pod"), "{k} before pods: {order:?}");
+        }
+        // Every namespaced resource once, and nothing cluster-scoped.
+        let mut want: Vec<&str> = resources::RESOURCES
+            .iter()
+            .filter(|r| r.namespaced)
+            .map(|r| r.kind)
+            .collect();
+        let mut got = order.clone();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want);
+        assert!(!order.contains(&"Node"));
     }
 }
