@@ -53,6 +53,12 @@ pub const DEFAULT_WINDOW: usize = 10_000;
 /// Messages buffered per watcher (each a batch of one store message's events).
 const WATCHER_BUFFER: usize = 1024;
 
+/// Events buffered per watcher, over all its messages: a store message can carry hundreds
+/// (a namespace's pods deleted at once), so the bound in messages alone let one slow watcher
+/// hold on to a few hundred thousand events, each with its stored bytes. As many as the
+/// window holds: a watcher further behind resumes from a relist anyway.
+const WATCHER_EVENTS: usize = DEFAULT_WINDOW;
+
 /// Keys read per chunk while (re)loading a resource.
 const LOAD_CHUNK: i64 = 5_000;
 
@@ -152,6 +158,8 @@ impl Filter {
 struct Registered {
     filter: Filter,
     tx: mpsc::Sender<Vec<Arc<Decoded>>>,
+    /// Events sent and not yet taken (at most [`WATCHER_EVENTS`]).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
     reason: Arc<OnceLock<store::CancelReason>>,
 }
 
@@ -242,6 +250,11 @@ impl WatchCache {
         }
     }
 
+    /// Whether the cache has been loaded (and is following the store).
+    pub(crate) fn loaded(&self) -> bool {
+        self.inner.lock().expect("not poisoned").ready
+    }
+
     /// The objects `filter` selects, at the cache's revision (`None` while not loaded).
     pub(crate) fn list(&self, filter: &Filter) -> Option<Listed> {
         let inner = self.inner.lock().expect("not poisoned");
@@ -300,6 +313,7 @@ impl WatchCache {
         let id = inner.next_id;
         inner.next_id += 1;
         let (tx, rx) = mpsc::channel(WATCHER_BUFFER);
+        let pending: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let reason = Arc::new(OnceLock::new());
         match filter.node.as_deref().filter(|_| self.index_nodes) {
             Some(n) => {
@@ -318,6 +332,7 @@ impl WatchCache {
             Registered {
                 filter,
                 tx,
+                pending: pending.clone(),
                 reason: reason.clone(),
             },
         );
@@ -325,6 +340,7 @@ impl WatchCache {
             cache: self.clone(),
             id,
             rx,
+            pending,
             replay,
             reason,
             want_progress: false,
@@ -458,7 +474,14 @@ impl WatchCache {
         let mut slow = Vec::new();
         for (id, (first, batch)) in out {
             if let Some(w) = inner.watchers.get(&id) {
-                if w.tx.try_send(batch).is_err() {
+                use std::sync::atomic::Ordering::Relaxed;
+                // Counted before it is sent (the watcher may take it at once); one batch
+                // larger than the bound still goes to a watcher that has nothing waiting.
+                let n = batch.len();
+                let before = w.pending.fetch_add(n, Relaxed);
+                let room = before == 0 || before + n <= WATCHER_EVENTS;
+                if !(room && w.tx.try_send(batch).is_ok()) {
+                    w.pending.fetch_sub(n, Relaxed);
                     let _ = w.reason.set(store::CancelReason::Slow {
                         resume_revision: first,
                     });
@@ -601,6 +624,8 @@ pub(crate) struct Subscription {
     cache: Arc<WatchCache>,
     id: u64,
     rx: mpsc::Receiver<Vec<Arc<Decoded>>>,
+    /// Events in `rx` (shared with the feeder, which bounds it).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
     replay: VecDeque<Arc<Decoded>>,
     reason: Arc<OnceLock<store::CancelReason>>,
     want_progress: bool,
@@ -634,7 +659,11 @@ impl Subscription {
             }
         }
         match self.rx.recv().await {
-            Some(batch) => Ok(Message::Events(batch)),
+            Some(batch) => {
+                self.pending
+                    .fetch_sub(batch.len(), std::sync::atomic::Ordering::Relaxed);
+                Ok(Message::Events(batch))
+            }
             None => Err(self
                 .reason
                 .get()
@@ -854,6 +883,72 @@ mod tests {
         match late.recv().await {
             Ok(Message::Events(e)) => assert_eq!(e.len(), 3),
             _ => panic!("no replay"),
+        }
+    }
+
+    #[test]
+    fn a_cache_not_yet_loaded_says_so_and_its_refusal_asks_for_a_retry() {
+        let cache = Arc::new(WatchCache::new(b"/registry/pods/".to_vec(), true, 100));
+        assert!(!cache.loaded());
+        assert!(cache.list(&all(None)).is_none());
+        let refusal = crate::api::status::KubeError::initializing().response();
+        assert_eq!(refusal.status(), 429);
+        assert_eq!(refusal.headers()[http::header::RETRY_AFTER], "1");
+        cache.install(Vec::new(), 10);
+        assert!(cache.loaded());
+    }
+
+    #[tokio::test]
+    async fn a_watcher_holds_at_most_a_windows_worth_of_events_however_they_are_batched() {
+        let cache = Arc::new(WatchCache::new(b"/registry/pods/".to_vec(), true, 100));
+        cache.install(Vec::new(), 10);
+        let (_, mut stalled) = cache.list_and_watch(all(None)).unwrap();
+        let (_, mut reader) = cache.list_and_watch(all(None)).unwrap();
+        // Store messages of 1,000 events each (a namespace's pods deleted at once): far
+        // fewer messages than the buffer's, more events than the bound.
+        let batch = 1000;
+        let batches = WATCHER_EVENTS / batch + 1;
+        let mut rev = 11;
+        for _ in 0..batches {
+            let events: Vec<store::Event> = (0..batch)
+                .map(|i| {
+                    rev += 1;
+                    put(&format!("/registry/pods/ns/p{i}"), "n1", rev - 1)
+                })
+                .collect();
+            cache.apply(events);
+            let mut n = 0;
+            while n < batch {
+                match reader.recv().await {
+                    Ok(Message::Events(e)) => n += e.len(),
+                    _ => panic!("the reading watcher was cut off"),
+                }
+            }
+        }
+        let mut got = 0;
+        let reason = loop {
+            match stalled.recv().await {
+                Ok(Message::Events(e)) => got += e.len(),
+                Ok(Message::Progress(_)) => {}
+                Err(r) => break r,
+            }
+        };
+        assert_eq!(got, WATCHER_EVENTS, "what it held when it was cut off");
+        assert_eq!(
+            reason,
+            store::CancelReason::Slow {
+                resume_revision: 11 + WATCHER_EVENTS as i64
+            }
+        );
+        // A batch larger than the bound still goes to a watcher with nothing waiting.
+        let (_, mut fresh) = cache.list_and_watch(all(None)).unwrap();
+        let big: Vec<store::Event> = (0..WATCHER_EVENTS + 1)
+            .map(|i| put(&format!("/registry/pods/ns/q{i}"), "n1", rev + i as i64))
+            .collect();
+        cache.apply(big);
+        match fresh.recv().await {
+            Ok(Message::Events(e)) => assert_eq!(e.len(), WATCHER_EVENTS + 1),
+            _ => panic!("a watcher with nothing waiting was cut off"),
         }
     }
 }

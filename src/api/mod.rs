@@ -362,38 +362,76 @@ fn field_labels(r: &Resource) -> &'static [&'static str] {
     }
 }
 
-/// A JSON list: `{"apiVersion":…,"kind":…,"metadata":{…}}` with `,"items":[…]` spliced in
-/// before the end (`items`: the objects' JSON, comma-separated).
-fn list_response(
-    r: &Resource,
-    rv: i64,
-    token: Option<String>,
-    remaining: Option<i64>,
-    items: Vec<u8>,
-) -> Response<Body> {
-    let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if let Some(t) = token {
-        metadata["continue"] = json!(t);
+/// A JSON list written once into its body: `{"kind":…,"apiVersion":…,"metadata":{…},
+/// "items":[…]}`. The list metadata comes last in what the caller learns (a page's
+/// `continue`), so the items go into the body first and the head is spliced in before them
+/// at the end: one buffer, never a second copy of every item (a list of 150,000 pods is
+/// ~600 MB).
+struct ListBody {
+    /// Room for the head, then the items, comma-separated.
+    body: Vec<u8>,
+    items: usize,
+}
+
+/// Bytes kept free before the items for the list's head.
+const LIST_HEAD_ROOM: usize = 512;
+
+impl ListBody {
+    /// A list body with room for `capacity` bytes of items.
+    fn with_capacity(capacity: usize) -> ListBody {
+        let mut body = Vec::with_capacity(LIST_HEAD_ROOM + capacity + 2);
+        body.resize(LIST_HEAD_ROOM, b' ');
+        ListBody { body, items: 0 }
     }
-    if let Some(n) = remaining {
-        metadata["remainingItemCount"] = json!(n);
+
+    /// The buffer to write the next item's JSON into (after its comma).
+    fn next_item(&mut self) -> &mut Vec<u8> {
+        if self.items > 0 {
+            self.body.push(b',');
+        }
+        self.items += 1;
+        &mut self.body
     }
-    let head = json!({
-        "kind": format!("{}List", r.kind),
-        "apiVersion": r.api_version(),
-        "metadata": metadata,
-    });
-    let mut body = serde_json::to_vec(&head).expect("JSON serializes");
-    body.pop();
-    body.reserve(items.len() + 12);
-    body.extend_from_slice(b",\"items\":[");
-    body.extend_from_slice(&items);
-    body.extend_from_slice(b"]}");
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(full(body))
-        .expect("static response parts are valid")
+
+    /// The response: the head written in front of the items (in the room kept, or, for a
+    /// head that does not fit, by moving the items once).
+    fn finish(
+        mut self,
+        r: &Resource,
+        rv: i64,
+        token: Option<String>,
+        remaining: Option<i64>,
+    ) -> Response<Body> {
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if let Some(t) = token {
+            metadata["continue"] = json!(t);
+        }
+        if let Some(n) = remaining {
+            metadata["remainingItemCount"] = json!(n);
+        }
+        let head = json!({
+            "kind": format!("{}List", r.kind),
+            "apiVersion": r.api_version(),
+            "metadata": metadata,
+        });
+        let mut head = serde_json::to_vec(&head).expect("JSON serializes");
+        head.pop();
+        head.extend_from_slice(b",\"items\":[");
+        self.body.extend_from_slice(b"]}");
+        let body = if head.len() <= LIST_HEAD_ROOM {
+            let start = LIST_HEAD_ROOM - head.len();
+            self.body[start..LIST_HEAD_ROOM].copy_from_slice(&head);
+            Bytes::from(self.body).slice(start..)
+        } else {
+            head.extend_from_slice(&self.body[LIST_HEAD_ROOM..]);
+            Bytes::from(head)
+        };
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(full(body))
+            .expect("static response parts are valid")
+    }
 }
 
 impl Kube {
@@ -1019,6 +1057,7 @@ impl Kube {
         let (filter, by_index) = c.filter(start.into_bytes(), end, labels, fields);
         let listed = match c.wait_for(target).await {
             true => c.list(&filter),
+            false if !c.loaded() => return Err(KubeError::initializing()),
             false => None,
         };
         if let Some(m) = &self.metrics {
@@ -1182,7 +1221,12 @@ impl Kube {
         // stored (its resourceVersion stamped in), unparsed.
         if let Some(((listed, rev), by_index)) = self.cached_list(call, &labels, &fields).await? {
             let unfiltered = by_index || (labels.is_empty() && fields.is_empty());
-            let mut items: Vec<u8> = Vec::new();
+            // Sent whole, the items are about their stored size (plus resourceVersions).
+            let capacity = match unfiltered {
+                true => listed.iter().map(|(raw, _)| raw.len() + 40).sum(),
+                false => 0,
+            };
+            let mut list = ListBody::with_capacity(capacity);
             for (raw, at) in listed {
                 let json = match unfiltered {
                     true => objects::json_with_resource_version(&raw, at)?,
@@ -1195,23 +1239,17 @@ impl Kube {
                             .map_err(|e| KubeError::internal(format!("encoding a list: {e}")))?
                     }
                 };
-                if !items.is_empty() {
-                    items.push(b',');
-                }
-                items.extend_from_slice(&json);
+                list.next_item().extend_from_slice(&json);
             }
-            return Ok(list_response(call.r, rev, None, None, items));
+            return Ok(list.finish(call.r, rev, None, None));
         }
         // Items are serialized as they are read, so the list costs its encoded size, not a
         // decoded copy of every object.
-        let mut items: Vec<u8> = Vec::new();
+        let mut list = ListBody::with_capacity(0);
         let mut failed = None;
         let (rv, token, remaining) = self
             .list_each(call, true, |o| {
-                if !items.is_empty() {
-                    items.push(b',');
-                }
-                if let Err(e) = serde_json::to_writer(&mut items, &o) {
+                if let Err(e) = serde_json::to_writer(list.next_item(), &o) {
                     failed = Some(e);
                 }
             })
@@ -1219,7 +1257,7 @@ impl Kube {
         if let Some(e) = failed {
             return Err(KubeError::internal(format!("encoding a list: {e}")));
         }
-        Ok(list_response(call.r, rv, token, remaining, items))
+        Ok(list.finish(call.r, rv, token, remaining))
     }
 
     // ---- writes ----
@@ -3216,6 +3254,38 @@ async fn read_optional_json(body: Incoming) -> Result<Option<Value>, KubeError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The body of a list built with [`ListBody`], parsed.
+    async fn listed(items: &[Value], token: Option<String>, remaining: Option<i64>) -> Value {
+        use http_body_util::BodyExt;
+        let pods = resources::find("", "v1", "pods").unwrap();
+        let mut list = ListBody::with_capacity(if items.len() > 1 { 16 } else { 0 });
+        for i in items {
+            serde_json::to_writer(list.next_item(), i).unwrap();
+        }
+        let resp = list.finish(pods, 42, token, remaining);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&body).expect("a list body is JSON")
+    }
+
+    #[tokio::test]
+    async fn a_list_body_carries_its_head_and_every_item_once() {
+        let items: Vec<Value> = (0..3)
+            .map(|i| json!({"metadata": {"name": format!("p{i}")}}))
+            .collect();
+        assert_eq!(
+            listed(&items, None, None).await,
+            json!({"kind": "PodList", "apiVersion": "v1",
+                "metadata": {"resourceVersion": "42"}, "items": items})
+        );
+        assert_eq!(listed(&[], None, None).await["items"], json!([]));
+        // A head longer than the room kept for it (a long continue token) moves the items.
+        let token = "c".repeat(2 * LIST_HEAD_ROOM);
+        let got = listed(&items, Some(token.clone()), Some(7)).await;
+        assert_eq!(got["metadata"]["continue"], json!(token));
+        assert_eq!(got["metadata"]["remainingItemCount"], json!(7));
+        assert_eq!(got["items"], json!(items));
+    }
 
     #[test]
     fn paths_route_to_resources_namespaces_and_subresources() {

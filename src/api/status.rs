@@ -318,11 +318,23 @@ impl KubeError {
 
     /// The HTTP answer.
     pub fn response(&self) -> Response<Body> {
-        Response::builder()
+        let mut b = Response::builder()
             .status(StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(full(self.body()))
+            .header(http::header::CONTENT_TYPE, "application/json");
+        // client-go waits this long and retries a 429 by itself.
+        if self.code == 429 {
+            b = b.header(http::header::RETRY_AFTER, "1");
+        }
+        b.body(full(self.body()))
             .expect("static response parts are valid")
+    }
+
+    /// 429 for a list or watch the resource's watch cache would serve, while it is still
+    /// loading on this replica (as kube-apiserver's cacher answers): served from the store
+    /// instead, each of thousands of node agents reconnecting to a restarted replica read
+    /// and parsed every pod, and the replica ran out of memory.
+    pub fn initializing() -> KubeError {
+        KubeError::too_many_requests("storage is (re)initializing".into())
     }
 
     /// The Status object as JSON, for watch `ERROR` events.

@@ -67,11 +67,13 @@ pub(crate) struct Decoded {
 pub(crate) type Nodes = (Option<Arc<str>>, Option<Arc<str>>);
 
 /// One side of a store event: the stored bytes, the resourceVersion it is sent with, and
-/// the object, parsed on first use.
+/// what selectors read of the object, parsed on first use and shared by every watcher the
+/// event goes to. Only that part is kept: an event lives on in the watch cache's window
+/// (10,000 per resource), and a whole parsed pod is several times its stored bytes.
 pub(crate) struct Side {
     raw: Bytes,
     revision: i64,
-    value: std::sync::OnceLock<Result<Value, KubeError>>,
+    selectable: std::sync::OnceLock<Result<Value, KubeError>>,
 }
 
 impl Side {
@@ -93,17 +95,58 @@ impl Side {
         Side {
             raw,
             revision,
-            value: std::sync::OnceLock::new(),
+            selectable: std::sync::OnceLock::new(),
         }
     }
 
-    /// The object, with its resourceVersion.
-    fn value(&self) -> Result<&Value, KubeError> {
-        self.value
-            .get_or_init(|| objects::parse(&self.raw, self.revision))
+    /// The object, with its resourceVersion (parsed on every call).
+    fn parse(&self) -> Result<Value, KubeError> {
+        objects::parse(&self.raw, self.revision)
+    }
+
+    /// What selectors read of the object: see [`selectable_part`] (`paths`: the fields its
+    /// resource is selected by; the same for every watcher of one resource).
+    fn selectable(&self, paths: &[&str]) -> Result<&Value, KubeError> {
+        self.selectable
+            .get_or_init(|| self.parse().map(|o| selectable_part(&o, paths)))
             .as_ref()
             .map_err(Clone::clone)
     }
+}
+
+/// Puts `v` at the path `segs` in `dst`, making the objects on the way (a path through
+/// something else is left alone).
+fn insert_at(dst: &mut Value, segs: &[&str], v: Value) {
+    let Some(map) = dst.as_object_mut() else {
+        return;
+    };
+    match segs {
+        [] => {}
+        [last] => {
+            map.insert(last.to_string(), v);
+        }
+        [first, rest @ ..] => insert_at(
+            map.entry(*first)
+                .or_insert_with(|| Value::Object(Default::default())),
+            rest,
+            v,
+        ),
+    }
+}
+
+/// What label and field selectors read of `o`: its name, namespace and labels, and the
+/// fields its resource can be selected by (`paths`, dotted), at the same places.
+fn selectable_part(o: &Value, paths: &[&str]) -> Value {
+    let mut out = Value::Object(Default::default());
+    let always = ["metadata.name", "metadata.namespace", "metadata.labels"];
+    for path in always.iter().chain(paths) {
+        let Some(v) = path.split('.').try_fold(o, |v, seg| v.get(seg)) else {
+            continue;
+        };
+        let segs: Vec<&str> = path.split('.').collect();
+        insert_at(&mut out, &segs, v.clone());
+    }
+    out
 }
 
 impl Decoded {
@@ -324,7 +367,11 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
             None => {
                 // Without a resourceVersion the list is a consistent read.
                 let target = kube.cache_target(call.consistency()).await?;
-                if c.wait_for(target).await {
+                let ready = c.wait_for(target).await;
+                if !ready && !c.loaded() {
+                    return Err(KubeError::initializing());
+                }
+                if ready {
                     if let Some(((objs, _), sub)) = c.list_and_watch(filter) {
                         for (raw, rev) in objs {
                             if let Some(l) = initial_line(&raw, rev, &labels, &fields, by_index, p)?
@@ -337,7 +384,11 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
                 }
             }
             Some(rv) => {
-                if c.wait_for(rv).await {
+                let ready = c.wait_for(rv).await;
+                if !ready && !c.loaded() {
+                    return Err(KubeError::initializing());
+                }
+                if ready {
                     feed = match c.watch_from(filter, rv) {
                         Ok(sub) => sub.map(Feed::Cache),
                         // Older than the window: a replay from the store would parse every
@@ -448,15 +499,14 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
                     idle.reset();
                     let mut out = Vec::new();
                     for d in events {
-                        let sent =
-                            translate(d, &labels, &fields, node_only).and_then(|w| match w {
+                        let sent = translate(d, &labels, &fields, node_only, field_labels(r))
+                            .and_then(|w| match w {
                                 Some((t, d, side)) if !p.as_table => {
                                     d.line(t, d.side(side)).map(Some)
                                 }
-                                Some((t, d, side)) => d
-                                    .side(side)
-                                    .value()
-                                    .map(|v| Some(line(t, p.wrap(v.clone())))),
+                                Some((t, d, side)) => {
+                                    d.side(side).parse().map(|v| Some(line(t, p.wrap(v))))
+                                }
                                 None => Ok(None),
                             });
                         match sent {
@@ -531,6 +581,7 @@ fn translate(
     labels: &LabelSelector,
     fields: &FieldSelector,
     node_only: Option<&str>,
+    paths: &[&str],
 ) -> Result<Option<WatchEvent>, KubeError> {
     let everything = labels.is_empty() && fields.is_empty();
     let (was, is) = match (node_only, &d.nodes) {
@@ -543,7 +594,7 @@ fn translate(
                 if everything {
                     return Ok(true);
                 }
-                let o = side.value()?;
+                let o = side.selectable(paths)?;
                 Ok(labels.matches(o) && fields.matches(o))
             };
             let was = match &d.prev {
@@ -579,6 +630,65 @@ mod tests {
             let mut want = serde_json::to_vec(&json!({"type": t, "object": object})).unwrap();
             want.push(b'\n');
             assert_eq!(&line(t, object.clone())[..], &want[..]);
+        }
+    }
+
+    #[test]
+    fn selectors_judge_the_kept_part_of_an_event_as_the_whole_object() {
+        let pods = super::super::resources::find("", "v1", "pods").unwrap();
+        let paths = field_labels(pods);
+        let pod = |name: &str, app: &str, node: Option<&str>, phase: &str| {
+            let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "a", "labels": {"app": app, "tier": "x"},
+                    "managedFields": [{"manager": "m"}], "annotations": {"k": "v"}},
+                "spec": {"containers": [{"name": "c", "image": "i"}], "restartPolicy": "Always"},
+                "status": {"phase": phase, "conditions": [{"type": "Ready"}]}});
+            if let Some(n) = node {
+                p["spec"]["nodeName"] = json!(n);
+            }
+            Side::shared(Bytes::from(serde_json::to_vec(&p).unwrap()), 7)
+        };
+        let before = pod("p", "web", None, "Pending");
+        // Kept: name, namespace, labels and the fields pods are selected by; not the rest.
+        assert_eq!(
+            before.selectable(paths).unwrap(),
+            &json!({"metadata": {"name": "p", "namespace": "a", "labels": {"app": "web", "tier": "x"}},
+                "spec": {"restartPolicy": "Always"}, "status": {"phase": "Pending"}})
+        );
+        let after = pod("p", "db", Some("n1"), "Running");
+        let event = || {
+            Arc::new(Decoded::from_cache(
+                Some(pod("p", "db", Some("n1"), "Running")),
+                Some(pod("p", "web", None, "Pending")),
+                None,
+            ))
+        };
+        // Every selector decides on the kept part as on the whole object.
+        for (l, f) in [
+            ("app=web", ""),
+            ("app=db", ""),
+            ("tier in (x,y),app!=web", ""),
+            ("", "spec.nodeName=n1"),
+            ("", "status.phase=Running,metadata.namespace=a"),
+            ("", "metadata.name=q"),
+            ("app", "spec.restartPolicy=Always"),
+        ] {
+            let labels = LabelSelector::parse(l).unwrap();
+            let fields = FieldSelector::parse(f, paths).unwrap();
+            let whole = |s: &Side| {
+                let o = s.parse().unwrap();
+                labels.matches(&o) && fields.matches(&o)
+            };
+            let want = match (whole(&before), whole(&after)) {
+                (true, true) => Some("MODIFIED"),
+                (false, true) => Some("ADDED"),
+                (true, false) => Some("DELETED"),
+                (false, false) => None,
+            };
+            let got = translate(event(), &labels, &fields, None, paths)
+                .unwrap()
+                .map(|(t, _, _)| t);
+            assert_eq!(got, want, "labels {l:?}, fields {f:?}");
         }
     }
 }
