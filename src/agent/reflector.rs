@@ -70,7 +70,14 @@ pub async fn run(
         let list = match list {
             Ok((200, list)) => list,
             Ok((status, body)) => {
-                tracing::warn!(resource = target.resource, status, %body, "list refused");
+                // A replica still loading its watch cache (429), or without a quorum (503):
+                // another replica may answer.
+                if status == 429 || status >= 500 {
+                    tracing::debug!(resource = target.resource, status, %body, "list refused; trying another replica");
+                    api.fail_over();
+                } else {
+                    tracing::warn!(resource = target.resource, status, %body, "list refused");
+                }
                 tokio::time::sleep(jitter(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
