@@ -412,7 +412,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     ));
     let api = Arc::new(Api {
         replica: replica.clone(),
-        kube,
+        kube: kube.clone(),
         metrics,
         shutdown: shutdown.clone(),
         inflight: crate::gateway::InFlight::new(
@@ -454,6 +454,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let _ = control.await;
     let _ = server.await;
     informers.stopped().await;
+    kube.stopped().await;
     replica.shutdown().await;
     if let Some(e) = fatal {
         bail!("raft stopped on a fatal error: {e}");

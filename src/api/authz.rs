@@ -163,6 +163,8 @@ pub struct Authorizer {
     graph: Arc<Mutex<Graph>>,
     /// Every cache has listed (it stays so): the per-request check is one load.
     listed: std::sync::atomic::AtomicBool,
+    /// The caches' tasks, awaited at shutdown (see [`Authorizer::stopped`]).
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl rbac::Store for Authorizer {
@@ -216,11 +218,22 @@ impl Authorizer {
             pods,
             graph,
             listed: std::sync::atomic::AtomicBool::new(false),
+            tasks: Mutex::default(),
         });
         for inf in a.informers() {
-            tokio::spawn(inf.run(objects.clone(), stop.clone()));
+            let task = tokio::spawn(inf.run(objects.clone(), stop.clone()));
+            a.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
         }
         a
+    }
+
+    /// Waits until every cache's task has ended (after the stop token given to
+    /// [`Authorizer::start`] was cancelled): their store reads end before the store closes.
+    pub async fn stopped(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
     }
 
     fn informers(&self) -> [Arc<Informer>; 5] {

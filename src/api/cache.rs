@@ -81,6 +81,8 @@ pub(crate) struct Caches {
     shutdown: CancellationToken,
     window: usize,
     map: Mutex<HashMap<String, Arc<WatchCache>>>,
+    /// The feeders, awaited at shutdown (see [`Caches::stopped`]).
+    feeders: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Caches {
@@ -91,6 +93,17 @@ impl Caches {
             shutdown,
             window,
             map: Mutex::new(HashMap::new()),
+            feeders: Mutex::default(),
+        }
+    }
+
+    /// Waits until every feeder has ended (after the shutdown token was cancelled): a load
+    /// still reading the store on a blocking thread when the process exits aborts it
+    /// (RocksDB torn down under the read: "pthread lock: Invalid argument").
+    pub(crate) async fn stopped(&self) {
+        let feeders = std::mem::take(&mut *self.feeders.lock().expect("not poisoned"));
+        for f in feeders {
+            let _ = f.await;
         }
     }
 
@@ -110,7 +123,8 @@ impl Caches {
             self.window,
         ));
         map.insert(prefix, c.clone());
-        tokio::spawn(feed(c.clone(), self.kv.clone(), self.shutdown.clone()));
+        let feeder = tokio::spawn(feed(c.clone(), self.kv.clone(), self.shutdown.clone()));
+        self.feeders.lock().expect("not poisoned").push(feeder);
         Some(c)
     }
 }
@@ -819,6 +833,18 @@ mod tests {
         }
     }
 
+    /// How many events `sub` yields before it ends, and why it ended.
+    async fn drained(sub: &mut Subscription) -> (usize, store::CancelReason) {
+        let mut got = 0;
+        loop {
+            match sub.recv().await {
+                Ok(Message::Events(e)) => got += e.len(),
+                Ok(Message::Progress(_)) => {}
+                Err(r) => return (got, r),
+            }
+        }
+    }
+
     fn all(node: Option<&str>) -> Filter {
         Filter {
             start: b"/registry/pods/".to_vec(),
@@ -843,14 +869,7 @@ mod tests {
             }
         }
         // The stalled one gets what was buffered, then why it ended.
-        let mut got = 0;
-        let reason = loop {
-            match stalled.recv().await {
-                Ok(Message::Events(e)) => got += e.len(),
-                Ok(Message::Progress(_)) => {}
-                Err(r) => break r,
-            }
-        };
+        let (got, reason) = drained(&mut stalled).await;
         assert_eq!(got, WATCHER_BUFFER);
         assert_eq!(
             reason,
@@ -925,14 +944,7 @@ mod tests {
                 }
             }
         }
-        let mut got = 0;
-        let reason = loop {
-            match stalled.recv().await {
-                Ok(Message::Events(e)) => got += e.len(),
-                Ok(Message::Progress(_)) => {}
-                Err(r) => break r,
-            }
-        };
+        let (got, reason) = drained(&mut stalled).await;
         assert_eq!(got, WATCHER_EVENTS, "what it held when it was cut off");
         assert_eq!(
             reason,

@@ -569,6 +569,15 @@ impl Kube {
         self
     }
 
+    /// Waits until the API's background tasks (the watch caches' feeders, the node
+    /// authorizer's caches) have ended, once the shutdown token has been cancelled.
+    pub async fn stopped(&self) {
+        self.caches.stopped().await;
+        if let Some(a) = &self.authz {
+            a.stopped().await;
+        }
+    }
+
     /// `POST selfsubjectaccessreviews` (`kubectl auth can-i`): whether the asking user may
     /// do what the review describes, answered at once and stored nowhere.
     async fn self_subject_access_review(&self, call: &Call, body: Value) -> KubeResult {
