@@ -74,6 +74,15 @@ impl Graph {
     }
 
     fn changed(&self, c: &Change<'_>) {
+        // Most changes (a pod's status) touch neither the uid nor the owners: nothing to do,
+        // on every replica, for every such change.
+        if let (Some(old), Some(new)) = (c.old, c.new) {
+            if owner::uid(old) == owner::uid(new)
+                && owner::owner_refs(old) == owner::owner_refs(new)
+            {
+                return;
+            }
+        }
         let mut g = self.inner.lock().expect("not poisoned");
         let GraphInner {
             dependents: d,
@@ -421,6 +430,12 @@ mod tests {
         assert_eq!(sorted(graph.dependents_of("u1")), [key("p1"), key("p2")]);
         assert_eq!(graph.dependents_of("u9"), [key("p2")]);
         assert!(graph.dangling().is_empty(), "every owner is there");
+        // A change that leaves the uid and the owners alone changes nothing.
+        let mut relabelled = pod("a", "p1", "x1", json!([rf("ReplicaSet", "web", "u1")]));
+        relabelled["metadata"]["labels"] = json!({"app": "web"});
+        put(&pods, relabelled);
+        assert_eq!(sorted(graph.dependents_of("u1")), [key("p1"), key("p2")]);
+        assert!(graph.inner.lock().unwrap().present.contains("x1"));
         // An owner of a kind not followed, and one that went: their dependents dangle.
         put(
             &pods,

@@ -767,16 +767,9 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
         ctx.replicasets,
         4
     );
-    {
-        let sched = Arc::new(crate::scheduler::Scheduler::new(ctx));
-        step("scheduler");
-        let ctx = ctx.clone();
-        set.spawn(async move {
-            if wait_synced(&ctx).await {
-                sched.run(ctx).await;
-            }
-        });
-    }
+    let sched = Arc::new(crate::scheduler::Scheduler::new(ctx));
+    step("scheduler");
+    spawn_synced(set, ctx, move |ctx| sched.run(ctx));
     controller!("job", job::Controller::new(ctx), ctx.jobs, 2);
     controller!(
         "daemonset",
@@ -802,16 +795,9 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
         ctx.clusterroles,
         1
     );
-    {
-        let lifecycle = Arc::new(nodelifecycle::NodeLifecycle::new(ctx));
-        step("nodelifecycle");
-        let ctx = ctx.clone();
-        set.spawn(async move {
-            if wait_synced(&ctx).await {
-                lifecycle.run(ctx).await;
-            }
-        });
-    }
+    let lifecycle = Arc::new(nodelifecycle::NodeLifecycle::new(ctx));
+    step("nodelifecycle");
+    spawn_synced(set, ctx, move |ctx| lifecycle.run(ctx));
     controller!(
         "endpoints",
         endpoints::Controller::new(ctx),
@@ -824,6 +810,21 @@ fn start(ctx: &Arc<Ctx>, set: &mut JoinSet<()>) {
         ?took,
         "control loops subscribed (ms since start)"
     );
+}
+
+/// Runs a control loop of its own making (not a queue's workers) once the informers have
+/// listed, unless the term ends first.
+fn spawn_synced<F, Fut>(set: &mut JoinSet<()>, ctx: &Arc<Ctx>, run: F)
+where
+    F: FnOnce(Arc<Ctx>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let ctx = ctx.clone();
+    set.spawn(async move {
+        if wait_synced(&ctx).await {
+            run(ctx).await;
+        }
+    });
 }
 
 /// Waits until every informer has listed; false if the term ended first.
