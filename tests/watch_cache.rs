@@ -2,7 +2,9 @@
 //! a watch by node name on a follower sees exactly its node's changes, in order; a list by
 //! node name on a follower right after a write through the leader includes it (a consistent
 //! read from the cache); the cache's answers equal the store's (a page of a list is always
-//! read from the store); a watch from before the cache's window is served from the store.
+//! read from the store); a watch from before the cache's window is served from the store;
+//! a read from a revision the cache has not reached is served after it or refused as too
+//! large.
 
 mod common;
 
@@ -478,4 +480,106 @@ async fn a_watch_by_node_from_before_the_window_is_expired_one_without_selectors
         .metric(leader, "flotilla_api_watch_cache_requests_total")
         .await
         .is_none());
+}
+
+/// `resourceVersion=N` on a list and a watch, as kube-apiserver's watch cache answers it.
+/// A watch from a revision the replica's cache has not reached (a node agent resuming, on
+/// a replica that is behind, from what another replica sent it) is registered at once and
+/// served from the cache: exactly the changes after N, none at or before it. A list with N
+/// is served not older than N, without a read barrier; one with N past every committed
+/// revision waits for it, then is refused as 504 "Too large resource version" (cause
+/// `ResourceVersionTooLarge`), from the cache (pods) as from the store (config maps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_from_a_revision_not_reached_are_served_after_it_or_refused_as_too_large() {
+    let c = Cluster::start(3, &[]).await;
+    let leader = c.wait_leader().await;
+    let f = (1..=3).find(|&id| id != leader).unwrap();
+    let (s, list) = send(&c, f, "GET", "/api/v1/namespaces/default/pods", None).await;
+    assert_eq!(s, 200, "{list}");
+    let now: i64 = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // A watch by node from a revision nothing has reached yet.
+    let future = now + 8;
+    let mut w = open(
+        &c,
+        f,
+        &format!("/api/v1/namespaces/default/pods?{BY_N1}&watch=1&resourceVersion={future}"),
+    )
+    .await;
+    let (cache0, store0) = (
+        served(&c, f, "watch", "cache").await,
+        served(&c, f, "watch", "store").await,
+    );
+    assert_eq!(
+        (cache0, store0),
+        (1.0, 0.0),
+        "the watch is served from the cache"
+    );
+    // Pods on n1 until three of them are past it; the watch carries exactly those.
+    let mut created = Vec::new();
+    while created.iter().filter(|(_, r)| *r > future).count() < 3 {
+        assert!(
+            created.len() < 40,
+            "revisions did not pass {future}: {created:?}"
+        );
+        let name = format!("f{}", created.len());
+        let o = create(
+            &c,
+            leader,
+            "/api/v1/namespaces/default/pods",
+            pod(&name, Some("n1"), "a"),
+        )
+        .await;
+        created.push((name, rv(&o)));
+    }
+    let want: Vec<(String, String, i64)> = created
+        .iter()
+        .filter(|(_, r)| *r > future)
+        .map(|(n, r)| ("ADDED".to_string(), n.clone(), *r))
+        .collect();
+    assert_eq!(take(&mut w, want.len()).await, want);
+
+    // A list not older than a revision the replica holds: served at once, with every pod
+    // written up to it.
+    let (last_name, last_rv) = created.last().unwrap().clone();
+    let (s, l) = send(
+        &c,
+        leader,
+        "GET",
+        &format!("/api/v1/namespaces/default/pods?{BY_N1}&resourceVersion={last_rv}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{l}");
+    assert!(rv(&l) >= last_rv, "{l}");
+    assert!(items(&l).iter().any(|(n, _)| *n == last_name), "{l}");
+
+    // Past every committed revision: refused as too large, from the cache and the store.
+    let far = last_rv + 1_000_000;
+    for path in [
+        format!("/api/v1/namespaces/default/pods?{BY_N1}&resourceVersion={far}"),
+        format!("/api/v1/namespaces/default/configmaps?resourceVersion={far}"),
+    ] {
+        let (s, st) = send(&c, f, "GET", &path, None).await;
+        assert_eq!(s, 504, "{path}: {st}");
+        assert_eq!(st["kind"], "Status", "{st}");
+        assert_eq!(st["reason"], "Timeout", "{st}");
+        assert_eq!(
+            st["details"]["causes"][0]["reason"], "ResourceVersionTooLarge",
+            "{st}"
+        );
+        assert_eq!(st["details"]["retryAfterSeconds"], 1, "{st}");
+        assert!(
+            st["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(&format!(
+                    "Timeout: Too large resource version: {far}, current: "
+                ))),
+            "{st}"
+        );
+    }
 }

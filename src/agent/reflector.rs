@@ -3,7 +3,11 @@
 //!
 //! It lists, hands the whole list over, then watches from the list's `resourceVersion`,
 //! handing over every change; when a watch ends it resumes from the last revision seen on
-//! the next replica that answers, and relists after a 410. The consumer keeps what it needs
+//! the next replica that answers, and relists after a 410. The first list is a consistent
+//! read; a relist asks for a state not older than the last revision seen
+//! (`resourceVersion=N`, as client-go's reflector relists), which a replica serves from its
+//! watch cache without a read barrier, or refuses (504, too large) if it is behind: then
+//! the agent tries another replica with a consistent list. The consumer keeps what it needs
 //! of the objects: the reflector keeps nothing but the revision. Objects are handed over
 //! without `metadata.managedFields` (nothing in the agent reads field ownership; on a pod it
 //! is nearly half of the parsed object, which the agent keeps for every pod it runs).
@@ -57,11 +61,17 @@ pub async fn run(
     let sep = if target.query.is_empty() { "" } else { "&" };
     let restart = |why: &str| restarts.with_label_values(&[target.resource, why]).inc();
     let mut backoff = Duration::from_millis(100);
+    // The revision a relist must not be older than (none: a consistent list).
+    let mut relist_from: Option<String> = None;
     loop {
+        let at = match relist_from.take() {
+            Some(rv) => format!("{sep}resourceVersion={rv}"),
+            None => String::new(),
+        };
         let list = api
             .call_retrying(
                 http::Method::GET,
-                &format!("{}?{}", target.path, target.query),
+                &format!("{}?{}{at}", target.path, target.query),
                 "application/json",
                 None,
                 Duration::from_secs(3600),
@@ -113,7 +123,10 @@ pub async fn run(
             );
             let resp = match api.watch(&path).await {
                 Ok(r) if r.status() == 200 => r,
-                Ok(r) if r.status() == 410 => break,
+                Ok(r) if r.status() == 410 => {
+                    relist_from = Some(rv);
+                    break;
+                }
                 Ok(r) => {
                     tracing::debug!(
                         resource = target.resource,
@@ -191,6 +204,7 @@ pub async fn run(
                 }
             }
             if expired {
+                relist_from = Some(rv);
                 break;
             }
         }

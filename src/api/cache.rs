@@ -30,9 +30,19 @@
 //! a parse of every change since (at 88,000 pods, thousands of node agents resuming watches
 //! by node that had fallen out of a window of a few seconds took most of every replica's
 //! CPU). One without selectors is replayed from the store (its stored bytes go out as they
-//! are, unparsed). Anything else the cache cannot serve (a page of a list, a cache still loading or resynchronising, or
-//! one that does not catch up within a bound) is served from the store as before; both
-//! paths give the same bytes.
+//! are, unparsed). A watch from a revision the cache has not reached yet is registered at
+//! once and skips the changes up to it as they arrive.
+//!
+//! While the cache is still loading, a list or watch it would serve gets 429 (clients retry;
+//! the node agent tries another replica). Once loaded, a read that names a revision the
+//! cache does not reach within [`CATCH_UP`] is refused as 504 "Too large resource version";
+//! a consistent read (no `resourceVersion`) that it does not catch up with in time goes to
+//! the store, at most [`BEHIND_STORE_LISTS`] at once (429 past that). A page of a list
+//! always comes from the store. Both paths give the same bytes. No watch of a cached
+//! resource gets a store watcher of its own but one replaying, without selectors, from
+//! before the window: a store watcher copies every change of the resource into its buffer,
+//! and a replica restarted at 150,000 pods, with a store watcher per reconnecting node agent,
+//! grew to 9 GiB.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -62,8 +72,17 @@ const WATCHER_EVENTS: usize = DEFAULT_WINDOW;
 /// Keys read per chunk while (re)loading a resource.
 const LOAD_CHUNK: i64 = 5_000;
 
-/// How long a read waits for the cache to catch up before it is served from the store.
+/// How long a read waits for the cache to catch up (as kube-apiserver's watch cache waits)
+/// before a consistent list goes to the store and one that named a `resourceVersion` is
+/// refused as too large.
 const CATCH_UP: Duration = Duration::from_secs(3);
+
+/// Most consistent lists served from the store at once because the cache was behind: each
+/// reads the whole range (at 150,000 pods, a few hundred MB), so a replica catching up
+/// after a restart, serving hundreds of them at once for reconnecting node agents, fell
+/// further behind and ran out of memory. Past it, 429 (client-go retries after
+/// `Retry-After`; the node agent tries another replica).
+const BEHIND_STORE_LISTS: usize = 2;
 
 /// The resources kept in memory, by (group, plural): the ones node agents and controllers
 /// list and watch in numbers. Secrets stay out (they are encrypted at rest; the cache would
@@ -83,6 +102,8 @@ pub(crate) struct Caches {
     map: Mutex<HashMap<String, Arc<WatchCache>>>,
     /// The feeders, awaited at shutdown (see [`Caches::stopped`]).
     feeders: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Permits for consistent lists served from the store while a cache is behind.
+    behind: Arc<tokio::sync::Semaphore>,
 }
 
 impl Caches {
@@ -94,7 +115,14 @@ impl Caches {
             window,
             map: Mutex::new(HashMap::new()),
             feeders: Mutex::default(),
+            behind: Arc::new(tokio::sync::Semaphore::new(BEHIND_STORE_LISTS)),
         }
+    }
+
+    /// Leave to serve a consistent list from the store because the cache that would serve
+    /// it is behind (held while it is read); `None` when [`BEHIND_STORE_LISTS`] are.
+    pub(crate) fn behind_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.behind.clone().try_acquire_owned().ok()
     }
 
     /// Waits until every feeder has ended (after the shutdown token was cancelled): a load
@@ -171,6 +199,9 @@ impl Filter {
 
 struct Registered {
     filter: Filter,
+    /// Changes up to this revision are not the watcher's (it started from a revision the
+    /// cache had not reached yet).
+    after: i64,
     tx: mpsc::Sender<Vec<Arc<Decoded>>>,
     /// Events sent and not yet taken (at most [`WATCHER_EVENTS`]).
     pending: Arc<std::sync::atomic::AtomicUsize>,
@@ -269,6 +300,11 @@ impl WatchCache {
         self.inner.lock().expect("not poisoned").ready
     }
 
+    /// The revision the cache holds every change up to.
+    pub(crate) fn revision(&self) -> i64 {
+        self.inner.lock().expect("not poisoned").rev
+    }
+
     /// The objects `filter` selects, at the cache's revision (`None` while not loaded).
     pub(crate) fn list(&self, filter: &Filter) -> Option<Listed> {
         let inner = self.inner.lock().expect("not poisoned");
@@ -279,17 +315,19 @@ impl WatchCache {
     }
 
     /// Registers a watcher of the changes after `after`, replaying those already in the
-    /// window. `Ok(None)` when the cache cannot serve it yet: not loaded, or `after` newer
-    /// than the cache (the caller waits first, or uses the store). `Err(since)` when `after`
-    /// is older than the window of a loaded cache (the caller refuses the watch as expired
-    /// or replays the store's history; see the module docs).
+    /// window. `after` may be newer than the cache (a client resuming on this replica from
+    /// a revision another replica served, or from a list read from the store): the changes
+    /// up to it are skipped as they arrive, and no progress is reported before it, as
+    /// kube-apiserver's watch cache does. `Ok(None)` while the cache is not loaded.
+    /// `Err(since)` when `after` is older than the window of a loaded cache (the caller
+    /// refuses the watch as expired or replays the store's history; see the module docs).
     pub(crate) fn watch_from(
         self: &Arc<Self>,
         filter: Filter,
         after: i64,
     ) -> Result<Option<Subscription>, i64> {
         let mut inner = self.inner.lock().expect("not poisoned");
-        if !inner.ready || after > inner.rev {
+        if !inner.ready {
             return Ok(None);
         }
         if after < inner.since {
@@ -301,7 +339,7 @@ impl WatchCache {
             .filter(|c| c.revision > after && filter.wants(c))
             .map(|c| c.event.clone())
             .collect();
-        Ok(Some(self.register(&mut inner, filter, replay)))
+        Ok(Some(self.register(&mut inner, filter, after, replay)))
     }
 
     /// The objects `filter` selects and a watcher of every change after them, both at the
@@ -315,13 +353,18 @@ impl WatchCache {
             return None;
         }
         let listed = (inner.select(&filter, self.index_nodes), inner.rev);
-        Some((listed, self.register(&mut inner, filter, VecDeque::new())))
+        let at = inner.rev;
+        Some((
+            listed,
+            self.register(&mut inner, filter, at, VecDeque::new()),
+        ))
     }
 
     fn register(
         self: &Arc<Self>,
         inner: &mut Inner,
         filter: Filter,
+        after: i64,
         replay: VecDeque<Arc<Decoded>>,
     ) -> Subscription {
         let id = inner.next_id;
@@ -345,6 +388,7 @@ impl WatchCache {
             id,
             Registered {
                 filter,
+                after,
                 tx,
                 pending: pending.clone(),
                 reason: reason.clone(),
@@ -357,6 +401,7 @@ impl WatchCache {
             pending,
             replay,
             reason,
+            after,
             want_progress: false,
         }
     }
@@ -597,7 +642,7 @@ impl Inner {
     fn dispatch(&self, c: &Change, out: &mut HashMap<u64, (i64, Vec<Arc<Decoded>>)>) {
         let mut to = |id: &u64| {
             if let Some(w) = self.watchers.get(id) {
-                if w.filter.wants(c) {
+                if c.revision > w.after && w.filter.wants(c) {
                     out.entry(*id)
                         .or_insert_with(|| (c.revision, Vec::new()))
                         .1
@@ -642,6 +687,8 @@ pub(crate) struct Subscription {
     pending: Arc<std::sync::atomic::AtomicUsize>,
     replay: VecDeque<Arc<Decoded>>,
     reason: Arc<OnceLock<store::CancelReason>>,
+    /// The revision the watcher started after (no progress is reported below it).
+    after: i64,
     want_progress: bool,
 }
 
@@ -667,7 +714,7 @@ impl Subscription {
             // Every change up to `rev` was queued before `rev` could be read; an empty
             // queue after reading it means all of them have been yielded.
             let rev = self.cache.inner.lock().expect("not poisoned").rev;
-            if self.rx.is_empty() {
+            if self.rx.is_empty() && rev >= self.after {
                 self.want_progress = false;
                 return Ok(Message::Progress(rev));
             }
@@ -891,10 +938,6 @@ mod tests {
             Some(since),
             "older than the window: refused as expired"
         );
-        assert!(
-            matches!(cache.watch_from(all(None), since + 1_000_000), Ok(None)),
-            "newer than the cache: not served from it yet"
-        );
         let mut late = cache
             .watch_from(all(None), 11 + WATCHER_BUFFER as i64 - 3)
             .unwrap()
@@ -903,6 +946,21 @@ mod tests {
             Ok(Message::Events(e)) => assert_eq!(e.len(), 3),
             _ => panic!("no replay"),
         }
+        // One from a revision the cache has not reached is registered at once; the changes
+        // up to it are skipped as they arrive, and no progress is reported below it.
+        let head = cache.revision();
+        let mut ahead = cache.watch_from(all(None), head + 2).unwrap().unwrap();
+        ahead.request_progress();
+        let early = tokio::time::timeout(Duration::from_millis(100), ahead.recv()).await;
+        assert!(early.is_err(), "nothing yet, not even progress");
+        for r in head + 1..=head + 3 {
+            cache.apply(vec![put(&format!("/registry/pods/ns/a{r}"), "n1", r)]);
+        }
+        match ahead.recv().await {
+            Ok(Message::Events(e)) => assert_eq!(e.len(), 1, "only the change after the start"),
+            _ => panic!("the change after the start did not come"),
+        }
+        assert!(matches!(ahead.recv().await, Ok(Message::Progress(r)) if r == head + 3));
     }
 
     #[test]

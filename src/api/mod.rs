@@ -191,6 +191,15 @@ pub struct Kube {
     pub(crate) issuer: Option<Arc<satoken::Issuer>>,
 }
 
+/// What [`Kube::cached_list`] decided.
+enum FromCache {
+    /// Served from the cache (and whether the node index applied the selectors).
+    Served(cache::Listed, bool),
+    /// For the store to serve, with the permit to hold while it does if the cache was
+    /// behind.
+    Store(Option<tokio::sync::OwnedSemaphorePermit>),
+}
+
 /// A parsed request: what handlers need besides the body.
 #[derive(Clone)]
 pub(crate) struct Call {
@@ -240,11 +249,16 @@ impl Call {
     }
 
     /// Reads at `resourceVersion=0` are served locally; all others pass the barrier.
+    /// How a read is served: `resourceVersion` absent, a consistent read; `0`, any state
+    /// this replica has; `N`, a state not older than N.
     fn consistency(&self) -> Consistency {
-        if self.param("resourceVersion") == Some("0") {
-            Consistency::Local
-        } else {
-            Consistency::Linearizable
+        match self.param("resourceVersion") {
+            Some("0") => Consistency::Local,
+            Some(rv) => match rv.parse::<i64>() {
+                Ok(n) if n > 0 => Consistency::AtLeast(n),
+                _ => Consistency::Linearizable,
+            },
+            None => Consistency::Linearizable,
         }
     }
 
@@ -1026,10 +1040,12 @@ impl Kube {
     }
 
     /// The revision a read from a watch cache must wait for: none for `resourceVersion=0`,
-    /// else the replica's revision after a read barrier (every acknowledged write).
+    /// N for `resourceVersion=N`, else the replica's revision after a read barrier (every
+    /// acknowledged write).
     pub(crate) async fn cache_target(&self, c: Consistency) -> Result<i64, KubeError> {
         Ok(match c {
             Consistency::Local => 0,
+            Consistency::AtLeast(rv) => rv,
             Consistency::Linearizable => {
                 self.objects.replica().read_barrier().await?;
                 self.objects.replica().kv().revision()
@@ -1039,20 +1055,23 @@ impl Kube {
 
     /// A whole list (no `limit`, no `continue`) from the resource's watch cache, once the
     /// cache holds what the request's consistency requires (without `resourceVersion`:
-    /// every write acknowledged before it). Also says whether the node index already
-    /// applied the selectors (nothing left to check). `None`: not cached, a page, or the
-    /// cache not ready in time; the store serves it.
+    /// every write acknowledged before it; with N: revision N). Also says whether the node
+    /// index already applied the selectors (nothing left to check). `Store`: the store
+    /// serves it (not cached, a page, or a consistent list the cache did not catch up with
+    /// in time: then with one of the bounded permits for that, held while it is read).
+    /// Refused: a cache still loading (429), a `resourceVersion` the cache did not reach in
+    /// time (504, too large), no permit left (429).
     async fn cached_list(
         &self,
         call: &Call,
         labels: &LabelSelector,
         fields: &FieldSelector,
-    ) -> Result<Option<(cache::Listed, bool)>, KubeError> {
+    ) -> Result<FromCache, KubeError> {
         if call.param("limit").is_some_and(|l| l != "0") || call.param("continue").is_some() {
-            return Ok(None);
+            return Ok(FromCache::Store(None));
         }
         let Some(c) = self.caches.get(call.r) else {
-            return Ok(None);
+            return Ok(FromCache::Store(None));
         };
         let target = self.cache_target(call.consistency()).await?;
         let (mut start, mut end) = Self::list_range(call);
@@ -1066,13 +1085,24 @@ impl Kube {
         let (filter, by_index) = c.filter(start.into_bytes(), end, labels, fields);
         let listed = match c.wait_for(target).await {
             true => c.list(&filter),
-            false if !c.loaded() => return Err(KubeError::initializing()),
             false => None,
         };
         if let Some(m) = &self.metrics {
             m.watch_cache_served("list", if listed.is_some() { "cache" } else { "store" });
         }
-        Ok(listed.map(|l| (l, by_index)))
+        match listed {
+            Some(l) => Ok(FromCache::Served(l, by_index)),
+            None if !c.loaded() => Err(KubeError::initializing()),
+            None => match call.consistency() {
+                Consistency::AtLeast(rv) => {
+                    Err(KubeError::too_large_resource_version(rv, c.revision()))
+                }
+                _ => match self.caches.behind_permit() {
+                    Some(p) => Ok(FromCache::Store(Some(p))),
+                    None => Err(KubeError::too_many_requests(watch::BEHIND_MESSAGE.into())),
+                },
+            },
+        }
     }
 
     /// Hands each matching object of a list to `sink`, reading the store in chunks of at
@@ -1090,15 +1120,19 @@ impl Kube {
             call.param("fieldSelector").unwrap_or(""),
             field_labels(call.r),
         )?;
+        let mut _permit = None;
         if use_cache {
-            if let Some(((items, rev), _)) = self.cached_list(call, &labels, &fields).await? {
-                for (raw, at) in items {
-                    let o = objects::parse(&raw, at)?;
-                    if labels.matches(&o) && fields.matches(&o) {
-                        sink(o);
+            match self.cached_list(call, &labels, &fields).await? {
+                FromCache::Served((items, rev), _) => {
+                    for (raw, at) in items {
+                        let o = objects::parse(&raw, at)?;
+                        if labels.matches(&o) && fields.matches(&o) {
+                            sink(o);
+                        }
                     }
+                    return Ok((rev, None, None));
                 }
-                return Ok((rev, None, None));
+                FromCache::Store(p) => _permit = p,
             }
         }
         let limit: i64 = match call.param("limit") {
@@ -1228,36 +1262,39 @@ impl Kube {
         )?;
         // From the watch cache, an object the selectors need not look into is sent as
         // stored (its resourceVersion stamped in), unparsed.
-        if let Some(((listed, rev), by_index)) = self.cached_list(call, &labels, &fields).await? {
-            let unfiltered = by_index || (labels.is_empty() && fields.is_empty());
-            // Sent whole, the items are about their stored size (plus resourceVersions).
-            let capacity = match unfiltered {
-                true => listed.iter().map(|(raw, _)| raw.len() + 40).sum(),
-                false => 0,
-            };
-            let mut list = ListBody::with_capacity(capacity);
-            for (raw, at) in listed {
-                let json = match unfiltered {
-                    true => objects::json_with_resource_version(&raw, at)?,
-                    false => {
-                        let o = objects::parse(&raw, at)?;
-                        if !(labels.matches(&o) && fields.matches(&o)) {
-                            continue;
-                        }
-                        serde_json::to_vec(&o)
-                            .map_err(|e| KubeError::internal(format!("encoding a list: {e}")))?
-                    }
+        let _permit = match self.cached_list(call, &labels, &fields).await? {
+            FromCache::Store(p) => p,
+            FromCache::Served((listed, rev), by_index) => {
+                let unfiltered = by_index || (labels.is_empty() && fields.is_empty());
+                // Sent whole, the items are about their stored size (plus resourceVersions).
+                let capacity = match unfiltered {
+                    true => listed.iter().map(|(raw, _)| raw.len() + 40).sum(),
+                    false => 0,
                 };
-                list.next_item().extend_from_slice(&json);
+                let mut list = ListBody::with_capacity(capacity);
+                for (raw, at) in listed {
+                    let json = match unfiltered {
+                        true => objects::json_with_resource_version(&raw, at)?,
+                        false => {
+                            let o = objects::parse(&raw, at)?;
+                            if !(labels.matches(&o) && fields.matches(&o)) {
+                                continue;
+                            }
+                            serde_json::to_vec(&o)
+                                .map_err(|e| KubeError::internal(format!("encoding a list: {e}")))?
+                        }
+                    };
+                    list.next_item().extend_from_slice(&json);
+                }
+                return Ok(list.finish(call.r, rev, None, None));
             }
-            return Ok(list.finish(call.r, rev, None, None));
-        }
+        };
         // Items are serialized as they are read, so the list costs its encoded size, not a
-        // decoded copy of every object.
+        // decoded copy of every object. (The cache has had its say: the store serves it.)
         let mut list = ListBody::with_capacity(0);
         let mut failed = None;
         let (rv, token, remaining) = self
-            .list_each(call, true, |o| {
+            .list_each(call, false, |o| {
                 if let Err(e) = serde_json::to_writer(list.next_item(), &o) {
                     failed = Some(e);
                 }

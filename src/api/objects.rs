@@ -23,6 +23,10 @@ pub enum Consistency {
     Linearizable,
     /// From this replica's state (`resourceVersion=0`).
     Local,
+    /// From this replica's state once it holds revision N (`resourceVersion=N`: not older
+    /// than N, kube-apiserver's default match): after a read barrier only if it does not
+    /// yet; a revision past every committed one is refused as too large.
+    AtLeast(i64),
 }
 
 /// An object as read: its JSON with `resourceVersion` filled in, and its revision.
@@ -379,8 +383,18 @@ impl Objects {
     }
 
     async fn barrier(&self, c: Consistency) -> Result<(), KubeError> {
-        if c == Consistency::Linearizable {
-            self.replica.read_barrier().await?;
+        match c {
+            Consistency::Local => {}
+            Consistency::Linearizable => self.replica.read_barrier().await?,
+            Consistency::AtLeast(rv) => {
+                if self.replica.kv().revision() < rv {
+                    self.replica.read_barrier().await?;
+                    let now = self.replica.kv().revision();
+                    if now < rv {
+                        return Err(KubeError::too_large_resource_version(rv, now));
+                    }
+                }
+            }
         }
         Ok(())
     }

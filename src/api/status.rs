@@ -18,7 +18,8 @@ pub struct Cause {
     pub reason: String,
     /// Human-readable message.
     pub message: String,
-    /// The field path (`metadata.name`).
+    /// The field path (`metadata.name`); left out when empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub field: String,
 }
 
@@ -32,6 +33,12 @@ struct Details<'a> {
     kind: &'a str,
     #[serde(skip_serializing_if = "<[Cause]>::is_empty")]
     causes: &'a [Cause],
+    #[serde(rename = "retryAfterSeconds", skip_serializing_if = "is_zero")]
+    retry_after_seconds: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize)]
@@ -74,6 +81,8 @@ pub struct ErrorDetails {
     pub kind: String,
     /// `details.causes`.
     pub causes: Vec<Cause>,
+    /// `details.retryAfterSeconds` (0: left out).
+    pub retry_after_seconds: u32,
 }
 
 impl std::fmt::Display for KubeError {
@@ -205,6 +214,7 @@ impl KubeError {
                 group: r.group.to_string(),
                 kind: r.kind.to_string(),
                 causes,
+                retry_after_seconds: 0,
             }),
         }
     }
@@ -278,6 +288,24 @@ impl KubeError {
         KubeError::new(504, "Timeout", message)
     }
 
+    /// 504 for a read that asked for a `resourceVersion` newer than this replica holds,
+    /// after waiting for it (as kube-apiserver's watch cache answers; client-go's reflector
+    /// then relists, and the node agent tries another replica).
+    pub fn too_large_resource_version(requested: i64, current: i64) -> KubeError {
+        let mut e = KubeError::new(
+            504,
+            "Timeout",
+            format!("Timeout: Too large resource version: {requested}, current: {current}"),
+        );
+        e.details.causes.push(Cause {
+            reason: "ResourceVersionTooLarge".into(),
+            message: "Too large resource version".into(),
+            field: String::new(),
+        });
+        e.details.retry_after_seconds = 1;
+        e
+    }
+
     /// 500.
     pub fn internal(message: impl Into<String>) -> KubeError {
         KubeError::new(500, "InternalError", message)
@@ -294,13 +322,15 @@ impl KubeError {
         let details = (!d.name.is_empty()
             || !d.group.is_empty()
             || !d.kind.is_empty()
-            || !d.causes.is_empty())
-        .then_some(Details {
-            name: &d.name,
-            group: &d.group,
-            kind: &d.kind,
-            causes: &d.causes,
-        });
+            || !d.causes.is_empty()
+            || d.retry_after_seconds != 0)
+            .then_some(Details {
+                name: &d.name,
+                group: &d.group,
+                kind: &d.kind,
+                causes: &d.causes,
+                retry_after_seconds: d.retry_after_seconds,
+            });
         let wire = Wire {
             kind: "Status",
             api_version: "v1",

@@ -381,26 +381,47 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
                         }
                         feed = Some(Feed::Cache(sub));
                     }
+                } else {
+                    // Behind: the list from the store (bounded), the changes after it
+                    // from the cache as it catches up.
+                    let _permit = kube
+                        .caches
+                        .behind_permit()
+                        .ok_or_else(|| KubeError::too_many_requests(BEHIND_MESSAGE.into()))?;
+                    let (items, rev) = kube.list_from_store(&listing_of(&call)).await?;
+                    initial = items
+                        .into_iter()
+                        .map(|o| line("ADDED", p.wrap(o)))
+                        .collect();
+                    match c.watch_from(filter, rev) {
+                        Ok(Some(sub)) => feed = Some(Feed::Cache(sub)),
+                        Ok(None) => return Err(KubeError::initializing()),
+                        // The window moved past the list while it was read: the client
+                        // starts over.
+                        Err(since) => return Err(KubeError::expired(rev, since)),
+                    }
                 }
             }
             Some(rv) => {
-                let ready = c.wait_for(rv).await;
-                if !ready && !c.loaded() {
+                // Only a cache still loading is waited for: a loaded one registers the
+                // watcher at once, even from a revision it has not reached (the changes
+                // up to it are skipped as they arrive), as kube-apiserver's does. A
+                // store watcher per resuming client cost each one a copy of every change
+                // (thousands of node agents reconnecting to a restarted replica).
+                if !c.wait_for(0).await {
                     return Err(KubeError::initializing());
                 }
-                if ready {
-                    feed = match c.watch_from(filter, rv) {
-                        Ok(sub) => sub.map(Feed::Cache),
-                        // Older than the window: a replay from the store would parse every
-                        // change since for a watcher with selectors (a node agent's, by
-                        // `spec.nodeName`): it is refused, and the client relists. Without
-                        // selectors the stored bytes go out as they are: replayed.
-                        Err(since) if !(labels.is_empty() && fields.is_empty()) => {
-                            return Err(KubeError::expired(rv, since));
-                        }
-                        Err(_) => None,
-                    };
-                }
+                feed = match c.watch_from(filter, rv) {
+                    Ok(sub) => sub.map(Feed::Cache),
+                    // Older than the window: a replay from the store would parse every
+                    // change since for a watcher with selectors (a node agent's, by
+                    // `spec.nodeName`): it is refused, and the client relists. Without
+                    // selectors the stored bytes go out as they are: replayed.
+                    Err(since) if !(labels.is_empty() && fields.is_empty()) => {
+                        return Err(KubeError::expired(rv, since));
+                    }
+                    Err(_) => None,
+                };
             }
         }
     }
@@ -420,28 +441,7 @@ pub(super) async fn serve(kube: Arc<Kube>, call: Call) -> KubeResult {
             let start_revision = match from {
                 Some(rv) => rv + 1,
                 None => {
-                    let listing = Call {
-                        r: call.r,
-                        namespace: call.namespace.clone(),
-                        name: None,
-                        sub: None,
-                        params: call
-                            .params
-                            .iter()
-                            .filter(|(k, _)| {
-                                matches!(
-                                    k.as_str(),
-                                    "labelSelector" | "fieldSelector" | "resourceVersion"
-                                )
-                            })
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect(),
-                        accept: String::new(),
-                        manager: call.manager.clone(),
-                        user: call.user.clone(),
-                        authz: call.authz.clone(),
-                    };
-                    let (items, rev) = kube.list_from_store(&listing).await?;
+                    let (items, rev) = kube.list_from_store(&listing_of(&call)).await?;
                     initial = items
                         .into_iter()
                         .map(|o| line("ADDED", p.wrap(o)))
@@ -566,6 +566,36 @@ impl Decoded {
             Which::Prev => self.prev.as_ref(),
         }
         .expect("translate picks a side that exists")
+    }
+}
+
+/// Why a consistent list or watch is refused while a cache is behind.
+pub(crate) const BEHIND_MESSAGE: &str =
+    "the watch cache is behind and this replica is already serving as many lists from its store as it may";
+
+/// The list a watch without a `resourceVersion` starts with: its selectors (and
+/// `resourceVersion`) only.
+fn listing_of(call: &Call) -> Call {
+    Call {
+        r: call.r,
+        namespace: call.namespace.clone(),
+        name: None,
+        sub: None,
+        params: call
+            .params
+            .iter()
+            .filter(|(k, _)| {
+                matches!(
+                    k.as_str(),
+                    "labelSelector" | "fieldSelector" | "resourceVersion"
+                )
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        accept: String::new(),
+        manager: call.manager.clone(),
+        user: call.user.clone(),
+        authz: call.authz.clone(),
     }
 }
 
