@@ -661,6 +661,23 @@ impl Replica {
         }
         let _ = self.inner.kv.sync();
         self.inner.kv.close();
+        // Raft's threads are stopped and waited for here, not left to finish in the
+        // background when the replica is dropped: a task of theirs still holding the raft
+        // log (its last handle, closing it) when the process exits aborts the process in
+        // RocksDB ("pthread lock: Invalid argument", seen at exit in CI).
+        let rt = self
+            .inner
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rt) = rt {
+            let stopped =
+                tokio::task::spawn_blocking(move || rt.shutdown_timeout(Duration::from_secs(10)));
+            if let Err(e) = stopped.await {
+                tracing::warn!(%e, "stopping raft's threads");
+            }
+        }
     }
 
     /// Waits (up to a few election timeouts, within `deadline`) for a known leader.
