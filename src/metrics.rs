@@ -155,7 +155,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "flotilla_api_watch_cache_requests_total",
-                        "Lists and watches of resources the watch cache keeps, by verb and by where they were served from (cache, or store: a page, a start older than the cache's window, or the cache not ready).",
+                        "Lists and watches of resources the watch cache keeps, by verb and by where they were served from (cache, or store: a consistent list the cache did not catch up with in time, a watch without selectors from before the cache's window). Refusals (429 while a cache loads, 504 too large) are counted by code in flotilla_api_requests_total.",
                     ),
                     &["verb", "served_from"],
                 )

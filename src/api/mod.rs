@@ -1087,10 +1087,7 @@ impl Kube {
             true => c.list(&filter),
             false => None,
         };
-        if let Some(m) = &self.metrics {
-            m.watch_cache_served("list", if listed.is_some() { "cache" } else { "store" });
-        }
-        match listed {
+        let decided = match listed {
             Some(l) => Ok(FromCache::Served(l, by_index)),
             None if !c.loaded() => Err(KubeError::initializing()),
             None => match call.consistency() {
@@ -1102,7 +1099,16 @@ impl Kube {
                     None => Err(KubeError::too_many_requests(watch::BEHIND_MESSAGE.into())),
                 },
             },
+        };
+        // Refusals are counted by their status code, not here.
+        if let (Some(m), Ok(d)) = (&self.metrics, &decided) {
+            let from = match d {
+                FromCache::Served(..) => "cache",
+                FromCache::Store(_) => "store",
+            };
+            m.watch_cache_served("list", from);
         }
+        decided
     }
 
     /// Hands each matching object of a list to `sink`, reading the store in chunks of at
