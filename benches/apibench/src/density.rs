@@ -206,7 +206,9 @@ impl Drop for Hollow {
 /// `stop`, reopening it from the last version seen when it ends (a replica may cut a slow
 /// watcher off), on the next replica if this one does not answer (it may have been killed),
 /// as clients fail over; relisting after a 410. `on` gets each event and the moment it
-/// arrived.
+/// arrived; after a relist, a `DELETED` (with the namespace and name only) for every
+/// object it had been told of that the list no longer has (deleted while the watch was
+/// down), as a reflector's replace does.
 fn follow(
     http: Http,
     apis: Vec<String>,
@@ -217,8 +219,17 @@ fn follow(
     mut on: impl FnMut(&str, &Value, Instant) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     use http_body_util::BodyExt;
+    fn key(o: &Value) -> String {
+        format!(
+            "{}/{}",
+            o["metadata"]["namespace"].as_str().unwrap_or(""),
+            o["metadata"]["name"].as_str().unwrap_or("")
+        )
+    }
     tokio::spawn(async move {
         let mut at = first;
+        // What `on` has been told exists.
+        let mut known: std::collections::HashSet<String> = Default::default();
         while !stop.load(Ordering::SeqCst) {
             let api = &apis[at % apis.len()];
             let sep = if path.contains('?') { '&' } else { '?' };
@@ -265,9 +276,12 @@ fn follow(
                             if let Some(v) = ev["object"]["metadata"]["resourceVersion"].as_str() {
                                 rv = v.to_string();
                             }
-                            if t != "BOOKMARK" {
-                                on(t, &ev["object"], now);
-                            }
+                            match t {
+                                "BOOKMARK" => continue,
+                                "DELETED" => known.remove(&key(&ev["object"])),
+                                _ => known.insert(key(&ev["object"])),
+                            };
+                            on(t, &ev["object"], now);
                         }
                         if expired {
                             break;
@@ -287,9 +301,17 @@ fn follow(
                     get_json(&http, &format!("http://{api}{path}{sep}resourceVersion=0")).await
                 {
                     let now = Instant::now();
+                    let mut listed = std::collections::HashSet::new();
                     for o in list["items"].as_array().into_iter().flatten() {
+                        listed.insert(key(o));
                         on("ADDED", o, now);
                     }
+                    for gone in known.difference(&listed) {
+                        let (ns, name) = gone.split_once('/').unwrap_or(("", gone));
+                        let o = json!({"metadata": {"namespace": ns, "name": name}});
+                        on("DELETED", &o, now);
+                    }
+                    known = listed;
                     if let Some(v) = list["metadata"]["resourceVersion"].as_str() {
                         rv = v.to_string();
                     }
@@ -874,7 +896,10 @@ pub(crate) async fn density(
         )
         .await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(300);
+    // Deleting a pod takes two writes (the deletion, then the agent's confirmation once its
+    // containers stopped) and rewrites its Service's endpoints: 150,000 pods took 300–330 s
+    // here, so the bound grows with the count (3 s per thousand pods, at least 300 s).
+    let deadline = Instant::now() + Duration::from_secs((total as u64 * 3 / 1000).max(300));
     loop {
         let live = seen.lock().unwrap().live;
         if live == 0 {
