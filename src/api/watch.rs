@@ -2,7 +2,8 @@
 //!
 //! `resourceVersion` absent or `0`: the current matching objects first (as `ADDED`), then
 //! changes. `N`: every change after revision N, replayed from the store's history (or from
-//! the watch cache's window, for the resources it keeps), then live changes; N below the
+//! the watch cache's window, for the resources it keeps; an N the cache has not reached yet
+//! is waited for as the changes arrive), then live changes; N below the
 //! compaction point gets 410 `Expired`, and so does a watch with selectors from below the
 //! window of a loaded watch cache (the client relists, as kube-apiserver's clients do).
 //! Label and field selectors apply
