@@ -351,9 +351,15 @@ impl KubeError {
         let mut b = Response::builder()
             .status(StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
             .header(http::header::CONTENT_TYPE, "application/json");
-        // client-go waits this long and retries a 429 by itself.
+        // client-go waits this long and retries a 429 by itself; kube-apiserver also sends
+        // the header with any Status that carries `retryAfterSeconds`.
         if self.code == 429 {
             b = b.header(http::header::RETRY_AFTER, "1");
+        } else if self.details.retry_after_seconds > 0 {
+            b = b.header(
+                http::header::RETRY_AFTER,
+                self.details.retry_after_seconds.to_string(),
+            );
         }
         b.body(full(self.body()))
             .expect("static response parts are valid")
@@ -452,5 +458,21 @@ mod tests {
         );
         let body = String::from_utf8(e.body()).unwrap();
         assert!(body.contains("\"details\":{\"kind\":\"ConfigMap\",\"causes\":[{\"reason\":\"FieldValueRequired\""), "{body}");
+    }
+
+    #[test]
+    fn too_large_resource_version_is_encoded_as_the_go_server_does_and_asks_for_a_retry() {
+        let e = KubeError::too_large_resource_version(3047, 3044);
+        let body = String::from_utf8(e.body()).unwrap();
+        assert_eq!(
+            body,
+            "{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\"status\":\"Failure\",\"message\":\"Timeout: Too large resource version: 3047, current: 3044\",\"reason\":\"Timeout\",\"details\":{\"causes\":[{\"reason\":\"ResourceVersionTooLarge\",\"message\":\"Too large resource version\"}],\"retryAfterSeconds\":1},\"code\":504}\n"
+        );
+        let resp = e.response();
+        assert_eq!(resp.status(), 504);
+        assert_eq!(resp.headers()[http::header::RETRY_AFTER], "1");
+        // Without retryAfterSeconds, no header (but for 429).
+        let plain = KubeError::timeout("slow").response();
+        assert!(plain.headers().get(http::header::RETRY_AFTER).is_none());
     }
 }
