@@ -248,7 +248,6 @@ impl Call {
             .filter(|v| !v.is_empty())
     }
 
-    /// Reads at `resourceVersion=0` are served locally; all others pass the barrier.
     /// How a read is served: `resourceVersion` absent, a consistent read; `0`, any state
     /// this replica has; `N`, a state not older than N.
     fn consistency(&self) -> Consistency {
