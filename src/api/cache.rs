@@ -963,6 +963,21 @@ mod tests {
         assert!(matches!(ahead.recv().await, Ok(Message::Progress(r)) if r == head + 3));
     }
 
+    #[tokio::test]
+    async fn lists_from_the_store_while_a_cache_is_behind_are_bounded_and_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = store::KvStore::open(dir.path(), store::StoreOptions::default()).unwrap();
+        let caches = Caches::new(kv, CancellationToken::new(), DEFAULT_WINDOW);
+        let mut held: Vec<_> = (0..BEHIND_STORE_LISTS)
+            .map(|_| caches.behind_permit().expect("a permit within the bound"))
+            .collect();
+        assert!(caches.behind_permit().is_none(), "one past the bound");
+        held.pop();
+        let again = caches.behind_permit();
+        assert!(again.is_some(), "a list that ended gives its permit back");
+        assert!(caches.behind_permit().is_none(), "and only its own");
+    }
+
     #[test]
     fn a_cache_not_yet_loaded_says_so_and_its_refusal_asks_for_a_retry() {
         let cache = Arc::new(WatchCache::new(b"/registry/pods/".to_vec(), true, 100));
