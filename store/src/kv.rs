@@ -137,7 +137,38 @@ pub struct StoreStatus {
 /// The MVCC key-value state machine. Cheap to clone; all clones share one store.
 #[derive(Clone)]
 pub struct KvStore {
+    // Declared first, so dropped first: the last handle stops and joins the compactor before
+    // its own reference to the store goes.
+    owner: Arc<Owner>,
     shared: Arc<Shared>,
+}
+
+/// Held by every [`KvStore`] handle and by nothing else (not the compactor, not watchers).
+/// When the last handle goes it stops the compactor and waits for its thread, so the
+/// compactor never holds the last reference: the database then closes on the thread that
+/// dropped the last handle, before that thread can go on (to exit the process, say).
+/// Otherwise a compaction step in progress as a program dropped its store closed the
+/// database on the compactor's thread while the main thread exited, and RocksDB aborted
+/// ("pthread lock: Invalid argument", seen at the end of a store test).
+struct Owner {
+    signal: Arc<CompactorSignal>,
+    thread: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+impl Owner {
+    fn stop(&self) {
+        self.signal.stop();
+        let handle = self.thread.lock().expect("not poisoned").take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 pub(crate) struct Shared {
@@ -151,7 +182,26 @@ pub(crate) struct Shared {
     pub(crate) hub: Hub,
     options: StoreOptions,
     compactor: Arc<CompactorSignal>,
-    compactor_thread: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+impl Shared {
+    /// The revision below which history is compacted away.
+    pub(crate) fn compact_revision(&self) -> i64 {
+        let gen = self.current.read().expect("not poisoned").clone();
+        gen.compact_revision.load(Ordering::Acquire)
+    }
+
+    /// Reads events of `[start, ...]` from disk, whole revisions only, at most about
+    /// `max_events` of them. Returns the events and the next revision to read.
+    pub(crate) fn read_events(
+        &self,
+        req: &WatchRequest,
+        start: i64,
+        max_events: usize,
+    ) -> Result<(Vec<Event>, i64)> {
+        let gen = self.current.read().expect("not poisoned").clone();
+        read_events(&gen, req, start, max_events)
+    }
 }
 
 impl Drop for Shared {
@@ -280,27 +330,22 @@ impl KvStore {
             hub: Hub::new(revision, options.watch_buffer, options.watch_batch_events),
             options,
             compactor: signal.clone(),
-            compactor_thread: Mutex::new(None),
         });
         let weak = Arc::downgrade(&shared);
+        let thread_signal = signal.clone();
         let handle = thread::Builder::new()
             .name("kv-compactor".into())
-            .spawn(move || compactor_loop(weak, signal))?;
-        *shared.compactor_thread.lock().expect("not poisoned") = Some(handle);
+            .spawn(move || compactor_loop(weak, thread_signal))?;
+        let owner = Arc::new(Owner {
+            signal,
+            thread: Mutex::new(Some(handle)),
+        });
         shared.compactor.wake();
-        Ok(KvStore { shared })
-    }
-
-    pub(crate) fn from_shared(shared: Arc<Shared>) -> KvStore {
-        KvStore { shared }
+        Ok(KvStore { owner, shared })
     }
 
     pub(crate) fn generation(&self) -> Arc<Generation> {
         self.shared.current.read().expect("not poisoned").clone()
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
     }
 
     /// The current revision.
@@ -310,7 +355,7 @@ impl KvStore {
 
     /// The compaction point: reads and watches below it fail with [`Error::Compacted`].
     pub fn compact_revision(&self) -> i64 {
-        self.generation().compact_revision.load(Ordering::Acquire)
+        self.shared.compact_revision()
     }
 
     /// A summary for status endpoints and metrics.
@@ -558,16 +603,7 @@ impl KvStore {
     /// Stops the compactor and cancels every watcher. Called on shutdown.
     pub fn close(&self) {
         self.shared.hub.close();
-        self.shared.compactor.stop();
-        if let Some(handle) = self
-            .shared
-            .compactor_thread
-            .lock()
-            .expect("not poisoned")
-            .take()
-        {
-            let _ = handle.join();
-        }
+        self.owner.stop();
     }
 
     /// Runs the compactor until physical compaction has reached the logical compaction point.
@@ -582,18 +618,6 @@ impl KvStore {
             self.shared.compactor.wake();
             thread::sleep(std::time::Duration::from_millis(5));
         }
-    }
-
-    /// Reads events of `[start, ...]` from disk, whole revisions only, at most about
-    /// `max_events` of them. Returns the events and the next revision to read.
-    pub(crate) fn read_events(
-        &self,
-        req: &WatchRequest,
-        start: i64,
-        max_events: usize,
-    ) -> Result<(Vec<Event>, i64)> {
-        let gen = self.generation();
-        read_events(&gen, req, start, max_events)
     }
 }
 

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
-use crate::kv::{KvStore, Shared};
+use crate::kv::Shared;
 use crate::types::{in_range, Event};
 
 /// What to watch.
@@ -169,8 +169,7 @@ impl Hub {
             return Err(Error::InvalidRequest("key is not provided".into()));
         }
         let hub = &shared.hub;
-        let store = KvStore::from_shared(shared.clone());
-        let compact = store.compact_revision();
+        let compact = shared.compact_revision();
         let mut inner = hub.inner.lock().expect("not poisoned");
         if inner.closed {
             return Err(Error::InvalidRequest("store is shutting down".into()));
@@ -336,9 +335,8 @@ async fn catch_up(shared: Weak<Shared>, id: u64, tx: mpsc::Sender<WatchMessage>)
                 None => return,
             }
         };
-        let store = KvStore::from_shared(strong.clone());
         let batch = strong.hub.batch_events;
-        drop(strong);
+        let store = strong;
         let read = tokio::task::spawn_blocking(move || {
             let r = store.read_events(&req, next, batch);
             (store, r)
@@ -359,7 +357,7 @@ async fn catch_up(shared: Weak<Shared>, id: u64, tx: mpsc::Sender<WatchMessage>)
                 requested,
                 compact_revision,
             }) => {
-                store.shared().hub.cancel(
+                store.hub.cancel(
                     id,
                     CancelReason::Compacted {
                         requested,
@@ -369,10 +367,7 @@ async fn catch_up(shared: Weak<Shared>, id: u64, tx: mpsc::Sender<WatchMessage>)
                 return;
             }
             Err(e) => {
-                store
-                    .shared()
-                    .hub
-                    .cancel(id, CancelReason::Failed(e.to_string()));
+                store.hub.cancel(id, CancelReason::Failed(e.to_string()));
                 return;
             }
         };
